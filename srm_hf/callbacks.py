@@ -1,0 +1,32 @@
+"""TrainerCallbacks of srm_hf."""
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+
+class StageCallback(TrainerCallback):
+    """Announces each stage as it starts, in the log and in the progress bar's description."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self._current = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._current = None
+        if state.is_world_process_zero:
+            logger.info(f"SRM stage plan: {self.trainer.plan}")
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        stage = self.trainer.plan.stage_at(state.global_step)
+        if stage == self._current:
+            return
+        self._current = stage
+        label = f"stage {stage.index}/{len(self.trainer.plan.stages)}: {stage.name}"
+        if state.is_world_process_zero:
+            logger.info(f"Starting {label} (steps {stage.start + 1}-{stage.end})")
+        for cb in self.trainer.callback_handler.callbacks:
+            if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+                cb.training_bar.set_description(label)

@@ -1,0 +1,95 @@
+"""Tiny in-process models and data: no Hub, no downloads."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+import timm
+import torch
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from srm_hf import DistillationConfig
+
+NUM_LABELS = 4
+IMAGE_SIZE = 32
+
+
+class PatternDataset(torch.utils.data.Dataset):
+    """Images whose class sets a fixed random pattern, plus noise: learnable in a few steps."""
+
+    def __init__(self, n: int = 32, seed: int = 0, channels: int = 3, size: int = IMAGE_SIZE):
+        g = torch.Generator().manual_seed(seed)
+        patterns = torch.randn(NUM_LABELS, channels, size, size, generator=torch.Generator().manual_seed(123))
+        self.labels = torch.arange(n) % NUM_LABELS
+        self.images = patterns[self.labels] + 0.5 * torch.randn(n, channels, size, size, generator=g)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], "labels": self.labels[i]}
+
+
+def timm_resnet(seed: int = 0, num_classes: int = NUM_LABELS):
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", num_classes=num_classes)
+
+
+def hf_resnet(seed: int = 0, num_labels: int = NUM_LABELS, hidden_sizes=(8, 16, 24, 32)):
+    torch.manual_seed(seed)
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=list(hidden_sizes), depths=[1, 1, 1, 1],
+        num_labels=num_labels, layer_type="basic",
+    )
+    return ResNetForImageClassification(config)
+
+
+def make_config(tmp_path, **kwargs) -> DistillationConfig:
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        dictionary_max_steps=4,
+        srm_max_steps=4,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return DistillationConfig(**defaults)
+
+
+@pytest.fixture
+def dataset():
+    return PatternDataset(32)
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before: dict, after: dict, prefix: str = "") -> bool:
+    """Whether any float entry under `prefix` differs."""
+    return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and before[k].is_floating_point())
+
+
+def make_trainer(tmp_path, teacher=None, student=None, train_dataset=None, callbacks=None, **config):
+    from srm_hf import DistillationTrainer
+
+    return DistillationTrainer(
+        model=student if student is not None else hf_resnet(),
+        teacher_model=teacher if teacher is not None else timm_resnet(),
+        args=make_config(tmp_path, **config),
+        train_dataset=train_dataset if train_dataset is not None else PatternDataset(32),
+        eval_dataset=PatternDataset(16, seed=1),
+        callbacks=callbacks,
+    )
