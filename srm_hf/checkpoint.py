@@ -42,7 +42,7 @@ def save_student(student: nn.Module, output_dir: str, state_dict: dict[str, torc
         return
     safetensors.torch.save_file(state_dict, os.path.join(output_dir, STUDENT_WEIGHTS_NAME), metadata={"format": "pt"})
     if is_timm_model(student):
-        from timm.models import save_config_for_hf
+        from timm.models._hub import save_config_for_hf
 
         save_config_for_hf(student, os.path.join(output_dir, "config.json"))
 

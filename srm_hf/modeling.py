@@ -84,6 +84,8 @@ class DistillationModel(nn.Module):
         head_logits = {}
         for pair in self.pairs:
             out = self.heads[pair.key](features[pair.student.path])
+            if out.dim() == 3 and out.shape[1] > pair.teacher.num_pixels:  # drop leading class/register tokens
+                out = out[:, out.shape[1] - pair.teacher.num_pixels :]
             head_logits[pair.key] = resize_like(out, pair.teacher.spatial)
         return DistillationOutput(logits=logits, head_logits=head_logits)
 

@@ -338,12 +338,14 @@ def plan_taps(teacher: nn.Module, student: nn.Module, batch: dict, args: Distill
                                             describe_taps(student, pixel_values, list(student_paths)))]
     for pair in pairs:
         t, s = pair.teacher, pair.student
-        same_grid = t.spatial == s.spatial or (t.num_pixels == s.num_pixels and t.spatial and s.spatial
-                                               and (len(t.spatial) == 1 or len(s.spatial) == 1))
+        same_grid = t.spatial == s.spatial
+        # tokens [N, L, C] against a map: pixels in row-major order, up to 8 leading (class) tokens dropped
+        as_tokens = len(s.spatial) == 1 and len(t.spatial) == 2 and 0 <= s.num_pixels - t.num_pixels <= 8
         resizable = args.allow_resize and len(t.spatial) == 2 and len(s.spatial) == 2
-        if not (same_grid or resizable):
+        if not (same_grid or as_tokens or resizable):
             raise ValueError(
                 f"layer_pairs entry '{t.path}:{s.path}' pairs taps of different grids: teacher {t}, student {s}. "
-                "Pick layers with the same spatial size, or set allow_resize=True (feature maps only)."
+                "Pick layers with the same spatial size (student tokens may match a teacher map of as many "
+                "pixels), or set allow_resize=True (feature maps only)."
             )
     return pairs

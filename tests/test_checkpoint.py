@@ -1,0 +1,79 @@
+"""What is saved: the student alone, loadable by its own library; resuming inside a stage."""
+
+import json
+import os
+import subprocess
+import sys
+
+import safetensors.torch
+import timm
+import torch
+from conftest import hf_resnet, make_trainer, timm_resnet
+from transformers import AutoModelForImageClassification
+
+
+def student_logits(trainer, x):
+    student = trainer._distill_model.student.eval()
+    with torch.no_grad():
+        out = student(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def test_saved_transformers_student_reloads_with_auto_class(tmp_path):
+    trainer = make_trainer(tmp_path, dictionary_max_steps=1, srm_max_steps=1, max_steps=2)
+    trainer.train()
+    out = tmp_path / "student"
+    trainer.save_model(str(out))
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "srm_state.safetensors"} <= files
+    keys = safetensors.torch.load_file(out / "model.safetensors").keys()
+    assert not any(k.startswith(("student.", "coders.", "heads.", "teacher")) for k in keys)
+    x = torch.randn(3, 3, 32, 32)
+    reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, student_logits(trainer, x))
+
+
+def test_saved_timm_student_reloads_with_plain_timm_in_a_fresh_process(tmp_path):
+    trainer = make_trainer(tmp_path, teacher=hf_resnet(hidden_sizes=(16, 32, 48, 64)), student=timm_resnet(),
+                           dictionary_max_steps=1, srm_max_steps=1, max_steps=2)
+    trainer.train()
+    out = tmp_path / "student"
+    trainer.save_model(str(out))
+    assert json.loads((out / "config.json").read_text())["architecture"] == "test_resnet"
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, timm, torch\n"
+        f"m = timm.create_model('local-dir:{out}', pretrained=True).eval()\n"
+        f"torch.save(m(torch.load('{tmp_path / 'x.pt'}')).detach(), '{tmp_path / 'y.pt'}')\n"
+        "assert not any(k.startswith('srm_hf') for k in sys.modules)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), student_logits(trainer, x))
+    # and in this process too
+    reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), student_logits(trainer, x))
+
+
+def test_resume_in_the_middle_of_stage2_matches_an_uninterrupted_run(tmp_path):
+    # 4 dictionary + 4 SRM + 4 KD steps; checkpoint-6 lies inside stage 2.
+    full = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=6)
+    full.train()
+    checkpoint = tmp_path / "full" / "out" / "checkpoint-6"
+    assert {"model.safetensors", "srm_state.safetensors", "optimizer.pt", "scheduler.pt"} <= set(os.listdir(checkpoint))
+
+    resumed = make_trainer(tmp_path / "resumed", teacher=None, student=hf_resnet(seed=7))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 12
+    steps = [e["step"] for e in resumed.state.log_history if "loss" in e]
+    assert steps == list(range(1, 13))  # 1-6 restored from the checkpoint, 7-12 run: nothing re-run or skipped
+    a, b = full._distill_model.state_dict(), resumed._distill_model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    full_losses = {e["step"]: e["loss"] for e in full.state.log_history if "loss" in e}
+    for e in resumed.state.log_history:
+        if "loss" in e:
+            assert abs(e["loss"] - full_losses[e["step"]]) < 1e-4

@@ -1,0 +1,53 @@
+import pytest
+from conftest import make_config
+
+
+def test_defaults_follow_the_paper(tmp_path):
+    cfg = make_config(tmp_path)
+    assert (cfg.mode, cfg.codeword_multiplier, cfg.sparsity_multiplier, cfg.srm_targets) == ("paper", 2.0, 0.02, "both")
+    assert cfg.srm_pixel_ce_on_sigmoid and cfg.srm_pixel_weight == 1.0 and cfg.srm_image_weight == 1.0
+    assert cfg.stage_names == ["dictionary", "srm", "kd"]
+    assert cfg.ddp_find_unused_parameters is True
+    assert make_config(tmp_path, mode="joint").stage_names == ["dictionary", "joint"]
+
+
+def test_layer_pairs_parse(tmp_path):
+    cfg = make_config(tmp_path, layer_pairs=["layer2:resnet.encoder.stages.1", "global_pool:classifier.0"])
+    assert cfg.explicit_pairs == [("layer2", "resnet.encoder.stages.1"), ("global_pool", "classifier.0")]
+    assert make_config(tmp_path).explicit_pairs is None
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mode", "fitnet", "mode='fitnet'"),
+        ("srm_targets", "pixels", "srm_targets"),
+        ("codeword_multiplier", 0.0, "codeword_multiplier"),
+        ("sparsity_multiplier", 1.5, "sparsity_multiplier"),
+        ("kd_alpha", 1.2, "kd_alpha"),
+        ("kd_temperature", 0.0, "kd_temperature"),
+        ("srm_weight", -1.0, "srm_weight"),
+        ("layer_pairs", ["layer2"], "teacher.module:student.module"),
+        ("layer_pairs", ["a:b:c"], "one colon"),
+    ],
+)
+def test_invalid_values_name_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        make_config(tmp_path, **{field: value})
+
+
+def test_stage_without_length(tmp_path):
+    with pytest.raises(ValueError, match="srm_epochs"):
+        make_config(tmp_path, srm_epochs=0, srm_max_steps=-1)
+
+
+def test_parses_from_the_command_line():
+    from transformers import HfArgumentParser
+
+    from srm_hf import DistillationConfig
+
+    (cfg,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--mode", "joint", "--layer_pairs", "a:b", "c:d", "--srm_pixel_ce_on_sigmoid", "false",
+         "--use_cpu", "true"]
+    )
+    assert cfg.mode == "joint" and cfg.explicit_pairs == [("a", "b"), ("c", "d")] and not cfg.srm_pixel_ce_on_sigmoid

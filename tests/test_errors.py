@@ -1,0 +1,81 @@
+"""Bad input fails at construction, before any training, with the input and the fix named."""
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import NUM_LABELS, PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
+from transformers import TrainingArguments
+
+from srm_hf import DistillationTrainer
+
+
+class OddGridNet(nn.Module):
+    """Feature grids 10x10 and 5x5 on 32x32 inputs, pooled functionally: nothing matches a ResNet's grids."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=3)
+        self.conv2 = nn.Conv2d(8, 16, 2, stride=2)
+        self.fc = nn.Linear(16, NUM_LABELS)
+
+    def forward(self, x):
+        return self.fc(self.conv2(self.conv1(x).relu()).relu().mean((2, 3)))
+
+
+def test_unknown_layer_name(tmp_path):
+    with pytest.raises(ValueError) as err:
+        make_trainer(tmp_path, layer_pairs=["layer_3:resnet.encoder.stages.1"])
+    assert "layer_3" in str(err.value) and "'layer3'" in str(err.value)
+    with pytest.raises(ValueError, match="resnet.encoder.stages.1"):
+        make_trainer(tmp_path, layer_pairs=["layer3:resnet.encoder.stage.1"])
+
+
+def test_no_spatially_matching_pair(tmp_path):
+    with pytest.raises(ValueError) as err:
+        make_trainer(tmp_path, student=OddGridNet())
+    msg = str(err.value)
+    assert "spatial size" in msg and "layer_pairs" in msg and "conv2: 16x5x5" in msg and "layer1: 32x8x8" in msg
+
+
+def test_explicit_pair_of_different_grids(tmp_path):
+    with pytest.raises(ValueError, match="allow_resize"):
+        make_trainer(tmp_path, layer_pairs=["layer1:resnet.encoder.stages.1"])
+
+
+def test_label_count_mismatch(tmp_path):
+    with pytest.raises(ValueError) as err:
+        make_trainer(tmp_path, student=hf_resnet(num_labels=NUM_LABELS + 1))
+    assert f"{NUM_LABELS} labels" in str(err.value) and "num_labels" in str(err.value)
+
+
+def test_missing_teacher_and_wrong_args(tmp_path):
+    with pytest.raises(ValueError, match="teacher_model"):
+        DistillationTrainer(model=hf_resnet(), args=make_config(tmp_path), train_dataset=PatternDataset(8))
+    with pytest.raises(TypeError, match="DistillationConfig"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(),
+                            args=TrainingArguments(output_dir=str(tmp_path)), train_dataset=PatternDataset(8))
+
+
+def test_samples_without_pixel_values(tmp_path):
+    class Tuples(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"image": torch.zeros(3, 32, 32), "label": 0}
+
+    with pytest.raises(ValueError, match="pixel_values"):
+        make_trainer(tmp_path, train_dataset=Tuples())
+
+
+def test_dictionary_from_another_teacher(tmp_path):
+    first = make_trainer(tmp_path / "a", dictionary_max_steps=1)
+    first.pretrain_dictionary()
+    with pytest.raises(ValueError, match="does not fit"):
+        make_trainer(tmp_path / "b", teacher=hf_resnet(hidden_sizes=(16, 32, 48, 64)),
+                     dictionary_path=str(tmp_path / "a" / "out" / "srm_dictionary.safetensors"))
+
+
+def test_missing_dictionary_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        make_trainer(tmp_path, dictionary_path=str(tmp_path / "nowhere.safetensors"))

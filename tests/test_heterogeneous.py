@@ -1,0 +1,45 @@
+"""Teacher and student from different libraries, with different channel counts and layouts."""
+
+import timm
+import torch
+from conftest import NUM_LABELS, changed, hf_resnet, make_trainer, snapshot, timm_resnet
+
+
+def check_trains(trainer):
+    before = snapshot(trainer._distill_model)
+    trainer.train()
+    after = snapshot(trainer._distill_model)
+    assert changed(before, after, "student.") and changed(before, after, "heads.") and changed(before, after, "coders.")
+    for pair in trainer.tap_pairs:
+        head, coder = trainer._distill_model.heads[pair.key], trainer._distill_model.coders[pair.key]
+        assert head.weight.shape == (pair.student.channels, coder.num_atoms)
+        assert coder.dictionary.shape == (pair.teacher.channels, coder.num_atoms)
+
+
+def test_timm_teacher_to_transformers_student(tmp_path):
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=hf_resnet(), mode="joint")
+    assert len(trainer.tap_pairs) == 4
+    assert any(p.teacher.channels != p.student.channels for p in trainer.tap_pairs)
+    check_trains(trainer)
+
+
+def test_transformers_teacher_to_timm_student(tmp_path):
+    trainer = make_trainer(tmp_path, teacher=hf_resnet(hidden_sizes=(16, 32, 48, 64)), student=timm_resnet())
+    assert [p.student.path for p in trainer.tap_pairs] == ["layer1", "layer2", "layer3", "global_pool"]
+    check_trains(trainer)
+
+
+def test_cnn_teacher_to_vit_student_tokens(tmp_path):
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=NUM_LABELS, img_size=32, patch_size=8)  # 16 patches + class token
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=vit, layer_pairs=["layer2:blocks.1"], mode="joint")
+    pair = trainer.tap_pairs[0]
+    assert pair.teacher.spatial == (4, 4) and pair.student.spatial == (17,)
+    check_trains(trainer)
+
+
+def test_allow_resize_pairs_different_grids(tmp_path):
+    trainer = make_trainer(tmp_path, layer_pairs=["layer1:resnet.encoder.stages.1"], allow_resize=True, mode="joint")
+    pair = trainer.tap_pairs[0]
+    assert pair.teacher.spatial == (8, 8) and pair.student.spatial == (4, 4)
+    check_trains(trainer)
