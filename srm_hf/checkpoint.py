@@ -29,6 +29,13 @@ def is_timm_model(model: nn.Module) -> bool:
     return isinstance(cfg, dict) and "architecture" in cfg and type(model).__module__.startswith("timm.")
 
 
+def library_of(model: nn.Module) -> str:
+    """Which library loads this model back: "timm", "transformers" or "pytorch" (a plain state dict)."""
+    if isinstance(model, PreTrainedModel):
+        return "transformers"
+    return "timm" if is_timm_model(model) else "pytorch"
+
+
 def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
 

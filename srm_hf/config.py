@@ -59,6 +59,10 @@ class DistillationConfig(TrainingArguments):
     )
     srm_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 2 (SRM initialisation, paper mode)."})
     srm_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 2; overrides its epochs if > 0."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False: image datasets are transformed on the fly from columns the model never sees."},
+    )
 
     def __post_init__(self):
         # Dictionaries and heads are unused in some stages, so DDP must look for unused parameters.

@@ -1,10 +1,16 @@
-"""Load an image classifier from the Hub, timm or a local folder."""
+"""Load an image classifier from the Hub, timm or a local folder, sized for the dataset's labels.
+
+    timm:<architecture>     a timm architecture (`pretrained=False` builds it from scratch, e.g. a student)
+    timm/<repo>, hf-hub:<repo>   a timm checkpoint on the Hub
+    <local folder>          written by timm (config.json with "architecture") or by transformers
+    <any other Hub id>      AutoModelForImageClassification
+"""
 
 import json
 import os
 
 import torch.nn as nn
-from transformers import AutoModelForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
 
 def _is_timm_folder(path: str) -> bool:
@@ -15,21 +21,63 @@ def _is_timm_folder(path: str) -> bool:
         return "architecture" in json.load(f)
 
 
-def load_image_classifier(name_or_path: str, **kwargs) -> nn.Module:
-    """`timm/<name>` or `hf-hub:<repo>` -> timm; a local folder -> timm or transformers by its config.json;
-    any other Hub id -> `AutoModelForImageClassification`. `kwargs` go to the library's loader."""
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+
+
+def load_image_classifier(
+    name_or_path: str,
+    num_labels: int | None = None,
+    id2label: dict[int, str] | None = None,
+    pretrained: bool = True,
+    **model_kwargs,
+) -> nn.Module:
+    """See the module docstring. `num_labels` resizes the classifier; `model_kwargs` go to the library's factory."""
     try:
-        if name_or_path.startswith(("timm/", "hf-hub:")):
-            import timm
-
-            repo = name_or_path if name_or_path.startswith("hf-hub:") else f"hf-hub:{name_or_path}"
-            return timm.create_model(repo, pretrained=True, **kwargs)
-        if os.path.isdir(name_or_path) and _is_timm_folder(name_or_path):
-            import timm
-
-            return timm.create_model(f"local-dir:{name_or_path}", pretrained=True, **kwargs)
-        return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+        if name_or_path.startswith(("timm:", "timm/", "hf-hub:")) or (
+            os.path.isdir(name_or_path) and _is_timm_folder(name_or_path)
+        ):
+            return _load_timm(name_or_path, num_labels, pretrained, model_kwargs)
+        return _load_transformers(name_or_path, num_labels, id2label, pretrained, model_kwargs)
     except OSError as e:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = " HF_HUB_OFFLINE is set: download it once online, or pass a local folder." if offline else ""
+        hint = " HF_HUB_OFFLINE is set: use a local folder or a `timm:<architecture>` built from scratch." if (
+            is_offline()) else ""
         raise OSError(f"Could not load the image classifier {name_or_path!r}: {e}.{hint}") from e
+
+
+def _load_timm(name_or_path, num_labels, pretrained, model_kwargs) -> nn.Module:
+    import timm
+
+    if num_labels is not None:
+        model_kwargs = {**model_kwargs, "num_classes": num_labels}
+    if name_or_path.startswith("timm:"):
+        return timm.create_model(name_or_path[len("timm:"):], pretrained=pretrained, **model_kwargs)
+    if os.path.isdir(name_or_path):
+        return timm.create_model(f"local-dir:{name_or_path}", pretrained=pretrained, **model_kwargs)
+    repo = name_or_path if name_or_path.startswith("hf-hub:") else f"hf-hub:{name_or_path}"
+    return timm.create_model(repo, pretrained=pretrained, **model_kwargs)
+
+
+def _load_transformers(name_or_path, num_labels, id2label, pretrained, model_kwargs) -> nn.Module:
+    label_kwargs = {}
+    if num_labels is not None:
+        label_kwargs["num_labels"] = num_labels
+    if id2label is not None:
+        label_kwargs["id2label"] = {int(k): v for k, v in id2label.items()}
+        label_kwargs["label2id"] = {v: int(k) for k, v in id2label.items()}
+    if not pretrained:
+        config = AutoConfig.from_pretrained(name_or_path, **label_kwargs, **model_kwargs)
+        return AutoModelForImageClassification.from_config(config)
+    return AutoModelForImageClassification.from_pretrained(
+        name_or_path, ignore_mismatched_sizes=num_labels is not None, **label_kwargs, **model_kwargs
+    )
+
+
+def load_image_processor(name_or_path: str):
+    """The transformers image processor saved with a model, or None (timm models and plain folders have none)."""
+    if name_or_path.startswith(("timm:", "timm/", "hf-hub:")):
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        return None

@@ -13,6 +13,7 @@ Batches are dicts with `pixel_values`, `labels` and, when the teacher wants othe
 import math
 import os
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -23,17 +24,20 @@ from .callbacks import StageCallback
 from .checkpoint import (
     DICTIONARY_NAME,
     SRM_STATE_NAME,
+    library_of,
     load_srm_state,
     load_student_weights,
     save_srm_state,
     save_student,
 )
 from .config import DistillationConfig
-from .hooks import FeatureHooks, describe_taps, dry_run, pair_taps, stage_taps
+from .hooks import FeatureHooks, unwrap_model
+from .hub import push_student, render_model_card
 from .losses import classification_loss, dictionary_loss, kd_loss, srm_loss
-from .modeling import DistillationModel, TapPair, student_logits, tap_key
+from .modeling import DistillationModel, student_logits, tap_key
 from .models import load_image_classifier
 from .stages import StagePlan, stage_scheduler, stage_steps
+from .taps import plan_taps
 
 
 class DistillationTrainer(Trainer):
@@ -308,44 +312,52 @@ class DistillationTrainer(Trainer):
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
+    # ---- Hub -----------------------------------------------------------------------------------------------
 
-def plan_taps(teacher: nn.Module, student: nn.Module, batch: dict, args: DistillationConfig) -> list[TapPair]:
-    """Dry-run both models on `batch`, check their label counts, and pair their taps (explicit or automatic)."""
-    if not isinstance(batch, dict) or "pixel_values" not in batch:
-        raise ValueError(
-            "Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); got "
-            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else '-'}. "
-            "Map the dataset with the model's image processor or transforms first."
-        )
-    pixel_values = batch["pixel_values"]
-    teacher_pixel_values = batch.get("teacher_pixel_values", pixel_values)
-    teacher_pixel_values = teacher_pixel_values.to(next(teacher.parameters()).device)
-    pixel_values = pixel_values.to(next(student.parameters()).device)
-    teacher_taps, teacher_logits = dry_run(teacher, teacher_pixel_values)
-    student_taps, student_logits_ = dry_run(student, pixel_values)
-    if teacher_logits.shape[-1] != student_logits_.shape[-1]:
-        raise ValueError(
-            f"The teacher predicts {teacher_logits.shape[-1]} labels but the student {student_logits_.shape[-1]}. "
-            "Create the student with the teacher's label count (num_labels= for transformers, num_classes= for timm)."
-        )
-    if args.explicit_pairs is None:
-        pairs = pair_taps(stage_taps(teacher_taps, args.tap_min_reduction),
-                          stage_taps(student_taps, args.tap_min_reduction))
-        return [TapPair(t, s) for t, s in pairs]
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No network at construction: the repo is created when the student is pushed."""
+        self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
 
-    teacher_paths, student_paths = zip(*args.explicit_pairs)
-    pairs = [TapPair(t, s) for t, s in zip(describe_taps(teacher, teacher_pixel_values, list(teacher_paths)),
-                                            describe_taps(student, pixel_values, list(student_paths)))]
-    for pair in pairs:
-        t, s = pair.teacher, pair.student
-        same_grid = t.spatial == s.spatial
-        # tokens [N, L, C] against a map: pixels in row-major order, up to 8 leading (class) tokens dropped
-        as_tokens = len(s.spatial) == 1 and len(t.spatial) == 2 and 0 <= s.num_pixels - t.num_pixels <= 8
-        resizable = args.allow_resize and len(t.spatial) == 2 and len(s.spatial) == 2
-        if not (same_grid or as_tokens or resizable):
-            raise ValueError(
-                f"layer_pairs entry '{t.path}:{s.path}' pairs taps of different grids: teacher {t}, student {s}. "
-                "Pick layers with the same spatial size (student tokens may match a teacher map of as many "
-                "pixels), or set allow_resize=True (feature maps only)."
-            )
-    return pairs
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Checkpoints hold SRM state and optimizer files: only the final student is published (`push_to_hub`)."""
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | None = None,
+                          teacher: str | None = None, teacher_revision: str | None = None,
+                          student: str | None = None, metrics: dict | None = None, **kwargs) -> str:
+        """Write README.md for the student into `output_dir` (see `srm_hf/templates/model_card.md`)."""
+        distill_model = self._distill_model
+        card = render_model_card(
+            model_name=model_name or Path(self.args.output_dir).absolute().name,
+            repo_id=self.hub_model_id or self.args.hub_model_id,
+            library_name=library_of(distill_model.student),
+            teacher=teacher or self.args.teacher_model_name_or_path or type(unwrap_model(self.teacher)).__name__,
+            teacher_revision=teacher_revision,
+            student=student or type(distill_model.student).__name__,
+            dataset=dataset or "custom",
+            config=self.args,
+            tap_pairs=self.tap_pairs,
+            stages=[(s.name, s.steps) for s in self.plan.stages] if self.plan else [],
+            metrics=metrics or {},
+            num_active={k: (c.num_atoms, c.num_active) for k, c in distill_model.coders.items()},
+        )
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            with open(os.path.join(self.args.output_dir, "README.md"), "w") as f:
+                f.write(card)
+        return card
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Publish the student alone (its library's files and the model card) to `args.hub_model_id`."""
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        return push_student(
+            self.args.output_dir, self.args.hub_model_id or self.hub_model_id,
+            token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo,
+            revision=revision if revision is not None else self.args.hub_revision,
+            commit_message=commit_message or "Upload distilled student",
+        )
+

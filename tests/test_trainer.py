@@ -146,3 +146,10 @@ def test_student_learns_with_kd(tmp_path):
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     assert trainer.evaluate()["eval_loss"] < before
+
+
+def test_stage_names_shown_in_the_progress_bar(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, disable_tqdm=False, dictionary_max_steps=1, srm_max_steps=1, max_steps=1)
+    trainer.train()
+    err = capsys.readouterr().err
+    assert "stage 3/3: kd" in err

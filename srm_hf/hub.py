@@ -1,0 +1,96 @@
+"""Model card and Hub upload of the student (and, separately, of a dictionary)."""
+
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from string import Template
+
+from huggingface_hub import HfApi
+
+CARD_TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "model_card.md")
+# What a student folder may publish: its library's files and the card; never srm_state / training args.
+STUDENT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+
+
+def _versions() -> str:
+    names = ("srm_hf", "torch", "timm", "transformers", "accelerate", "datasets")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(found)
+
+
+def render_model_card(
+    *,
+    model_name: str,
+    repo_id: str | None,
+    library_name: str,
+    teacher: str,
+    teacher_revision: str | None,
+    student: str,
+    dataset: str,
+    config,
+    tap_pairs,
+    stages: list[tuple[str, int]],
+    metrics: dict[str, float],
+    num_active: dict[str, tuple[int, int]],
+) -> str:
+    """The student's README.md: quick start, teacher, dataset, SRM settings, metrics, seed, versions, citation."""
+    repo = repo_id or model_name
+    if library_name == "timm":
+        quickstart = f'import timm\nmodel = timm.create_model("hf-hub:{repo}", pretrained=True).eval()'
+    else:
+        quickstart = ("from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
+                      f'model = AutoModelForImageClassification.from_pretrained("{repo}").eval()')
+    metrics_table = "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()])
+    taps = "\n".join(
+        f"- `{p.teacher.path}` → `{p.student.path}`: C={p.teacher.channels}, K={num_active[p.key][0]}, "
+        f"k={num_active[p.key][1]}, grid {p.teacher.spatial or 'pooled'}"
+        for p in tap_pairs
+    )
+    model_index = ""
+    if "test_accuracy" in metrics:
+        model_index = (f"model-index:\n- name: {model_name}\n  results:\n  - task:\n      type: image-classification\n"
+                       f"    dataset:\n      name: {dataset}\n      type: {dataset}\n    metrics:\n"
+                       f"    - type: accuracy\n      value: {metrics['test_accuracy']:.4f}")
+    teacher_link = teacher if os.path.isdir(teacher) else f"https://huggingface.co/{teacher.removeprefix('timm:')}"
+    with open(CARD_TEMPLATE) as f:
+        template = Template(f.read())
+    return template.substitute(
+        library_name=library_name, dataset=dataset, model_index=model_index, model_name=model_name,
+        teacher=teacher, teacher_link=teacher_link, teacher_revision=teacher_revision or "local",
+        student=student, quickstart=quickstart, metrics_table=metrics_table, mode=config.mode,
+        stages=" → ".join(f"{name} ({steps} steps)" for name, steps in stages), m=config.codeword_multiplier,
+        s=config.sparsity_multiplier, targets=config.srm_targets, kd_alpha=config.kd_alpha,
+        kd_temperature=config.kd_temperature, seed=config.seed, taps=taps, versions=_versions(),
+    )
+
+
+def push_student(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
+                 revision: str | None = None, commit_message: str = "Upload distilled student"):
+    """Upload only the student's files of `folder` (see STUDENT_FILES) to the model repo `repo_id`."""
+    missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(f"{folder} lacks {missing}: save the student with trainer.save_model() first.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        for name in STUDENT_FILES:
+            if os.path.isfile(os.path.join(folder, name)):
+                shutil.copy2(os.path.join(folder, name), staging)
+        return api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=commit_message,
+                                 revision=revision)
+
+
+def push_dictionary(path: str, repo_id: str, token: str | None = None, private: bool | None = None):
+    """Upload a `srm_dictionary.safetensors` on its own, for reuse with `dictionary_path`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No dictionary at {path}: run trainer.pretrain_dictionary() or save_dictionary().")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_file(path_or_fileobj=path, path_in_repo=os.path.basename(path), repo_id=repo_id,
+                           commit_message="Upload SRM dictionary")

@@ -1,0 +1,30 @@
+"""Metrics for image classification through `evaluate`, with accuracy shipped for offline use."""
+
+import os
+
+import evaluate
+import numpy as np
+
+ACCURACY_PATH = os.path.join(os.path.dirname(__file__), "accuracy", "accuracy.py")
+
+
+def load_metric(name: str):
+    """`accuracy` from the shipped module (no network); any other name through `evaluate.load` (Hub)."""
+    if name == "accuracy":
+        return evaluate.load(ACCURACY_PATH)
+    return evaluate.load(name)
+
+
+def make_compute_metrics(names: tuple[str, ...] = ("accuracy",)):
+    """A `compute_metrics` for the Trainer: argmax of the logits against the labels, for every metric named."""
+    metrics = [load_metric(n) for n in names]
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
+        predictions = np.argmax(logits, axis=-1)
+        results = {}
+        for metric in metrics:
+            results.update(metric.compute(predictions=predictions, references=eval_pred.label_ids))
+        return results
+
+    return compute_metrics
