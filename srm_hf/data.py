@@ -49,7 +49,7 @@ class DataArguments:
         default=None, metadata={"help": "Keep this many training images per class (stratified, seeded)."}
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap validation and test sizes (seeded)."})
-    data_seed: int = field(default=42, metadata={"help": "Seed of the validation carve-out and of subsampling."})
+    subset_seed: int = field(default=42, metadata={"help": "Seed of the validation carve-out and of subsampling."})
 
 
 @dataclass
@@ -88,6 +88,7 @@ def detect_columns(columns: list[str], image_column: str | None = None, label_co
 
 def read_idx(path: str) -> np.ndarray:
     """An IDX file (MNIST format, optionally gzipped) as a numpy array."""
+    path = os.fspath(path)
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()
@@ -129,7 +130,7 @@ def load_idx_dir(directory: str, label_names: list[str] | None = None) -> Datase
     if "train" not in splits:
         raise FileNotFoundError(f"No train-images-idx3-ubyte[.gz] in {directory}.")
     if label_names is None:
-        num = int(max(y.max() for _, y in splits.values())) + 1
+        num = int(max((y.max() for _, y in splits.values() if len(y)), default=0)) + 1
         fashion = "fashion" in os.path.abspath(directory).lower() and num == len(FASHION_MNIST_LABELS)
         label_names = list(FASHION_MNIST_LABELS) if fashion else [str(i) for i in range(num)]
     h, w = splits["train"][0].shape[1:]
@@ -246,7 +247,8 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
     if args.train_split not in raw:
         raise ValueError(f"No split {args.train_split!r} in {source}; its splits are {list(raw)}.")
     splits = {"train": _normalise(raw[args.train_split], args.train_split, args.image_column, args.label_column)}
-    validation = args.validation_split or next((s for s in VALIDATION_SPLITS if s in raw), None)
+    validation = args.validation_split or next(
+        (s for s in VALIDATION_SPLITS if s in raw and s != args.test_split), None)
     if validation is not None:
         if validation not in raw:
             raise ValueError(f"No split {validation!r} in {source}; its splits are {list(raw)}.")
@@ -256,14 +258,14 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
     splits, names = _as_class_labels(splits)
     if "validation" not in splits:  # carve it from train, stratified
         splits["train"], splits["validation"] = stratified_split(splits["train"], args.validation_fraction,
-                                                                 args.data_seed)
+                                                                 args.subset_seed)
     for split, ds in splits.items():
         check_labels(ds, len(names), split)
     if args.max_train_samples_per_class is not None:
-        splits["train"] = stratified_subset(splits["train"], args.max_train_samples_per_class, args.data_seed)
+        splits["train"] = stratified_subset(splits["train"], args.max_train_samples_per_class, args.subset_seed)
     if args.max_eval_samples is not None:
         for split in ("validation", "test"):
             if split in splits and len(splits[split]) > args.max_eval_samples:
-                splits[split] = splits[split].shuffle(seed=args.data_seed).select(range(args.max_eval_samples))
+                splits[split] = splits[split].shuffle(seed=args.subset_seed).select(range(args.max_eval_samples))
     return ImageSplits(splits["train"], splits["validation"], splits.get("test"), names, source)
 

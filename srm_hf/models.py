@@ -81,3 +81,31 @@ def load_image_processor(name_or_path: str):
         return AutoImageProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError):
         return None
+
+
+class ClassifierAdapter(nn.Module):
+    """Calls any image classifier as `model(pixel_values=..., labels=...)`, so the plain `Trainer` can train and
+    evaluate timm models and plain modules too. `.model` is the classifier itself (what to save)."""
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values, labels=None):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        from .losses import classification_loss
+        from .modeling import student_logits
+
+        logits = student_logits(self.model(pixel_values))
+        loss = classification_loss(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def for_trainer(model: nn.Module) -> nn.Module:
+    """The model as `transformers.Trainer` calls it: transformers models as they are, others adapted."""
+    from transformers import PreTrainedModel
+
+    return model if isinstance(model, PreTrainedModel) else ClassifierAdapter(model)

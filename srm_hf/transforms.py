@@ -102,7 +102,7 @@ class ImageTransform:
     """Batch transform for `datasets.Dataset.set_transform` (see module docstring)."""
 
     def __init__(self, student: Preprocessing, teacher: Preprocessing | None = None, train: bool = False,
-                 scale: tuple[float, float] = (0.7, 1.0), hflip: bool = True):
+                 scale: tuple[float, float] = (0.8, 1.0), hflip: bool = True):
         self.student, self.train, self.scale, self.hflip = student, train, scale, hflip
         self.teacher = teacher if teacher is not None and teacher != student else None
 

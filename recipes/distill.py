@@ -1,0 +1,160 @@
+"""Distil an image classifier into a smaller one with Sparse Representation Matching.
+
+    python recipes/distill.py                                  # offline default: Fashion-MNIST, teacher trained first
+    python recipes/distill.py --config recipes/configs/cifar10.yaml
+    accelerate launch recipes/distill.py --config recipes/configs/beans.yaml --max_steps 5
+    accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/distill.py --config ...
+    python recipes/distill.py --config ... --push_to_hub --hub_model_id you/student-srm
+
+Flags override the YAML file; an unknown YAML key is an error. Prints teacher, student and student-alone test
+accuracy, and writes to output_dir: the student (student library's format) with srm_state.safetensors,
+README.md (model card), srm_report.png, results.json and TensorBoard logs.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher
+from transformers import Trainer, TrainingArguments, set_seed
+
+from srm_hf import DistillationConfig, DistillationTrainer
+from srm_hf.cli import SRMParser, parse_kwargs
+from srm_hf.data import DataArguments, ImageSplits, load_image_splits
+from srm_hf.hub import push_dictionary
+from srm_hf.metrics import make_compute_metrics
+from srm_hf.models import for_trainer, load_image_classifier, load_image_processor
+from srm_hf.report import atom_usage, save_report
+from srm_hf.transforms import ImageTransform, preprocessing_for
+
+DEFAULT_STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8,
+                          "pretrained_cfg_overlay": FASHION_MNIST_INPUT}
+# The offline default run; a YAML config and flags override any of these.
+RECIPE_DEFAULTS = dict(
+    output_dir="outputs/fashion_mnist_srm", max_train_samples_per_class=1000, per_device_train_batch_size=128,
+    per_device_eval_batch_size=512, learning_rate=2e-3, num_train_epochs=3, dictionary_epochs=1, srm_epochs=1,
+    logging_steps=10, eval_strategy="epoch", save_strategy="no", report_to="tensorboard", seed=42,
+)
+
+
+@dataclass
+class ModelArguments:
+    student_model_name_or_path: str = field(
+        default="timm:resnet10t", metadata={"help": "Student: 'timm:<arch>', a Hub id or a local folder."}
+    )
+    student_model_kwargs: str = field(
+        default=json.dumps(DEFAULT_STUDENT_KWARGS), metadata={"help": "JSON keyword arguments for the student."}
+    )
+    student_pretrained: bool = field(default=False, metadata={"help": "Start the student from pretrained weights."})
+    teacher_model_kwargs: str = field(default="{}", metadata={"help": "JSON keyword arguments to load the teacher."})
+    teacher_revision: str | None = field(default=None, metadata={"help": "Teacher revision on the Hub (model card)."})
+
+
+@dataclass
+class ScriptArguments:
+    metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata={"help": "evaluate metric names."})
+    compare_alone: bool = field(default=True, metadata={"help": "Also train the student alone, same steps."})
+    report: bool = field(default=True, metadata={"help": "Write srm_report.png (loss curves, atom usage)."})
+    push_dictionary_to_hub: str | None = field(default=None, metadata={"help": "Repo id for the dictionary."})
+
+
+def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits):
+    """The given teacher, or one trained here (cached in output_dir/teacher while its recipe is unchanged)."""
+    name = config.teacher_model_name_or_path
+    if name is None:
+        name = os.path.join(config.output_dir, "teacher")
+        recipe = os.path.join(name, "teacher_recipe.json")
+        wanted = dataclasses.asdict(teacher_args)
+        cached = os.path.isfile(recipe) and json.load(open(recipe))["teacher_args"] == wanted
+        if not cached:
+            train_teacher(teacher_args, data_args, config, name)
+    kwargs = parse_kwargs(model_args.teacher_model_kwargs)
+    if model_args.teacher_revision:
+        kwargs["revision"] = model_args.teacher_revision
+    teacher = load_image_classifier(name, num_labels=len(splits.label_names), id2label=splits.id2label, **kwargs)
+    return name, teacher
+
+
+def evaluate_alone(model, args: TrainingArguments, dataset, compute_metrics, prefix: str) -> dict:
+    evaluator = Trainer(model=for_trainer(model), args=args, eval_dataset=dataset, compute_metrics=compute_metrics)
+    return evaluator.evaluate(metric_key_prefix=prefix)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = SRMParser((ScriptArguments, DataArguments, ModelArguments, TeacherArguments, DistillationConfig))
+    parser.set_defaults(**RECIPE_DEFAULTS)
+    script_args, data_args, model_args, teacher_args, config = parser.parse(argv)
+    set_seed(config.seed)
+
+    splits = load_image_splits(data_args)
+    teacher_name, teacher = get_teacher(config, model_args, teacher_args, data_args, splits)
+    student = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
+                                    id2label=splits.id2label, pretrained=model_args.student_pretrained,
+                                    **parse_kwargs(model_args.student_model_kwargs))
+    student_pre = preprocessing_for(student, load_image_processor(model_args.student_model_name_or_path))
+    teacher_pre = preprocessing_for(teacher, load_image_processor(teacher_name))
+    compute_metrics = make_compute_metrics(tuple(script_args.metrics))
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=config,
+        train_dataset=splits.train.with_transform(ImageTransform(student_pre, teacher_pre, train=True)),
+        eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
+        compute_metrics=compute_metrics,
+    )
+    trainer.train()
+    test = splits.test if splits.test is not None else splits.validation
+    results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
+    results["teacher"] = evaluate_alone(trainer.teacher, config, test.with_transform(ImageTransform(teacher_pre)),
+                                        compute_metrics, "test")
+    trainer.save_model()
+    usage = atom_usage(trainer, splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)))
+    if script_args.report and trainer.is_world_process_zero():
+        save_report(os.path.join(config.output_dir, "srm_report.png"), trainer.state.log_history, usage,
+                    title=f"SRM ({config.mode}) on {splits.source}")
+
+    if script_args.compare_alone:
+        student_steps = sum(s.steps for s in trainer.plan.stages if s.name != "dictionary")
+        alone_args = dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "student_alone"),
+                                         max_steps=student_steps, eval_strategy="no", report_to="none")
+        alone = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
+                                      id2label=splits.id2label, pretrained=model_args.student_pretrained,
+                                      **parse_kwargs(model_args.student_model_kwargs))
+        alone_trainer = Trainer(model=for_trainer(alone), args=TrainingArguments(**_plain_fields(alone_args)),
+                                train_dataset=splits.train.with_transform(ImageTransform(student_pre, train=True)),
+                                compute_metrics=compute_metrics)
+        alone_trainer.train()
+        results["student_alone"] = alone_trainer.evaluate(test.with_transform(ImageTransform(student_pre)),
+                                                          metric_key_prefix="test")
+
+    metrics = {f"{who}_{k.removeprefix('test_')}": v for who, m in results.items() for k, v in m.items()
+               if k.startswith("test_") and k.removeprefix("test_") in script_args.metrics}
+    trainer.create_model_card(dataset=data_args.dataset_dir or data_args.dataset_name, teacher=teacher_name,
+                              teacher_revision=model_args.teacher_revision,
+                              student=model_args.student_model_name_or_path,
+                              metrics={"test_" + k.removeprefix("student_"): v for k, v in metrics.items()})
+    if trainer.is_world_process_zero():
+        with open(os.path.join(config.output_dir, "results.json"), "w") as f:
+            json.dump({"data": splits.source, "train_images": len(splits.train), "test_images": len(test),
+                       "plan": str(trainer.plan), "metrics": metrics}, f, indent=2)
+        print(f"\nSRM {config.mode} on {splits.source}: {len(splits.train)} training images, {len(test)} test images")
+        for key, value in metrics.items():
+            print(f"  {key:32s} {value:.4f}")
+    if config.push_to_hub:
+        trainer.push_to_hub(dataset=data_args.dataset_name, teacher=teacher_name,
+                            teacher_revision=model_args.teacher_revision, student=model_args.student_model_name_or_path)
+    if script_args.push_dictionary_to_hub:
+        push_dictionary(trainer.save_dictionary(), script_args.push_dictionary_to_hub)
+    return metrics
+
+
+def _plain_fields(config: DistillationConfig) -> dict:
+    """The TrainingArguments part of a DistillationConfig, for the student-alone baseline."""
+    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""Loading Hub-style datasets, image folders and IDX files; column detection; stratified subsets; bad data."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from datasets import ClassLabel, Dataset, Features, Value
+from datasets import Image as ImageFeature
+from PIL import Image
+
+from srm_hf.data import (
+    DataArguments,
+    detect_columns,
+    labels_of,
+    load_idx_dir,
+    load_image_splits,
+    read_idx,
+    stratified_subset,
+)
+from srm_hf.transforms import ImageTransform, Preprocessing
+
+GRAY = Preprocessing(1, (8, 8), (0.5,), (0.5,))
+
+
+@pytest.mark.parametrize(
+    "columns, expected",
+    [
+        (["img", "label"], ("img", "label")),
+        (["image", "labels"], ("image", "labels")),
+        (["img", "fine_label", "coarse_label"], ("img", "fine_label")),
+        (["image_file_path", "image", "labels"], ("image", "labels")),
+    ],
+)
+def test_column_detection(columns, expected):
+    assert detect_columns(columns) == expected
+
+
+def test_explicit_columns_and_missing_ones():
+    assert detect_columns(["photo", "y"], "photo", "y") == ("photo", "y")
+    with pytest.raises(ValueError) as err:
+        detect_columns(["image", "category"], split="train")
+    assert "label column" in str(err.value) and "'category'" in str(err.value) and "--label_column" in str(err.value)
+    with pytest.raises(ValueError, match="'cls' is not in split 'test'"):
+        detect_columns(["image", "label"], label_column="cls", split="test")
+
+
+def write_idx(path, array):
+    header = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_dir(root, n_train=40, n_test=10, gz=True):
+    rng = np.random.default_rng(0)
+    ext = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, 6, 5)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{ext}", np.arange(n) % 4)
+    return root
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_files(tmp_path, gz):
+    make_idx_dir(tmp_path, gz=gz)
+    x = read_idx(tmp_path / f"train-images-idx3-ubyte{'.gz' if gz else ''}")
+    assert x.shape == (40, 6, 5) and x.dtype == np.uint8
+    ds = load_idx_dir(str(tmp_path))
+    assert ds["train"].features["label"].names == ["0", "1", "2", "3"]
+    np.testing.assert_array_equal(np.asarray(ds["train"][3]["image"]), x[3])
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path), validation_fraction=0.2))
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (32, 8, 10)
+    assert np.bincount(labels_of(splits.validation)).tolist() == [2, 2, 2, 2]  # stratified carve-out
+
+
+def test_truncated_idx_file_is_named(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    write_idx(path, np.zeros((4, 3, 3)))
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(ValueError, match="truncated"):
+        read_idx(str(path))
+
+
+def make_image_folder(root, per_class=6, classes=("cat", "dog", "owl"), mode="RGB"):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            value = (40 * c + i) % 256
+            Image.new(mode, (10, 8), (value, 0, 0) if mode == "RGB" else value).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path):
+    make_image_folder(tmp_path / "data")
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data"), validation_fraction=0.34))
+    assert splits.label_names == ["cat", "dog", "owl"]
+    assert len(splits.train) + len(splits.validation) == 18 and splits.test is None
+    assert np.bincount(labels_of(splits.validation)).tolist() == [2, 2, 2]  # stratified carve-out
+    batch = splits.train.with_transform(ImageTransform(GRAY))[:4]
+    assert batch["pixel_values"][0].shape == (1, 8, 8) and len(batch["labels"]) == 4
+
+
+def test_unreadable_image_is_named(tmp_path):
+    make_image_folder(tmp_path / "data")
+    (tmp_path / "data" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data"), validation_fraction=0.1))
+    ds = splits.train.with_transform(ImageTransform(GRAY))
+    with pytest.raises(ValueError, match="broken.png"):
+        for i in range(len(ds)):
+            ds[i]
+
+
+def hub_style_dataset(root, splits=("train", "test"), n=24, label_column="fine_label", other="coarse_label"):
+    """A local parquet dataset with a CIFAR-100-like schema, loaded through `load_dataset` like a Hub one."""
+    rng = np.random.default_rng(1)
+    features = Features({"img": ImageFeature(), label_column: ClassLabel(names=["a", "b", "c"]),
+                         other: Value("int64")})
+    for split in splits:
+        rows = {"img": [Image.fromarray(rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)) for _ in range(n)],
+                label_column: [i % 3 for i in range(n)], other: [0] * n}
+        Dataset.from_dict(rows, features=features).to_parquet(str(root / f"{split}.parquet"))
+    return str(root)
+
+
+def test_hub_style_schema_through_load_dataset(tmp_path):
+    name = hub_style_dataset(tmp_path)
+    splits = load_image_splits(DataArguments(dataset_name=name, validation_fraction=0.25))
+    assert splits.train.column_names == ["image", "label"] and splits.label_names == ["a", "b", "c"]
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (18, 6, 24)
+
+
+def test_stratified_subset_is_stratified_and_reproducible():
+    ds = Dataset.from_dict({"id": list(range(100)), "label": [i % 5 for i in range(100)]},
+                           features=Features({"id": Value("int64"), "label": ClassLabel(num_classes=5)}))
+    a, b = stratified_subset(ds, 3, seed=0), stratified_subset(ds, 3, seed=0)
+    assert np.bincount(labels_of(a)).tolist() == [3] * 5
+    assert a["id"][:] == b["id"][:]
+    assert stratified_subset(ds, 3, seed=1)["id"][:] != a["id"][:]
+    assert len(stratified_subset(ds, 50, seed=0)) == 100  # a class smaller than the cap is kept whole
+
+
+def test_max_train_samples_per_class(tmp_path):
+    make_idx_dir(tmp_path, n_train=80)
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path), max_train_samples_per_class=5))
+    assert np.bincount(labels_of(splits.train)).tolist() == [5, 5, 5, 5]
+
+
+def test_empty_split(tmp_path):
+    make_idx_dir(tmp_path, n_test=0)
+    with pytest.raises(ValueError, match="Split 'test' is empty"):
+        load_image_splits(DataArguments(dataset_dir=str(tmp_path)))
+
+
+def test_labels_outside_num_labels(tmp_path):
+    name = hub_style_dataset(tmp_path, splits=("train",), label_column="label")
+    # an unlabelled test split marks its labels -1, a common Hub convention
+    Dataset.from_dict({"img": [Image.new("RGB", (5, 5))] * 3, "label": [0, -1, 1], "coarse_label": [0] * 3},
+                      features=Features({"img": ImageFeature(), "label": ClassLabel(names=["a", "b", "c"]),
+                                         "coarse_label": Value("int64")})).to_parquet(str(tmp_path / "test.parquet"))
+    with pytest.raises(ValueError) as err:
+        load_image_splits(DataArguments(dataset_name=name))
+    assert "Split 'test' column 'label'" in str(err.value) and "outside [0, 3)" in str(err.value)
+
+
+def test_missing_label_column_in_data(tmp_path):
+    name = hub_style_dataset(tmp_path, label_column="category", other="source_id")
+    with pytest.raises(ValueError, match="--label_column"):
+        load_image_splits(DataArguments(dataset_name=name))
+    splits = load_image_splits(DataArguments(dataset_name=name, label_column="category"))
+    assert splits.label_names == ["a", "b", "c"]

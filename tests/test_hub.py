@@ -1,0 +1,97 @@
+"""Model card content and the push round trip (network calls of HfApi patched, everything else real)."""
+
+import shutil
+
+import pytest
+import timm
+import torch
+from conftest import hf_resnet, make_trainer, timm_resnet
+from huggingface_hub import HfApi
+from transformers import AutoModelForImageClassification
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Replaces HfApi's create_repo / upload_* with local copies; returns the 'remote' repos."""
+    repos = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        repos.setdefault(repo_id, tmp_path / "hub" / repo_id.replace("/", "--"))
+        repos[repo_id].mkdir(parents=True, exist_ok=True)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, repos[repo_id], dirs_exist_ok=True)
+        return "commit"
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        shutil.copy(path_or_fileobj, repos[repo_id] / path_in_repo)
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    return repos
+
+
+def logits_of(model, x):
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def trained(tmp_path, **kwargs):
+    trainer = make_trainer(tmp_path, dictionary_max_steps=1, srm_max_steps=1, max_steps=1, **kwargs)
+    trainer.train()
+    return trainer
+
+
+def test_push_transformers_student_round_trip(tmp_path, fake_hub):
+    trainer = trained(tmp_path, push_to_hub=True, hub_model_id="someone/student-srm")
+    trainer.push_to_hub(dataset="pattern-data", teacher="someone/teacher", teacher_revision="abc123")
+    remote = fake_hub["someone/student-srm"]
+    files = {p.name for p in remote.iterdir()}
+    assert files == {"config.json", "model.safetensors", "README.md"}  # the student only: no SRM state, no args
+    x = torch.randn(2, 3, 32, 32)
+    reloaded = AutoModelForImageClassification.from_pretrained(remote)
+    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer._distill_model.student, x))
+    card = (remote / "README.md").read_text()
+    assert "AutoModelForImageClassification.from_pretrained(\"someone/student-srm\")" in card
+    assert "someone/teacher" in card and "abc123" in card and "pattern-data" in card
+
+
+def test_push_timm_student_round_trip_and_dictionary(tmp_path, fake_hub):
+    from srm_hf.hub import push_dictionary
+
+    trainer = trained(tmp_path, teacher=hf_resnet(hidden_sizes=(16, 32, 48, 64)), student=timm_resnet(),
+                      hub_model_id="someone/timm-student")
+    trainer.push_to_hub()
+    remote = fake_hub["someone/timm-student"]
+    reloaded = timm.create_model(f"local-dir:{remote}", pretrained=True)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer._distill_model.student, x))
+    assert 'timm.create_model("hf-hub:someone/timm-student", pretrained=True)' in (remote / "README.md").read_text()
+    push_dictionary(trainer.save_dictionary(), "someone/srm-dictionary")
+    assert (fake_hub["someone/srm-dictionary"] / "srm_dictionary.safetensors").is_file()
+
+
+def test_model_card_content(tmp_path):
+    trainer = trained(tmp_path, mode="joint", codeword_multiplier=1.5, sparsity_multiplier=0.03, seed=7)
+    card = trainer.create_model_card(model_name="tiny-student", dataset="uoft-cs/cifar10", teacher="timm/resnet50",
+                                     teacher_revision="v1", student="timm:resnet18",
+                                     metrics={"test_accuracy": 0.8125})
+    assert card == (tmp_path / "out" / "README.md").read_text()
+    for text in ("# tiny-student", "uoft-cs/cifar10", "`timm/resnet50` (revision `v1`)", "`timm:resnet18`",
+                 "| mode | `joint` |", "dictionary (1 steps) → joint (1 steps)", "| codeword multiplier m | 1.5 |",
+                 "| sparsity multiplier s | 0.03 |", "| seed | 7 |", "| test_accuracy | 0.8125 |",
+                 "value: 0.8125", "`layer1` → `resnet.encoder.stages.0`: C=32, K=48, k=1",
+                 "torch ", "transformers ", "timm ", "arXiv:2103.17012", "library_name: transformers"):
+        assert text in card, text
+
+
+def test_push_needs_a_saved_student(tmp_path):
+    from srm_hf.hub import push_student
+
+    with pytest.raises(FileNotFoundError, match="save_model"):
+        push_student(str(tmp_path), "someone/nothing")

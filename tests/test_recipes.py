@@ -1,0 +1,126 @@
+"""The recipes: parsing, an end-to-end run offline, the teacher cache, and the shipped configs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from test_data import write_idx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import distill  # noqa: E402
+import train_teacher  # noqa: E402
+
+from srm_hf import DistillationConfig  # noqa: E402
+from srm_hf.cli import SRMParser  # noqa: E402
+from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments  # noqa: E402
+
+OFFLINE_CONFIGS = ["fashion_mnist.yaml"]
+HUB_CONFIGS = ["cifar10.yaml", "cifar100.yaml", "food101.yaml", "beans.yaml"]
+TINY = ["--teacher_max_steps", "3", "--dictionary_max_steps", "2", "--srm_max_steps", "2", "--max_steps", "2",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64", "--logging_steps", "1",
+        "--report_to", "none", "--disable_tqdm", "true"]
+
+
+def parser():
+    p = SRMParser((distill.ScriptArguments, DataArguments, distill.ModelArguments, train_teacher.TeacherArguments,
+                   DistillationConfig))
+    p.set_defaults(**distill.RECIPE_DEFAULTS)
+    return p
+
+
+def test_flags_override_yaml_and_unknown_keys_fail(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("mode: joint\nkd_alpha: 0.7\nlearning_rate: 0.01\nlayer_pairs: ['a:b']\n")
+    _, _, _, _, config = parser().parse(["--config", str(cfg), "--kd_alpha", "0.3", "--use_cpu", "true"])
+    assert (config.mode, config.kd_alpha, config.learning_rate, config.layer_pairs) == ("joint", 0.3, 0.01, ["a:b"])
+    cfg.write_text("mode: joint\nkd_alpah: 0.7\n")
+    with pytest.raises(ValueError, match="kd_alpah"):
+        parser().parse(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="--not_a_flag"):
+        parser().parse(["--not_a_flag", "1"])
+
+
+@pytest.mark.parametrize("name", OFFLINE_CONFIGS + HUB_CONFIGS)
+def test_shipped_configs_parse(name):
+    parser().parse(["--config", str(ROOT / "recipes" / "configs" / name), "--use_cpu", "true", "--bf16", "false"])
+
+
+def test_default_yaml_matches_the_no_argument_run():
+    defaults = parser().parse(["--use_cpu", "true"])
+    from_yaml = parser().parse(["--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--use_cpu", "true"])
+    for a, b in zip(defaults, from_yaml):
+        for key, value in vars(a).items():
+            if key.startswith("_") or key == "distributed_state":
+                continue
+            other = getattr(b, key)
+            if key in ("student_model_kwargs", "teacher_model_kwargs", "teacher_architecture_kwargs"):
+                value, other = json.loads(value), json.loads(other)
+            assert value == other, key
+
+
+def tiny_fashion_idx(root):
+    """28x28 one-channel IDX data shaped like Fashion-MNIST (4 classes, 12 train / 4 test images each)."""
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 48), ("t10k", 16)):
+        labels = np.arange(n) % 4
+        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 50)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(root)
+
+
+def test_distill_end_to_end_offline_with_teacher_cache(tmp_path):
+    data = tiny_fashion_idx(tmp_path)
+    out = tmp_path / "run"
+    args = ["--dataset_dir", data, "--output_dir", str(out), *TINY]
+    metrics = distill.main(args)
+    assert set(metrics) == {"student_accuracy", "teacher_accuracy", "student_alone_accuracy"}
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "srm_state.safetensors", "README.md", "srm_report.png",
+            "results.json"} <= files
+    student = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert student.pretrained_cfg["input_size"] == (1, 28, 28) and student(torch.zeros(1, 1, 28, 28)).shape == (1, 4)
+    results = json.loads((out / "results.json").read_text())
+    assert results["train_images"] == 44 and results["test_images"] == 16  # 48 minus one validation image per class
+
+    teacher_weights = out / "teacher" / "model.safetensors"
+    stamp = teacher_weights.stat().st_mtime_ns
+    time.sleep(0.01)
+    distill.main(args + ["--compare_alone", "false", "--report", "false"])
+    assert teacher_weights.stat().st_mtime_ns == stamp  # cached teacher reused
+    distill.main(args + ["--compare_alone", "false", "--report", "false", "--teacher_max_steps", "4"])
+    assert teacher_weights.stat().st_mtime_ns != stamp  # a changed teacher recipe retrains it
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_hub_configs_fail_fast_offline(name, tmp_path):
+    start = time.time()
+    with pytest.raises(ConnectionError) as err:
+        distill.main(["--config", str(ROOT / "recipes/configs" / name), "--max_steps", "5", "--use_cpu", "true",
+                      "--bf16", "false", "--output_dir", str(tmp_path)])
+    assert time.time() - start < 15
+    assert "--dataset_dir" in str(err.value) and "Could not load the Hub dataset" in str(err.value)
+
+
+def test_accelerate_launch_reaches_training_on_fashion_mnist(tmp_path):
+    assert os.path.isdir(DEBIAN_FASHION_MNIST), "install Debian's dataset-fashion-mnist (README test command)"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/distill.py"),
+           "--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--max_steps", "5",
+           "--max_train_samples_per_class", "4", "--max_eval_samples", "64", "--compare_alone", "false",
+           "--output_dir", str(tmp_path), *TINY[:6]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "Fashion-MNIST" in results["data"] and results["test_images"] == 64
+    assert "kd (5 steps)" in results["plan"]

@@ -1,0 +1,74 @@
+"""Each model sees its own preprocessing; grayscale and RGB both ways; one shared random view."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import hf_resnet
+from PIL import Image
+from transformers import ViTImageProcessor
+
+from srm_hf.transforms import ImageTransform, Preprocessing, preprocessing_for, to_pil
+
+RGB32 = Preprocessing(3, (32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+GRAY16 = Preprocessing(1, (16, 16), (0.2,), (0.5,))
+
+
+def test_timm_preprocessing_from_its_data_config():
+    model = timm.create_model("test_resnet", in_chans=1, pretrained_cfg_overlay=dict(
+        input_size=(1, 28, 28), mean=(0.3,), std=(0.4,), crop_pct=1.0))
+    pre = preprocessing_for(model)
+    assert (pre.channels, pre.size, pre.mean, pre.std, pre.crop_pct) == (1, (28, 28), (0.3,), (0.4,), 1.0)
+
+
+def test_transformers_preprocessing_from_processor_or_config():
+    processor = ViTImageProcessor(size={"height": 48, "width": 48}, image_mean=[0.1, 0.2, 0.3], image_std=[1, 1, 1])
+    pre = preprocessing_for(hf_resnet(), processor)
+    assert pre.size == (48, 48) and pre.mean == (0.1, 0.2, 0.3)
+    assert preprocessing_for(hf_resnet()).size == (224, 224)  # the config's image_size, ImageNet statistics
+    with pytest.raises(ValueError, match="Preprocessing"):
+        preprocessing_for(torch.nn.Linear(2, 2))
+
+
+def test_grayscale_data_for_an_rgb_model_and_the_reverse():
+    gray = np.tile(np.arange(32, dtype=np.uint8)[None] * 8, (32, 1))  # a uint8 array, as IDX data comes
+    x = ImageTransform(RGB32)({"image": [gray], "label": [0]})["pixel_values"][0]
+    assert x.shape == (3, 32, 32)
+    torch.testing.assert_close(x[0], x[1])
+    torch.testing.assert_close(x[0], x[2])
+    rgb = Image.new("RGB", (20, 20), (255, 0, 0))
+    y = ImageTransform(GRAY16)({"image": [rgb], "label": [1]})["pixel_values"][0]
+    assert y.shape == (1, 16, 16)
+    expected = (0.299 * 255 // 1 / 255 - 0.2) / 0.5  # luminance of pure red, normalised
+    assert abs(y.mean().item() - expected) < 0.01
+
+
+def test_teacher_and_student_views_differ_in_size_and_normalisation():
+    batch = {"image": [Image.new("L", (28, 28), 128)] * 2, "label": [0, 1]}
+    out = ImageTransform(GRAY16, RGB32)(batch)
+    assert out["pixel_values"][0].shape == (1, 16, 16)
+    assert out["teacher_pixel_values"][0].shape == (3, 32, 32)
+    assert abs(out["pixel_values"][0].mean().item() - (128 / 255 - 0.2) / 0.5) < 1e-3
+    assert abs(out["teacher_pixel_values"][0].mean().item() - (128 / 255 - 0.5) / 0.25) < 1e-3
+    assert "teacher_pixel_values" not in ImageTransform(RGB32, RGB32)(batch)  # same preprocessing: one view
+
+
+def test_random_crop_and_flip_are_shared_by_both_views():
+    image = np.zeros((64, 64), dtype=np.uint8)
+    image[:, :20] = 255  # a white band on the left
+    transform = ImageTransform(GRAY16, Preprocessing(1, (32, 32), (0.0,), (1.0,)), train=True, scale=(0.2, 0.5))
+    torch.manual_seed(0)
+    whites = []
+    for _ in range(20):
+        out = transform({"image": [image], "label": [0]})
+        student = out["pixel_values"][0] * 0.5 + 0.2  # back to [0, 1]
+        teacher = out["teacher_pixel_values"][0]
+        whites.append((student.mean().item(), teacher.mean().item()))
+    s, t = np.array(whites).T
+    assert s.std() > 0.1  # the views really are random
+    np.testing.assert_allclose(s, t, atol=0.05)  # and both models saw the same one
+
+
+def test_undecodable_bytes_are_named():
+    with pytest.raises(ValueError, match="cat_3.jpg"):
+        to_pil({"bytes": b"\x00\x01", "path": "/data/cat_3.jpg"})
