@@ -1,4 +1,4 @@
-"""The README's copy-paste commands are the ones CI runs."""
+"""The README's two copy-paste commands: CI runs the test one, and the main one runs the default recipe."""
 
 from pathlib import Path
 
@@ -10,7 +10,10 @@ def readme_commands() -> list[str]:
     return [lines[i + 1] for i, line in enumerate(lines) if line.strip() == "```bash"]
 
 
-def test_ci_runs_the_readme_test_command():
-    test_commands = [c for c in readme_commands() if "pytest" in c]
-    assert len(test_commands) == 1
-    assert test_commands[0] in (ROOT / ".ci" / "run").read_text().splitlines()
+def test_exactly_two_commands_and_ci_runs_the_test_one():
+    commands = readme_commands()
+    assert len(commands) == 2
+    main, tests = commands
+    assert "recipes/distill.py" in main and main.rstrip().endswith("recipes/distill.py")  # the default config
+    assert "pytest" in tests and "HF_HUB_OFFLINE=1" in main and "HF_HUB_OFFLINE=1" in tests
+    assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
