@@ -16,6 +16,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from offline import go_offline_if_hub_unreachable
+
+go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
+
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher
 from transformers import Trainer, TrainingArguments, set_seed
 

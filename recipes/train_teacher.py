@@ -12,6 +12,10 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from offline import go_offline_if_hub_unreachable
+
+go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
+
 from transformers import Trainer, TrainingArguments
 
 from srm_hf.checkpoint import save_student

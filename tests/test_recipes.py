@@ -124,3 +124,17 @@ def test_accelerate_launch_reaches_training_on_fashion_mnist(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert "Fashion-MNIST" in results["data"] and results["test_images"] == 64
     assert "kd (5 steps)" in results["plan"]
+
+
+def test_no_network_and_no_offline_flag_still_fails_fast(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                                                             "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = "https://127.0.0.1:9"  # nothing listens there: the Hub is unreachable
+    start = time.time()
+    done = subprocess.run([sys.executable, str(ROOT / "recipes/distill.py"), "--config",
+                           str(ROOT / "recipes/configs/beans.yaml"), "--max_steps", "5", "--use_cpu", "true",
+                           "--bf16", "false", "--output_dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode != 0 and time.time() - start < 40
+    assert "unreachable: running offline" in done.stdout
+    assert "Could not load the Hub dataset 'AI-Lab-Makerere/beans'" in done.stderr
