@@ -1,0 +1,58 @@
+"""One short distillation run, launched by tests/test_distributed.py under 1 or 2 processes.
+
+    accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT MODE PER_DEVICE_BATCH
+
+Each rank writes OUT/rank{i}.pt: its final DistillationModel state, logged losses, which files it wrote, and how
+the teacher and the student were wrapped.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from conftest import PatternDataset, make_config  # noqa: E402
+from test_accumulation import NormFreeNet  # noqa: E402
+
+import srm_hf.trainer as trainer_module  # noqa: E402
+from srm_hf import DistillationTrainer  # noqa: E402
+from srm_hf.hooks import unwrap_model  # noqa: E402
+
+out, mode, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+writes = []
+
+
+def recording(fn):
+    def wrapper(*args, **kwargs):
+        writes.append(fn.__name__)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+trainer_module.save_student = recording(trainer_module.save_student)
+trainer_module.save_srm_state = recording(trainer_module.save_srm_state)
+
+args = make_config(__import__("pathlib").Path(out), mode=mode, per_device_train_batch_size=batch, optim="sgd",
+                   learning_rate=0.1, dictionary_max_steps=2, srm_max_steps=2, max_steps=2, save_strategy="steps",
+                   save_steps=3)
+trainer = DistillationTrainer(model=NormFreeNet(8, 1), teacher_model=NormFreeNet(16, 0), args=args,
+                              train_dataset=PatternDataset(64))
+trainer.train()
+trainer.save_model()
+rank = trainer.accelerator.process_index
+torch.save(
+    {
+        "world": trainer.accelerator.num_processes,
+        "state": {k: v.cpu() for k, v in trainer._distill_model.state_dict().items()},
+        "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
+        "writes": writes,
+        "teacher_type": type(trainer.teacher).__name__,
+        "teacher_unwrapped": unwrap_model(trainer.teacher) is trainer.teacher,
+        "model_type": type(trainer.model_wrapped).__name__,
+        "teacher_grad": any(p.requires_grad for p in trainer.teacher.parameters()),
+    },
+    os.path.join(out, f"rank{rank}.pt"),
+)

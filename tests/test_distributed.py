@@ -1,0 +1,51 @@
+"""Two processes over gloo (real DDP on the CPU) against one process at the same global batch.
+
+`accelerate launch --num_processes 2` alone runs ONE process on a CPU machine; `--multi_gpu` with
+ACCELERATE_USE_CPU=1 starts two and wraps the student in DDP over gloo.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def launch(out: Path, mode: str, processes: int, batch: int) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        cmd = [sys.executable, str(HERE / "distributed_run.py")]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--main_process_port", "0", str(HERE / "distributed_run.py")]
+    done = subprocess.run(cmd + [str(out), mode, str(batch)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
+
+
+@pytest.mark.parametrize("mode", ["paper", "joint"])
+def test_two_processes_match_one(tmp_path, mode):
+    rank0, rank1 = launch(tmp_path / "two", mode, processes=2, batch=8)
+    (single,) = launch(tmp_path / "one", mode, processes=1, batch=16)
+    assert rank0["world"] == 2 and single["world"] == 1
+    # the student (with its dictionaries and heads) is wrapped in DDP; the teacher never is, and stays frozen
+    assert rank0["model_type"] == "DistributedDataParallel"
+    assert rank0["teacher_unwrapped"] and not rank0["teacher_grad"]
+    # dictionaries and heads (and the student) identical on every rank
+    for k, v in rank0["state"].items():
+        assert torch.equal(v, rank1["state"][k]), k
+    # same losses and same final student as one process with the same global batch
+    assert [s for s, _ in rank0["losses"]] == [s for s, _ in single["losses"]]
+    for (_, a), (_, b) in zip(rank0["losses"], single["losses"]):
+        assert abs(a - b) < 1e-5 * max(1.0, abs(a))
+    for k, v in single["state"].items():
+        torch.testing.assert_close(rank0["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    # files come from the main process only: one student save per checkpoint plus the final one
+    written = {p.name for p in (tmp_path / "two" / "out").iterdir()}
+    checkpoints = [name for name in written if name.startswith("checkpoint-")]
+    assert "checkpoint-3" in checkpoints and {"model.safetensors", "srm_state.safetensors"} <= written
+    assert rank0["writes"].count("save_student") == len(checkpoints) + 1 and rank1["writes"] == []
