@@ -59,6 +59,14 @@ class DistillationConfig(TrainingArguments):
     )
     srm_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 2 (SRM initialisation, paper mode)."})
     srm_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 2; overrides its epochs if > 0."})
+    compile_student: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the student's forward (after its taps are hooked); uses torch_compile_backend."},
+    )
+    max_nonfinite_steps: int = field(
+        default=10,
+        metadata={"help": "Consecutive optimizer steps with a NaN/inf gradient that are skipped before training stops."},
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: image datasets are transformed on the fly from columns the model never sees."},
@@ -86,6 +94,8 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"kd_alpha={self.kd_alpha} must be in [0, 1]: it mixes KD (α) and label CE (1-α).")
         if self.kd_temperature <= 0:
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0 (typical: 2 to 8).")
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0 (0: stop at the first one).")
         for name in ("srm_pixel_weight", "srm_image_weight", "srm_weight", "dictionary_learning_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")

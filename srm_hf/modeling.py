@@ -91,8 +91,10 @@ class DistillationModel(nn.Module):
 
     @torch.no_grad()
     def targets(self, teacher_features: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per tap: (pixel labels [N, H, W] long, image labels [N, K]) from the teacher's sparse codes."""
-        return {k: srm_targets(self.coders[k].encode(v)) for k, v in teacher_features.items()}
+        """Per tap: (pixel labels [N, H, W] long, image labels [N, K]) from the teacher's sparse codes, in float32
+        whatever precision the teacher ran in."""
+        with torch.autocast(device_type=next(self.parameters()).device.type, enabled=False):
+            return {k: srm_targets(self.coders[k].encode(v.float())) for k, v in teacher_features.items()}
 
     def srm_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the student: dictionaries and heads."""

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
+from transformers.utils import logging
 
 from .callbacks import StageCallback
 from .checkpoint import (
@@ -38,6 +39,8 @@ from .modeling import DistillationModel, student_logits, tap_key
 from .models import load_image_classifier
 from .stages import StagePlan, stage_scheduler, stage_steps
 from .taps import plan_taps
+
+logger = logging.get_logger(__name__)
 
 
 class DistillationTrainer(Trainer):
@@ -73,6 +76,8 @@ class DistillationTrainer(Trainer):
         example = (data_collator or default_data_collator)([train_dataset[i] for i in range(min(2, len(train_dataset)))])
         pairs = plan_taps(teacher, student, example, args)
         distill_model = DistillationModel(student, pairs, args.codeword_multiplier, args.sparsity_multiplier)
+        if args.compile_student:  # in place, after the taps are hooked: state_dict keys and hooks stay as they are
+            student.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
         if args.dictionary_path:
             load_srm_state(distill_model, args.dictionary_path, prefix="coders.")
 
@@ -96,6 +101,8 @@ class DistillationTrainer(Trainer):
         self._dictionary_ready = args.dictionary_path is not None
         self._dictionary_only = False
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_skipped = 0
         self.add_callback(StageCallback(self))
 
     # ---- teacher -------------------------------------------------------------------------------------------
@@ -215,6 +222,28 @@ class DistillationTrainer(Trainer):
                         self.optimizer.state.pop(p, None)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        """Skip the optimizer step when the gradient is not finite (bf16/fp32; fp16's scaler skips on its own)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.accelerator.scaler is not None or grad_norm is None:
+            return grad_norm
+        if bool(torch.isfinite(torch.as_tensor(grad_norm))):
+            self._nonfinite_in_a_row = 0
+            return grad_norm
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_skipped += 1
+        stage = self.plan.stage_at(self.state.global_step)
+        if self._nonfinite_in_a_row > self.args.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} optimizer steps in a row had NaN/inf gradients (stage '{stage.name}', "
+                f"step {self.state.global_step + 1}). Lower the learning rate, use bf16 rather than fp16, or check the "
+                "inputs for NaNs; the last checkpoint holds the weights from before."
+            )
+        logger.warning(f"Non-finite gradient at step {self.state.global_step + 1} (stage '{stage.name}'): step skipped.")
+        for p in model.parameters():
+            p.grad = None  # optimizers skip parameters without a gradient
+        return grad_norm
+
     # ---- losses --------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -283,6 +312,7 @@ class DistillationTrainer(Trainer):
             step = max(self.state.global_step - 1, 0)  # the step just taken
             stage = self.plan.stage_at(step)
             logs["stage"] = stage.index
+            logs["nonfinite_steps_skipped"] = self._nonfinite_skipped
             i = next(i for i, g in enumerate(self.optimizer.param_groups) if g["srm_group"] in stage.groups)
             logs["learning_rate"] = self.lr_scheduler.base_lrs[i] * self.lr_scheduler.lr_lambdas[i](step)
         super().log(logs, start_time)

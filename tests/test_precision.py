@@ -1,0 +1,107 @@
+"""Mixed precision on the CPU, non-finite steps, and a compiled student."""
+
+import math
+
+import pytest
+import torch
+from conftest import changed, make_trainer, snapshot
+
+from srm_hf import DistillationTrainer
+
+
+class DtypeProbe(DistillationTrainer):
+    """Records the precision of what the teacher and the student's hooks produce and of every loss term."""
+
+    seen: dict = {}
+
+    def teacher_forward(self, inputs):
+        logits, features = super().teacher_forward(inputs)
+        self.seen["teacher_features"] = next(iter(features.values())).dtype
+        return logits, features
+
+    def compute_kd_loss(self, student_logits, teacher_logits, labels):
+        terms = super().compute_kd_loss(student_logits, teacher_logits, labels)
+        self.seen.update({k: v.dtype for k, v in terms.items()})
+        return terms
+
+    def compute_srm_loss(self, head_logits, targets):
+        terms = super().compute_srm_loss(head_logits, targets)
+        self.seen["image_targets"] = next(iter(targets.values()))[1].dtype
+        self.seen["student_features"] = self._distill_model.student_hooks_dtype
+        self.seen.update({k: v.dtype for k, v in terms.items()})
+        return terms
+
+
+def test_bf16_autocast_with_float32_targets_and_losses(tmp_path):
+    from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
+
+    trainer = DtypeProbe(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
+                         args=make_config(tmp_path, mode="joint", bf16=True, dictionary_max_steps=2, max_steps=3))
+    student_layer = trainer._distill_model.student.get_submodule(trainer.tap_pairs[0].student.path)
+    student_layer.register_forward_hook(
+        lambda m, a, out: setattr(trainer._distill_model, "student_hooks_dtype", out.dtype))
+    trainer.train()
+    seen = trainer.seen
+    assert seen["teacher_features"] == torch.bfloat16 and seen["student_features"] == torch.bfloat16  # autocast
+    assert seen["image_targets"] == torch.float32
+    assert all(seen[k] == torch.float32 for k in ("kd", "ce", "pixel", "image"))
+    for entry in trainer.state.log_history:
+        for k, v in entry.items():
+            if "/" in k or k == "loss":
+                assert math.isfinite(v), (k, v)
+    assert all(p.dtype == torch.float32 for p in trainer._distill_model.parameters())  # master weights stay fp32
+
+
+class NaNAtStep(DistillationTrainer):
+    """Makes the loss of one optimizer step NaN."""
+
+    bad_step = 5
+
+    def compute_kd_loss(self, student_logits, teacher_logits, labels):
+        terms = super().compute_kd_loss(student_logits, teacher_logits, labels)
+        if self.state.global_step + 1 == self.bad_step:
+            terms["kd"] = terms["kd"] * float("nan")
+        return terms
+
+
+def nan_trainer(tmp_path, **config):
+    from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
+
+    return NaNAtStep(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
+                     args=make_config(tmp_path, mode="joint", dictionary_max_steps=2, max_steps=4, **config))
+
+
+def test_a_nonfinite_step_is_skipped_and_logged(tmp_path):
+    trainer = nan_trainer(tmp_path)
+    states = {}
+    trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
+        "on_step_end": lambda self, args, state, control, **kw: states.__setitem__(
+            state.global_step, {n: p.detach().clone() for n, p in trainer._distill_model.named_parameters()})})())
+    trainer.train()
+    assert not changed(states[4], states[5])  # the NaN step changed no parameter
+    assert changed(states[5], states[6])  # and training went on
+    assert all(torch.isfinite(v).all() for v in states[6].values() if v.is_floating_point())
+    skipped = [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "nonfinite_steps_skipped" in e]
+    assert skipped == [0, 0, 0, 0, 1, 1]
+
+
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path):
+    trainer = nan_trainer(tmp_path, max_nonfinite_steps=0)
+    with pytest.raises(FloatingPointError, match="NaN/inf gradients.*stage 'joint', step 5.*learning rate"):
+        trainer.train()
+
+
+def test_compiled_student_keeps_its_taps(tmp_path):
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    trainer = make_trainer(tmp_path, mode="joint", compile_student=True, torch_compile_backend="aot_eager",
+                           dictionary_max_steps=1, max_steps=2)
+    before = snapshot(trainer._distill_model)
+    trainer.train()
+    after = snapshot(trainer._distill_model)
+    assert counters["stats"]["unique_graphs"] > 0  # the student really ran compiled
+    assert changed(before, after, "heads.") and changed(before, after, "student.")  # its taps fed the heads
+    assert not any(k.startswith("student._orig_mod") for k in after)  # export keys unchanged
+    torch._dynamo.reset()
