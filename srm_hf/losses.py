@@ -8,7 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .srm import to_pixels
 
 
 def dictionary_loss(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
@@ -36,14 +35,17 @@ def srm_loss(
 
     Returns {"pixel": weighted pixel term, "image": weighted image term}; a weight of 0 skips its term.
     """
-    logits = to_pixels(head_logits).float()  # [N, P, K]
-    probs = torch.sigmoid(logits)  # [N, P, K]
+    logits = head_logits.float()  # [N, K, H, W] / [N, L, K] / [N, K]
+    probs = torch.sigmoid(logits)
+    if logits.dim() == 3:  # tokens: cross_entropy wants the classes in dim 1
+        logits, probs = logits.transpose(1, 2), probs.transpose(1, 2)  # [N, K, L]
     out = {}
     if pixel_weight:
-        ce_input = probs if pixel_ce_on_sigmoid else logits
-        out["pixel"] = pixel_weight * F.cross_entropy(ce_input.flatten(0, 1), pixel_labels.reshape(-1))
+        ce_input = probs if pixel_ce_on_sigmoid else logits  # classes in dim 1, pixels after
+        target = pixel_labels.reshape(ce_input.shape[0], *ce_input.shape[2:])  # e.g. a teacher map [N, H, W] for L tokens
+        out["pixel"] = pixel_weight * F.cross_entropy(ce_input, target)
     if image_weight:
-        image_pred = probs.mean(dim=1)  # [N, K]
+        image_pred = probs.flatten(2).mean(dim=2) if probs.dim() > 2 else probs  # [N, K]
         # BCE on probabilities, written out so it is safe under autocast; clamped to stay finite.
         image_pred = image_pred.clamp(1e-7, 1 - 1e-7)
         target = image_labels.float()

@@ -12,7 +12,7 @@ import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from .hooks import FeatureHooks, TapInfo, first_tensor
-from .srm import SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like, srm_targets
+from .srm import SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like
 
 
 def tap_key(path: str) -> str:
@@ -94,7 +94,7 @@ class DistillationModel(nn.Module):
         """Per tap: (pixel labels [N, H, W] long, image labels [N, K]) from the teacher's sparse codes, in float32
         whatever precision the teacher ran in."""
         with torch.autocast(device_type=next(self.parameters()).device.type, enabled=False):
-            return {k: srm_targets(self.coders[k].encode(v.float())) for k, v in teacher_features.items()}
+            return {k: self.coders[k].targets(v.float()) for k, v in teacher_features.items()}
 
     def srm_state_dict(self) -> dict[str, torch.Tensor]:
         """Everything but the student: dictionaries and heads."""

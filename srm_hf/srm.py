@@ -8,11 +8,13 @@ as a set of "pixels" with C channels each:
     vectors [N, C]        (pooled features; one pixel per image)
     tokens  [N, L, C]     (transformer blocks; each token is a pixel)
 
-Codes and head outputs keep the layout of their input: [N, K, H, W], [N, K] or [N, L, K].
+Codes and head outputs keep the layout of their input: [N, K, H, W], [N, K] or [N, L, K]. Every operation works in
+that layout (1×1 convolutions on maps, matmuls on tokens and vectors): nothing is transposed or copied.
 """
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def num_atoms_for(channels: int, codeword_multiplier: float) -> int:
@@ -25,28 +27,32 @@ def num_active_for(channels: int, codeword_multiplier: float, sparsity_multiplie
     return max(1, int(codeword_multiplier * sparsity_multiplier * channels))
 
 
-def to_pixels(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] -> [N, H*W, C]; [N, C] -> [N, 1, C]; [N, L, C] unchanged."""
+def channel_dim(x: torch.Tensor) -> int:
+    """Where the channels are: 1 for maps [N, C, H, W], last for tokens [N, L, C] and vectors [N, C]."""
     if x.dim() == 4:
-        return x.flatten(2).transpose(1, 2)
-    if x.dim() == 2:
-        return x.unsqueeze(1)
-    if x.dim() == 3:
-        return x
+        return 1
+    if x.dim() in (2, 3):
+        return -1
     raise ValueError(
         f"Expected a feature map [N, C, H, W], tokens [N, L, C] or vectors [N, C]; got shape {tuple(x.shape)}. "
         "Tap a module whose output has one of these layouts."
     )
 
 
-def from_pixels(p: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Inverse of `to_pixels`: [N, P, K] back to the layout of `like` with K channels."""
-    if like.dim() == 4:
-        n, _, h, w = like.shape
-        return p.transpose(1, 2).reshape(n, p.shape[-1], h, w)
-    if like.dim() == 2:
-        return p.squeeze(1)
-    return p
+def num_pixels(x: torch.Tensor) -> int:
+    """H*W for maps, L for tokens, 1 for vectors."""
+    return x.shape[2] * x.shape[3] if x.dim() == 4 else (x.shape[1] if x.dim() == 3 else 1)
+
+
+def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per pixel: xᵀ W (+ b), with W [C_in, C_out] and a scalar b; keeps the layout of x."""
+    weight = weight.to(x.dtype)
+    if x.dim() == 4:
+        out = F.conv2d(x, weight.t()[:, :, None, None])  # 1×1 conv: [N, C_in, H, W] -> [N, C_out, H, W]
+    else:
+        channel_dim(x)
+        out = x @ weight  # [..., C_in] -> [..., C_out]
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 def _init_projection(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -76,25 +82,37 @@ class SparseCoder(nn.Module):
         _init_projection(self.dictionary, self.bias)
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
-        """Dense z = sigmoid(Dᵀ t + b): [N, P, C] -> [N, P, K]."""
-        return torch.sigmoid(x @ self.dictionary.to(x.dtype) + self.bias.to(x.dtype))
+        """Dense z = sigmoid(Dᵀ t + b): C channels -> K channels, same layout."""
+        return torch.sigmoid(project(x, self.dictionary, self.bias))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel."""
-        z = self.activations(to_pixels(x))  # [N, P, K]
-        idx = z.topk(self.num_active, dim=-1).indices  # [N, P, k]
-        mask = torch.zeros_like(z).scatter_(-1, idx, 1.0)  # [N, P, K], no gradient
-        return from_pixels(z * mask, x)
+        z = self.activations(x)
+        dim = channel_dim(z)
+        idx = z.topk(self.num_active, dim=dim).indices  # k per pixel
+        mask = torch.zeros_like(z).scatter_(dim, idx, 1.0)  # no gradient through the mask
+        return z * mask
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """t̂ = D λ: codes with K channels -> reconstruction with C channels, same layout."""
-        p = to_pixels(codes)  # [N, P, K]
-        return from_pixels(p @ self.dictionary.to(p.dtype).t(), codes)  # [N, P, C] -> layout of codes
+        return project(codes, self.dictionary.t())
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (codes, reconstruction)."""
         codes = self.encode(x)
         return codes, self.decode(codes)
+
+    @torch.no_grad()
+    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`srm_targets(self.encode(x))` without building the sparse codes: the pixel label is the argmax of z
+        (the top atom is always kept) and the image label sums the k kept values per pixel."""
+        z = self.activations(x)
+        dim = channel_dim(z)
+        values, idx = z.topk(self.num_active, dim=dim)  # [N, k, H, W] / [N, L, k] / [N, k]
+        pixel = idx.select(dim, 0)  # topk is sorted: the first index is the argmax
+        n = z.shape[0]
+        image = z.new_zeros(n, self.num_atoms).scatter_add_(1, idx.reshape(n, -1), values.reshape(n, -1))
+        return pixel, image / num_pixels(z)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, num_atoms={self.num_atoms}, num_active={self.num_active}"
@@ -107,13 +125,14 @@ def srm_targets(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pixel labels y = argmax_K λ  -> [N, H, W] (maps), [N, L] (tokens) or [N] (vectors), long
     image labels g = mean over pixels of λ -> [N, K] in [0, 1]
     """
-    p = to_pixels(codes)  # [N, P, K]
-    pixel = p.argmax(dim=-1)  # [N, P]
-    image = p.mean(dim=1)  # [N, K]
+    dim = channel_dim(codes)
+    pixel = codes.argmax(dim=dim)
     if codes.dim() == 4:
-        pixel = pixel.view(codes.shape[0], *codes.shape[2:])  # [N, H, W]
-    elif codes.dim() == 2:
-        pixel = pixel.squeeze(1)  # [N]
+        image = codes.mean(dim=(2, 3))  # [N, K]
+    elif codes.dim() == 3:
+        image = codes.mean(dim=1)
+    else:
+        image = codes
     return pixel, image
 
 
@@ -132,8 +151,7 @@ class SRMHead(nn.Module):
         _init_projection(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = to_pixels(x)  # [N, P, Cs]
-        return from_pixels(p @ self.weight.to(p.dtype) + self.bias.to(p.dtype), x)  # [N, P, K] -> layout of x
+        return project(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, num_atoms={self.num_atoms}"

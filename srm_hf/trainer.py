@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
@@ -285,8 +286,9 @@ class DistillationTrainer(Trainer):
         total: dict[str, torch.Tensor] = {}
         for key, logits in head_logits.items():
             pixel_labels, image_labels = targets[key]
-            terms = srm_loss(logits, pixel_labels, image_labels, pixel_weight, image_weight,
-                             args.srm_pixel_ce_on_sigmoid)
+            # Recomputed in backward: keeps the K-channel sigmoid / softmax maps out of activation memory.
+            terms = checkpoint(srm_loss, logits, pixel_labels, image_labels, pixel_weight, image_weight,
+                               args.srm_pixel_ce_on_sigmoid, use_reentrant=False)
             for name, value in terms.items():
                 total[name] = total[name] + value if name in total else value
         return total

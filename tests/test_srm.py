@@ -125,3 +125,16 @@ def test_head_by_hand():
     assert out.shape == (1, 3, 1, 1)
     torch.testing.assert_close(out.flatten(), torch.tensor([7.5, 3.5, -0.5]))
     assert head(torch.randn(4, 5, 2)).shape == (4, 5, 3)  # tokens
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 3, 4), (2, 5, 6), (3, 6)])
+def test_targets_shortcut_equals_labels_of_the_codes(shape):
+    torch.manual_seed(0)
+    coder = SparseCoder(6, 12, 3)
+    x = torch.randn(*shape)
+    if len(shape) == 3:
+        x = torch.randn(2, 5, 6)  # tokens [N, L, C]
+    pixel, image = coder.targets(x)
+    ref_pixel, ref_image = srm_targets(coder.encode(x))
+    assert torch.equal(pixel, ref_pixel)
+    torch.testing.assert_close(image, ref_image)

@@ -1,0 +1,200 @@
+"""What SRM costs on top of the unavoidable: a student training step plus a teacher forward (the floor).
+
+    python recipes/benchmarks/cost.py                        # CPU, fp32: writes recipes/benchmarks/results/cost.md
+    python recipes/benchmarks/cost.py --device cuda --bf16   # GPU, bf16 autocast
+    python recipes/benchmarks/cost.py --steps 5 --out /tmp/cost.md   # a quick check
+
+All variants run interleaved (one step of each per round, in turn) on the same batch, after warm-up rounds; each
+reports the median step time over the rounds and its peak memory: on a GPU the allocator's peak during the step, on
+the CPU the bytes autograd saves for backward (activations), the part of training memory that SRM adds to.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
+from srm_hf.stages import StagePlan  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class Batches(torch.utils.data.Dataset):
+    def __init__(self, n, size, classes):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class SavedBytes:
+    """Bytes of the distinct tensors autograd saves for backward during a forward pass."""
+
+    def __init__(self):
+        self.seen, self.total = set(), 0
+
+    def pack(self, t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in self.seen:
+            self.seen.add(key)
+            self.total += t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+
+
+def build(args):
+    classes = 100
+    teacher = timm.create_model(args.teacher, num_classes=classes)
+    student = timm.create_model(args.student, num_classes=classes)
+    config = DistillationConfig(output_dir="/tmp/srm_cost", use_cpu=args.device == "cpu", bf16=args.bf16,
+                                report_to="none", mode="joint", per_device_train_batch_size=args.batch,
+                                disable_tqdm=True, max_steps=1, dictionary_max_steps=1)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
+                                  train_dataset=Batches(args.batch, args.size, classes))
+    trainer.create_optimizer()
+    trainer.plan = StagePlan([("joint", 1)])
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)]))
+    return trainer, batch
+
+
+def variants(trainer, batch, autocast):
+    model, teacher, student = trainer.model, trainer.teacher, trainer._distill_model.student
+    model.train()
+
+    def step(loss):
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    def student_alone():
+        with autocast():
+            logits = model(pixel_values=batch["pixel_values"]).logits
+        step(F.cross_entropy(logits.float(), batch["labels"]))
+
+    def floor():
+        with torch.no_grad(), autocast():
+            teacher(batch["pixel_values"])
+        trainer.teacher_hooks.clear()
+        student_alone()
+
+    def stage(name):
+        def run():
+            trainer.plan = StagePlan([(name, 1)])
+            with autocast():
+                loss = trainer.compute_loss(model, batch)
+            step(loss)
+
+        return run
+
+    def teacher_forward():
+        with torch.no_grad(), autocast():
+            teacher(batch["pixel_values"])
+        trainer.teacher_hooks.clear()
+
+    return {
+        "student step alone": student_alone,
+        "floor: student step + teacher forward": floor,
+        "KD step": stage("kd"),
+        "SRM joint step": stage("joint"),
+        "SRM stage-2 step": stage("srm"),
+        "teacher forward": teacher_forward,
+        "dictionary step": stage("dictionary"),
+    }
+
+
+def measure(fns, rounds, warmup, device):
+    times = {k: [] for k in fns}
+    memory = {k: 0 for k in fns}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for r in range(warmup + rounds):
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            sync()
+            start = time.perf_counter()
+            with (SavedBytes() if device == "cpu" else nullcontext()) as saved:
+                fn()
+            sync()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+                peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else saved.total
+                memory[name] = max(memory[name], peak)
+    return {k: statistics.median(v) for k, v in times.items()}, memory
+
+
+def report(args, trainer, med, mem) -> str:
+    floor, tf = med["floor: student step + teacher forward"], med["teacher forward"]
+    floor_mem, tf_mem = mem["floor: student step + teacher forward"], mem["teacher forward"]
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    memory_kind = "peak allocated during the step" if args.device == "cuda" else "bytes saved for backward"
+    lines = [
+        f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}",
+        "",
+        f"Pair: `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, 100 classes, "
+        f"mode joint, m = {trainer.args.codeword_multiplier}, s = {trainer.args.sparsity_multiplier}, "
+        f"taps: {', '.join(f'{p.teacher.path}→{p.student.path}' for p in trainer.tap_pairs)}. "
+        f"Median of {args.steps} interleaved rounds after {args.warmup} warm-up rounds.",
+        "",
+        f"| step | median time (ms) | vs floor | memory: {memory_kind} (MiB) | vs floor |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("student step alone", "floor: student step + teacher forward", "KD step", "SRM joint step",
+                 "SRM stage-2 step"):
+        lines.append(f"| {name} | {1000 * med[name]:.1f} | {med[name] / floor:.3f} | {mem[name] / 2**20:.1f} | "
+                     f"{mem[name] / max(floor_mem, 1):.3f} |")
+    lines += ["", "| step | median time (ms) | vs teacher forward |", "|---|---|---|"]
+    for name in ("teacher forward", "dictionary step"):
+        lines.append(f"| {name} | {1000 * med[name]:.1f} | {med[name] / tf:.3f} |")
+    lines += ["", f"Command: `python {' '.join(sys.argv)}`", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="resnet34")
+    p.add_argument("--student", default="resnet18")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--out", default=None, help="Markdown file to append the table to (default: print only).")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    trainer, batch = build(args)
+    autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.bf16 else nullcontext
+    med, mem = measure(variants(trainer, batch, autocast), args.steps, args.warmup, args.device)
+    text = report(args, trainer, med, mem)
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(text + "\n")
+    return med, mem
+
+
+if __name__ == "__main__":
+    main()
