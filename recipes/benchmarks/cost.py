@@ -142,32 +142,42 @@ def measure(fns, rounds, warmup, device):
                 times[name].append(time.perf_counter() - start)
                 peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else saved.total
                 memory[name] = max(memory[name], peak)
-    return {k: statistics.median(v) for k, v in times.items()}, memory
+    return times, memory
 
 
-def report(args, trainer, med, mem) -> str:
-    floor, tf = med["floor: student step + teacher forward"], med["teacher forward"]
-    floor_mem, tf_mem = mem["floor: student step + teacher forward"], mem["teacher forward"]
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+def paired_ratio(times: dict, name: str, reference: str) -> tuple[float, float, float]:
+    """Median and quartiles of the per-round ratio: pairing each round with its reference cancels machine drift."""
+    ratios = sorted(a / b for a, b in zip(times[name], times[reference]))
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    return q[1], q[0], q[2]
+
+
+def report(args, trainer, times, mem) -> str:
+    floor_name = "floor: student step + teacher forward"
+    floor_mem = mem[floor_name]
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     memory_kind = "peak allocated during the step" if args.device == "cuda" else "bytes saved for backward"
     lines = [
         f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}",
         "",
         f"Pair: `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, 100 classes, "
-        f"mode joint, m = {trainer.args.codeword_multiplier}, s = {trainer.args.sparsity_multiplier}, "
+        f"m = {trainer.args.codeword_multiplier}, s = {trainer.args.sparsity_multiplier}, "
         f"taps: {', '.join(f'{p.teacher.path}→{p.student.path}' for p in trainer.tap_pairs)}. "
-        f"Median of {args.steps} interleaved rounds after {args.warmup} warm-up rounds.",
+        f"{args.steps} interleaved rounds after {args.warmup} warm-up rounds; ratios are medians of per-round ratios "
+        "(quartiles in brackets).",
         "",
         f"| step | median time (ms) | vs floor | memory: {memory_kind} (MiB) | vs floor |",
         "|---|---|---|---|---|",
     ]
-    for name in ("student step alone", "floor: student step + teacher forward", "KD step", "SRM joint step",
-                 "SRM stage-2 step"):
-        lines.append(f"| {name} | {1000 * med[name]:.1f} | {med[name] / floor:.3f} | {mem[name] / 2**20:.1f} | "
-                     f"{mem[name] / max(floor_mem, 1):.3f} |")
+    for name in ("student step alone", floor_name, "KD step", "SRM joint step", "SRM stage-2 step"):
+        ratio, lo, hi = paired_ratio(times, name, floor_name)
+        lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{mem[name] / 2**20:.1f} | {mem[name] / max(floor_mem, 1):.3f} |")
     lines += ["", "| step | median time (ms) | vs teacher forward |", "|---|---|---|"]
     for name in ("teacher forward", "dictionary step"):
-        lines.append(f"| {name} | {1000 * med[name]:.1f} | {med[name] / tf:.3f} |")
+        ratio, lo, hi = paired_ratio(times, name, "teacher forward")
+        lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] |")
     lines += ["", f"Command: `python {' '.join(sys.argv)}`", ""]
     return "\n".join(lines)
 
@@ -187,13 +197,13 @@ def main(argv=None):
     torch.manual_seed(0)
     trainer, batch = build(args)
     autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.bf16 else nullcontext
-    med, mem = measure(variants(trainer, batch, autocast), args.steps, args.warmup, args.device)
-    text = report(args, trainer, med, mem)
+    times, mem = measure(variants(trainer, batch, autocast), args.steps, args.warmup, args.device)
+    text = report(args, trainer, times, mem)
     print(text)
     if args.out:
         with open(args.out, "a") as f:
             f.write(text + "\n")
-    return med, mem
+    return times, mem
 
 
 if __name__ == "__main__":
