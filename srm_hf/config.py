@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 MODES = ("paper", "joint")
+METHODS = ("srm", "kd", "fitnet", "at", "none")
 TARGETS = ("both", "pixel", "image")
 
 
@@ -21,7 +22,11 @@ class DistillationConfig(TrainingArguments):
         joint: dictionary -> one stage with loss = (1-α)·CE + α·KD + λ·SRM, so the teacher runs once per step.
     """
 
-    mode: str = field(default="paper", metadata={"help": "Stages to run: 'paper' (dictionary, SRM, KD) or 'joint'."})
+    method: str = field(
+        default="srm",
+        metadata={"help": "Distillation method: 'srm', or a baseline: 'kd', 'fitnet', 'at', 'none' (student alone)."},
+    )
+    mode: str = field(default="paper", metadata={"help": "SRM stages: 'paper' (dictionary, SRM, KD) or 'joint'."})
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Teacher by Hub id, 'timm/<name>' or local path, when no `teacher_model` is passed."},
@@ -67,6 +72,9 @@ class DistillationConfig(TrainingArguments):
         default=10,
         metadata={"help": "Consecutive optimizer steps with a NaN/inf gradient that are skipped before training stops."},
     )
+    hint_epochs: float = field(default=1.0, metadata={"help": "Epochs of the FitNet hint stage."})
+    hint_max_steps: int = field(default=-1, metadata={"help": "Steps of the FitNet hint stage; overrides epochs."})
+    at_beta: float = field(default=1000.0, metadata={"help": "β of attention transfer (the AT paper's 1000)."})
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: image datasets are transformed on the fly from columns the model never sees."},
@@ -80,6 +88,8 @@ class DistillationConfig(TrainingArguments):
         self._check()
 
     def _check(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}: use 'paper' (three stages) or 'joint'.")
         if self.srm_targets not in TARGETS:
@@ -96,10 +106,10 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0 (typical: 2 to 8).")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0 (0: stop at the first one).")
-        for name in ("srm_pixel_weight", "srm_image_weight", "srm_weight", "dictionary_learning_rate"):
+        for name in ("srm_pixel_weight", "srm_image_weight", "srm_weight", "dictionary_learning_rate", "at_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("dictionary", "srm"):
+        for name in ("dictionary", "srm", "hint"):
             epochs, steps = getattr(self, f"{name}_epochs"), getattr(self, f"{name}_max_steps")
             if steps <= 0 and epochs <= 0:
                 raise ValueError(f"Stage '{name}' has no length: set {name}_epochs > 0 or {name}_max_steps > 0.")
@@ -112,7 +122,9 @@ class DistillationConfig(TrainingArguments):
     @property
     def stage_names(self) -> list[str]:
         """The stages `train()` runs, in order, before skipping a dictionary that is already learnt."""
-        return ["dictionary", "srm", "kd"] if self.mode == "paper" else ["dictionary", "joint"]
+        if self.method == "srm":
+            return ["dictionary", "srm", "kd"] if self.mode == "paper" else ["dictionary", "joint"]
+        return {"kd": ["kd"], "fitnet": ["hint", "kd"], "at": ["at"], "none": ["ce"]}[self.method]
 
     @property
     def explicit_pairs(self) -> list[tuple[str, str]] | None:

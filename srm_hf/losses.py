@@ -72,3 +72,30 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Plain cross-entropy with the class labels, in float32. Logits [N, num_labels], labels [N]."""
     return F.cross_entropy(logits.float(), labels)
+
+
+# ---- baselines: the same taps and trainer, only the loss differs ----------------------------------------------
+
+
+def fitnet_loss(regressed: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """FitNets hint loss (Romero et al., ICLR 2015, arXiv 1412.6550): MSE between the teacher's hint layer and the
+    student's guided layer mapped to the teacher's channels by a regressor (here a 1×1 projection).
+
+    Paper vs code: the paper writes ½‖u_h − r(v_g)‖²; this is its mean over N·C·H·W (scale only)."""
+    return F.mse_loss(regressed.float(), teacher_feature.float())
+
+
+def attention_map(feature: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Activation-based spatial attention: Q = mean over channels of |A|^p, flattened and L2-normalised.
+
+    [N, C, H, W] -> [N, H*W]; tokens [N, L, C] -> [N, L]."""
+    a = feature.float().abs().pow(p)
+    q = a.mean(dim=1) if feature.dim() == 4 else a.mean(dim=-1)
+    return F.normalize(q.flatten(1), dim=1)
+
+
+def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928) for one pair of taps of equal grid:
+    mean of (Q_s/‖Q_s‖ − Q_t/‖Q_t‖)², as the authors' code computes it. The paper's default weight is β = 1000,
+    applied as β/2 · Σ_taps, together with Hinton KD (`DistillationConfig.at_beta`)."""
+    return (attention_map(student_feature, p) - attention_map(teacher_feature, p)).pow(2).mean()

@@ -18,6 +18,9 @@ STAGE_GROUPS = {
     "srm": ("student", "heads"),
     "kd": ("student",),
     "joint": ("student", "heads"),
+    "hint": ("student", "regressors"),  # FitNet stage 1
+    "at": ("student",),
+    "ce": ("student",),  # the student alone
 }
 # Stages whose schedule is constant: the dictionary is fitted with a fixed learning rate, as in the reference.
 CONSTANT_SCHEDULE = ("dictionary",)

@@ -35,7 +35,7 @@ from .checkpoint import (
 from .config import DistillationConfig
 from .hooks import FeatureHooks, unwrap_model
 from .hub import push_student, render_model_card
-from .losses import classification_loss, dictionary_loss, kd_loss, srm_loss
+from .losses import at_loss, classification_loss, dictionary_loss, fitnet_loss, kd_loss, srm_loss
 from .modeling import DistillationModel, student_logits, tap_key
 from .models import load_image_classifier
 from .stages import StagePlan, stage_scheduler, stage_steps
@@ -76,7 +76,8 @@ class DistillationTrainer(Trainer):
 
         example = (data_collator or default_data_collator)([train_dataset[i] for i in range(min(2, len(train_dataset)))])
         pairs = plan_taps(teacher, student, example, args)
-        distill_model = DistillationModel(student, pairs, args.codeword_multiplier, args.sparsity_multiplier)
+        distill_model = DistillationModel(student, pairs, args.codeword_multiplier, args.sparsity_multiplier,
+                                          method=args.method)
         if args.compile_student:  # in place, after the taps are hooked: state_dict keys and hooks stay as they are
             student.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
         if args.dictionary_path:
@@ -128,7 +129,7 @@ class DistillationTrainer(Trainer):
         if self._dictionary_only:
             return ["dictionary"]
         names = self.args.stage_names
-        return names[1:] if self._dictionary_ready else names
+        return [n for n in names if n != "dictionary"] if self._dictionary_ready else names
 
     def set_initial_training_values(self, args, dataloader):
         """Build the stage plan from the dataloader's length; the run's length is the sum of the stages."""
@@ -137,9 +138,9 @@ class DistillationTrainer(Trainer):
         lengths = {
             "dictionary": stage_steps(args.dictionary_epochs, args.dictionary_max_steps, steps_per_epoch, "dictionary"),
             "srm": stage_steps(args.srm_epochs, args.srm_max_steps, steps_per_epoch, "srm"),
-            "kd": values[6],
-            "joint": values[6],
+            "hint": stage_steps(args.hint_epochs, args.hint_max_steps, steps_per_epoch, "hint"),
         }
+        lengths.update({name: values[6] for name in ("kd", "joint", "at", "ce")})  # the last stage
         self.plan = StagePlan([(name, lengths[name]) for name in self.stage_names()])
         max_steps = self.plan.total_steps
         if steps_per_epoch is not None:
@@ -156,6 +157,8 @@ class DistillationTrainer(Trainer):
 
     def pretrain_dictionary(self, save_path: str | None = None):
         """Run stage 1 alone and save the dictionary (default `output_dir/srm_dictionary.safetensors`)."""
+        if self.args.method != "srm":
+            raise ValueError(f"method={self.args.method!r} learns no dictionary: pretrain_dictionary() is for 'srm'.")
         self._dictionary_only = True
         try:
             output = self.train()
@@ -196,6 +199,7 @@ class DistillationTrainer(Trainer):
                 {"params": list(distill_model.heads.parameters()), "weight_decay": wd, "srm_group": "heads"},
                 {"params": list(distill_model.coders.parameters()), "weight_decay": 0.0,
                  "lr": self.args.dictionary_learning_rate, "srm_group": "dictionary"},
+                {"params": list(distill_model.regressors.parameters()), "weight_decay": wd, "srm_group": "regressors"},
             ]
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, distill_model)
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
@@ -255,20 +259,33 @@ class DistillationTrainer(Trainer):
             return (loss, outputs) if return_outputs else loss
 
         stage = self.plan.stage_at(self.state.global_step)
-        teacher_logits, teacher_features = self.teacher_forward(inputs)
-        if stage.name == "dictionary":
+        if stage.name == "ce":  # the student alone: no teacher
+            outputs = model(pixel_values=inputs["pixel_values"])
+            terms = {"ce": classification_loss(outputs.logits, labels)}
+        elif stage.name == "dictionary":
+            _, teacher_features = self.teacher_forward(inputs)
             outputs = model(teacher_features=teacher_features)
             terms = self.compute_dictionary_loss(teacher_features, outputs.reconstructions)
         else:
+            teacher_logits, teacher_features = self.teacher_forward(inputs)
             with_heads = stage.name in ("srm", "joint")
-            outputs = model(pixel_values=inputs["pixel_values"], with_heads=with_heads)
+            outputs = model(pixel_values=inputs["pixel_values"], with_heads=with_heads,
+                            with_features=stage.name in ("hint", "at"))
             terms = {}
-            if stage.name in ("kd", "joint"):
+            if stage.name in ("kd", "joint", "at"):
                 terms.update(self.compute_kd_loss(outputs.logits, teacher_logits, labels))
             if with_heads:
                 targets = self._distill_model.targets(teacher_features)
                 weight = self.args.srm_weight if stage.name == "joint" else 1.0
                 terms.update({k: weight * v for k, v in self.compute_srm_loss(outputs.head_logits, targets).items()})
+            if stage.name == "hint":
+                terms["mse"] = sum(fitnet_loss(outputs.features[k], teacher_features[k]) for k in teacher_features)
+            if stage.name == "at":
+                terms["at"] = self.args.at_beta / 2 * sum(
+                    (at_loss(outputs.features[k], teacher_features[k]) for k in teacher_features
+                     if teacher_features[k].dim() > 2),  # attention needs a spatial map: pooled vectors are skipped
+                    outputs.logits.new_zeros((), dtype=torch.float32),
+                )
         loss = sum(terms.values())
         for name, value in terms.items():
             self._metrics[f"{stage.name}/{name}"].append(value.detach())

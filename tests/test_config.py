@@ -9,6 +9,8 @@ def test_defaults_follow_the_paper(tmp_path):
     assert cfg.stage_names == ["dictionary", "srm", "kd"]
     assert cfg.ddp_find_unused_parameters is True
     assert make_config(tmp_path, mode="joint").stage_names == ["dictionary", "joint"]
+    assert make_config(tmp_path, method="fitnet").stage_names == ["hint", "kd"]
+    assert make_config(tmp_path, method="none").stage_names == ["ce"]
 
 
 def test_layer_pairs_parse(tmp_path):
@@ -21,6 +23,8 @@ def test_layer_pairs_parse(tmp_path):
     "field, value, message",
     [
         ("mode", "fitnet", "mode='fitnet'"),
+        ("method", "crd", "method='crd'"),
+        ("at_beta", -1.0, "at_beta"),
         ("srm_targets", "pixels", "srm_targets"),
         ("codeword_multiplier", 0.0, "codeword_multiplier"),
         ("sparsity_multiplier", 1.5, "sparsity_multiplier"),

@@ -87,3 +87,27 @@ def test_kd_loss_is_batch_mean():
 
 def test_classification_loss():
     assert classification_loss(torch.zeros(1, 4), torch.tensor([2])).item() == pytest.approx(math.log(4))
+
+
+def test_fitnet_loss_is_mse():
+    from srm_hf.losses import fitnet_loss
+
+    assert fitnet_loss(torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 1.0]])).item() == pytest.approx(2.5)
+
+
+def test_attention_map_by_hand():
+    from srm_hf.losses import attention_map
+
+    a = torch.tensor([[[[1.0, 0.0]], [[3.0, 0.0]]]])  # [N=1, C=2, H=1, W=2]: mean of squares = [5, 0]
+    torch.testing.assert_close(attention_map(a), torch.tensor([[1.0, 0.0]]))
+    b = torch.tensor([[[[1.0, 2.0]]]])  # [1, 1, 1, 2]: squares [1, 4] -> normalised [1, 4] / sqrt(17)
+    torch.testing.assert_close(attention_map(b), torch.tensor([[1.0, 4.0]]) / math.sqrt(17))
+
+
+def test_at_loss_by_hand():
+    from srm_hf.losses import at_loss
+
+    s = torch.tensor([[[[1.0, 0.0]]]])  # Q = [1, 0]
+    t = torch.tensor([[[[0.0, 2.0]]]])  # Q = [0, 1]
+    assert at_loss(s, t).item() == pytest.approx((1 + 1) / 2)
+    assert at_loss(s, 3 * s).item() == pytest.approx(0.0)  # invariant to the scale of the activations
