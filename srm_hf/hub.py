@@ -4,6 +4,7 @@ import os
 import shutil
 import tempfile
 from importlib import metadata
+from pathlib import Path
 from string import Template
 
 from huggingface_hub import HfApi
@@ -67,6 +68,30 @@ def render_model_card(
         stages=" → ".join(f"{name} ({steps} steps)" for name, steps in stages), m=config.codeword_multiplier,
         s=config.sparsity_multiplier, targets=config.srm_targets, kd_alpha=config.kd_alpha,
         kd_temperature=config.kd_temperature, seed=config.seed, taps=taps, versions=_versions(),
+    )
+
+
+def model_card_for(trainer, model_name: str | None = None, dataset: str | None = None, teacher: str | None = None,
+                   teacher_revision: str | None = None, student: str | None = None,
+                   metrics: dict[str, float] | None = None) -> str:
+    """The model card of a `DistillationTrainer`'s student, with what the trainer knows filled in."""
+    from .checkpoint import library_of
+    from .hooks import unwrap_model
+
+    distill_model, args = trainer._distill_model, trainer.args
+    return render_model_card(
+        model_name=model_name or Path(args.output_dir).absolute().name,
+        repo_id=trainer.hub_model_id or args.hub_model_id,
+        library_name=library_of(distill_model.student),
+        teacher=teacher or args.teacher_model_name_or_path or type(unwrap_model(trainer.teacher)).__name__,
+        teacher_revision=teacher_revision,
+        student=student or type(distill_model.student).__name__,
+        dataset=dataset or "custom",
+        config=args,
+        tap_pairs=trainer.tap_pairs,
+        stages=[(s.name, s.steps) for s in trainer.plan.stages] if trainer.plan else [],
+        metrics=metrics or {},
+        num_active={k: (c.num_atoms, c.num_active) for k, c in distill_model.coders.items()},
     )
 
 

@@ -26,15 +26,14 @@ from .callbacks import StageCallback
 from .checkpoint import (
     DICTIONARY_NAME,
     SRM_STATE_NAME,
-    library_of,
     load_srm_state,
     load_student_weights,
     save_srm_state,
     save_student,
 )
 from .config import DistillationConfig
-from .hooks import FeatureHooks, unwrap_model
-from .hub import push_student, render_model_card
+from .hooks import FeatureHooks
+from .hub import model_card_for, push_student
 from .losses import at_loss, classification_loss, dictionary_loss, fitnet_loss, kd_loss, srm_loss
 from .modeling import DistillationModel, student_logits, tap_key
 from .models import load_image_classifier
@@ -370,25 +369,10 @@ class DistillationTrainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Checkpoints hold SRM state and optimizer files: only the final student is published (`push_to_hub`)."""
 
-    def create_model_card(self, model_name: str | None = None, dataset: str | None = None,
-                          teacher: str | None = None, teacher_revision: str | None = None,
-                          student: str | None = None, metrics: dict | None = None, **kwargs) -> str:
-        """Write README.md for the student into `output_dir` (see `srm_hf/templates/model_card.md`)."""
-        distill_model = self._distill_model
-        card = render_model_card(
-            model_name=model_name or Path(self.args.output_dir).absolute().name,
-            repo_id=self.hub_model_id or self.args.hub_model_id,
-            library_name=library_of(distill_model.student),
-            teacher=teacher or self.args.teacher_model_name_or_path or type(unwrap_model(self.teacher)).__name__,
-            teacher_revision=teacher_revision,
-            student=student or type(distill_model.student).__name__,
-            dataset=dataset or "custom",
-            config=self.args,
-            tap_pairs=self.tap_pairs,
-            stages=[(s.name, s.steps) for s in self.plan.stages] if self.plan else [],
-            metrics=metrics or {},
-            num_active={k: (c.num_atoms, c.num_active) for k, c in distill_model.coders.items()},
-        )
+    def create_model_card(self, **kwargs) -> str:
+        """Write README.md for the student into `output_dir`; kwargs: model_name, dataset, teacher,
+        teacher_revision, student, metrics (see `srm_hf.hub.model_card_for`)."""
+        card = model_card_for(self, **kwargs)
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "README.md"), "w") as f:
