@@ -70,7 +70,10 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
         name = os.path.join(config.output_dir, "teacher")
         recipe = os.path.join(name, "teacher_recipe.json")
         wanted = dataclasses.asdict(teacher_args)
-        cached = os.path.isfile(recipe) and json.load(open(recipe))["teacher_args"] == wanted
+        cached = False
+        if os.path.isfile(recipe):
+            with open(recipe) as f:
+                cached = json.load(f)["teacher_args"] == wanted
         if not cached:
             train_teacher(teacher_args, data_args, config, name)
     kwargs = parse_kwargs(model_args.teacher_model_kwargs)

@@ -145,7 +145,7 @@ def dry_run(model: nn.Module, pixel_values: torch.Tensor) -> tuple[list[TapInfo]
     was_training = model.training
     model.eval()
     try:
-        logits = _logits(model(pixel_values))
+        logits = model_logits(model(pixel_values))
     finally:
         model.train(was_training)
         for h in handles:
@@ -168,7 +168,8 @@ def _same_aspect(size: tuple[int, int], image_size: tuple[int, int]) -> bool:
     return (h, w) == (1, 1) or abs(w - h * image_size[1] / image_size[0]) <= 1
 
 
-def _logits(output) -> torch.Tensor:
+def model_logits(output) -> torch.Tensor:
+    """Logits of any image classifier's output: a tensor (timm, plain modules) or a `ModelOutput`."""
     if hasattr(output, "logits"):
         return output.logits
     return first_tensor(output)
@@ -176,8 +177,7 @@ def _logits(output) -> torch.Tensor:
 
 def describe_taps(model: nn.Module, pixel_values: torch.Tensor, paths: list[str]) -> list[TapInfo]:
     """Describe the given module paths (channels, spatial size) from one dry-run forward."""
-    modules = [get_module(model, p) for p in paths]  # raises on unknown paths first
-    hooks = FeatureHooks(model, paths)
+    hooks = FeatureHooks(model, paths)  # raises on unknown paths, naming the closest modules
     was_training = model.training
     model.eval()
     try:
@@ -187,7 +187,6 @@ def describe_taps(model: nn.Module, pixel_values: torch.Tensor, paths: list[str]
     finally:
         model.train(was_training)
         hooks.remove()
-    del modules
     return [tap_info(p, features[p], pixel_values.shape[-2]) for p in paths]
 
 

@@ -11,17 +11,13 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .hooks import FeatureHooks, TapInfo, first_tensor
+from .hooks import FeatureHooks, TapInfo
+from .hooks import model_logits as student_logits
 from .srm import SparseCoder, SRMHead, num_active_for, num_atoms_for, project, resize_like
 
 
 def tap_key(path: str) -> str:
     return path.replace(".", "-")
-
-
-def student_logits(output) -> torch.Tensor:
-    """Logits of any image classifier's output: a tensor (timm, plain modules) or a `ModelOutput`."""
-    return output.logits if hasattr(output, "logits") else first_tensor(output)
 
 
 @dataclass(frozen=True)
