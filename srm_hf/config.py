@@ -4,6 +4,7 @@
 the stages before it have their own `*_epochs` / `*_max_steps`. See `../SRM_METHOD.md` for the maths.
 """
 
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -84,6 +85,11 @@ class DistillationConfig(TrainingArguments):
         # Dictionaries and heads are unused in some stages, so DDP must look for unused parameters.
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
+        # Under `accelerate launch`, a config's mixed precision sets the flags unless they were set (DeepSpeed
+        # refuses a Trainer whose bf16/fp16 flags disagree with its own config).
+        if not (self.bf16 or self.fp16):
+            launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+            self.bf16, self.fp16 = launched == "bf16", launched == "fp16"
         super().__post_init__()
         self._check()
 

@@ -115,6 +115,11 @@ class TapInfo:
         return f"{self.path}: {shape}"
 
 
+def as_vector_if_pooled(feature: torch.Tensor) -> torch.Tensor:
+    """[N, C, 1, 1] -> [N, C]: a 1x1 map is a pooled vector (see `tap_info`), on both sides of a pair."""
+    return feature.flatten(1) if feature.dim() == 4 and feature.shape[2:] == (1, 1) else feature
+
+
 def tap_info(path: str, feature: torch.Tensor, input_height: int) -> TapInfo:
     if feature.dim() == 4 and feature.shape[2:] == (1, 1):
         return TapInfo(path, feature.shape[1], (), 0.0)  # [N, C, 1, 1] is a pooled vector

@@ -55,3 +55,15 @@ def test_parses_from_the_command_line():
          "--use_cpu", "true"]
     )
     assert cfg.mode == "joint" and cfg.explicit_pairs == [("a", "b"), ("c", "d")] and not cfg.srm_pixel_ce_on_sigmoid
+
+
+@pytest.mark.parametrize("launched, bf16, fp16", [("bf16", True, False), ("fp16", False, True), ("no", False, False)])
+def test_the_launch_configs_mixed_precision_sets_the_flags(tmp_path, monkeypatch, launched, bf16, fp16):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    config = make_config(tmp_path, use_cpu=False) if fp16 else make_config(tmp_path)
+    assert (config.bf16, config.fp16) == (bf16, fp16)
+
+
+def test_explicit_precision_flags_win_over_the_launch_config(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    assert make_config(tmp_path, bf16=True).fp16 is False

@@ -43,3 +43,11 @@ def test_allow_resize_pairs_different_grids(tmp_path):
     pair = trainer.tap_pairs[0]
     assert pair.teacher.spatial == (8, 8) and pair.student.spatial == (4, 4)
     check_trains(trainer)
+
+
+def test_a_one_by_one_map_pairs_as_a_pooled_vector(tmp_path):
+    # at 32 px the last stage of test_resnet is a 1x1 map: it pairs with itself and with a pooled vector
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=timm_resnet(seed=1), mode="joint",
+                           layer_pairs=["layer4:layer4", "layer4:global_pool", "global_pool:layer4"])
+    assert all(p.teacher.spatial == () and p.student.spatial == () for p in trainer.tap_pairs)
+    check_trains(trainer)

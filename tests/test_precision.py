@@ -12,7 +12,11 @@ from srm_hf import DistillationTrainer
 class DtypeProbe(DistillationTrainer):
     """Records the precision of what the teacher and the student's hooks produce and of every loss term."""
 
-    seen: dict = {}
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = {}
+        layer = self._distill_model.student.get_submodule(self.tap_pairs[0].student.path)
+        layer.register_forward_hook(lambda m, a, out: self.seen.__setitem__("student_features", out.dtype))
 
     def teacher_forward(self, inputs):
         logits, features = super().teacher_forward(inputs)
@@ -27,7 +31,6 @@ class DtypeProbe(DistillationTrainer):
     def compute_srm_loss(self, head_logits, targets):
         terms = super().compute_srm_loss(head_logits, targets)
         self.seen["image_targets"] = next(iter(targets.values()))[1].dtype
-        self.seen["student_features"] = self._distill_model.student_hooks_dtype
         self.seen.update({k: v.dtype for k, v in terms.items()})
         return terms
 
@@ -37,9 +40,6 @@ def test_bf16_autocast_with_float32_targets_and_losses(tmp_path):
 
     trainer = DtypeProbe(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
                          args=make_config(tmp_path, mode="joint", bf16=True, dictionary_max_steps=2, max_steps=3))
-    student_layer = trainer._distill_model.student.get_submodule(trainer.tap_pairs[0].student.path)
-    student_layer.register_forward_hook(
-        lambda m, a, out: setattr(trainer._distill_model, "student_hooks_dtype", out.dtype))
     trainer.train()
     seen = trainer.seen
     assert seen["teacher_features"] == torch.bfloat16 and seen["student_features"] == torch.bfloat16  # autocast

@@ -145,6 +145,23 @@ def measure(fns, rounds, warmup, device):
     return times, memory
 
 
+def profile(fn, device: str, warmup: int, steps: int) -> str:
+    """The operators that take the most time in `steps` runs of one step, as torch.profiler counts them."""
+    for _ in range(warmup):
+        fn()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda"
+                                                          else [])
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        for _ in range(steps):
+            fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    print(table)
+    return table
+
+
 def paired_ratio(times: dict, name: str, reference: str) -> tuple[float, float, float]:
     """Median and quartiles of the per-round ratio: pairing each round with its reference cancels machine drift."""
     ratios = sorted(a / b for a, b in zip(times[name], times[reference]))
@@ -193,10 +210,14 @@ def main(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--out", default=None, help="Markdown file to append the table to (default: print only).")
+    p.add_argument("--profile", default=None, metavar="STEP",
+                   help="Instead of timing, print torch.profiler's top operators for this step (e.g. 'SRM joint step').")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     trainer, batch = build(args)
     autocast = (lambda: torch.autocast(args.device, dtype=torch.bfloat16)) if args.bf16 else nullcontext
+    if args.profile:
+        return profile(variants(trainer, batch, autocast)[args.profile], args.device, args.warmup, args.steps)
     times, mem = measure(variants(trainer, batch, autocast), args.steps, args.warmup, args.device)
     text = report(args, trainer, times, mem)
     print(text)

@@ -1,21 +1,20 @@
 """Does SRM beat the other distillers? Fashion-MNIST with 10 and 100 training images per class.
 
-    python recipes/benchmarks/quality.py            # full run: writes recipes/benchmarks/results/quality.{md,png}
+    python recipes/benchmarks/quality.py            # full run: writes recipes/benchmarks/results/quality.{md,json,png}
     python recipes/benchmarks/quality.py --quick    # every method for a few steps (the test suite runs this)
 
 One teacher (trained once on the full training split, cached) and two students: a smaller ResNet (same family)
 and a tiny EfficientNet (MobileNet-style blocks, other widths). Every method uses the same trainer, taps, data and
-augmentation; only the loss differs. Each method tries the same number of settings (`GRID`), chosen on a
-validation split carved from the training subset (stratified), never on the test set; the chosen setting is then
-run with every seed and evaluated on the full 10,000-image test split.
+augmentation; only the loss differs. Each method tries the same number of settings (`GRID`) with seed 0, chosen on
+a validation split carved from the training subset (stratified), never on the test set; the chosen setting then
+runs with the other seeds, and every seed is evaluated on the full 10,000-image test split. The ablation varies one
+SRM choice at a time around the default on the within-family pair.
 """
 
 import argparse
 import dataclasses
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 
@@ -27,6 +26,7 @@ from offline import go_offline_if_hub_unreachable  # noqa: E402
 go_offline_if_hub_unreachable()
 
 import torch  # noqa: E402
+from quality_report import write_results  # noqa: E402
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher  # noqa: E402
 from transformers import Trainer, TrainingArguments, set_seed  # noqa: E402
 
@@ -51,20 +51,33 @@ METHODS = {
 # Two settings per method, picked on validation: the student alone tunes its learning rate, the others α.
 GRID = {name: ([{"learning_rate": lr} for lr in (1e-3, 3e-3)] if name == "alone"
                else [{"kd_alpha": a} for a in (0.5, 0.9)]) for name in METHODS}
+# One change at a time to SRM paper (with its chosen setting), on the first pair.
+ABLATION = {
+    "default: paper, all taps, m=2, s=0.02": {},
+    "taps: pooled vector only": {"layer_pairs": ["global_pool:global_pool"]},
+    "taps: feature maps only": {"layer_pairs": [f"layer{i}:layer{i}" for i in range(1, 5)]},
+    "m = 1.5": {"codeword_multiplier": 1.5},
+    "m = 4": {"codeword_multiplier": 4.0},
+    "s = 0.01": {"sparsity_multiplier": 0.01},
+    "s = 0.03": {"sparsity_multiplier": 0.03},
+    "pixel CE on raw logits": {"srm_pixel_ce_on_sigmoid": False},
+    "stage 3 without KD (α = 0)": {"kd_alpha": 0.0},
+}
 
 
 @dataclasses.dataclass
 class Budget:
-    final_epochs: int  # the last stage of every method (KD, AT, joint, alone)
-    extra_epochs: int  # each extra stage: SRM dictionary and SRM initialisation, FitNet hints
+    epochs: dict[int, tuple[int, int]]  # images/class -> (last stage epochs, epochs of each extra stage)
     batch: int
     eval_samples: int | None  # None: the full test split
     seeds: tuple[int, ...]
-    sizes: tuple[int, ...]
+    ablation_size: int
+    ablation_seeds: tuple[int, ...]
 
 
-FULL = Budget(final_epochs=30, extra_epochs=10, batch=64, eval_samples=None, seeds=(0, 1, 2), sizes=(10, 100))
-QUICK = Budget(final_epochs=1, extra_epochs=1, batch=16, eval_samples=64, seeds=(0,), sizes=(4,))
+FULL = Budget(epochs={10: (30, 15), 100: (8, 4)}, batch=64, eval_samples=None, seeds=(0, 1, 2),
+              ablation_size=100, ablation_seeds=(0, 1))
+QUICK = Budget(epochs={4: (1, 1)}, batch=16, eval_samples=64, seeds=(0, 1), ablation_size=4, ablation_seeds=(0,))
 
 
 def student_model(spec, num_labels):
@@ -73,31 +86,45 @@ def student_model(spec, num_labels):
                                  pretrained_cfg_overlay=FASHION_MNIST_INPUT, **kwargs)
 
 
-def passes(method: dict, budget: Budget) -> int:
+def passes(method: dict, final: int, extra: int) -> int:
     """Passes over the training subset that a method's plan makes (stages included)."""
-    extra = {"srm": 2 if method.get("mode", "paper") == "paper" else 1, "fitnet": 1}.get(method["method"], 0)
-    return budget.final_epochs + extra * budget.extra_epochs
+    stages = {"srm": 2 if method.get("mode", "paper") == "paper" else 1, "fitnet": 1}.get(method["method"], 0)
+    return final + stages * extra
 
 
-def run(teacher, spec, method: dict, setting: dict, train, val, test, seed: int, budget: Budget, out: str,
-        final_epochs: int | None = None) -> dict:
+class Preprocessed(torch.utils.data.Dataset):
+    """An eval split transformed once (the eval transform is deterministic), shared by every run."""
+
+    def __init__(self, dataset, pre):
+        batch = dataset.with_transform(ImageTransform(pre))[:]
+        self.x, self.y = torch.stack(batch["pixel_values"]), torch.as_tensor(batch["labels"])
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def run(teacher, spec, method: dict, setting: dict, train, evals: dict, seed: int, budget: Budget, size: int,
+        out: str, final_epochs: int | None = None) -> dict:
     set_seed(seed)
     student = student_model(spec, num_labels=10)
-    pre = preprocessing_for(student)
+    final, extra = budget.epochs[size]
     config = DistillationConfig(
-        output_dir=out, seed=seed, per_device_train_batch_size=budget.batch, per_device_eval_batch_size=512,
-        num_train_epochs=final_epochs or budget.final_epochs, dictionary_epochs=budget.extra_epochs,
-        srm_epochs=budget.extra_epochs, hint_epochs=budget.extra_epochs, save_strategy="no", eval_strategy="no",
-        report_to="none", disable_tqdm=True, logging_steps=50, **{"learning_rate": 3e-3, **method, **setting},
+        output_dir=out, seed=seed, per_device_train_batch_size=budget.batch, per_device_eval_batch_size=1000,
+        num_train_epochs=final_epochs or final, dictionary_epochs=extra, srm_epochs=extra, hint_epochs=extra,
+        save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, logging_steps=50,
+        **{"learning_rate": 3e-3, **method, **setting},
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
-                                  train_dataset=train.with_transform(ImageTransform(pre, train=True)),
+                                  train_dataset=train.with_transform(ImageTransform(preprocessing_for(student),
+                                                                                    train=True)),
                                   compute_metrics=make_compute_metrics())
     start = time.time()
     trainer.train()
     seconds = time.time() - start
-    evaluate = lambda ds: trainer.evaluate(ds.with_transform(ImageTransform(pre)))["eval_accuracy"]  # noqa: E731
-    return {"val": evaluate(val), "test": evaluate(test) if test is not None else None, "seconds": seconds}
+    return {name: trainer.evaluate(ds)["eval_accuracy"] for name, ds in evals.items()} | {"seconds": seconds}
 
 
 def main(argv=None):
@@ -107,6 +134,7 @@ def main(argv=None):
     p.add_argument("--work_dir", default="outputs/benchmarks")
     args = p.parse_args(argv)
     budget = QUICK if args.quick else FULL
+    started = time.time()
     os.makedirs(args.out_dir, exist_ok=True)
     data = DataArguments(max_eval_samples=budget.eval_samples)
     splits = load_image_splits(data)
@@ -118,51 +146,45 @@ def main(argv=None):
     teacher_test = Trainer(model=for_trainer(teacher), args=base, compute_metrics=make_compute_metrics(),
                            eval_dataset=splits.test.with_transform(ImageTransform(preprocessing_for(teacher))),
                            ).evaluate()["eval_accuracy"]
+    # Both students take the same 1x28x28 input, so one preprocessed test split serves every run.
+    (pre,) = {preprocessing_for(student_model(spec, 10)) for spec in STUDENTS.values()}
+    test = Preprocessed(splits.test, pre)
 
-    rows = []
-    for size in budget.sizes:
+    rows, ablation = [], []
+    for size, (final, extra) in budget.epochs.items():
         train, val = stratified_split(stratified_subset(splits.train, size, seed=0), 0.2, seed=0)
+        val = Preprocessed(val, pre)
+        srm_passes = passes(METHODS["SRM paper"], final, extra)
         for pair, spec in STUDENTS.items():
             for name, method in METHODS.items():
-                # choose the setting on validation (seed 0), then run every seed with it
-                scores = [run(teacher, spec, method, s, train, val, None, 0, budget, args.work_dir)["val"]
-                          for s in GRID[name]]
-                setting = GRID[name][max(range(len(scores)), key=scores.__getitem__)]
-                results = [run(teacher, spec, method, setting, train, val, splits.test, seed, budget, args.work_dir)
-                           for seed in budget.seeds]
+                # seed 0 with each setting, scored on validation; the best one's seed-0 run is kept
+                tried = [run(teacher, spec, method, s, train, {"val": val, "test": test}, budget.seeds[0], budget,
+                             size, args.work_dir) for s in GRID[name]]
+                best = max(range(len(tried)), key=lambda i: tried[i]["val"])
+                setting = GRID[name][best]
+                results = [tried[best]] + [run(teacher, spec, method, setting, train, {"test": test}, seed, budget,
+                                               size, args.work_dir) for seed in budget.seeds[1:]]
                 equal = None
-                if passes(method, budget) < passes(METHODS["SRM paper"], budget):
-                    extra = passes(METHODS["SRM paper"], budget) - passes(method, budget)
-                    equal = [run(teacher, spec, method, setting, train, val, splits.test, seed, budget, args.work_dir,
-                                 final_epochs=budget.final_epochs + extra)["test"] for seed in budget.seeds]
+                if passes(method, final, extra) < srm_passes:
+                    longer = final + srm_passes - passes(method, final, extra)
+                    equal = [run(teacher, spec, method, setting, train, {"test": test}, seed, budget, size,
+                                 args.work_dir, final_epochs=longer)["test"] for seed in budget.seeds]
                 rows.append({"size": size, "pair": pair, "method": name, "setting": setting,
-                             "validation": scores, "test": [r["test"] for r in results],
-                             "seconds": [r["seconds"] for r in results], "equal_compute_test": equal})
-                print(json.dumps(rows[-1]))
-    write_results(args, rows, teacher_test)
-    return rows
-
-
-def mean_std(values):
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def write_results(args, rows: list[dict], teacher_test: float) -> None:
-    lines = ["# Quality: SRM against other distillers on Fashion-MNIST", "",
-             f"Command: `python recipes/benchmarks/quality.py{' --quick' if args.quick else ''}`; "
-             f"machine: {platform.machine()}, {torch.get_num_threads()} threads; torch {torch.__version__}.", "",
-             f"Teacher (ResNet-18, full training split) test accuracy: {teacher_test:.4f}.", "",
-             "| images/class | pair | method | setting (chosen on validation) | test accuracy, mean ± std | "
-             "equal compute | seconds/run |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        m, s = mean_std(r["test"])
-        eq = "same" if r["equal_compute_test"] is None else "{:.4f} ± {:.4f}".format(*mean_std(r["equal_compute_test"]))
-        lines.append(f"| {r['size']} | {r['pair']} | {r['method']} | {r['setting']} | {m:.4f} ± {s:.4f} | {eq} | "
-                     f"{statistics.mean(r['seconds']):.1f} |")
-    with open(os.path.join(args.out_dir, "quality_quick.md" if args.quick else "quality.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    with open(os.path.join(args.out_dir, "quality_quick.json" if args.quick else "quality.json"), "w") as f:
-        json.dump(rows, f, indent=2)
+                             "validation": [t["val"] for t in tried], "test": [r["test"] for r in results],
+                             "seconds": [r["seconds"] for r in results], "passes": passes(method, final, extra),
+                             "equal_compute_test": equal})
+                print(json.dumps(rows[-1]), flush=True)
+        if size == budget.ablation_size:
+            pair, spec = next(iter(STUDENTS.items()))
+            chosen = next(r["setting"] for r in rows if r["size"] == size and r["pair"] == pair
+                          and r["method"] == "SRM paper")
+            for variant, change in ABLATION.items():
+                tests = [run(teacher, spec, METHODS["SRM paper"], {**chosen, **change}, train, {"test": test}, seed,
+                             budget, size, args.work_dir)["test"] for seed in budget.ablation_seeds]
+                ablation.append({"size": size, "pair": pair, "variant": variant, "change": change, "test": tests})
+                print(json.dumps(ablation[-1]), flush=True)
+    write_results(args, budget, rows, ablation, teacher_test, time.time() - started)
+    return rows, ablation
 
 
 if __name__ == "__main__":

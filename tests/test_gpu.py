@@ -1,0 +1,81 @@
+"""On a CUDA GPU: bf16 and fp16 training, a student compiled by Inductor, and the FSDP and DeepSpeed engines.
+
+These need hardware that CI lacks, so they are skipped there; run them on a GPU machine with
+`pytest tests/test_gpu.py` (recipes/README.md says when they last ran and on what).
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from conftest import PatternDataset, changed, hf_resnet, make_config, snapshot, timm_resnet
+from test_precision import DtypeProbe
+from test_recipes import ROOT, TINY, tiny_fashion_idx
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def finite_logs(trainer) -> bool:
+    return all(math.isfinite(v) for e in trainer.state.log_history for k, v in e.items() if "/" in k or k == "loss")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["paper", "joint"])
+def test_mixed_precision_on_cuda(tmp_path, precision, mode):
+    teacher = timm_resnet()
+    trainer = DtypeProbe(model=hf_resnet(), teacher_model=teacher, train_dataset=PatternDataset(64),
+                         args=make_config(tmp_path, use_cpu=False, mode=mode, max_steps=6, dictionary_max_steps=4,
+                                          srm_max_steps=4, **{precision: True}))
+    assert next(trainer.teacher.parameters()).is_cuda
+    frozen = snapshot(trainer.teacher)
+    start = snapshot(trainer._distill_model)
+    trainer.train()
+    assert not changed(frozen, snapshot(trainer.teacher))  # the teacher, BatchNorm buffers included
+    assert changed(start, snapshot(trainer._distill_model), "student.")
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    assert trainer.seen["teacher_features"] == half  # autocast reached the teacher
+    assert trainer.seen["image_targets"] == torch.float32
+    assert all(trainer.seen[k] == torch.float32 for k in ("kd", "ce") + (("pixel", "image") if mode == "joint" else ()))
+    assert finite_logs(trainer)
+    assert all(p.dtype == torch.float32 for p in trainer._distill_model.parameters())
+
+
+def test_student_compiled_by_inductor_on_cuda(tmp_path):
+    torch._dynamo.reset()
+    trainer = DtypeProbe(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
+                         args=make_config(tmp_path, use_cpu=False, mode="joint", bf16=True, compile_student=True,
+                                          dictionary_max_steps=2, max_steps=3))
+    before = snapshot(trainer._distill_model)
+    trainer.train()
+    after = snapshot(trainer._distill_model)
+    assert changed(before, after, "heads.") and changed(before, after, "student.")
+    assert finite_logs(trainer)
+    torch._dynamo.reset()
+
+
+ENGINES = {"fsdp": "fsdp.yaml", "deepspeed": "deepspeed_zero2.yaml"}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_recipe_runs_under_engine(tmp_path, engine):
+    if engine == "deepspeed":
+        pytest.importorskip("deepspeed")
+    data = tiny_fashion_idx(tmp_path)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes/accelerate_configs" / ENGINES[engine]), "--num_processes", "1",
+           str(ROOT / "recipes/distill.py"), "--dataset_dir", data, "--output_dir", str(out),
+           "--compare_alone", "false", "--report", "false", *TINY]
+    done = subprocess.run(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+                          timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert 0.0 <= results["metrics"]["student_accuracy"] <= 1.0
+    student = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    logits = student(torch.zeros(2, 1, 28, 28))
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
