@@ -20,8 +20,9 @@ from offline import go_offline_if_hub_unreachable
 
 go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
 
+import torch
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 
 from srm_hf import DistillationConfig, DistillationTrainer
 from srm_hf.cli import SRMParser, parse_kwargs
@@ -83,15 +84,40 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
     return name, teacher
 
 
-def evaluate_alone(model, args: TrainingArguments, dataset, compute_metrics, prefix: str) -> dict:
-    evaluator = Trainer(model=for_trainer(model), args=args, eval_dataset=dataset, compute_metrics=compute_metrics)
-    return evaluator.evaluate(metric_key_prefix=prefix)
+@torch.no_grad()
+def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, prefix: str) -> dict:
+    """The teacher's metrics through the distillation trainer's own loader and processes (no second Trainer, which
+    DeepSpeed would refuse)."""
+    logits, labels = [], []
+    for batch in trainer.get_eval_dataloader(dataset):
+        batch = trainer._prepare_inputs(batch)
+        out, _ = trainer.teacher_forward(batch)
+        logits.append(trainer.accelerator.gather_for_metrics(out.float()).cpu())
+        labels.append(trainer.accelerator.gather_for_metrics(batch["labels"]).cpu())
+    metrics = compute_metrics(EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy()))
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def check_engine(config: DistillationConfig, script_args) -> None:
+    """DeepSpeed allows one Trainer per process: the teacher must come ready-made and no student-alone run."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    if config.teacher_model_name_or_path is None:
+        raise ValueError(
+            "Under DeepSpeed this recipe cannot train its own teacher (DeepSpeed allows one Trainer per process). "
+            "Train it first with `python recipes/train_teacher.py --output_dir DIR ...`, then pass "
+            "--teacher_model_name_or_path DIR."
+        )
+    if script_args.compare_alone:
+        raise ValueError("Under DeepSpeed the student-alone comparison would need a second Trainer in the process: "
+                         "pass --compare_alone false (or run it separately without DeepSpeed).")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = SRMParser((ScriptArguments, DataArguments, ModelArguments, TeacherArguments, DistillationConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
     script_args, data_args, model_args, teacher_args, config = parser.parse(argv)
+    check_engine(config, script_args)
     set_seed(config.seed)
 
     splits = load_image_splits(data_args)
@@ -114,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train()
     test = splits.test if splits.test is not None else splits.validation
     results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
-    results["teacher"] = evaluate_alone(trainer.teacher, config, test.with_transform(ImageTransform(teacher_pre)),
+    results["teacher"] = evaluate_teacher(trainer, test.with_transform(ImageTransform(teacher_pre)),
                                         compute_metrics, "test")
     trainer.save_model()
     usage = atom_usage(trainer, splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)))

@@ -78,7 +78,7 @@ class SparseCoder(nn.Module):
             )
         self.in_channels, self.num_atoms, self.num_active = in_channels, num_atoms, num_active
         self.dictionary = nn.Parameter(torch.empty(in_channels, num_atoms))
-        self.bias = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(1))  # one scalar, 1-D so FSDP can shard it
         _init_projection(self.dictionary, self.bias)
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ class SRMHead(nn.Module):
         super().__init__()
         self.in_channels, self.num_atoms = in_channels, num_atoms
         self.weight = nn.Parameter(torch.empty(in_channels, num_atoms))
-        self.bias = nn.Parameter(torch.empty(()))
+        self.bias = nn.Parameter(torch.empty(1))  # one scalar, 1-D so FSDP can shard it
         _init_projection(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

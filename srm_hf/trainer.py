@@ -109,10 +109,20 @@ class DistillationTrainer(Trainer):
     # ---- teacher -------------------------------------------------------------------------------------------
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Frozen, eval mode, placed and cast for mixed precision by Accelerate, never wrapped for DDP."""
+        """Frozen, in eval mode, on this process's device, never wrapped for DDP/FSDP (each process holds it whole)."""
         teacher.requires_grad_(False)
         teacher.eval()
-        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if self.is_deepspeed_enabled:
+            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+                raise NotImplementedError(
+                    "DeepSpeed ZeRO-3 would shard the teacher too, which DistillationTrainer does not support: use "
+                    "ZeRO-2 (recipes/accelerate_configs/deepspeed_zero2.yaml) or FSDP."
+                )
+            # DeepSpeed runs the student in its own precision and casts the inputs to it: the teacher follows.
+            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+            return teacher.to(device=self.accelerator.device, dtype=dtype)
+        # Accelerate leaves device placement to FSDP, which does not wrap an evaluation-only model.
+        return self.accelerator.prepare_model(teacher.to(self.accelerator.device), evaluation_mode=True)
 
     def teacher_forward(self, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher logits [N, num_labels] and tapped features keyed by tap, in eval mode under no_grad."""

@@ -138,3 +138,20 @@ def test_no_network_and_no_offline_flag_still_fails_fast(tmp_path):
     assert done.returncode != 0 and time.time() - start < 40
     assert "unreachable: running offline" in done.stdout
     assert "Could not load the Hub dataset 'AI-Lab-Makerere/beans'" in done.stderr
+
+
+@pytest.mark.parametrize("teacher, alone, message", [(None, False, "--teacher_model_name_or_path DIR"),
+                                                     ("t", True, "--compare_alone false"), ("t", False, None)])
+def test_deepspeed_launch_asks_for_a_ready_teacher_and_one_trainer(monkeypatch, teacher, alone, message):
+    # (parsing under ACCELERATE_USE_DEEPSPEED needs deepspeed installed, so the check is called directly)
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    config, script = SimpleNamespace(teacher_model_name_or_path=teacher), SimpleNamespace(compare_alone=alone)
+    if message is None:
+        distill.check_engine(config, script)
+    else:
+        with pytest.raises(ValueError, match=message):
+            distill.check_engine(config, script)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    distill.check_engine(SimpleNamespace(teacher_model_name_or_path=None), SimpleNamespace(compare_alone=True))

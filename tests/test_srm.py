@@ -30,7 +30,7 @@ def test_init_matches_reference():
     torch.manual_seed(0)
     coder = SparseCoder(16, 32, 1)
     bound = math.sqrt(6 / 32)  # kaiming-uniform, fan-in = K
-    assert coder.dictionary.shape == (16, 32) and coder.bias.shape == ()
+    assert coder.dictionary.shape == (16, 32) and coder.bias.shape == (1,)
     assert coder.dictionary.abs().max() <= bound and coder.dictionary.abs().max() > 0.8 * bound
     assert -1 <= coder.bias.item() <= 1
 

@@ -15,6 +15,9 @@ def mean_std(values) -> tuple[float, float]:
 
 
 def fmt(values) -> str:
+    """Accuracy in %: mean ± std over seeds, or the one value."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
     return "{:.2f} ± {:.2f}".format(*(100 * v for v in mean_std(values)))
 
 
@@ -76,7 +79,7 @@ def write_results(args, budget, rows: list[dict], ablation: list[dict], teacher_
             budget.batch, {k: v for k, v in budget.epochs.items()}, list(budget.seeds),
             "first {}".format(budget.eval_samples) if budget.eval_samples else "10,000"),
         "Equal compute: the method's last stage lengthened so that it makes as many passes over the data as SRM "
-        "paper (dictionary + SRM + KD stages).", "",
+        "paper (dictionary + SRM + KD stages), seeds {}.".format(list(budget.equal_compute_seeds)), "",
         "| images/class | pair | method | passes | setting (chosen on validation) | test accuracy | "
         "equal compute | seconds/run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
