@@ -85,8 +85,11 @@ class DistillationConfig(TrainingArguments):
         # Dictionaries and heads are unused in some stages, so DDP must look for unused parameters.
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
-        # Under `accelerate launch`, a config's mixed precision sets the flags unless they were set (DeepSpeed
+        # Under `accelerate launch`, the launch config's CPU choice and mixed precision set the flags unless they
+        # were set (the Trainer would otherwise put batches on a GPU that the config keeps the model off, and DeepSpeed
         # refuses a Trainer whose bf16/fp16 flags disagree with its own config).
+        if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+            self.use_cpu = True
         if not (self.bf16 or self.fp16):
             launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
             self.bf16, self.fp16 = launched == "bf16", launched == "fp16"

@@ -67,3 +67,10 @@ def test_the_launch_configs_mixed_precision_sets_the_flags(tmp_path, monkeypatch
 def test_explicit_precision_flags_win_over_the_launch_config(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
     assert make_config(tmp_path, bf16=True).fp16 is False
+
+
+def test_a_cpu_launch_config_keeps_the_trainer_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert make_config(tmp_path, use_cpu=False).use_cpu is True
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
+    assert make_config(tmp_path, use_cpu=False).use_cpu is False

@@ -26,7 +26,7 @@ from offline import go_offline_if_hub_unreachable  # noqa: E402
 go_offline_if_hub_unreachable()
 
 import torch  # noqa: E402
-from quality_report import write_results  # noqa: E402
+from quality_report import commit, write_results  # noqa: E402
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher  # noqa: E402
 from transformers import Trainer, TrainingArguments, set_seed  # noqa: E402
 
@@ -137,7 +137,7 @@ def main(argv=None):
     p.add_argument("--work_dir", default="outputs/benchmarks")
     args = p.parse_args(argv)
     budget = QUICK if args.quick else FULL
-    started = time.time()
+    started, code = time.time(), commit()  # the code that runs, before anything can change the checkout
     os.makedirs(args.out_dir, exist_ok=True)
     data = DataArguments(max_eval_samples=budget.eval_samples)
     splits = load_image_splits(data)
@@ -186,7 +186,7 @@ def main(argv=None):
                              budget, size, args.work_dir)["test"] for seed in budget.ablation_seeds]
                 ablation.append({"size": size, "pair": pair, "variant": variant, "change": change, "test": tests})
                 print(json.dumps(ablation[-1]), flush=True)
-    write_results(args, budget, rows, ablation, teacher_test, time.time() - started)
+    write_results(args, budget, rows, ablation, teacher_test, time.time() - started, code)
     return rows, ablation
 
 

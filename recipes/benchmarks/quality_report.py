@@ -62,12 +62,13 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_results(args, budget, rows: list[dict], ablation: list[dict], teacher_test: float, seconds: float) -> None:
+def write_results(args, budget, rows: list[dict], ablation: list[dict], teacher_test: float, seconds: float,
+                  code: str) -> None:
     quick = "_quick" if args.quick else ""
     command = f"python recipes/benchmarks/quality.py{' --quick' if args.quick else ''}"
     lines = [
         "# Quality: SRM against other distillers on Fashion-MNIST", "",
-        f"Produced by `{command}` (commit {commit()}) in {seconds / 60:.1f} minutes, teacher training included "
+        f"Produced by `{command}` (commit {code}) in {seconds / 60:.1f} minutes, teacher training included "
         "when not cached.",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads. Versions: {versions()}.", "",
         f"Teacher: ResNet-18 (timm, widths 16–128) trained on the full training split; test accuracy "
