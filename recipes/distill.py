@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
                                     id2label=splits.id2label, pretrained=model_args.student_pretrained,
                                     **parse_kwargs(model_args.student_model_kwargs))
+    # the student-alone baseline starts from these same weights: a paired comparison, not two random inits
+    initial_student = {k: v.detach().clone() for k, v in student.state_dict().items()}
     student_pre = preprocessing_for(student, load_image_processor(model_args.student_model_name_or_path))
     teacher_pre = preprocessing_for(teacher, load_image_processor(teacher_name))
     compute_metrics = make_compute_metrics(tuple(script_args.metrics))
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         alone = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
                                       id2label=splits.id2label, pretrained=model_args.student_pretrained,
                                       **parse_kwargs(model_args.student_model_kwargs))
+        alone.load_state_dict(initial_student)
         alone_trainer = Trainer(model=for_trainer(alone), args=TrainingArguments(**_plain_fields(alone_args)),
                                 train_dataset=splits.train.with_transform(ImageTransform(student_pre, train=True)),
                                 compute_metrics=compute_metrics)
