@@ -32,6 +32,7 @@ from .checkpoint import (
     save_student,
 )
 from .config import DistillationConfig
+from .engines import prepare_teacher
 from .hooks import FeatureHooks, as_vector_if_pooled
 from .hub import model_card_for, push_student
 from .losses import at_loss, classification_loss, dictionary_loss, fitnet_loss, kd_loss, srm_loss
@@ -109,20 +110,8 @@ class DistillationTrainer(Trainer):
     # ---- teacher -------------------------------------------------------------------------------------------
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Frozen, in eval mode, on this process's device, never wrapped for DDP/FSDP (each process holds it whole)."""
-        teacher.requires_grad_(False)
-        teacher.eval()
-        if self.is_deepspeed_enabled:
-            if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-                raise NotImplementedError(
-                    "DeepSpeed ZeRO-3 would shard the teacher too, which DistillationTrainer does not support: use "
-                    "ZeRO-2 (recipes/accelerate_configs/deepspeed_zero2.yaml) or FSDP."
-                )
-            # DeepSpeed runs the student in its own precision and casts the inputs to it: the teacher follows.
-            dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
-            return teacher.to(device=self.accelerator.device, dtype=dtype)
-        # Accelerate leaves device placement to FSDP, which does not wrap an evaluation-only model.
-        return self.accelerator.prepare_model(teacher.to(self.accelerator.device), evaluation_mode=True)
+        """Frozen, in eval mode, on this process's device, never wrapped (see `srm_hf.engines`)."""
+        return prepare_teacher(teacher, self.accelerator, self.args, deepspeed=self.is_deepspeed_enabled)
 
     def teacher_forward(self, inputs: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Teacher logits [N, num_labels] and tapped features keyed by tap, in eval mode under no_grad."""

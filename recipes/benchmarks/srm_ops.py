@@ -1,90 +1,108 @@
-"""Micro-benchmark of the SRM targets and loss alone on a GPU: four ResNet-18 taps at batch 128 (K = 2C), layouts
-NCHW vs channels-last, torch.topk vs a full sort, eager vs torch.compile. Needs CUDA:
+"""Micro-benchmark of the SRM targets and loss alone on a GPU: the four ResNet-18 taps at batch 128 (K = 2C),
+channels first (as srm_hf computes them) against channels last, `torch.topk` against a full sort, eager against
+`torch.compile`. Needs CUDA:
 
     python recipes/benchmarks/srm_ops.py
 
-Prints forward+backward milliseconds per step and the peak memory above the inputs. Results: results/cost.md.
+Prints the forward + backward milliseconds per step and the peak memory above the inputs, for inputs in the
+default and in `channels_last` memory format. Results and reading: results/cost.md.
 """
-import torch, torch.nn.functional as F, time, sys
-torch.manual_seed(0)
-dev = "cuda"
-N = 128
-taps = [(64, 56, 2), (128, 28, 5), (256, 14, 10), (512, 7, 20)]  # C, H, k ; K = 2C
 
-def nchw(xt, xs, D, b, P, c, k):
+import time
+
+import torch
+import torch.nn.functional as F
+
+BATCH = 128
+TAPS = [(64, 56, 2), (128, 28, 5), (256, 14, 10), (512, 7, 20)]  # (C, H = W, k); K = 2C
+
+
+def topk(z: torch.Tensor, k: int, dim: int):
+    return z.topk(k, dim=dim)
+
+
+def sort_topk(z: torch.Tensor, k: int, dim: int):
+    values, indices = z.sort(dim=dim, descending=True)
+    return values.narrow(dim, 0, k), indices.narrow(dim, 0, k)
+
+
+def bce(image_pred: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    image_pred = image_pred.clamp(1e-7, 1 - 1e-7)
+    return -(image * image_pred.log() + (1 - image) * (1 - image_pred).log()).mean()
+
+
+def channels_first(xt, xs, D, b, P, c, k, select=topk):
+    """Teacher targets and student SRM loss on [N, K, H, W] maps (1x1 convolutions)."""
     z = torch.sigmoid(F.conv2d(xt.float(), D.t()[:, :, None, None]) + b)
-    v, idx = z.topk(k, dim=1)
-    pixel = idx[:, 0]
-    n = z.shape[0]
-    image = z.new_zeros(n, D.shape[1]).scatter_add_(1, idx.reshape(n, -1), v.reshape(n, -1)) / (z.shape[2] * z.shape[3])
+    values, idx = select(z, k, 1)
+    n, pixels = z.shape[0], z.shape[2] * z.shape[3]
+    image = z.new_zeros(n, D.shape[1]).scatter_add_(1, idx.reshape(n, -1), values.reshape(n, -1)) / pixels
     with torch.autocast("cuda", dtype=torch.bfloat16):
         h = F.conv2d(xs, P.t()[:, :, None, None].to(xs.dtype)) + c
-    logits = h.float(); p = torch.sigmoid(logits)
-    ce = F.cross_entropy(p, pixel)
-    ip = p.flatten(2).mean(2).clamp(1e-7, 1 - 1e-7)
-    bce = -(image * ip.log() + (1 - image) * (1 - ip).log()).mean()
-    return ce + bce
+    p = torch.sigmoid(h.float())
+    return F.cross_entropy(p, idx[:, 0]) + bce(p.flatten(2).mean(2), image)
 
-def last(xt, xs, D, b, P, c, k):
-    xt_ = xt.movedim(1, -1)
-    z = torch.sigmoid(xt_.float() @ D + b)  # [N,H,W,K]
-    v, idx = z.topk(k, dim=-1)
-    pixel = idx[..., 0]
-    n = z.shape[0]
-    image = z.new_zeros(n, D.shape[1]).scatter_add_(1, idx.reshape(n, -1), v.reshape(n, -1)) / (z.shape[1] * z.shape[2])
+
+def channels_last(xt, xs, D, b, P, c, k, select=topk):
+    """The same on [N, H, W, K] (matmuls; top-k and softmax along the contiguous dimension)."""
+    z = torch.sigmoid(xt.movedim(1, -1).float() @ D + b)
+    values, idx = select(z, k, -1)
+    n, pixels = z.shape[0], z.shape[1] * z.shape[2]
+    image = z.new_zeros(n, D.shape[1]).scatter_add_(1, idx.reshape(n, -1), values.reshape(n, -1)) / pixels
     with torch.autocast("cuda", dtype=torch.bfloat16):
         h = xs.movedim(1, -1) @ P.to(xs.dtype) + c
-    logits = h.float(); p = torch.sigmoid(logits)
-    K = p.shape[-1]
-    ce = F.cross_entropy(p.reshape(-1, K), pixel.reshape(-1))
-    ip = p.mean((1, 2)).clamp(1e-7, 1 - 1e-7)
-    bce = -(image * ip.log() + (1 - image) * (1 - ip).log()).mean()
-    return ce + bce
+    p = torch.sigmoid(h.float())
+    num_atoms = p.shape[-1]
+    return F.cross_entropy(p.reshape(-1, num_atoms), idx[..., 0].reshape(-1)) + bce(p.mean((1, 2)), image)
 
-def bench(fn, mf, steps=30):
+
+def channels_last_sort(*args):
+    return channels_last(*args, select=sort_topk)
+
+
+def bench(fn, memory_format, steps: int = 30, warmup: int = 5) -> tuple[float, float]:
     data = []
-    for C, H, k in taps:
-        K = 2 * C
-        xt = torch.randn(N, C, H, H, device=dev, dtype=torch.bfloat16).contiguous(memory_format=mf)
-        xs = torch.randn(N, C, H, H, device=dev, dtype=torch.bfloat16, requires_grad=True)
-        xs2 = xs.detach().contiguous(memory_format=mf).requires_grad_()
-        D = torch.randn(C, K, device=dev); b = torch.zeros(()); b = b.to(dev)
-        P = torch.randn(C, K, device=dev, requires_grad=True); c = torch.zeros((), device=dev, requires_grad=True)
-        data.append((xt, xs2, D, b, P, c, k))
-    def step():
-        loss = sum(fn(*d) for d in data)
-        loss.backward()
-    for _ in range(5): step()
-    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats(); base = torch.cuda.memory_allocated()
-    t = time.perf_counter()
-    for _ in range(steps): step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps * 1000, (torch.cuda.max_memory_allocated() - base) / 2**20
+    for channels, size, k in TAPS:
+        atoms = 2 * channels
+        xt = torch.randn(BATCH, channels, size, size, device="cuda", dtype=torch.bfloat16)
+        xs = torch.randn(BATCH, channels, size, size, device="cuda", dtype=torch.bfloat16)
+        D, b = torch.randn(channels, atoms, device="cuda"), torch.zeros((), device="cuda")
+        P = torch.randn(channels, atoms, device="cuda", requires_grad=True)
+        c = torch.zeros((), device="cuda", requires_grad=True)
+        data.append((xt.contiguous(memory_format=memory_format),
+                     xs.contiguous(memory_format=memory_format).requires_grad_(), D, b, P, c, k))
 
-import functools
-def last_sort(xt, xs, D, b, P, c, k):
-    global TOPK
-    TOPK = "sort"
-    try:
-        return last(xt, xs, D, b, P, c, k)
-    finally:
-        TOPK = "topk"
-TOPK = "topk"
-_topk = torch.Tensor.topk
-def patched(self, k, dim=-1):
-    if TOPK == "sort":
-        v, i = self.sort(dim=dim, descending=True)
-        return v.narrow(dim, 0, k), i.narrow(dim, 0, k)
-    return _topk(self, k, dim=dim)
-torch.Tensor.topk = patched
-comp_last = torch.compile(last)
-for name, fn in (("nchw", nchw), ("last", last), ("lastsort", last_sort), ("compiled_last", comp_last)):
-    for mfname, mf in (("contiguous", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        ms, mem = bench(fn, mf)
-        print(f"{name:5s} {mfname:14s} {ms:7.2f} ms  peak {mem:7.1f} MiB")
-# check equal
-torch.manual_seed(1)
-C,H,k = 64, 8, 3
-xt = torch.randn(4, C, H, H, device=dev); xs = torch.randn(4, C, H, H, device=dev)
-D = torch.randn(C, 2*C, device=dev); b = torch.zeros((), device=dev); P = torch.randn(C, 2*C, device=dev); c = torch.zeros((), device=dev)
-print("equal:", torch.allclose(nchw(xt, xs, D, b, P, c, k), last(xt, xs, D, b, P, c, k), atol=1e-3))
+    def step():
+        sum(fn(*d) for d in data).backward()
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps * 1000, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def main():
+    torch.manual_seed(0)
+    variants = {"channels first (srm_hf)": channels_first, "channels last": channels_last,
+                "channels last, sort": channels_last_sort, "channels last, compiled": torch.compile(channels_last)}
+    for name, fn in variants.items():
+        for layout, memory_format in (("default", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            ms, mib = bench(fn, memory_format)
+            print(f"{name:26s} inputs {layout:14s} {ms:7.2f} ms  peak {mib:7.1f} MiB")
+    torch.manual_seed(1)
+    C, H, k = 64, 8, 3
+    xt, xs = torch.randn(4, C, H, H, device="cuda"), torch.randn(4, C, H, H, device="cuda")
+    D, P, zero = torch.randn(C, 2 * C, device="cuda"), torch.randn(C, 2 * C, device="cuda"), torch.zeros((), device="cuda")
+    same = torch.allclose(channels_first(xt, xs, D, zero, P, zero, k), channels_last(xt, xs, D, zero, P, zero, k),
+                          atol=1e-3)
+    print("channels first and last give the same loss:", same)
+
+
+if __name__ == "__main__":
+    main()
