@@ -11,6 +11,7 @@ accuracy, and writes to output_dir: the student (student library's format) with 
 README.md (model card), srm_report.png, results.json and TensorBoard logs.
 """
 
+import copy
 import dataclasses
 import json
 import os
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     id2label=splits.id2label, pretrained=model_args.student_pretrained,
                                     **parse_kwargs(model_args.student_model_kwargs))
     # the student-alone baseline starts from these same weights: a paired comparison, not two random inits
-    initial_student = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    alone = copy.deepcopy(student) if script_args.compare_alone else None
     student_pre = preprocessing_for(student, load_image_processor(model_args.student_model_name_or_path))
     teacher_pre = preprocessing_for(teacher, load_image_processor(teacher_name))
     compute_metrics = make_compute_metrics(tuple(script_args.metrics))
@@ -154,10 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
         student_steps = sum(s.steps for s in trainer.plan.stages if s.name != "dictionary")
         alone_args = dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "student_alone"),
                                          max_steps=student_steps, eval_strategy="no", report_to="none")
-        alone = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
-                                      id2label=splits.id2label, pretrained=model_args.student_pretrained,
-                                      **parse_kwargs(model_args.student_model_kwargs))
-        alone.load_state_dict(initial_student)
         alone_trainer = Trainer(model=for_trainer(alone), args=TrainingArguments(**_plain_fields(alone_args)),
                                 train_dataset=splits.train.with_transform(ImageTransform(student_pre, train=True)),
                                 compute_metrics=compute_metrics)

@@ -53,7 +53,8 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
 
 
 class FeatureHooks:
-    """Captures the outputs of the modules at `paths`; `pop()` returns them and clears the store."""
+    """Captures the outputs of the modules at `paths`; `pop()` returns them (a 1x1 map as the pooled vector
+    [N, C] it is) and clears the store."""
 
     def __init__(self, model: nn.Module, paths: list[str]):
         self.paths = list(paths)
@@ -75,7 +76,7 @@ class FeatureHooks:
                 f"Taps {missing} captured no tensor in the last forward pass. Check that these modules run in the "
                 "model's forward and return a tensor, or tap other modules."
             )
-        features = {p: self._features[p] for p in self.paths}
+        features = {p: as_vector_if_pooled(self._features[p]) for p in self.paths}
         self._features.clear()
         return features
 

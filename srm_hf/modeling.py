@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .hooks import FeatureHooks, TapInfo, as_vector_if_pooled
+from .hooks import FeatureHooks, TapInfo
 from .hooks import model_logits as student_logits
 from .srm import SparseCoder, SRMHead, num_active_for, num_atoms_for, project, resize_like
 
@@ -98,7 +98,7 @@ class DistillationModel(nn.Module):
                 reconstructions={k: self.coders[k](teacher_features[k])[1] for k in teacher_features}
             )
         logits = student_logits(self.student(pixel_values))
-        features = {path: as_vector_if_pooled(f) for path, f in self.student_hooks.pop().items()}
+        features = self.student_hooks.pop()
         out_features = head_logits = None
         if with_features:
             out_features = {

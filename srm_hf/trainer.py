@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import DistillationConfig
 from .engines import prepare_teacher
-from .hooks import FeatureHooks, as_vector_if_pooled
+from .hooks import FeatureHooks
 from .hub import model_card_for, push_student
 from .losses import at_loss, classification_loss, dictionary_loss, fitnet_loss, kd_loss, srm_loss
 from .modeling import DistillationModel, student_logits, tap_key
@@ -119,7 +119,7 @@ class DistillationTrainer(Trainer):
         self.teacher.eval()
         with torch.no_grad():
             logits = student_logits(self.teacher(pixel_values))
-        return logits, {tap_key(path): as_vector_if_pooled(f) for path, f in self.teacher_hooks.pop().items()}
+        return logits, {tap_key(path): f for path, f in self.teacher_hooks.pop().items()}
 
     # ---- stages --------------------------------------------------------------------------------------------
 

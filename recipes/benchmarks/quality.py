@@ -167,14 +167,14 @@ def main(argv=None):
                 setting = GRID[name][best]
                 results = [tried[best]] + [run(teacher, spec, method, setting, train, {"test": test}, seed, budget,
                                                size, args.work_dir) for seed in budget.seeds[1:]]
-                equal = None
-                if passes(method, final, extra) < srm_passes:
-                    longer = final + srm_passes - passes(method, final, extra)
+                equal, own = None, passes(method, final, extra)
+                if own < srm_passes:
+                    longer = final + srm_passes - own
                     equal = [run(teacher, spec, method, setting, train, {"test": test}, seed, budget, size,
                                  args.work_dir, final_epochs=longer)["test"] for seed in budget.equal_compute_seeds]
                 rows.append({"size": size, "pair": pair, "method": name, "setting": setting,
                              "validation": [t["val"] for t in tried], "test": [r["test"] for r in results],
-                             "seconds": [r["seconds"] for r in results], "passes": passes(method, final, extra),
+                             "seconds": [r["seconds"] for r in results], "passes": own,
                              "equal_compute_test": equal})
                 print(json.dumps(rows[-1]), flush=True)
         if size == budget.ablation_size:
