@@ -1,4 +1,4 @@
-"""Distil an image classifier into a smaller one with Sparse Representation Matching.
+"""Distil an image classifier into a smaller one with Sparse Representation Matching (or another `--method`).
 
     python recipes/distill.py                                  # offline default: Fashion-MNIST, teacher trained first
     python recipes/distill.py --config recipes/configs/cifar10.yaml
@@ -7,7 +7,7 @@
     python recipes/distill.py --config ... --push_to_hub --hub_model_id you/student-srm
 
 Flags override the YAML file; an unknown YAML key is an error. Prints teacher, student and student-alone test
-accuracy, and writes to output_dir: the student (student library's format) with srm_state.safetensors,
+accuracy, and writes to output_dir: the student (student library's format) with method_state.safetensors,
 README.md (model card), srm_report.png, results.json and TensorBoard logs.
 """
 
@@ -26,12 +26,13 @@ from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher
 from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
 
 from srm_hf import DistillationConfig, DistillationTrainer
-from srm_hf.cli import SRMParser, parse_kwargs
+from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.hub import push_dictionary
+from srm_hf.loading import for_trainer, load_image_classifier, load_image_processor
+from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.metrics import make_compute_metrics
-from srm_hf.models import for_trainer, load_image_classifier, load_image_processor
-from srm_hf.report import atom_usage, save_report
+from srm_hf.plots import atom_usage, save_report
 from srm_hf.transforms import ImageTransform, preprocessing_for
 
 DEFAULT_STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8,
@@ -39,7 +40,7 @@ DEFAULT_STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_widt
 # The offline default run; a YAML config and flags override any of these.
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/fashion_mnist_srm", max_train_samples_per_class=1000, per_device_train_batch_size=128,
-    per_device_eval_batch_size=512, learning_rate=2e-3, num_train_epochs=3, dictionary_epochs=1, srm_epochs=1,
+    per_device_eval_batch_size=512, learning_rate=2e-3, num_train_epochs=3, srm_dictionary_epochs=1, srm_epochs=1,
     logging_steps=10, eval_strategy="epoch", save_strategy="no", report_to="tensorboard", seed=42,
 )
 
@@ -91,8 +92,8 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
     DeepSpeed would refuse)."""
     logits, labels = [], []
     for batch in trainer.get_eval_dataloader(dataset):
-        batch = trainer._prepare_inputs(batch)
-        out, _ = trainer.teacher_forward(batch)
+        batch = {k: v.to(trainer.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        out = trainer.teacher_forward(batch).logits
         logits.append(trainer.accelerator.gather_for_metrics(out.float()).cpu())
         labels.append(trainer.accelerator.gather_for_metrics(batch["labels"]).cpu())
     metrics = compute_metrics(EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy()))
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(**RECIPE_DEFAULTS)
     script_args, data_args, model_args, teacher_args, config = parser.parse(argv)
     check_engine(config, script_args)
+    if script_args.push_dictionary_to_hub and config.method != "srm":
+        raise ValueError(f"--push_dictionary_to_hub needs --method srm (method {config.method!r} learns no dictionary).")
     set_seed(config.seed)
 
     splits = load_image_splits(data_args)
@@ -149,10 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     usage = atom_usage(trainer, splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)))
     if script_args.report and trainer.is_world_process_zero():
         save_report(os.path.join(config.output_dir, "srm_report.png"), trainer.state.log_history, usage,
-                    title=f"SRM ({config.mode}) on {splits.source}")
+                    title=f"{config.method} on {splits.source}")
 
     if script_args.compare_alone:
-        student_steps = sum(s.steps for s in trainer.plan.stages if s.name != "dictionary")
+        student_steps = sum(s.steps for s in trainer.plan.stages if "student" in s.groups)
         alone_args = dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "student_alone"),
                                          max_steps=student_steps, eval_strategy="no", report_to="none")
         alone_trainer = Trainer(model=for_trainer(alone), args=TrainingArguments(**_plain_fields(alone_args)),
@@ -172,14 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
         with open(os.path.join(config.output_dir, "results.json"), "w") as f:
             json.dump({"data": splits.source, "train_images": len(splits.train), "test_images": len(test),
                        "plan": str(trainer.plan), "metrics": metrics}, f, indent=2)
-        print(f"\nSRM {config.mode} on {splits.source}: {len(splits.train)} training images, {len(test)} test images")
+        print(f"\n{config.method} on {splits.source}: {len(splits.train)} training images, {len(test)} test images")
         for key, value in metrics.items():
             print(f"  {key:32s} {value:.4f}")
     if config.push_to_hub:
         trainer.push_to_hub(dataset=data_args.dataset_name, teacher=teacher_name,
                             teacher_revision=model_args.teacher_revision, student=model_args.student_model_name_or_path)
     if script_args.push_dictionary_to_hub:
-        push_dictionary(trainer.save_dictionary(), script_args.push_dictionary_to_hub)
+        path = os.path.join(config.output_dir, DICTIONARY_NAME)
+        if trainer.is_world_process_zero():
+            push_dictionary(trainer.method.save_dictionary(path), script_args.push_dictionary_to_hub)
     return metrics
 
 

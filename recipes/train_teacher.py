@@ -18,11 +18,11 @@ go_offline_if_hub_unreachable()  # before the Hugging Face libraries are importe
 
 from transformers import Trainer, TrainingArguments
 
+from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.checkpoint import save_student
-from srm_hf.cli import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, load_image_splits
 from srm_hf.metrics import make_compute_metrics
-from srm_hf.models import for_trainer, load_image_classifier, load_image_processor
+from srm_hf.loading import for_trainer, load_image_classifier, load_image_processor
 from srm_hf.transforms import ImageTransform, preprocessing_for
 
 FASHION_MNIST_INPUT = {"input_size": [1, 28, 28], "test_input_size": [1, 28, 28], "mean": [0.286], "std": [0.353],

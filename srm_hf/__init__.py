@@ -1,23 +1,38 @@
-"""srm_hf: Sparse Representation Matching distillation for image classifiers in the Hugging Face Trainer."""
+"""srm_hf: feature-level knowledge distillation for image classifiers in the Hugging Face Trainer, Sparse
+Representation Matching first."""
 
 from .config import DistillationConfig
-from .hooks import FeatureHooks, TapInfo, describe_taps, pair_taps
-from .losses import classification_loss, dictionary_loss, kd_loss, srm_loss
-from .modeling import DistillationModel
-from .models import load_image_classifier
-from .srm import SparseCoder, SRMHead, srm_targets
+from .distillation_model import DistillationModel
+from .hooks import FeatureHooks
+from .loading import load_image_classifier
+from .losses import classification_loss, kd_loss
+from .methods import AT, DKD, KD, METHODS, SRM, Alone, Features, FitNet, Method, ReviewKD, StageSpec
+from .srm import SparseCoder, SRMHead, dictionary_loss, srm_loss, srm_targets
+from .taps import TapInfo, TapPair, describe_taps, pair_taps
 from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AT",
+    "DKD",
+    "KD",
+    "METHODS",
+    "SRM",
+    "Alone",
     "DistillationConfig",
     "DistillationModel",
     "DistillationTrainer",
     "FeatureHooks",
+    "Features",
+    "FitNet",
+    "Method",
+    "ReviewKD",
     "SRMHead",
     "SparseCoder",
+    "StageSpec",
     "TapInfo",
+    "TapPair",
     "classification_loss",
     "describe_taps",
     "dictionary_loss",

@@ -17,13 +17,13 @@ class StageCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._current = None
         if state.is_world_process_zero:
-            logger.info(f"SRM stage plan: {self.trainer.plan}")
+            logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
 
     def on_step_begin(self, args, state, control, **kwargs):
         stage = self.trainer.plan.stage_at(state.global_step)
-        if stage == self._current:
+        if stage.index == self._current:
             return
-        self._current = stage
+        self._current = stage.index
         label = f"stage {stage.index}/{len(self.trainer.plan.stages)}: {stage.name}"
         if state.is_world_process_zero:
             logger.info(f"Starting {label} (steps {stage.start + 1}-{stage.end})")

@@ -7,8 +7,8 @@ transformers / timm load it with no srm_hf import:
     timm:         config.json + model.safetensors   -> timm.create_model("local-dir:" + dir, pretrained=True)
     other:        model.safetensors                 -> model.load_state_dict(safetensors.torch.load_file(...))
 
-and beside it `srm_state.safetensors`: the dictionaries and heads, for resuming. `srm_dictionary.safetensors`
-holds only the dictionaries, to skip stage 1 next time (`dictionary_path`).
+and beside it `method_state.safetensors`: the method's own modules (SRM's dictionaries and heads, FitNet's
+regressors, ...) with the method's description in its metadata, for resuming.
 """
 
 import json
@@ -19,21 +19,10 @@ import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
 
+from .loading import is_timm_model
+
 STUDENT_WEIGHTS_NAME = "model.safetensors"
-SRM_STATE_NAME = "srm_state.safetensors"
-DICTIONARY_NAME = "srm_dictionary.safetensors"
-
-
-def is_timm_model(model: nn.Module) -> bool:
-    cfg = getattr(model, "pretrained_cfg", None)
-    return isinstance(cfg, dict) and "architecture" in cfg and type(model).__module__.startswith("timm.")
-
-
-def library_of(model: nn.Module) -> str:
-    """Which library loads this model back: "timm", "transformers" or "pytorch" (a plain state dict)."""
-    if isinstance(model, PreTrainedModel):
-        return "transformers"
-    return "timm" if is_timm_model(model) else "pytorch"
+METHOD_STATE_NAME = "method_state.safetensors"
 
 
 def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -65,26 +54,44 @@ def load_student_weights(student: nn.Module, checkpoint_dir: str) -> None:
     student.load_state_dict(safetensors.torch.load_file(path, device="cpu"))
 
 
-def save_srm_state(state_dict: dict[str, torch.Tensor], path: str, taps: list[dict]) -> None:
-    safetensors.torch.save_file(_contiguous(state_dict), path, metadata={"taps": json.dumps(taps)})
-
-
-def load_srm_state(model: nn.Module, path: str, prefix: str = "") -> None:
-    """Load dictionaries (and heads) saved by `save_srm_state` into a `DistillationModel`, checking every shape."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"No SRM state at {path}: pass a file written by DistillationTrainer.")
+def read_matching(path: str, expected: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str, dict]:
+    """The tensors of a safetensors file, what does not fit `expected` ("" when everything does: same names and
+    shapes), and the file's metadata."""
     saved = safetensors.torch.load_file(path, device="cpu")
-    own = model.state_dict()
-    expected = [k for k in own if k.startswith(prefix) and not k.startswith("student.")]
     missing = [k for k in expected if k not in saved]
-    wrong = [f"{k}: saved {tuple(saved[k].shape)}, needed {tuple(own[k].shape)}" for k in expected
-             if k in saved and saved[k].shape != own[k].shape]
-    if missing or wrong:
-        with safetensors.safe_open(path, "pt") as f:
-            taps = (f.metadata() or {}).get("taps", "?")
+    unexpected = [k for k in saved if k not in expected]
+    wrong = [f"{k}: saved {tuple(saved[k].shape)}, needed {tuple(v.shape)}" for k, v in expected.items()
+             if k in saved and saved[k].shape != v.shape]
+    problems = ", ".join(f"{name} {items}" for name, items in
+                         (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if items)
+    with safetensors.safe_open(path, "pt") as f:
+        metadata = f.metadata() or {}
+    return saved, problems, metadata
+
+
+def save_distillation_model(model: nn.Module, output_dir: str, state_dict: dict | None = None) -> None:
+    """The student in its library's format and the method's modules in `METHOD_STATE_NAME` (a `DistillationModel`;
+    `state_dict` as the Trainer passes it, by default the model's own)."""
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    save_student(model.student, output_dir, {k[len("student."):]: v for k, v in state_dict.items()
+                                              if k.startswith("student.")})
+    method_state = _contiguous({k: v for k, v in state_dict.items() if k.startswith("method.")})
+    safetensors.torch.save_file(method_state, os.path.join(output_dir, METHOD_STATE_NAME),
+                                metadata={"method": json.dumps(model.method.describe())})
+
+
+def load_distillation_model(model: nn.Module, folder: str) -> None:
+    """Load what `save_distillation_model` wrote into a `DistillationModel`, checking the method's modules."""
+    load_student_weights(model.student, folder)
+    path = os.path.join(folder, METHOD_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No method state at {path}: pass a folder written by DistillationTrainer.")
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("method.")}
+    saved, problems, metadata = read_matching(path, own)
+    if problems:
         raise ValueError(
-            f"{path} does not fit this teacher/student pairing (missing {missing}, shape mismatch {wrong}). "
-            f"It was saved for taps {taps}. Use the same teacher, taps, codeword_multiplier and sparsity_multiplier "
-            "as when it was saved, or drop dictionary_path to learn a new dictionary."
+            f"{path} does not fit this method and pairing ({problems}). It was saved by "
+            f"{metadata.get('method', '?')}; this run is {json.dumps(model.method.describe())}. "
+            "Resume with the same method, taps and settings, or start from scratch."
         )
-    model.load_state_dict({k: saved[k] for k in expected}, strict=False)
+    model.load_state_dict(saved, strict=False)

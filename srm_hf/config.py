@@ -1,37 +1,33 @@
-"""`DistillationConfig`: the method's settings on top of `transformers.TrainingArguments`.
+"""`DistillationConfig`: the distillation settings on top of `transformers.TrainingArguments`.
 
-`num_train_epochs` / `max_steps` size the final stage (KD in `paper` mode, the joint stage in `joint` mode);
-the stages before it have their own `*_epochs` / `*_max_steps`. See `../SRM_METHOD.md` for the maths.
+`num_train_epochs` / `max_steps` size each method's last stage (KD in SRM's `paper` mode, the joint stage in
+`joint` mode, ...); the stages before it have their own `*_epochs` / `*_max_steps`. A method's own fields carry its
+name as prefix (`srm_`, `kd_`, `dkd_`, `fitnet_`, `at_`, `reviewkd_`); setting a field of a method that is not
+used is an error. The SRM maths and its reference settings: `srm_hf/srm.py` and `srm_hf/methods/srm.py`.
 """
 
+import math
 import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-MODES = ("paper", "joint")
-METHODS = ("srm", "kd", "fitnet", "at", "none")
-TARGETS = ("both", "pixel", "image")
+from .methods import check_method_fields, method_class
 
 
 @dataclass
 class DistillationConfig(TrainingArguments):
-    """Sparse Representation Matching settings.
-
-    Modes:
-        paper: dictionary -> SRM initialisation of the student -> KD, as the reference implementation runs it.
-        joint: dictionary -> one stage with loss = (1-α)·CE + α·KD + λ·SRM, so the teacher runs once per step.
-    """
+    """Distillation settings: the method, the taps, and each method's own fields."""
 
     method: str = field(
         default="srm",
-        metadata={"help": "Distillation method: 'srm', or a baseline: 'kd', 'fitnet', 'at', 'none' (student alone)."},
+        metadata={"help": "Distillation method: 'srm', or 'kd', 'dkd', 'fitnet', 'at', 'reviewkd', 'alone'."},
     )
-    mode: str = field(default="paper", metadata={"help": "SRM stages: 'paper' (dictionary, SRM, KD) or 'joint'."})
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Teacher by Hub id, 'timm/<name>' or local path, when no `teacher_model` is passed."},
     )
+    # ---- taps (methods that match intermediate features: srm, fitnet, at, reviewkd) ----
     layer_pairs: list[str] | None = field(
         default=None,
         metadata={"help": "Explicit taps as 'teacher.module:student.module'; default pairs layers by spatial size."},
@@ -44,8 +40,10 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "Let explicit pairs differ in grid size: the student's prediction map is resized."},
     )
-    codeword_multiplier: float = field(default=2.0, metadata={"help": "m: atoms per tap K = int(m * C)."})
-    sparsity_multiplier: float = field(default=0.02, metadata={"help": "s: kept atoms per pixel k = int(m * s * C)."})
+    # ---- SRM ----
+    srm_mode: str = field(default="paper", metadata={"help": "SRM stages: 'paper' (dictionary, SRM, KD) or 'joint'."})
+    srm_codeword_multiplier: float = field(default=2.0, metadata={"help": "m: atoms per tap K = int(m * C)."})
+    srm_sparsity_multiplier: float = field(default=0.02, metadata={"help": "s: kept atoms per pixel k = int(m*s*C)."})
     srm_targets: str = field(default="both", metadata={"help": "Teacher labels to match: 'pixel', 'image' or 'both'."})
     srm_pixel_weight: float = field(default=1.0, metadata={"help": "Weight of the pixel-level cross-entropy."})
     srm_image_weight: float = field(default=1.0, metadata={"help": "Weight of the image-level binary cross-entropy."})
@@ -54,17 +52,41 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Reference behaviour: the pixel CE is fed sigmoid outputs; False feeds raw logits."},
     )
     srm_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SRM loss in the joint stage."})
-    kd_alpha: float = field(default=0.5, metadata={"help": "α: weight of the KD term; 1-α weighs the label CE."})
-    kd_temperature: float = field(default=4.0, metadata={"help": "T: softmax temperature of the KD term."})
-    dictionary_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 1 (dictionary learning)."})
-    dictionary_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 1; overrides its epochs if > 0."})
-    dictionary_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dictionaries."})
-    dictionary_path: str | None = field(
+    srm_dictionary_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 1 (dictionary learning)."})
+    srm_dictionary_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 1; overrides its epochs."})
+    srm_dictionary_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dictionaries."})
+    srm_dictionary_path: str | None = field(
         default=None,
         metadata={"help": "A saved dictionary (srm_dictionary.safetensors) to reuse: stage 1 is skipped."},
     )
     srm_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 2 (SRM initialisation, paper mode)."})
     srm_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 2; overrides its epochs if > 0."})
+    # ---- KD (also the last stage of srm, fitnet and at) ----
+    kd_alpha: float = field(default=0.5, metadata={"help": "α: weight of the KD term; 1-α weighs the label CE."})
+    kd_temperature: float = field(default=4.0, metadata={"help": "T: softmax temperature of the KD term."})
+    # ---- DKD ----
+    dkd_alpha: float = field(default=1.0, metadata={"help": "α: weight of the target-class term (TCKD)."})
+    dkd_beta: float = field(default=8.0, metadata={"help": "β: weight of the non-target-class term (NCKD)."})
+    dkd_temperature: float = field(default=4.0, metadata={"help": "T: softmax temperature of both DKD terms."})
+    dkd_ce_weight: float = field(default=1.0, metadata={"help": "Weight of the label cross-entropy."})
+    dkd_warmup_ratio: float = field(
+        default=20 / 240, metadata={"help": "Share of the stage over which the DKD weight rises linearly from 0 to 1."}
+    )
+    # ---- FitNet ----
+    fitnet_epochs: float = field(default=1.0, metadata={"help": "Epochs of the FitNet hint stage."})
+    fitnet_max_steps: int = field(default=-1, metadata={"help": "Steps of the FitNet hint stage; overrides epochs."})
+    # ---- AT ----
+    at_beta: float = field(default=1000.0, metadata={"help": "β of attention transfer (the AT paper's 1000)."})
+    # ---- ReviewKD ----
+    reviewkd_weight: float = field(default=5.0, metadata={"help": "Weight of the hierarchical context loss."})
+    reviewkd_ce_weight: float = field(default=1.0, metadata={"help": "Weight of the label cross-entropy."})
+    reviewkd_warmup_ratio: float = field(
+        default=20 / 240, metadata={"help": "Share of the stage over which the review weight rises from 0 to 1."}
+    )
+    reviewkd_mid_channels: int | None = field(
+        default=None, metadata={"help": "Channels inside the fusion modules; default min(512, deepest student tap's)."}
+    )
+    # ---- engineering ----
     compile_student: bool = field(
         default=False,
         metadata={"help": "torch.compile the student's forward (after its taps are hooked); uses torch_compile_backend."},
@@ -73,16 +95,13 @@ class DistillationConfig(TrainingArguments):
         default=10,
         metadata={"help": "Consecutive optimizer steps with a NaN/inf gradient that are skipped before training stops."},
     )
-    hint_epochs: float = field(default=1.0, metadata={"help": "Epochs of the FitNet hint stage."})
-    hint_max_steps: int = field(default=-1, metadata={"help": "Steps of the FitNet hint stage; overrides epochs."})
-    at_beta: float = field(default=1000.0, metadata={"help": "β of attention transfer (the AT paper's 1000)."})
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False: image datasets are transformed on the fly from columns the model never sees."},
     )
 
     def __post_init__(self):
-        # Dictionaries and heads are unused in some stages, so DDP must look for unused parameters.
+        # Method modules are unused in some stages, so DDP must look for unused parameters.
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
         # Under `accelerate launch`, the launch config's CPU choice and mixed precision set the flags unless they
@@ -97,28 +116,28 @@ class DistillationConfig(TrainingArguments):
         self._check()
 
     def _check(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}.")
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {MODES}: use 'paper' (three stages) or 'joint'.")
-        if self.srm_targets not in TARGETS:
-            raise ValueError(f"srm_targets={self.srm_targets!r} is not one of {TARGETS}.")
-        if self.codeword_multiplier <= 0:
-            raise ValueError(f"codeword_multiplier={self.codeword_multiplier} must be > 0 (the paper uses 1.5 to 4).")
-        if not 0 < self.sparsity_multiplier <= 1:
+        check_method_fields(self, method_class(self.method))
+        method_class(self.method).from_config(self)  # each method checks its own settings
+        if self.srm_codeword_multiplier <= 0:
+            raise ValueError(f"srm_codeword_multiplier={self.srm_codeword_multiplier} must be > 0 (the paper: 1.5-4).")
+        if not 0 < self.srm_sparsity_multiplier <= 1:
             raise ValueError(
-                f"sparsity_multiplier={self.sparsity_multiplier} must be in (0, 1] (the paper uses 0.01 to 0.03)."
+                f"srm_sparsity_multiplier={self.srm_sparsity_multiplier} must be in (0, 1] (the paper uses 0.01-0.03)."
             )
-        if not 0 <= self.kd_alpha <= 1:
-            raise ValueError(f"kd_alpha={self.kd_alpha} must be in [0, 1]: it mixes KD (α) and label CE (1-α).")
-        if self.kd_temperature <= 0:
-            raise ValueError(f"kd_temperature={self.kd_temperature} must be > 0 (typical: 2 to 8).")
+        for name in ("kd_alpha", "dkd_warmup_ratio", "reviewkd_warmup_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
+        for name in ("kd_temperature", "dkd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (typical: 2 to 8).")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0 (0: stop at the first one).")
-        for name in ("srm_pixel_weight", "srm_image_weight", "srm_weight", "dictionary_learning_rate", "at_beta"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
-        for name in ("dictionary", "srm", "hint"):
+        for name in ("srm_pixel_weight", "srm_image_weight", "srm_weight", "srm_dictionary_learning_rate", "at_beta",
+                     "dkd_alpha", "dkd_beta", "dkd_ce_weight", "reviewkd_weight", "reviewkd_ce_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}={value} must be a finite number >= 0.")
+        for name in ("srm_dictionary", "srm", "fitnet"):
             epochs, steps = getattr(self, f"{name}_epochs"), getattr(self, f"{name}_max_steps")
             if steps <= 0 and epochs <= 0:
                 raise ValueError(f"Stage '{name}' has no length: set {name}_epochs > 0 or {name}_max_steps > 0.")
@@ -127,13 +146,6 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(
                     f"layer_pairs entry {pair!r} is not 'teacher.module:student.module' (one colon, two paths)."
                 )
-
-    @property
-    def stage_names(self) -> list[str]:
-        """The stages `train()` runs, in order, before skipping a dictionary that is already learnt."""
-        if self.method == "srm":
-            return ["dictionary", "srm", "kd"] if self.mode == "paper" else ["dictionary", "joint"]
-        return {"kd": ["kd"], "fitnet": ["hint", "kd"], "at": ["at"], "none": ["ce"]}[self.method]
 
     @property
     def explicit_pairs(self) -> list[tuple[str, str]] | None:

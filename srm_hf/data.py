@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
 
+from .loading import is_offline
+
 IMAGE_COLUMNS = ("image", "img", "picture", "photo", "jpg", "png")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "coarse_label")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
@@ -161,9 +163,8 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
     try:
         return load_dataset(args.dataset_name, args.dataset_config), f"{args.dataset_name} (Hub)"
     except (ConnectionError, OSError) as e:  # offline mode raises ConnectionError/OSError subclasses
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         raise ConnectionError(
-            f"Could not load the Hub dataset {args.dataset_name!r}{' (HF_HUB_OFFLINE is set)' if offline else ''}: "
+            f"Could not load the Hub dataset {args.dataset_name!r}{' (HF_HUB_OFFLINE is set)' if is_offline() else ''}: "
             f"{e}. Download it once online, or point --dataset_dir at a local copy."
         ) from e
 

@@ -10,7 +10,7 @@ from string import Template
 from huggingface_hub import HfApi
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "model_card.md")
-# What a student folder may publish: its library's files and the card; never srm_state / training args.
+# What a student folder may publish: its library's files and the card; never method state / training args.
 STUDENT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 
 
@@ -34,13 +34,13 @@ def render_model_card(
     teacher_revision: str | None,
     student: str,
     dataset: str,
-    config,
+    method: dict,
+    seed: int,
     tap_pairs,
     stages: list[tuple[str, int]],
     metrics: dict[str, float],
-    num_active: dict[str, tuple[int, int]],
 ) -> str:
-    """The student's README.md: quick start, teacher, dataset, SRM settings, metrics, seed, versions, citation."""
+    """The student's README.md: quick start, teacher, dataset, method settings, metrics, seed, versions, citation."""
     repo = repo_id or model_name
     if library_name == "timm":
         quickstart = f'import timm\nmodel = timm.create_model("hf-hub:{repo}", pretrained=True).eval()'
@@ -48,11 +48,8 @@ def render_model_card(
         quickstart = ("from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
                       f'model = AutoModelForImageClassification.from_pretrained("{repo}").eval()')
     metrics_table = "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()])
-    taps = "\n".join(
-        f"- `{p.teacher.path}` → `{p.student.path}`: C={p.teacher.channels}, K={num_active[p.key][0]}, "
-        f"k={num_active[p.key][1]}, grid {p.teacher.spatial or 'pooled'}"
-        for p in tap_pairs
-    )
+    taps = "\n".join(f"- `{p.teacher}` → `{p.student}`" for p in tap_pairs) or "- none (logits only)"
+    settings = "\n".join(f"| {k} | {v} |" for k, v in method.items() if k != "name")
     model_index = ""
     if "test_accuracy" in metrics:
         model_index = (f"model-index:\n- name: {model_name}\n  results:\n  - task:\n      type: image-classification\n"
@@ -64,10 +61,9 @@ def render_model_card(
     return template.substitute(
         library_name=library_name, dataset=dataset, model_index=model_index, model_name=model_name,
         teacher=teacher, teacher_link=teacher_link, teacher_revision=teacher_revision or "local",
-        student=student, quickstart=quickstart, metrics_table=metrics_table, mode=config.mode,
-        stages=" → ".join(f"{name} ({steps} steps)" for name, steps in stages), m=config.codeword_multiplier,
-        s=config.sparsity_multiplier, targets=config.srm_targets, kd_alpha=config.kd_alpha,
-        kd_temperature=config.kd_temperature, seed=config.seed, taps=taps, versions=_versions(),
+        student=student, quickstart=quickstart, metrics_table=metrics_table, method=method["name"],
+        method_tag=method["name"].replace("_", "-"), stages=" → ".join(f"{n} ({steps} steps)" for n, steps in stages),
+        settings=settings, seed=seed, taps=taps, versions=_versions(),
     )
 
 
@@ -75,10 +71,10 @@ def model_card_for(trainer, model_name: str | None = None, dataset: str | None =
                    teacher_revision: str | None = None, student: str | None = None,
                    metrics: dict[str, float] | None = None) -> str:
     """The model card of a `DistillationTrainer`'s student, with what the trainer knows filled in."""
-    from .checkpoint import library_of
-    from .hooks import unwrap_model
+    from .loading import library_of
+    from .forward import unwrap_model
 
-    distill_model, args = trainer._distill_model, trainer.args
+    distill_model, args = trainer.distill_model, trainer.args
     return render_model_card(
         model_name=model_name or Path(args.output_dir).absolute().name,
         repo_id=trainer.hub_model_id or args.hub_model_id,
@@ -87,12 +83,22 @@ def model_card_for(trainer, model_name: str | None = None, dataset: str | None =
         teacher_revision=teacher_revision,
         student=student or type(distill_model.student).__name__,
         dataset=dataset or "custom",
-        config=args,
+        method=trainer.method.describe(),
+        seed=args.seed,
         tap_pairs=trainer.tap_pairs,
         stages=[(s.name, s.steps) for s in trainer.plan.stages] if trainer.plan else [],
         metrics=metrics or {},
-        num_active={k: (c.num_atoms, c.num_active) for k, c in distill_model.coders.items()},
     )
+
+
+def write_model_card(trainer, **kwargs) -> str:
+    """`model_card_for(trainer, **kwargs)`, written to `output_dir/README.md` on the saving process."""
+    card = model_card_for(trainer, **kwargs)
+    if trainer.args.should_save:
+        os.makedirs(trainer.args.output_dir, exist_ok=True)
+        with open(os.path.join(trainer.args.output_dir, "README.md"), "w") as f:
+            f.write(card)
+    return card
 
 
 def push_student(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
@@ -112,9 +118,9 @@ def push_student(folder: str, repo_id: str, token: str | None = None, private: b
 
 
 def push_dictionary(path: str, repo_id: str, token: str | None = None, private: bool | None = None):
-    """Upload a `srm_dictionary.safetensors` on its own, for reuse with `dictionary_path`."""
+    """Upload a `srm_dictionary.safetensors` on its own, for reuse with `srm_dictionary_path`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No dictionary at {path}: run trainer.pretrain_dictionary() or save_dictionary().")
+        raise FileNotFoundError(f"No dictionary at {path}: run trainer.train_stages(['dictionary']), then trainer.method.save_dictionary(path).")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_file(path_or_fileobj=path, path_in_repo=os.path.basename(path), repo_id=repo_id,

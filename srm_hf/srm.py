@@ -12,6 +12,8 @@ Codes and head outputs keep the layout of their input: [N, K, H, W], [N, K] or [
 that layout (1×1 convolutions on maps, matmuls on tokens and vectors): nothing is transposed or copied.
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -162,3 +164,55 @@ def resize_like(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
     if logits.dim() != 4 or tuple(logits.shape[2:]) == tuple(size):
         return logits
     return nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+# ---- losses ---------------------------------------------------------------------------------------------------
+
+
+def dictionary_loss(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+    """Stage 1: MSE(T, T̂), the mean over all N·C·H·W entries. No ℓ1 term: sparsity comes from top-k alone."""
+    return F.mse_loss(reconstruction.float(), features.float())
+
+
+def srm_loss(
+    head_logits: torch.Tensor,
+    pixel_labels: torch.Tensor,
+    image_labels: torch.Tensor,
+    pixel_weight: float = 1.0,
+    image_weight: float = 1.0,
+    pixel_ce_on_sigmoid: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Stage 2: the student's head predicts the teacher's sparse-code labels of one tap.
+
+        p = sigmoid(Pᵀ s + c)                      # [N, P, K]
+        image term: BCE(mean_pixels p, g)          # g = teacher image labels [N, K]
+        pixel term: CE(p, y)                       # y = teacher pixel labels [N, P]
+
+    Paper vs reference code: the reference feeds the *sigmoid outputs* p to the cross-entropy as if they were
+    logits, so the pixel term can never fall below log(1 + (K-1)/e). That is the default
+    (`pixel_ce_on_sigmoid=True`, what produced the paper's numbers); `False` feeds the raw logits Pᵀ s + c.
+
+    Returns {"pixel": weighted pixel term, "image": weighted image term}; a weight of 0 skips its term.
+    """
+    logits = head_logits.float()  # [N, K, H, W] / [N, L, K] / [N, K]
+    probs = torch.sigmoid(logits)
+    if logits.dim() == 3:  # tokens: cross_entropy wants the classes in dim 1
+        logits, probs = logits.transpose(1, 2), probs.transpose(1, 2)  # [N, K, L]
+    out = {}
+    if pixel_weight:
+        ce_input = probs if pixel_ce_on_sigmoid else logits  # classes in dim 1, pixels after
+        target = pixel_labels.reshape(ce_input.shape[0], *ce_input.shape[2:])  # e.g. a teacher map [N, H, W] for L tokens
+        out["pixel"] = pixel_weight * F.cross_entropy(ce_input, target)
+    if image_weight:
+        image_pred = probs.flatten(2).mean(dim=2) if probs.dim() > 2 else probs  # [N, K]
+        # BCE on probabilities, written out so it is safe under autocast; clamped to stay finite.
+        image_pred = image_pred.clamp(1e-7, 1 - 1e-7)
+        target = image_labels.float()
+        bce = -(target * image_pred.log() + (1 - target) * (1 - image_pred).log())
+        out["image"] = image_weight * bce.mean()
+    return out
+
+
+def pixel_ce_floor(num_atoms: int) -> float:
+    """The lowest value of the paper-mode pixel term: log(1 + (K-1)/e), reached by a one-hot p."""
+    return math.log(1 + (num_atoms - 1) / math.e)

@@ -1,37 +1,34 @@
 """The stage plan: which stage runs at which optimizer step, what it trains, and its learning-rate schedule.
 
-All stages run inside ONE `Trainer.train()` loop, one after the other on the global step counter, so
-checkpoints, logging and `resume_from_checkpoint` work across and inside stages. Each parameter group has a
-learning-rate multiplier that is 0 outside the stages that train it and follows the configured schedule
-(warmup included) inside each of them, restarted per stage.
+A method declares its stages (`srm_hf.methods.base.StageSpec`); the trainer sizes them into a `StagePlan` and runs
+them all inside ONE `Trainer.train()` loop, one after the other on the global step counter, so checkpoints,
+logging and `resume_from_checkpoint` work across and inside stages. Each parameter group has a learning-rate
+multiplier that is 0 outside the stages that train it and follows the configured schedule (warmup included)
+inside each of them, restarted per stage.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import get_scheduler
 
-# Which parameter groups each stage trains.
-STAGE_GROUPS = {
-    "dictionary": ("dictionary",),
-    "srm": ("student", "heads"),
-    "kd": ("student",),
-    "joint": ("student", "heads"),
-    "hint": ("student", "regressors"),  # FitNet stage 1
-    "at": ("student",),
-    "ce": ("student",),  # the student alone
-}
-# Stages whose schedule is constant: the dictionary is fitted with a fixed learning rate, as in the reference.
-CONSTANT_SCHEDULE = ("dictionary",)
+from .methods.base import StageSpec
 
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
+    """A stage of the plan: its spec, where it starts and how long it lasts; `step` is the step inside it."""
+
+    spec: StageSpec
     index: int  # 1-based position in the plan
     start: int  # first global step (0-based)
     steps: int
+    step: int = 0  # 0-based optimizer step inside the stage (set by `StagePlan.stage_at`)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def end(self) -> int:
@@ -39,16 +36,21 @@ class Stage:
 
     @property
     def groups(self) -> tuple[str, ...]:
-        return STAGE_GROUPS[self.name]
+        return self.spec.trains
+
+    @property
+    def progress(self) -> float:
+        """Fraction of the stage done once the current step is taken, in (0, 1]."""
+        return (self.step + 1) / self.steps
 
 
 class StagePlan:
-    def __init__(self, names_and_steps: list[tuple[str, int]]):
+    def __init__(self, specs_and_steps: list[tuple[StageSpec, int]]):
         self.stages, start = [], 0
-        for i, (name, steps) in enumerate(names_and_steps, start=1):
+        for i, (spec, steps) in enumerate(specs_and_steps, start=1):
             if steps <= 0:
-                raise ValueError(f"Stage '{name}' has {steps} steps: give it a positive number of epochs or steps.")
-            self.stages.append(Stage(name, i, start, steps))
+                raise ValueError(f"Stage '{spec.name}' has {steps} steps: give it a positive number of epochs or steps.")
+            self.stages.append(Stage(spec, i, start, steps))
             start += steps
 
     @property
@@ -57,24 +59,25 @@ class StagePlan:
 
     def stage_at(self, step: int) -> Stage:
         """The stage that the optimizer step number `step` (0-based, i.e. `state.global_step`) belongs to."""
-        for stage in self.stages:
-            if step < stage.end:
-                return stage
-        return self.stages[-1]
+        stage = next((s for s in self.stages if step < s.end), self.stages[-1])
+        return replace(stage, step=min(step - stage.start, stage.steps - 1))
 
     def __str__(self) -> str:
         return " -> ".join(f"{s.index}. {s.name} ({s.steps} steps)" for s in self.stages)
 
 
-def stage_steps(epochs: float, max_steps: int, steps_per_epoch: int | None, name: str) -> int:
-    """A stage's length: `max_steps` if > 0, else `epochs` passes over the data."""
-    if max_steps > 0:
-        return max_steps
+def stage_steps(spec: StageSpec, steps_per_epoch: int | None, last_stage_steps: int) -> int:
+    """A stage's length: its `max_steps` if > 0, else `epochs` passes over the data; the last stage (no epochs of
+    its own) takes the length TrainingArguments gives the run."""
+    if spec.max_steps > 0:
+        return spec.max_steps
+    if spec.epochs is None:
+        return last_stage_steps
     if steps_per_epoch is None:
         raise ValueError(
-            f"Stage '{name}' is sized in epochs but the training dataset has no length; set its max_steps instead."
+            f"Stage '{spec.name}' is sized in epochs but the training dataset has no length; set its max_steps."
         )
-    return max(1, math.ceil(epochs * steps_per_epoch))
+    return max(1, math.ceil(spec.epochs * steps_per_epoch))
 
 
 def _stage_multiplier(windows: list[tuple[int, int, object]]):
@@ -92,16 +95,15 @@ def _stage_multiplier(windows: list[tuple[int, int, object]]):
     return multiplier
 
 
-def _stage_lambda(name: str, steps: int, args) -> object:
-    """The `lr_lambda` transformers' `get_scheduler` builds for one stage of `steps` steps."""
+def _stage_lambda(stage: Stage, args) -> object:
+    """The `lr_lambda` transformers' `get_scheduler` builds for one stage of `stage.steps` steps."""
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = "constant" if name in CONSTANT_SCHEDULE else args.lr_scheduler_type
-    warmup = 0 if name in CONSTANT_SCHEDULE else args.get_warmup_steps(steps)
+    constant = stage.spec.constant_lr
     scheduler = get_scheduler(
-        schedule,
+        "constant" if constant else args.lr_scheduler_type,
         optimizer=dummy,
-        num_warmup_steps=warmup,
-        num_training_steps=steps,
+        num_warmup_steps=0 if constant else args.get_warmup_steps(stage.steps),
+        num_training_steps=stage.steps,
         scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
     )
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -113,10 +115,10 @@ def _stage_lambda(name: str, steps: int, args) -> object:
 
 
 def stage_scheduler(optimizer, plan: StagePlan, args) -> torch.optim.lr_scheduler.LambdaLR:
-    """One LambdaLR over the whole run; each param group (tagged `srm_group`) follows its stages' schedules."""
-    lambdas = {s.index: _stage_lambda(s.name, s.steps, args) for s in plan.stages}
+    """One LambdaLR over the whole run; each param group (tagged `stage_group`) follows its stages' schedules."""
+    lambdas = {s.index: _stage_lambda(s, args) for s in plan.stages}
     multipliers = []
     for group in optimizer.param_groups:
-        windows = [(s.start, s.end, lambdas[s.index]) for s in plan.stages if group["srm_group"] in s.groups]
+        windows = [(s.start, s.end, lambdas[s.index]) for s in plan.stages if group["stage_group"] in s.groups]
         multipliers.append(_stage_multiplier(windows))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)

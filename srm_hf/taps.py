@@ -1,37 +1,164 @@
-"""Choosing the taps: a dry run of both models, a label-count check, and automatic or explicit pairing."""
+"""Taps: where teacher and student features are read, described, discovered and paired.
 
+A tap is a module path plus what a dry-run forward shows there (timm vocabulary: channels, reduction). A
+`TapPair` joins a teacher tap and a student tap; its `key` names both sides' features, the method's modules for
+the pair and their state-dict entries.
+"""
+
+from dataclasses import dataclass
+
+import torch
 import torch.nn as nn
 
-from .config import DistillationConfig
-from .hooks import describe_taps, dry_run, pair_taps, stage_taps
-from .modeling import TapPair
+from .forward import eval_mode, model_logits, unwrap_model
+from .hooks import FeatureHooks
 
 
-def plan_taps(teacher: nn.Module, student: nn.Module, batch: dict, args: DistillationConfig) -> list[TapPair]:
-    """Dry-run both models on `batch`, check their label counts, and pair their taps (explicit or automatic)."""
-    if not isinstance(batch, dict) or "pixel_values" not in batch:
+@dataclass(frozen=True)
+class TapInfo:
+    """One tap as a dry-run forward sees it."""
+
+    path: str
+    channels: int
+    spatial: tuple[int, ...]  # (H, W) for maps, (L,) for tokens, () for pooled vectors
+    reduction: float  # input height / tap height for maps; 0 otherwise
+
+    @property
+    def num_pixels(self) -> int:
+        n = 1
+        for s in self.spatial:
+            n *= s
+        return n
+
+    def __str__(self) -> str:
+        if len(self.spatial) == 2:
+            shape = f"{self.channels}x{self.spatial[0]}x{self.spatial[1]} (reduction {self.reduction:g})"
+        elif self.spatial:
+            shape = f"{self.spatial[0]} tokens x {self.channels}"
+        else:
+            shape = f"{self.channels} (pooled vector)"
+        return f"{self.path}: {shape}"
+
+
+def tap_key(path: str) -> str:
+    """A module path as an `nn.ModuleDict` key (no dots)."""
+    return path.replace(".", "-")
+
+
+@dataclass(frozen=True)
+class TapPair:
+    teacher: TapInfo
+    student: TapInfo
+
+    @property
+    def key(self) -> str:
+        return tap_key(self.teacher.path)
+
+
+def tap_info(path: str, feature: torch.Tensor, input_height: int) -> TapInfo:
+    if feature.dim() == 4 and feature.shape[2:] == (1, 1):
+        return TapInfo(path, feature.shape[1], (), 0.0)  # [N, C, 1, 1] is a pooled vector
+    if feature.dim() == 4:
+        h, w = feature.shape[2:]
+        return TapInfo(path, feature.shape[1], (h, w), input_height / h)
+    if feature.dim() == 3:
+        return TapInfo(path, feature.shape[2], (feature.shape[1],), 0.0)
+    if feature.dim() == 2:
+        return TapInfo(path, feature.shape[1], (), 0.0)
+    raise ValueError(f"Tap {path!r} returned a tensor of shape {tuple(feature.shape)}, not a feature map.")
+
+
+def dry_run(model: nn.Module, pixel_values: torch.Tensor) -> tuple[list[TapInfo], torch.Tensor]:
+    """One eval-mode forward that records every module's output.
+
+    Returns the candidate taps in execution order, one per distinct output tensor (named by the outermost module
+    that returned it as a plain tensor), and the model's logits. Modules that return the logits are not taps.
+    """
+    model = unwrap_model(model)
+    records: list[tuple[str, torch.Tensor]] = []
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: records.append((name, out)))
+               for name, m in model.named_modules() if name]
+    try:
+        with eval_mode(model):
+            logits = model_logits(model(pixel_values))
+    finally:
+        for h in handles:
+            h.remove()
+    taps: dict[int, TapInfo] = {}  # keyed by tensor identity; later (outer) modules overwrite inner ones
+    for name, out in records:
+        if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.dim() > 4 or out.shape[0] != logits.shape[0]:
+            continue
+        if out.data_ptr() == logits.data_ptr() or not out.is_floating_point():
+            continue
+        if out.dim() == 4 and not _same_aspect(out.shape[2:], pixel_values.shape[2:]):
+            continue  # not a [N, C, H, W] map of this image (e.g. NHWC or attention scores)
+        taps[id(out)] = tap_info(name, out, pixel_values.shape[-2])
+    order = {id(out): i for i, (_, out) in enumerate(records) if id(out) in taps}
+    return [taps[k] for k in sorted(taps, key=lambda k: order[k])], logits
+
+
+def _same_aspect(size: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    h, w = size
+    return (h, w) == (1, 1) or abs(w - h * image_size[1] / image_size[0]) <= 1
+
+
+def describe_taps(model: nn.Module, pixel_values: torch.Tensor, paths: list[str]) -> list[TapInfo]:
+    """Describe the given module paths (channels, spatial size) from one dry-run forward."""
+    hooks = FeatureHooks(model, paths)  # raises on unknown paths, naming the closest modules
+    try:
+        with eval_mode(model):
+            model(pixel_values)
+        features = hooks.pop()
+    finally:
+        hooks.remove()
+    return [tap_info(p, features[p], pixel_values.shape[-2]) for p in paths]
+
+
+def stage_taps(taps: list[TapInfo], min_reduction: float) -> list[TapInfo]:
+    """The automatic tap candidates: one per spatial size, the shallowest module there (the stage, not a layer
+    inside it), the last one run among equals; pooled vectors count as one size.
+
+    Maps finer than `min_reduction` (e.g. the stem at reduction 2) are left out: their codes cost the most memory.
+    """
+    best: dict[tuple[int, ...], tuple[int, int]] = {}  # spatial -> (depth, -position) of the best tap so far
+    for i, t in enumerate(taps):
+        if len(t.spatial) == 2 and t.reduction < min_reduction:
+            continue
+        rank = (t.path.count("."), -i)
+        if t.spatial not in best or rank < best[t.spatial]:
+            best[t.spatial] = rank
+    chosen = sorted(-pos for _, pos in best.values())
+    return [taps[i] for i in chosen]
+
+
+def pair_taps(teacher: list[TapInfo], student: list[TapInfo]) -> list[TapPair]:
+    """Pair teacher and student candidate taps of equal spatial size (maps by H×W, tokens by L, pooled vectors)."""
+    by_size = {t.spatial: t for t in student}
+    pairs = [TapPair(t, by_size[t.spatial]) for t in teacher if t.spatial in by_size]
+    if not pairs:
         raise ValueError(
-            "Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); got "
-            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else '-'}. "
-            "Map the dataset with the model's image processor or transforms first."
+            "No teacher and student layers share a spatial size, so there is nothing to pair.\n"
+            f"  teacher taps: {[str(t) for t in teacher]}\n  student taps: {[str(t) for t in student]}\n"
+            "Pass explicit `layer_pairs` (teacher_path:student_path) and set `allow_resize=True`, or feed both "
+            "models inputs of sizes that give matching feature grids."
         )
-    pixel_values = batch["pixel_values"]
-    teacher_pixel_values = batch.get("teacher_pixel_values", pixel_values)
-    teacher_pixel_values = teacher_pixel_values.to(next(teacher.parameters()).device)
-    pixel_values = pixel_values.to(next(student.parameters()).device)
-    teacher_taps, teacher_logits = dry_run(teacher, teacher_pixel_values)
-    student_taps, student_logits_ = dry_run(student, pixel_values)
-    if teacher_logits.shape[-1] != student_logits_.shape[-1]:
-        raise ValueError(
-            f"The teacher predicts {teacher_logits.shape[-1]} labels but the student {student_logits_.shape[-1]}. "
-            "Create the student with the teacher's label count (num_labels= for transformers, num_classes= for timm)."
-        )
+    return pairs
+
+
+def plan_taps(teacher: nn.Module, student: nn.Module, teacher_pixel_values: torch.Tensor,
+              pixel_values: torch.Tensor, args) -> list[TapPair]:
+    """Pair the taps of both models: `args.layer_pairs` if given (checked), else automatically by grid size."""
     if args.explicit_pairs is None:
-        pairs = pair_taps(stage_taps(teacher_taps, args.tap_min_reduction),
-                          stage_taps(student_taps, args.tap_min_reduction))
-        return [TapPair(t, s) for t, s in pairs]
+        return pair_taps(stage_taps(dry_run(teacher, teacher_pixel_values)[0], args.tap_min_reduction),
+                         stage_taps(dry_run(student, pixel_values)[0], args.tap_min_reduction))
 
     teacher_paths, student_paths = zip(*args.explicit_pairs)
+    duplicated = sorted({p for p in teacher_paths if teacher_paths.count(p) > 1})
+    if duplicated:
+        raise ValueError(
+            f"layer_pairs uses the teacher taps {duplicated} more than once: each teacher tap can be paired with "
+            "one student tap only. Remove the repeated entries."
+        )
     pairs = [TapPair(t, s) for t, s in zip(describe_taps(teacher, teacher_pixel_values, list(teacher_paths)),
                                             describe_taps(student, pixel_values, list(student_paths)))]
     for pair in pairs:

@@ -19,6 +19,8 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from .loading import is_timm_model
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -46,7 +48,7 @@ def _per_channel(values, channels: int) -> tuple[float, ...]:
 
 def preprocessing_for(model: torch.nn.Module, image_processor=None) -> Preprocessing:
     """From timm's data config, a transformers image processor, or the model config (ImageNet statistics)."""
-    if getattr(model, "pretrained_cfg", None) and type(model).__module__.startswith("timm."):
+    if is_timm_model(model):
         from timm.data import resolve_model_data_config
 
         cfg = resolve_model_data_config(model)

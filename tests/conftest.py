@@ -9,6 +9,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import timm
 import torch
+import torch.nn as nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from srm_hf import DistillationConfig
@@ -33,6 +34,13 @@ class PatternDataset(torch.utils.data.Dataset):
         return {"pixel_values": self.images[i], "labels": self.labels[i]}
 
 
+def small_net():
+    """Conv 8x8 -> conv 4x4 -> pooled vector -> 2 logits."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 6, 3, stride=2, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 2))
+
+
 def timm_resnet(seed: int = 0, num_classes: int = NUM_LABELS):
     torch.manual_seed(seed)
     return timm.create_model("test_resnet", num_classes=num_classes)
@@ -53,8 +61,6 @@ def make_config(tmp_path, **kwargs) -> DistillationConfig:
         per_device_train_batch_size=8,
         per_device_eval_batch_size=8,
         learning_rate=1e-3,
-        dictionary_max_steps=4,
-        srm_max_steps=4,
         max_steps=4,
         logging_steps=1,
         save_strategy="no",
@@ -64,6 +70,8 @@ def make_config(tmp_path, **kwargs) -> DistillationConfig:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    if kwargs.get("method", "srm") == "srm":  # 4 + 4 + 4 steps (paper) or 4 + 4 (joint)
+        defaults.update(srm_dictionary_max_steps=4, srm_max_steps=4)
     defaults.update(kwargs)
     return DistillationConfig(**defaults)
 
@@ -80,6 +88,16 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed(before: dict, after: dict, prefix: str = "") -> bool:
     """Whether any float entry under `prefix` differs."""
     return any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix) and before[k].is_floating_point())
+
+
+def pretrain_dictionary(trainer) -> str:
+    """SRM's stage 1 alone, its dictionary saved to output_dir/srm_dictionary.safetensors (the public two steps)."""
+    import os
+
+    from srm_hf.methods.srm import DICTIONARY_NAME
+
+    trainer.train_stages(["dictionary"])
+    return trainer.method.save_dictionary(os.path.join(trainer.args.output_dir, DICTIONARY_NAME))
 
 
 def make_trainer(tmp_path, teacher=None, student=None, train_dataset=None, callbacks=None, **config):

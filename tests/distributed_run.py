@@ -18,7 +18,7 @@ from test_accumulation import NormFreeNet  # noqa: E402
 
 import srm_hf.trainer as trainer_module  # noqa: E402
 from srm_hf import DistillationTrainer  # noqa: E402
-from srm_hf.hooks import unwrap_model  # noqa: E402
+from srm_hf.forward import unwrap_model  # noqa: E402
 
 out, mode, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 writes = []
@@ -32,11 +32,10 @@ def recording(fn):
     return wrapper
 
 
-trainer_module.save_student = recording(trainer_module.save_student)
-trainer_module.save_srm_state = recording(trainer_module.save_srm_state)
+trainer_module.save_distillation_model = recording(trainer_module.save_distillation_model)
 
-args = make_config(__import__("pathlib").Path(out), mode=mode, per_device_train_batch_size=batch, optim="sgd",
-                   learning_rate=0.1, dictionary_max_steps=2, srm_max_steps=2, max_steps=2, save_strategy="steps",
+args = make_config(__import__("pathlib").Path(out), srm_mode=mode, per_device_train_batch_size=batch, optim="sgd",
+                   learning_rate=0.1, srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2, save_strategy="steps",
                    save_steps=3)
 trainer = DistillationTrainer(model=NormFreeNet(8, 1), teacher_model=NormFreeNet(16, 0), args=args,
                               train_dataset=PatternDataset(64))
@@ -46,7 +45,7 @@ rank = trainer.accelerator.process_index
 torch.save(
     {
         "world": trainer.accelerator.num_processes,
-        "state": {k: v.cpu() for k, v in trainer._distill_model.state_dict().items()},
+        "state": {k: v.cpu() for k, v in trainer.distill_model.state_dict().items()},
         "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
         "writes": writes,
         "teacher_type": type(trainer.teacher).__name__,

@@ -22,9 +22,9 @@ class NormFreeNet(nn.Module):
 
 
 def run(tmp_path, mode, batch, accumulation):
-    trainer = make_trainer(tmp_path, teacher=NormFreeNet(16, 0), student=NormFreeNet(8, 1), mode=mode,
+    trainer = make_trainer(tmp_path, teacher=NormFreeNet(16, 0), student=NormFreeNet(8, 1), srm_mode=mode,
                            per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-                           dictionary_max_steps=2, srm_max_steps=2, max_steps=2, learning_rate=0.1,
+                           srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2, learning_rate=0.1,
                            optim="sgd")  # SGD: the update is proportional to the gradient, so mis-scaling shows
     trainer.train()
     return trainer
@@ -34,8 +34,8 @@ def test_accumulation_matches_the_larger_batch(tmp_path):
     for mode in ("paper", "joint"):
         big = run(tmp_path / f"{mode}-big", mode, batch=16, accumulation=1)
         small = run(tmp_path / f"{mode}-small", mode, batch=8, accumulation=2)
-        a, b = big._distill_model.state_dict(), small._distill_model.state_dict()
-        assert any(k.startswith("heads.") for k in a)
+        a, b = big.distill_model.state_dict(), small.distill_model.state_dict()
+        assert any(k.startswith("method.heads.") for k in a)
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{mode}: {k}")
         losses = lambda t: [e["loss"] for e in t.state.log_history if "loss" in e]  # noqa: E731

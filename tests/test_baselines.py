@@ -5,12 +5,13 @@ from conftest import changed, make_trainer, snapshot
 
 
 def run(tmp_path, method, **config):
-    trainer = make_trainer(tmp_path, method=method, hint_max_steps=3, max_steps=3, **config)
+    steps = {"fitnet_max_steps": 3} if method == "fitnet" else {}
+    trainer = make_trainer(tmp_path, method=method, max_steps=3, **steps, **config)
     calls = []
     trainer.teacher.register_forward_hook(lambda *a: calls.append(1))
-    before = snapshot(trainer._distill_model)
+    before = snapshot(trainer.distill_model)
     trainer.train()
-    return trainer, before, snapshot(trainer._distill_model), len(calls)
+    return trainer, before, snapshot(trainer.distill_model), len(calls)
 
 
 def names(trainer):
@@ -18,10 +19,10 @@ def names(trainer):
 
 
 def test_student_alone_never_runs_the_teacher(tmp_path):
-    trainer, before, after, teacher_calls = run(tmp_path, "none")
+    trainer, before, after, teacher_calls = run(tmp_path, "alone")
     assert [s.name for s in trainer.plan.stages] == ["ce"] and teacher_calls == 0
     assert names(trainer) == {"ce/ce"} and changed(before, after, "student.")
-    assert not trainer._distill_model.coders and not trainer._distill_model.heads
+    assert not list(trainer.method.parameters()) and trainer.tap_pairs == []
 
 
 def test_kd(tmp_path):
@@ -35,9 +36,9 @@ def test_fitnet_hint_stage_then_kd(tmp_path):
     assert [s.name for s in trainer.plan.stages] == ["hint", "kd"]
     assert names(trainer) == {"hint/mse", "kd/kd", "kd/ce"}
     for pair in trainer.tap_pairs:
-        assert trainer._distill_model.regressors[pair.key].weight.shape == (pair.student.channels,
+        assert trainer.distill_model.method.regressors[pair.key].weight.shape == (pair.student.channels,
                                                                              pair.teacher.channels)
-    assert changed(before, after, "regressors.") and changed(before, after, "student.resnet.")
+    assert changed(before, after, "method.regressors.") and changed(before, after, "student.resnet.")
     hint_steps = [e["step"] for e in trainer.state.log_history if "hint/mse" in e]
     assert hint_steps == [1, 2, 3]
 
@@ -52,5 +53,5 @@ def test_attention_transfer(tmp_path):
 
 def test_baselines_have_no_dictionary(tmp_path):
     trainer = make_trainer(tmp_path, method="kd")
-    with pytest.raises(ValueError, match="pretrain_dictionary"):
-        trainer.pretrain_dictionary()
+    with pytest.raises(ValueError, match=r"no stage \['dictionary'\]"):
+        trainer.train_stages(["dictionary"])

@@ -13,21 +13,21 @@ from transformers import AutoModelForImageClassification
 
 
 def student_logits(trainer, x):
-    student = trainer._distill_model.student.eval()
+    student = trainer.distill_model.student.eval()
     with torch.no_grad():
         out = student(x)
     return out.logits if hasattr(out, "logits") else out
 
 
 def test_saved_transformers_student_reloads_with_auto_class(tmp_path):
-    trainer = make_trainer(tmp_path, dictionary_max_steps=1, srm_max_steps=1, max_steps=2)
+    trainer = make_trainer(tmp_path, srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=2)
     trainer.train()
     out = tmp_path / "student"
     trainer.save_model(str(out))
     files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "srm_state.safetensors"} <= files
+    assert {"config.json", "model.safetensors", "method_state.safetensors"} <= files
     keys = safetensors.torch.load_file(out / "model.safetensors").keys()
-    assert not any(k.startswith(("student.", "coders.", "heads.", "teacher")) for k in keys)
+    assert not any(k.startswith(("student.", "method.coders.", "method.heads.", "teacher")) for k in keys)
     x = torch.randn(3, 3, 32, 32)
     reloaded = AutoModelForImageClassification.from_pretrained(out).eval()
     with torch.no_grad():
@@ -36,7 +36,7 @@ def test_saved_transformers_student_reloads_with_auto_class(tmp_path):
 
 def test_saved_timm_student_reloads_with_plain_timm_in_a_fresh_process(tmp_path):
     trainer = make_trainer(tmp_path, teacher=hf_resnet(hidden_sizes=(16, 32, 48, 64)), student=timm_resnet(),
-                           dictionary_max_steps=1, srm_max_steps=1, max_steps=2)
+                           srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=2)
     trainer.train()
     out = tmp_path / "student"
     trainer.save_model(str(out))
@@ -63,14 +63,14 @@ def test_resume_in_the_middle_of_stage2_matches_an_uninterrupted_run(tmp_path):
     full = make_trainer(tmp_path / "full", save_strategy="steps", save_steps=6)
     full.train()
     checkpoint = tmp_path / "full" / "out" / "checkpoint-6"
-    assert {"model.safetensors", "srm_state.safetensors", "optimizer.pt", "scheduler.pt"} <= set(os.listdir(checkpoint))
+    assert {"model.safetensors", "method_state.safetensors", "optimizer.pt", "scheduler.pt"} <= set(os.listdir(checkpoint))
 
     resumed = make_trainer(tmp_path / "resumed", teacher=None, student=hf_resnet(seed=7))
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 12
     steps = [e["step"] for e in resumed.state.log_history if "loss" in e]
     assert steps == list(range(1, 13))  # 1-6 restored from the checkpoint, 7-12 run: nothing re-run or skipped
-    a, b = full._distill_model.state_dict(), resumed._distill_model.state_dict()
+    a, b = full.distill_model.state_dict(), resumed.distill_model.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     full_losses = {e["step"]: e["loss"] for e in full.state.log_history if "loss" in e}

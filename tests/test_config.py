@@ -1,16 +1,38 @@
 import pytest
 from conftest import make_config
 
+from srm_hf.methods import METHODS
+
+
+def stage_names(cfg):
+    return [s.name for s in METHODS[cfg.method].from_config(cfg).stages()]
+
 
 def test_defaults_follow_the_paper(tmp_path):
     cfg = make_config(tmp_path)
-    assert (cfg.mode, cfg.codeword_multiplier, cfg.sparsity_multiplier, cfg.srm_targets) == ("paper", 2.0, 0.02, "both")
+    assert (cfg.srm_mode, cfg.srm_codeword_multiplier, cfg.srm_sparsity_multiplier, cfg.srm_targets) == (
+        "paper", 2.0, 0.02, "both")
     assert cfg.srm_pixel_ce_on_sigmoid and cfg.srm_pixel_weight == 1.0 and cfg.srm_image_weight == 1.0
-    assert cfg.stage_names == ["dictionary", "srm", "kd"]
+    assert stage_names(cfg) == ["dictionary", "srm", "kd"]
     assert cfg.ddp_find_unused_parameters is True
-    assert make_config(tmp_path, mode="joint").stage_names == ["dictionary", "joint"]
-    assert make_config(tmp_path, method="fitnet").stage_names == ["hint", "kd"]
-    assert make_config(tmp_path, method="none").stage_names == ["ce"]
+    assert stage_names(make_config(tmp_path, srm_mode="joint")) == ["dictionary", "joint"]
+    assert stage_names(make_config(tmp_path, method="fitnet")) == ["hint", "kd"]
+    assert stage_names(make_config(tmp_path, method="alone")) == ["ce"]
+    assert stage_names(make_config(tmp_path, method="dkd")) == ["dkd"]
+    assert stage_names(make_config(tmp_path, method="reviewkd")) == ["reviewkd"]
+
+
+@pytest.mark.parametrize("method, field, value", [("kd", "dkd_beta", 2.0), ("kd", "srm_mode", "joint"),
+                                                  ("dkd", "kd_alpha", 0.9), ("srm", "fitnet_epochs", 3.0),
+                                                  ("alone", "kd_temperature", 2.0), ("fitnet", "reviewkd_weight", 1.0)])
+def test_a_field_of_another_method_is_refused(tmp_path, method, field, value):
+    with pytest.raises(ValueError, match=f"{field}=.*the method is {method!r}.*Remove {field}"):
+        make_config(tmp_path, method=method, **{field: value})
+
+
+def test_methods_ending_with_kd_accept_its_fields(tmp_path):
+    for method in ("srm", "fitnet", "at"):
+        assert make_config(tmp_path, method=method, kd_alpha=0.9).kd_alpha == 0.9
 
 
 def test_layer_pairs_parse(tmp_path):
@@ -22,12 +44,15 @@ def test_layer_pairs_parse(tmp_path):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("mode", "fitnet", "mode='fitnet'"),
+        ("srm_mode", "fitnet", "srm_mode='fitnet'"),
         ("method", "crd", "method='crd'"),
         ("at_beta", -1.0, "at_beta"),
         ("srm_targets", "pixels", "srm_targets"),
-        ("codeword_multiplier", 0.0, "codeword_multiplier"),
-        ("sparsity_multiplier", 1.5, "sparsity_multiplier"),
+        ("srm_codeword_multiplier", 0.0, "srm_codeword_multiplier"),
+        ("srm_weight", float("nan"), "finite"),
+        ("dkd_temperature", 0.0, "dkd_temperature"),
+        ("dkd_warmup_ratio", 1.5, "dkd_warmup_ratio"),
+        ("srm_sparsity_multiplier", 1.5, "srm_sparsity_multiplier"),
         ("kd_alpha", 1.2, "kd_alpha"),
         ("kd_temperature", 0.0, "kd_temperature"),
         ("srm_weight", -1.0, "srm_weight"),
@@ -51,10 +76,10 @@ def test_parses_from_the_command_line():
     from srm_hf import DistillationConfig
 
     (cfg,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
-        ["--output_dir", "x", "--mode", "joint", "--layer_pairs", "a:b", "c:d", "--srm_pixel_ce_on_sigmoid", "false",
+        ["--output_dir", "x", "--srm_mode", "joint", "--layer_pairs", "a:b", "c:d", "--srm_pixel_ce_on_sigmoid", "false",
          "--use_cpu", "true"]
     )
-    assert cfg.mode == "joint" and cfg.explicit_pairs == [("a", "b"), ("c", "d")] and not cfg.srm_pixel_ce_on_sigmoid
+    assert cfg.srm_mode == "joint" and cfg.explicit_pairs == [("a", "b"), ("c", "d")] and not cfg.srm_pixel_ce_on_sigmoid
 
 
 @pytest.mark.parametrize("launched, bf16, fp16", [("bf16", True, False), ("fp16", False, True), ("no", False, False)])

@@ -47,5 +47,5 @@ def test_two_processes_match_one(tmp_path, mode):
     # files come from the main process only: one student save per checkpoint plus the final one
     written = {p.name for p in (tmp_path / "two" / "out").iterdir()}
     checkpoints = [name for name in written if name.startswith("checkpoint-")]
-    assert "checkpoint-3" in checkpoints and {"model.safetensors", "srm_state.safetensors"} <= written
-    assert rank0["writes"].count("save_student") == len(checkpoints) + 1 and rank1["writes"] == []
+    assert "checkpoint-3" in checkpoints and {"model.safetensors", "method_state.safetensors"} <= written
+    assert rank0["writes"].count("save_distillation_model") == len(checkpoints) + 1 and rank1["writes"] == []

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from conftest import NUM_LABELS, PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
+from conftest import NUM_LABELS, PatternDataset, hf_resnet, make_config, make_trainer, pretrain_dictionary, timm_resnet
 from transformers import TrainingArguments
 
 from srm_hf import DistillationTrainer
@@ -69,13 +69,13 @@ def test_samples_without_pixel_values(tmp_path):
 
 
 def test_dictionary_from_another_teacher(tmp_path):
-    first = make_trainer(tmp_path / "a", dictionary_max_steps=1)
-    first.pretrain_dictionary()
+    first = make_trainer(tmp_path / "a", srm_dictionary_max_steps=1)
+    pretrain_dictionary(first)
     with pytest.raises(ValueError, match="does not fit"):
         make_trainer(tmp_path / "b", teacher=hf_resnet(hidden_sizes=(16, 32, 48, 64)),
-                     dictionary_path=str(tmp_path / "a" / "out" / "srm_dictionary.safetensors"))
+                     srm_dictionary_path=str(tmp_path / "a" / "out" / "srm_dictionary.safetensors"))
 
 
 def test_missing_dictionary_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
-        make_trainer(tmp_path, dictionary_path=str(tmp_path / "nowhere.safetensors"))
+        make_trainer(tmp_path, srm_dictionary_path=str(tmp_path / "nowhere.safetensors"))

@@ -1,7 +1,7 @@
 """On a CUDA GPU: bf16 and fp16 training, a student compiled by Inductor, and the FSDP and DeepSpeed engines.
 
 These need hardware that CI lacks, so they are skipped there; run them on a GPU machine with
-`pytest tests/test_gpu.py` (recipes/README.md says when they last ran and on what).
+`pytest tests/test_gpu.py` (README.md, "Which backends were exercised", says when they last ran and on what).
 """
 
 import json
@@ -29,31 +29,31 @@ def finite_logs(trainer) -> bool:
 def test_mixed_precision_on_cuda(tmp_path, precision, mode):
     teacher = timm_resnet()
     trainer = DtypeProbe(model=hf_resnet(), teacher_model=teacher, train_dataset=PatternDataset(64),
-                         args=make_config(tmp_path, use_cpu=False, mode=mode, max_steps=6, dictionary_max_steps=4,
+                         args=make_config(tmp_path, use_cpu=False, srm_mode=mode, max_steps=6, srm_dictionary_max_steps=4,
                                           srm_max_steps=4, **{precision: True}))
     assert next(trainer.teacher.parameters()).is_cuda
     frozen = snapshot(trainer.teacher)
-    start = snapshot(trainer._distill_model)
+    start = snapshot(trainer.distill_model)
     trainer.train()
     assert not changed(frozen, snapshot(trainer.teacher))  # the teacher, BatchNorm buffers included
-    assert changed(start, snapshot(trainer._distill_model), "student.")
+    assert changed(start, snapshot(trainer.distill_model), "student.")
     half = torch.bfloat16 if precision == "bf16" else torch.float16
     assert trainer.seen["teacher_features"] == half  # autocast reached the teacher
     assert trainer.seen["image_targets"] == torch.float32
     assert all(trainer.seen[k] == torch.float32 for k in ("kd", "ce") + (("pixel", "image") if mode == "joint" else ()))
     assert finite_logs(trainer)
-    assert all(p.dtype == torch.float32 for p in trainer._distill_model.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.distill_model.parameters())
 
 
 def test_student_compiled_by_inductor_on_cuda(tmp_path):
     torch._dynamo.reset()
     trainer = DtypeProbe(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
-                         args=make_config(tmp_path, use_cpu=False, mode="joint", bf16=True, compile_student=True,
-                                          dictionary_max_steps=2, max_steps=3))
-    before = snapshot(trainer._distill_model)
+                         args=make_config(tmp_path, use_cpu=False, srm_mode="joint", bf16=True, compile_student=True,
+                                          srm_dictionary_max_steps=2, max_steps=3))
+    before = snapshot(trainer.distill_model)
     trainer.train()
-    after = snapshot(trainer._distill_model)
-    assert changed(before, after, "heads.") and changed(before, after, "student.")
+    after = snapshot(trainer.distill_model)
+    assert changed(before, after, "method.heads.") and changed(before, after, "student.")
     assert finite_logs(trainer)
     torch._dynamo.reset()
 

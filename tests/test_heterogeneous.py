@@ -6,18 +6,18 @@ from conftest import NUM_LABELS, changed, hf_resnet, make_trainer, snapshot, tim
 
 
 def check_trains(trainer):
-    before = snapshot(trainer._distill_model)
+    before = snapshot(trainer.distill_model)
     trainer.train()
-    after = snapshot(trainer._distill_model)
-    assert changed(before, after, "student.") and changed(before, after, "heads.") and changed(before, after, "coders.")
+    after = snapshot(trainer.distill_model)
+    assert changed(before, after, "student.") and changed(before, after, "method.heads.") and changed(before, after, "method.coders.")
     for pair in trainer.tap_pairs:
-        head, coder = trainer._distill_model.heads[pair.key], trainer._distill_model.coders[pair.key]
+        head, coder = trainer.distill_model.method.heads[pair.key], trainer.distill_model.method.coders[pair.key]
         assert head.weight.shape == (pair.student.channels, coder.num_atoms)
         assert coder.dictionary.shape == (pair.teacher.channels, coder.num_atoms)
 
 
 def test_timm_teacher_to_transformers_student(tmp_path):
-    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=hf_resnet(), mode="joint")
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=hf_resnet(), srm_mode="joint")
     assert len(trainer.tap_pairs) == 4
     assert any(p.teacher.channels != p.student.channels for p in trainer.tap_pairs)
     check_trains(trainer)
@@ -32,22 +32,22 @@ def test_transformers_teacher_to_timm_student(tmp_path):
 def test_cnn_teacher_to_vit_student_tokens(tmp_path):
     torch.manual_seed(0)
     vit = timm.create_model("test_vit", num_classes=NUM_LABELS, img_size=32, patch_size=8)  # 16 patches + class token
-    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=vit, layer_pairs=["layer2:blocks.1"], mode="joint")
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=vit, layer_pairs=["layer2:blocks.1"], srm_mode="joint")
     pair = trainer.tap_pairs[0]
     assert pair.teacher.spatial == (4, 4) and pair.student.spatial == (17,)
     check_trains(trainer)
 
 
 def test_allow_resize_pairs_different_grids(tmp_path):
-    trainer = make_trainer(tmp_path, layer_pairs=["layer1:resnet.encoder.stages.1"], allow_resize=True, mode="joint")
+    trainer = make_trainer(tmp_path, layer_pairs=["layer1:resnet.encoder.stages.1"], allow_resize=True, srm_mode="joint")
     pair = trainer.tap_pairs[0]
     assert pair.teacher.spatial == (8, 8) and pair.student.spatial == (4, 4)
     check_trains(trainer)
 
 
 def test_a_one_by_one_map_pairs_as_a_pooled_vector(tmp_path):
-    # at 32 px the last stage of test_resnet is a 1x1 map: it pairs with itself and with a pooled vector
-    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=timm_resnet(seed=1), mode="joint",
-                           layer_pairs=["layer4:layer4", "layer4:global_pool", "global_pool:layer4"])
+    # at 32 px the last stage of test_resnet is a 1x1 map: it pairs with a pooled vector, both ways
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=timm_resnet(seed=1), srm_mode="joint",
+                           layer_pairs=["layer4:global_pool", "global_pool:layer4"])
     assert all(p.teacher.spatial == () and p.student.spatial == () for p in trainer.tap_pairs)
     check_trains(trainer)

@@ -42,7 +42,7 @@ def logits_of(model, x):
 
 
 def trained(tmp_path, **kwargs):
-    trainer = make_trainer(tmp_path, dictionary_max_steps=1, srm_max_steps=1, max_steps=1, **kwargs)
+    trainer = make_trainer(tmp_path, srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=1, **kwargs)
     trainer.train()
     return trainer
 
@@ -55,7 +55,7 @@ def test_push_transformers_student_round_trip(tmp_path, fake_hub):
     assert files == {"config.json", "model.safetensors", "README.md"}  # the student only: no SRM state, no args
     x = torch.randn(2, 3, 32, 32)
     reloaded = AutoModelForImageClassification.from_pretrained(remote)
-    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer._distill_model.student, x))
+    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer.distill_model.student, x))
     card = (remote / "README.md").read_text()
     assert "AutoModelForImageClassification.from_pretrained(\"someone/student-srm\")" in card
     assert "someone/teacher" in card and "abc123" in card and "pattern-data" in card
@@ -70,23 +70,23 @@ def test_push_timm_student_round_trip_and_dictionary(tmp_path, fake_hub):
     remote = fake_hub["someone/timm-student"]
     reloaded = timm.create_model(f"local-dir:{remote}", pretrained=True)
     x = torch.randn(2, 3, 32, 32)
-    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer._distill_model.student, x))
+    torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer.distill_model.student, x))
     assert 'timm.create_model("hf-hub:someone/timm-student", pretrained=True)' in (remote / "README.md").read_text()
-    push_dictionary(trainer.save_dictionary(), "someone/srm-dictionary")
+    push_dictionary(trainer.method.save_dictionary(str(tmp_path / "srm_dictionary.safetensors")), "someone/srm-dictionary")
     assert (fake_hub["someone/srm-dictionary"] / "srm_dictionary.safetensors").is_file()
 
 
 def test_model_card_content(tmp_path):
-    trainer = trained(tmp_path, mode="joint", codeword_multiplier=1.5, sparsity_multiplier=0.03, seed=7)
+    trainer = trained(tmp_path, srm_mode="joint", srm_codeword_multiplier=1.5, srm_sparsity_multiplier=0.03, seed=7)
     card = trainer.create_model_card(model_name="tiny-student", dataset="uoft-cs/cifar10", teacher="timm/resnet50",
                                      teacher_revision="v1", student="timm:resnet18",
                                      metrics={"test_accuracy": 0.8125})
     assert card == (tmp_path / "out" / "README.md").read_text()
     for text in ("# tiny-student", "uoft-cs/cifar10", "`timm/resnet50` (revision `v1`)", "`timm:resnet18`",
-                 "| mode | `joint` |", "dictionary (1 steps) → joint (1 steps)", "| codeword multiplier m | 1.5 |",
-                 "| sparsity multiplier s | 0.03 |", "| seed | 7 |", "| test_accuracy | 0.8125 |",
-                 "value: 0.8125", "`layer1` → `resnet.encoder.stages.0`: C=32, K=48, k=1",
-                 "torch ", "transformers ", "timm ", "arXiv:2103.17012", "library_name: transformers"):
+                 "| method | `srm` |", "| mode | joint |", "dictionary (1 steps) → joint (1 steps)", "| m | 1.5 |",
+                 "| s | 0.03 |", "| seed | 7 |", "| test_accuracy | 0.8125 |", "value: 0.8125",
+                 "`layer1: 32x8x8 (reduction 4)` → `resnet.encoder.stages.0: 8x8x8 (reduction 4)`",
+                 "'layer1': [48, 1]", "torch ", "transformers ", "timm ", "arXiv:2103.17012", "library_name: transformers"):
         assert text in card, text
 
 

@@ -2,7 +2,7 @@ import numpy as np
 from transformers import EvalPrediction
 
 from srm_hf.metrics import load_metric, make_compute_metrics
-from srm_hf.report import loss_curves, save_report
+from srm_hf.plots import loss_curves, save_report
 
 
 def test_shipped_accuracy_loads_offline():

@@ -6,40 +6,47 @@ import pytest
 import torch
 from conftest import changed, make_trainer, snapshot
 
-from srm_hf import DistillationTrainer
+from srm_hf import SRM, DistillationTrainer
+
+
+class ProbeSRM(SRM):
+    """SRM that records the precision of its targets and of every loss term."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = {}
+
+    def targets(self, teacher_features):
+        targets = super().targets(teacher_features)
+        self.seen["image_targets"] = next(iter(targets.values()))[1].dtype
+        return targets
+
+    def loss(self, stage, student, teacher, labels):
+        terms = super().loss(stage, student, teacher, labels)
+        self.seen.update({k: v.dtype for k, v in terms.items()})
+        return terms
 
 
 class DtypeProbe(DistillationTrainer):
     """Records the precision of what the teacher and the student's hooks produce and of every loss term."""
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.seen = {}
-        layer = self._distill_model.student.get_submodule(self.tap_pairs[0].student.path)
+        super().__init__(*args, method=ProbeSRM.from_config(kwargs["args"]), **kwargs)
+        self.seen = self.method.seen
+        layer = self.distill_model.student.get_submodule(self.tap_pairs[0].student.path)
         layer.register_forward_hook(lambda m, a, out: self.seen.__setitem__("student_features", out.dtype))
 
     def teacher_forward(self, inputs):
-        logits, features = super().teacher_forward(inputs)
-        self.seen["teacher_features"] = next(iter(features.values())).dtype
-        return logits, features
-
-    def compute_kd_loss(self, student_logits, teacher_logits, labels):
-        terms = super().compute_kd_loss(student_logits, teacher_logits, labels)
-        self.seen.update({k: v.dtype for k, v in terms.items()})
-        return terms
-
-    def compute_srm_loss(self, head_logits, targets):
-        terms = super().compute_srm_loss(head_logits, targets)
-        self.seen["image_targets"] = next(iter(targets.values()))[1].dtype
-        self.seen.update({k: v.dtype for k, v in terms.items()})
-        return terms
+        teacher = super().teacher_forward(inputs)
+        self.seen["teacher_features"] = next(iter(teacher.features.values())).dtype
+        return teacher
 
 
 def test_bf16_autocast_with_float32_targets_and_losses(tmp_path):
     from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
 
     trainer = DtypeProbe(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
-                         args=make_config(tmp_path, mode="joint", bf16=True, dictionary_max_steps=2, max_steps=3))
+                         args=make_config(tmp_path, srm_mode="joint", bf16=True, srm_dictionary_max_steps=2, max_steps=3))
     trainer.train()
     seen = trainer.seen
     assert seen["teacher_features"] == torch.bfloat16 and seen["student_features"] == torch.bfloat16  # autocast
@@ -49,17 +56,17 @@ def test_bf16_autocast_with_float32_targets_and_losses(tmp_path):
         for k, v in entry.items():
             if "/" in k or k == "loss":
                 assert math.isfinite(v), (k, v)
-    assert all(p.dtype == torch.float32 for p in trainer._distill_model.parameters())  # master weights stay fp32
+    assert all(p.dtype == torch.float32 for p in trainer.distill_model.parameters())  # master weights stay fp32
 
 
-class NaNAtStep(DistillationTrainer):
-    """Makes the loss of one optimizer step NaN."""
+class NaNAtStep(SRM):
+    """SRM whose KD term is NaN at one optimizer step (1-based)."""
 
     bad_step = 5
 
-    def compute_kd_loss(self, student_logits, teacher_logits, labels):
-        terms = super().compute_kd_loss(student_logits, teacher_logits, labels)
-        if self.state.global_step + 1 == self.bad_step:
+    def loss(self, stage, student, teacher, labels):
+        terms = super().loss(stage, student, teacher, labels)
+        if stage.start + stage.step + 1 == self.bad_step:
             terms["kd"] = terms["kd"] * float("nan")
         return terms
 
@@ -67,8 +74,9 @@ class NaNAtStep(DistillationTrainer):
 def nan_trainer(tmp_path, **config):
     from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
 
-    return NaNAtStep(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
-                     args=make_config(tmp_path, mode="joint", dictionary_max_steps=2, max_steps=4, **config))
+    args = make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=2, max_steps=4, **config)
+    return DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
+                               args=args, method=NaNAtStep.from_config(args))
 
 
 def test_a_nonfinite_step_is_skipped_and_logged(tmp_path):
@@ -76,7 +84,7 @@ def test_a_nonfinite_step_is_skipped_and_logged(tmp_path):
     states = {}
     trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, args, state, control, **kw: states.__setitem__(
-            state.global_step, {n: p.detach().clone() for n, p in trainer._distill_model.named_parameters()})})())
+            state.global_step, {n: p.detach().clone() for n, p in trainer.distill_model.named_parameters()})})())
     trainer.train()
     assert not changed(states[4], states[5])  # the NaN step changed no parameter
     assert changed(states[5], states[6])  # and training went on
@@ -96,12 +104,12 @@ def test_compiled_student_keeps_its_taps(tmp_path):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    trainer = make_trainer(tmp_path, mode="joint", compile_student=True, torch_compile_backend="aot_eager",
-                           dictionary_max_steps=1, max_steps=2)
-    before = snapshot(trainer._distill_model)
+    trainer = make_trainer(tmp_path, srm_mode="joint", compile_student=True, torch_compile_backend="aot_eager",
+                           srm_dictionary_max_steps=1, max_steps=2)
+    before = snapshot(trainer.distill_model)
     trainer.train()
-    after = snapshot(trainer._distill_model)
+    after = snapshot(trainer.distill_model)
     assert counters["stats"]["unique_graphs"] > 0  # the student really ran compiled
-    assert changed(before, after, "heads.") and changed(before, after, "student.")  # its taps fed the heads
+    assert changed(before, after, "method.heads.") and changed(before, after, "student.")  # its taps fed the heads
     assert not any(k.startswith("student._orig_mod") for k in after)  # export keys unchanged
     torch._dynamo.reset()

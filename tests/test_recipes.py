@@ -20,12 +20,12 @@ import distill  # noqa: E402
 import train_teacher  # noqa: E402
 
 from srm_hf import DistillationConfig  # noqa: E402
-from srm_hf.cli import SRMParser  # noqa: E402
+from srm_hf.argparser import SRMParser  # noqa: E402
 from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments  # noqa: E402
 
 OFFLINE_CONFIGS = ["fashion_mnist.yaml"]
 HUB_CONFIGS = ["cifar10.yaml", "cifar100.yaml", "food101.yaml", "beans.yaml"]
-TINY = ["--teacher_max_steps", "3", "--dictionary_max_steps", "2", "--srm_max_steps", "2", "--max_steps", "2",
+TINY = ["--teacher_max_steps", "3", "--srm_dictionary_max_steps", "2", "--srm_max_steps", "2", "--max_steps", "2",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64", "--logging_steps", "1",
         "--report_to", "none", "--disable_tqdm", "true"]
 
@@ -39,10 +39,10 @@ def parser():
 
 def test_flags_override_yaml_and_unknown_keys_fail(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("mode: joint\nkd_alpha: 0.7\nlearning_rate: 0.01\nlayer_pairs: ['a:b']\n")
+    cfg.write_text("srm_mode: joint\nkd_alpha: 0.7\nlearning_rate: 0.01\nlayer_pairs: ['a:b']\n")
     _, _, _, _, config = parser().parse(["--config", str(cfg), "--kd_alpha", "0.3", "--use_cpu", "true"])
-    assert (config.mode, config.kd_alpha, config.learning_rate, config.layer_pairs) == ("joint", 0.3, 0.01, ["a:b"])
-    cfg.write_text("mode: joint\nkd_alpah: 0.7\n")
+    assert (config.srm_mode, config.kd_alpha, config.learning_rate, config.layer_pairs) == ("joint", 0.3, 0.01, ["a:b"])
+    cfg.write_text("srm_mode: joint\nkd_alpah: 0.7\n")
     with pytest.raises(ValueError, match="kd_alpah"):
         parser().parse(["--config", str(cfg)])
     with pytest.raises(ValueError, match="--not_a_flag"):
@@ -85,7 +85,7 @@ def test_distill_end_to_end_offline_with_teacher_cache(tmp_path):
     metrics = distill.main(args)
     assert set(metrics) == {"student_accuracy", "teacher_accuracy", "student_alone_accuracy"}
     files = set(os.listdir(out))
-    assert {"config.json", "model.safetensors", "srm_state.safetensors", "README.md", "srm_report.png",
+    assert {"config.json", "model.safetensors", "method_state.safetensors", "README.md", "srm_report.png",
             "results.json"} <= files
     student = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert student.pretrained_cfg["input_size"] == (1, 28, 28) and student(torch.zeros(1, 1, 28, 28)).shape == (1, 4)

@@ -2,34 +2,40 @@ import pytest
 import torch
 from conftest import make_config
 
+from srm_hf.methods import SRM, StageSpec
 from srm_hf.stages import StagePlan, stage_scheduler, stage_steps
 
+DICTIONARY, SRM_STAGE, KD = SRM().stages()  # paper mode: what each trains and how its schedule runs
 
-def test_plan_positions():
-    plan = StagePlan([("dictionary", 3), ("srm", 2), ("kd", 4)])
+
+def test_plan_positions_and_progress():
+    plan = StagePlan([(DICTIONARY, 3), (SRM_STAGE, 2), (KD, 4)])
     assert plan.total_steps == 9
     assert [plan.stage_at(i).name for i in range(10)] == ["dictionary"] * 3 + ["srm"] * 2 + ["kd"] * 5
+    assert [plan.stage_at(i).step for i in range(10)] == [0, 1, 2, 0, 1, 0, 1, 2, 3, 3]
+    assert [plan.stage_at(i).progress for i in (3, 4, 5, 8)] == [0.5, 1.0, 0.25, 1.0]
     assert str(plan) == "1. dictionary (3 steps) -> 2. srm (2 steps) -> 3. kd (4 steps)"
     with pytest.raises(ValueError, match="positive"):
-        StagePlan([("dictionary", 0)])
+        StagePlan([(DICTIONARY, 0)])
 
 
 def test_stage_steps():
-    assert stage_steps(1.5, -1, 10, "srm") == 15
-    assert stage_steps(1.5, 7, 10, "srm") == 7
+    assert stage_steps(StageSpec("srm", epochs=1.5), 10, 99) == 15
+    assert stage_steps(StageSpec("srm", epochs=1.5, max_steps=7), 10, 99) == 7
+    assert stage_steps(StageSpec("kd"), 10, 99) == 99  # the last stage: the run's own length
     with pytest.raises(ValueError, match="srm"):
-        stage_steps(1.0, -1, None, "srm")
+        stage_steps(StageSpec("srm", epochs=1.0), None, 99)
 
 
 def test_each_group_follows_its_stages_schedule(tmp_path):
     args = make_config(tmp_path, lr_scheduler_type="linear", warmup_steps=1, learning_rate=1.0)
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
     opt = torch.optim.SGD([
-        {"params": [params[0]], "srm_group": "student"},
-        {"params": [params[1]], "srm_group": "heads"},
-        {"params": [params[2]], "srm_group": "dictionary", "lr": 0.1},
+        {"params": [params[0]], "stage_group": "student"},
+        {"params": [params[1]], "stage_group": "heads"},
+        {"params": [params[2]], "stage_group": "coders", "lr": 0.1},
     ], lr=1.0)
-    plan = StagePlan([("dictionary", 2), ("srm", 4), ("kd", 4)])
+    plan = StagePlan([(DICTIONARY, 2), (SRM_STAGE, 4), (KD, 4)])
     sched = stage_scheduler(opt, plan, args)
     lrs = []
     for _ in range(plan.total_steps):

@@ -2,10 +2,10 @@
 
 import numpy as np
 import torch
-from conftest import PatternDataset, changed, make_trainer, snapshot
+from conftest import PatternDataset, changed, make_trainer, pretrain_dictionary, snapshot
 from transformers import TrainerCallback
 
-from srm_hf.losses import dictionary_loss
+from srm_hf.srm import dictionary_loss
 
 
 class StageSnapshots(TrainerCallback):
@@ -15,12 +15,12 @@ class StageSnapshots(TrainerCallback):
         self.trainer, self.states, self.teacher_states = None, {}, []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.states[state.global_step] = snapshot(self.trainer._distill_model)
+        self.states[state.global_step] = snapshot(self.trainer.distill_model)
         self.teacher_before = snapshot(self.trainer.teacher)
 
     def on_step_end(self, args, state, control, **kwargs):
         if any(state.global_step == s.end for s in self.trainer.plan.stages):
-            self.states[state.global_step] = snapshot(self.trainer._distill_model)
+            self.states[state.global_step] = snapshot(self.trainer.distill_model)
         self.teacher_states.append(snapshot(self.trainer.teacher))
         assert not self.trainer.teacher.training
 
@@ -38,39 +38,39 @@ def logged(trainer, name):
 
 
 def test_stage1_lowers_reconstruction_error(tmp_path):
-    trainer = make_trainer(tmp_path, dictionary_max_steps=30, dictionary_learning_rate=1e-2)
+    trainer = make_trainer(tmp_path, srm_dictionary_max_steps=30, srm_dictionary_learning_rate=1e-2)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(16)])
 
     def error():
-        _, feats = trainer.teacher_forward(batch)
-        coders = trainer._distill_model.coders
+        feats = trainer.teacher_forward(batch).features
+        coders = trainer.distill_model.method.coders
         with torch.no_grad():
             return sum(dictionary_loss(f, coders[k](f)[1]) for k, f in feats.items()).item()
 
     before = error()
     teacher_before = snapshot(trainer.teacher)
-    student_before = snapshot(trainer._distill_model)
-    trainer.pretrain_dictionary()
+    student_before = snapshot(trainer.distill_model)
+    pretrain_dictionary(trainer)
     assert error() < 0.8 * before
-    after = snapshot(trainer._distill_model)
-    assert changed(student_before, after, "coders.")
-    assert not changed(student_before, after, "student.") and not changed(student_before, after, "heads.")
+    after = snapshot(trainer.distill_model)
+    assert changed(student_before, after, "method.coders.")
+    assert not changed(student_before, after, "student.") and not changed(student_before, after, "method.heads.")
     assert all(torch.equal(v, snapshot(trainer.teacher)[k]) for k, v in teacher_before.items())
     assert (tmp_path / "out" / "srm_dictionary.safetensors").is_file()
 
 
 def test_paper_mode_stages(tmp_path):
-    trainer, snaps = run_with_snapshots(tmp_path, mode="paper")
+    trainer, snaps = run_with_snapshots(tmp_path, srm_mode="paper")
     assert [s.name for s in trainer.plan.stages] == ["dictionary", "srm", "kd"]
     s0, s1, s2, s3 = (snaps.states[k] for k in (0, 4, 8, 12))
     # stage 1: only the dictionaries move
-    assert changed(s0, s1, "coders.") and not changed(s0, s1, "student.") and not changed(s0, s1, "heads.")
+    assert changed(s0, s1, "method.coders.") and not changed(s0, s1, "student.") and not changed(s0, s1, "method.heads.")
     # stage 2: student backbone and heads move, not the dictionary nor the student's classifier
-    assert changed(s1, s2, "student.resnet.") and changed(s1, s2, "heads.")
-    assert not changed(s1, s2, "coders.") and not changed(s1, s2, "student.classifier.")
+    assert changed(s1, s2, "student.resnet.") and changed(s1, s2, "method.heads.")
+    assert not changed(s1, s2, "method.coders.") and not changed(s1, s2, "student.classifier.")
     # stage 3: KD trains the whole student and nothing else
     assert changed(s2, s3, "student.classifier.") and changed(s2, s3, "student.resnet.")
-    assert not changed(s2, s3, "heads.") and not changed(s2, s3, "coders.")
+    assert not changed(s2, s3, "method.heads.") and not changed(s2, s3, "method.coders.")
     # the teacher, BatchNorm buffers included, is bit-identical after every step of every stage
     assert len(snaps.teacher_states) == 12
     for state in snaps.teacher_states:
@@ -89,11 +89,11 @@ def test_paper_mode_stages(tmp_path):
 
 
 def test_joint_mode_trains_all_terms_at_once(tmp_path):
-    trainer, snaps = run_with_snapshots(tmp_path, mode="joint", srm_weight=0.5)
+    trainer, snaps = run_with_snapshots(tmp_path, srm_mode="joint", srm_weight=0.5)
     assert [s.name for s in trainer.plan.stages] == ["dictionary", "joint"]
     s1, s2 = snaps.states[4], snaps.states[8]
-    assert changed(s1, s2, "student.classifier.") and changed(s1, s2, "student.resnet.") and changed(s1, s2, "heads.")
-    assert not changed(s1, s2, "coders.")
+    assert changed(s1, s2, "student.classifier.") and changed(s1, s2, "student.resnet.") and changed(s1, s2, "method.heads.")
+    assert not changed(s1, s2, "method.coders.")
     for name in ("joint/kd", "joint/ce", "joint/pixel", "joint/image"):
         assert [s for s, _ in logged(trainer, name)] == [5, 6, 7, 8], name
     for state in snaps.teacher_states:
@@ -101,7 +101,7 @@ def test_joint_mode_trains_all_terms_at_once(tmp_path):
 
 
 def test_srm_weight_and_target_choice(tmp_path):
-    trainer = make_trainer(tmp_path, mode="joint", srm_targets="image", srm_weight=0.0, dictionary_max_steps=1,
+    trainer = make_trainer(tmp_path, srm_mode="joint", srm_targets="image", srm_weight=0.0, srm_dictionary_max_steps=1,
                            max_steps=1)
     trainer.train()
     assert logged(trainer, "joint/image")[0][1] == 0.0
@@ -109,7 +109,7 @@ def test_srm_weight_and_target_choice(tmp_path):
 
 
 def test_per_stage_learning_rates(tmp_path):
-    trainer = make_trainer(tmp_path, dictionary_learning_rate=5e-3, learning_rate=2e-3, lr_scheduler_type="constant")
+    trainer = make_trainer(tmp_path, srm_dictionary_learning_rate=5e-3, learning_rate=2e-3, lr_scheduler_type="constant")
     trainer.train()
     lrs = [v for _, v in logged(trainer, "learning_rate")]
     assert lrs == [5e-3] * 4 + [2e-3] * 8
@@ -120,7 +120,7 @@ def test_eval_compute_metrics_and_accumulation(tmp_path):
         return {"accuracy": float((np.argmax(p.predictions, -1) == p.label_ids).mean())}
 
     trainer = make_trainer(tmp_path, eval_strategy="steps", eval_steps=4, gradient_accumulation_steps=2,
-                           dictionary_max_steps=2, srm_max_steps=2, max_steps=2)
+                           srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2)
     trainer.compute_metrics = accuracy
     trainer.train()
     evals = [e for e in trainer.state.log_history if "eval_accuracy" in e]
@@ -130,18 +130,18 @@ def test_eval_compute_metrics_and_accumulation(tmp_path):
 
 def test_dictionary_is_skipped_when_loaded(tmp_path):
     first = make_trainer(tmp_path / "a")
-    first.pretrain_dictionary()
+    pretrain_dictionary(first)
     path = tmp_path / "a" / "out" / "srm_dictionary.safetensors"
-    second = make_trainer(tmp_path / "b", dictionary_path=str(path))
-    coders = {k: v for k, v in snapshot(first._distill_model).items() if k.startswith("coders.")}
-    assert not changed(coders, snapshot(second._distill_model), "coders.")
+    second = make_trainer(tmp_path / "b", srm_dictionary_path=str(path))
+    coders = {k: v for k, v in snapshot(first.distill_model).items() if k.startswith("method.coders.")}
+    assert not changed(coders, snapshot(second.distill_model), "method.coders.")
     second.train()
     assert [s.name for s in second.plan.stages] == ["srm", "kd"]
     assert not logged(second, "dictionary/mse")
 
 
 def test_student_learns_with_kd(tmp_path):
-    trainer = make_trainer(tmp_path, mode="joint", dictionary_max_steps=1, max_steps=40,
+    trainer = make_trainer(tmp_path, srm_mode="joint", srm_dictionary_max_steps=1, max_steps=40,
                            train_dataset=PatternDataset(64), learning_rate=3e-3)
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
@@ -149,7 +149,7 @@ def test_student_learns_with_kd(tmp_path):
 
 
 def test_stage_names_shown_in_the_progress_bar(tmp_path, capsys):
-    trainer = make_trainer(tmp_path, disable_tqdm=False, dictionary_max_steps=1, srm_max_steps=1, max_steps=1)
+    trainer = make_trainer(tmp_path, disable_tqdm=False, srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=1)
     trainer.train()
     err = capsys.readouterr().err
     assert "stage 3/3: kd" in err

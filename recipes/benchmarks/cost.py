@@ -24,9 +24,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
+from srm_hf.methods import SRM  # noqa: E402
 from srm_hf.stages import StagePlan  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+STAGES = {s.name: s for mode in ("paper", "joint") for s in SRM(mode=mode).stages()}  # by name: what each runs
 
 
 class Batches(torch.utils.data.Dataset):
@@ -69,18 +71,18 @@ def build(args):
     teacher = timm.create_model(args.teacher, num_classes=classes)
     student = timm.create_model(args.student, num_classes=classes)
     config = DistillationConfig(output_dir="/tmp/srm_cost", use_cpu=args.device == "cpu", bf16=args.bf16,
-                                report_to="none", mode="joint", per_device_train_batch_size=args.batch,
-                                disable_tqdm=True, max_steps=1, dictionary_max_steps=1)
+                                report_to="none", srm_mode="joint", per_device_train_batch_size=args.batch,
+                                disable_tqdm=True, max_steps=1, srm_dictionary_max_steps=1)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                   train_dataset=Batches(args.batch, args.size, classes))
     trainer.create_optimizer()
-    trainer.plan = StagePlan([("joint", 1)])
+    trainer.plan = StagePlan([(STAGES["joint"], 1)])
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)]))
     return trainer, batch
 
 
 def variants(trainer, batch, autocast):
-    model, teacher, student = trainer.model, trainer.teacher, trainer._distill_model.student
+    model, teacher, student = trainer.model, trainer.teacher, trainer.distill_model.student
     model.train()
 
     def step(loss):
@@ -101,7 +103,7 @@ def variants(trainer, batch, autocast):
 
     def stage(name):
         def run():
-            trainer.plan = StagePlan([(name, 1)])
+            trainer.plan = StagePlan([(STAGES[name], 1)])
             with autocast():
                 loss = trainer.compute_loss(model, batch)
             step(loss)
@@ -179,7 +181,7 @@ def report(args, trainer, times, mem) -> str:
         f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}",
         "",
         f"Pair: `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, 100 classes, "
-        f"m = {trainer.args.codeword_multiplier}, s = {trainer.args.sparsity_multiplier}, "
+        f"m = {trainer.args.srm_codeword_multiplier}, s = {trainer.args.srm_sparsity_multiplier}, "
         f"taps: {', '.join(f'{p.teacher.path}→{p.student.path}' for p in trainer.tap_pairs)}. "
         f"{args.steps} interleaved rounds after {args.warmup} warm-up rounds; ratios are medians of per-round ratios "
         "(quartiles in brackets).",

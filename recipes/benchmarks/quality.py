@@ -32,8 +32,8 @@ from transformers import Trainer, TrainingArguments, set_seed  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
 from srm_hf.data import DataArguments, load_image_splits, stratified_split, stratified_subset  # noqa: E402
+from srm_hf.loading import for_trainer, load_image_classifier  # noqa: E402
 from srm_hf.metrics import make_compute_metrics  # noqa: E402
-from srm_hf.models import for_trainer, load_image_classifier  # noqa: E402
 from srm_hf.transforms import ImageTransform, preprocessing_for  # noqa: E402
 
 STUDENTS = {
@@ -41,25 +41,31 @@ STUDENTS = {
     "ResNet-18 → EfficientNet (tiny)": ("timm:test_efficientnet", {}),
 }
 METHODS = {
-    "alone": {"method": "none"},
+    "alone": {"method": "alone"},
     "KD": {"method": "kd"},
+    "DKD": {"method": "dkd"},
     "FitNet": {"method": "fitnet"},
     "AT": {"method": "at"},
-    "SRM paper": {"method": "srm", "mode": "paper"},
-    "SRM joint": {"method": "srm", "mode": "joint"},
+    "ReviewKD": {"method": "reviewkd"},
+    "SRM paper": {"method": "srm", "srm_mode": "paper"},
+    "SRM joint": {"method": "srm", "srm_mode": "joint"},
 }
-# Two settings per method, picked on validation: the student alone tunes its learning rate, the others α.
-GRID = {name: ([{"learning_rate": lr} for lr in (1e-3, 3e-3)] if name == "alone"
-               else [{"kd_alpha": a} for a in (0.5, 0.9)]) for name in METHODS}
+# Two settings per method, picked on validation: the student alone tunes its learning rate, DKD its β (mdistiller's
+# CIFAR-100 range), ReviewKD its loss weight (the authors' range), the others KD's α.
+GRID = {name: [{"kd_alpha": a} for a in (0.5, 0.9)] for name in METHODS} | {
+    "alone": [{"learning_rate": lr} for lr in (1e-3, 3e-3)],
+    "DKD": [{"dkd_beta": b} for b in (2.0, 8.0)],
+    "ReviewKD": [{"reviewkd_weight": w} for w in (1.0, 5.0)],
+}
 # One change at a time to SRM paper (with its chosen setting), on the first pair.
 ABLATION = {
     "default: paper, all taps, m=2, s=0.02": {},
     "taps: pooled vector only": {"layer_pairs": ["global_pool:global_pool"]},
     "taps: feature maps only": {"layer_pairs": [f"layer{i}:layer{i}" for i in range(1, 5)]},
-    "m = 1.5": {"codeword_multiplier": 1.5},
-    "m = 4": {"codeword_multiplier": 4.0},
-    "s = 0.01": {"sparsity_multiplier": 0.01},
-    "s = 0.03": {"sparsity_multiplier": 0.03},
+    "m = 1.5": {"srm_codeword_multiplier": 1.5},
+    "m = 4": {"srm_codeword_multiplier": 4.0},
+    "s = 0.01": {"srm_sparsity_multiplier": 0.01},
+    "s = 0.03": {"srm_sparsity_multiplier": 0.03},
     "pixel CE on raw logits": {"srm_pixel_ce_on_sigmoid": False},
     "stage 3 without KD (α = 0)": {"kd_alpha": 0.0},
 }
@@ -91,8 +97,14 @@ def student_model(spec, num_labels):
 
 def passes(method: dict, final: int, extra: int) -> int:
     """Passes over the training subset that a method's plan makes (stages included)."""
-    stages = {"srm": 2 if method.get("mode", "paper") == "paper" else 1, "fitnet": 1}.get(method["method"], 0)
+    stages = {"srm": 2 if method.get("srm_mode", "paper") == "paper" else 1, "fitnet": 1}.get(method["method"], 0)
     return final + stages * extra
+
+
+def stage_epochs(method: dict, extra: int) -> dict:
+    """Epochs of the stages before the last one, for the methods that have them."""
+    return {"srm": {"srm_dictionary_epochs": extra, "srm_epochs": extra},
+            "fitnet": {"fitnet_epochs": extra}}.get(method["method"], {})
 
 
 class Preprocessed(torch.utils.data.Dataset):
@@ -116,9 +128,8 @@ def run(teacher, spec, method: dict, setting: dict, train, evals: dict, seed: in
     final, extra = budget.epochs[size]
     config = DistillationConfig(
         output_dir=out, seed=seed, per_device_train_batch_size=budget.batch, per_device_eval_batch_size=1000,
-        num_train_epochs=final_epochs or final, dictionary_epochs=extra, srm_epochs=extra, hint_epochs=extra,
-        save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, logging_steps=50,
-        **{"learning_rate": 3e-3, **method, **setting},
+        num_train_epochs=final_epochs or final, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, logging_steps=50,
+        **{"learning_rate": 3e-3, **stage_epochs(method, extra), **method, **setting},
     )
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                   train_dataset=train.with_transform(ImageTransform(preprocessing_for(student),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import timm_resnet
 
-from srm_hf.engines import prepare_teacher
+from srm_hf.teacher_placement import prepare_teacher
 
 
 def deepspeed_accelerator(stage: int):

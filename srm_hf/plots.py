@@ -8,16 +8,19 @@ import torch
 
 @torch.no_grad()
 def atom_usage(trainer, dataset, max_batches: int = 8) -> dict[str, np.ndarray]:
-    """Per tap: the share of pixels in which each atom is among the k kept ones, over a few batches."""
+    """Per tap: the share of pixels in which each atom is among the k kept ones, over a few batches (methods with
+    SRM dictionaries; {} for the others)."""
+    coders = getattr(trainer.method, "coders", None)
+    if not coders:
+        return {}
     loader = trainer.get_eval_dataloader(dataset)
-    coders = trainer._distill_model.coders
     counts: dict[str, torch.Tensor] = {}
     pixels: dict[str, int] = {}
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        _, features = trainer.teacher_forward(trainer._prepare_inputs(batch))
-        for key, feature in features.items():
+        batch = {k: v.to(trainer.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        for key, feature in trainer.teacher_forward(batch).features.items():
             codes = coders[key].encode(feature.float())  # K channels, layout of the feature
             active = (codes > 0).float()
             active = active.movedim(1, -1) if active.dim() == 4 else active  # [..., K]

@@ -10,7 +10,8 @@ import json
 import os
 
 import torch.nn as nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+from huggingface_hub import is_offline_mode
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 
 def _is_timm_folder(path: str) -> bool:
@@ -22,7 +23,20 @@ def _is_timm_folder(path: str) -> bool:
 
 
 def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no")
+    """Whether the Hub client is in offline mode (HF_HUB_OFFLINE, parsed by huggingface_hub itself)."""
+    return is_offline_mode()
+
+
+def is_timm_model(model: nn.Module) -> bool:
+    cfg = getattr(model, "pretrained_cfg", None)
+    return isinstance(cfg, dict) and "architecture" in cfg and type(model).__module__.startswith("timm.")
+
+
+def library_of(model: nn.Module) -> str:
+    """Which library loads this model back: "timm", "transformers" or "pytorch" (a plain state dict)."""
+    if isinstance(model, PreTrainedModel):
+        return "transformers"
+    return "timm" if is_timm_model(model) else "pytorch"
 
 
 def load_image_classifier(
@@ -96,16 +110,14 @@ class ClassifierAdapter(nn.Module):
     def forward(self, pixel_values, labels=None):
         from transformers.modeling_outputs import ImageClassifierOutput
 
+        from .forward import model_logits
         from .losses import classification_loss
-        from .modeling import student_logits
 
-        logits = student_logits(self.model(pixel_values))
+        logits = model_logits(self.model(pixel_values))
         loss = classification_loss(logits, labels) if labels is not None else None
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 
 def for_trainer(model: nn.Module) -> nn.Module:
     """The model as `transformers.Trainer` calls it: transformers models as they are, others adapted."""
-    from transformers import PreTrainedModel
-
     return model if isinstance(model, PreTrainedModel) else ClassifierAdapter(model)

@@ -1,0 +1,119 @@
+"""`DistillationModel`: the student together with the method's training-only modules.
+
+The Trainer trains this one module, so the optimizer, DDP and checkpoints see the method's modules (dictionaries,
+heads, regressors, fusion blocks) with the student; only `.student` is ever exported. The method's loss runs inside
+`forward`, so DDP sees every parameter the step uses.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers.utils import ModelOutput
+
+from .forward import eval_mode, model_logits
+from .hooks import FeatureHooks
+from .loading import load_image_classifier
+from .methods import Features, Method
+from .taps import plan_taps
+
+
+@dataclass
+class DistillationOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    terms: dict[str, torch.Tensor] | None = None  # the named loss terms of the step
+
+
+def check_example_batch(batch) -> None:
+    if not isinstance(batch, dict) or "pixel_values" not in batch:
+        raise ValueError(
+            "Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); got "
+            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else '-'}. "
+            "Map the dataset with the model's image processor or transforms first."
+        )
+
+
+class DistillationModel(nn.Module):
+    """Student + method (an `nn.Module` holding the method's own trainable modules)."""
+
+    accepts_loss_kwargs = False  # forward returns batch means: the Trainer scales them for accumulation
+    main_input_name = "pixel_values"
+
+    def __init__(self, student: nn.Module, method: Method, pairs: list):
+        super().__init__()
+        self.student = student
+        self.method = method
+        self.pairs = list(pairs)
+        method.build(self.pairs)
+        self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs}) if pairs else None
+
+    @classmethod
+    def from_models(cls, student: nn.Module | str | None, teacher: nn.Module | str | None, method: Method,
+                    example: dict, args) -> tuple["DistillationModel", nn.Module]:
+        """Load student and teacher if given by name, check that they fit (label counts), pair their taps if the
+        method uses them and build the method's modules. `example` is a collated batch of a few training samples.
+        Returns the model and the teacher."""
+        if student is None:
+            raise ValueError("Pass the student as `model=` (an nn.Module, or a Hub id / local path).")
+        teacher = teacher if teacher is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError("No teacher: pass `teacher_model=` or set `teacher_model_name_or_path` in the config.")
+        student = load_image_classifier(student) if isinstance(student, str) else student
+        teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
+        check_example_batch(example)
+        pixel_values = example["pixel_values"].to(next(student.parameters()).device)
+        teacher_pixel_values = example.get("teacher_pixel_values", example["pixel_values"])
+        teacher_pixel_values = teacher_pixel_values.to(next(teacher.parameters()).device)
+        with eval_mode(teacher), eval_mode(student):
+            teacher_labels = model_logits(teacher(teacher_pixel_values)).shape[-1]
+            student_labels = model_logits(student(pixel_values)).shape[-1]
+        if teacher_labels != student_labels:
+            raise ValueError(
+                f"The teacher predicts {teacher_labels} labels but the student {student_labels}. Create the student "
+                "with the teacher's label count (num_labels= for transformers, num_classes= for timm)."
+            )
+        if not method.uses_taps and args.layer_pairs:
+            raise ValueError(f"layer_pairs is set but method {method.name!r} uses no taps: remove layer_pairs.")
+        pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []
+        return cls(student, method, pairs), teacher
+
+    def stage_specs(self, skip: set[str] = frozenset()) -> list:
+        """The method's stages minus `skip`, each checked to train only what exists."""
+        groups = {"student", *(name for name, _ in self.method.named_children())}
+        specs = [s for s in self.method.stages() if s.name not in skip]
+        for spec in specs:
+            if not set(spec.trains) <= groups:
+                raise ValueError(f"Stage '{spec.name}' trains {spec.trains}, but only {sorted(groups)} exist: name "
+                                 "'student' or the method's child modules in StageSpec.trains.")
+        return specs
+
+    def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                teacher_pixel_values: torch.Tensor | None = None, stage=None,
+                teacher: Features | None = None) -> DistillationOutput:
+        """Without `stage` (evaluation, inference): the student's logits. With the running stage: the method's loss
+        terms for this batch, given the teacher's `Features` (None in stages without the teacher).
+        `teacher_pixel_values` is accepted so that the Trainer keeps that column; it is unused here."""
+        student = None
+        if stage is None or stage.spec.runs_student:
+            logits = model_logits(self.student(pixel_values))
+            student = Features(logits, self.student_hooks.pop() if self.student_hooks else {})
+            if stage is None:
+                return DistillationOutput(logits=logits)
+        terms = self.method.loss(stage, student, teacher, labels)
+        # built in one go: DDP finds the tensors that need gradients among the output's values
+        return DistillationOutput(loss=sum(terms.values()), logits=student.logits if student else None, terms=terms)
+
+    def param_groups(self, decay_names: set[str], weight_decay: float) -> list[dict]:
+        """Optimizer groups tagged `stage_group`: the student's (with and without weight decay), then one per child
+        module of the method, with the method's options for it (e.g. the dictionaries' own learning rate)."""
+        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay, "stage_group": "student"},
+            {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0, "stage_group": "student"},
+        ]
+        for name, module in self.method.named_children():
+            options = {"weight_decay": weight_decay, **self.method.group_options(name)}
+            groups.append({"params": [p for p in module.parameters() if p.requires_grad], **options,
+                           "stage_group": name})
+        return [g for g in groups if g["params"]]

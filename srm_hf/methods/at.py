@@ -1,0 +1,55 @@
+"""Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928), together with Hinton KD.
+
+    L = α·T²·KL + (1-α)·CE + β/2 · Σ_taps ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖²
+
+Pooled-vector taps have no spatial attention and are skipped.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, StageSpec
+from .kd import kd_terms
+
+
+def attention_map(feature: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Activation-based spatial attention: Q = mean over channels of |A|^p, flattened and L2-normalised.
+
+    [N, C, H, W] -> [N, H*W]; tokens [N, L, C] -> [N, L]."""
+    a = feature.float().abs().pow(p)
+    q = a.mean(dim=1) if feature.dim() == 4 else a.mean(dim=-1)
+    return F.normalize(q.flatten(1), dim=1)
+
+
+def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928) for one pair of taps of equal grid:
+    mean of (Q_s/‖Q_s‖ − Q_t/‖Q_t‖)², as the authors' code computes it. The paper's default weight is β = 1000,
+    applied as β/2 · Σ_taps, together with Hinton KD (`DistillationConfig.at_beta`)."""
+    return (attention_map(student_feature, p) - attention_map(teacher_feature, p)).pow(2).mean()
+
+
+class AT(Method):
+    name = "at"
+    uses_taps = True
+    config_prefixes = ("at", "kd")
+
+    def __init__(self, beta: float = 1000.0, kd_alpha: float = 0.5, kd_temperature: float = 4.0):
+        super().__init__()
+        self.beta, self.kd_alpha, self.kd_temperature = beta, kd_alpha, kd_temperature
+
+    @classmethod
+    def from_config(cls, args) -> "AT":
+        return cls(args.at_beta, args.kd_alpha, args.kd_temperature)
+
+    def stages(self) -> list[StageSpec]:
+        return [StageSpec("at")]
+
+    def loss(self, stage, student, teacher, labels):
+        terms = kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature)
+        maps = [k for k, t in teacher.features.items() if t.dim() > 2]  # attention needs a spatial map
+        terms["at"] = self.beta / 2 * sum((at_loss(student.features[k], teacher.features[k]) for k in maps),
+                                          student.logits.new_zeros((), dtype=torch.float32))
+        return terms
+
+    def describe(self) -> dict:
+        return {"name": self.name, "beta": self.beta, "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature}

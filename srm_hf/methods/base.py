@@ -1,0 +1,104 @@
+"""The unit of srm_hf: a distillation `Method`, its stages and its loss.
+
+A method is an `nn.Module` that owns the extra trainable modules it needs (dictionaries, heads, regressors) and
+says, stage by stage, what is trained and how the loss is computed. `DistillationTrainer` runs any method without
+knowing its name:
+
+    class FeatureMSE(Method):
+        name, uses_taps = "feature_mse", True
+
+        def build(self, pairs):                       # called once the taps are paired
+            super().build(pairs)
+            self.proj = nn.ModuleDict({p.key: nn.Linear(p.student.channels, p.teacher.channels) for p in pairs})
+
+        def stages(self):
+            return [StageSpec("mse", trains=("student", "proj"))]   # the last stage: num_train_epochs / max_steps
+
+        def loss(self, stage, student, teacher, labels):
+            return {"mse": sum(F.mse_loss(self.proj[k](student.features[k]), t) for k, t in teacher.features.items())}
+
+    DistillationTrainer(model=student, teacher_model=teacher, method=FeatureMSE(), args=..., train_dataset=...)
+
+`loss` runs inside the trained module's forward (so DDP sees every parameter it uses) and returns named terms: the
+trainer sums them into the loss and logs each as `<stage>/<term>`.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a method, as the method declares it."""
+
+    name: str
+    trains: tuple[str, ...] = ("student",)  # "student" and/or names of the method's child modules
+    epochs: float | None = None  # None: the last stage, sized by TrainingArguments' num_train_epochs / max_steps
+    max_steps: int = -1  # > 0 overrides `epochs`
+    uses_teacher: bool = True  # False: the teacher does not run (e.g. the student trained alone)
+    runs_student: bool = True  # False: the student does not run (e.g. SRM's dictionary stage)
+    constant_lr: bool = False  # True: a constant learning rate instead of the configured schedule
+
+
+@dataclass
+class Features:
+    """What a model's forward gives a method: logits and the tapped features keyed by pair key."""
+
+    logits: torch.Tensor | None  # [N, num_labels]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, C, H, W], [N, L, C] or [N, C]
+
+
+class Method(nn.Module):
+    """Base class of every distillation method (see the module docstring).
+
+    Class attributes:
+        name: what `DistillationConfig(method=...)` calls it; also the checkpoint's record of the method.
+        uses_taps: whether the method needs paired intermediate features (else no taps are planned or hooked).
+        config_prefixes: prefixes of the `DistillationConfig` fields it reads (`"kd"` for `kd_alpha`, ...);
+            fields of other methods' prefixes are refused when set.
+    """
+
+    name: str = "method"
+    uses_taps: bool = False
+    config_prefixes: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.pairs: list = []
+
+    @classmethod
+    def from_config(cls, args) -> "Method":
+        """The method with its settings read from a `DistillationConfig`."""
+        return cls()
+
+    def build(self, pairs: list) -> None:
+        """Create the extra modules for these tap pairs (`srm_hf.taps.TapPair`); called once, before training."""
+        self.pairs = list(pairs)
+
+    def stages(self) -> list[StageSpec]:
+        """The stages in order; the last one is sized by `num_train_epochs` / `max_steps`."""
+        raise NotImplementedError(f"{type(self).__name__} must define stages().")
+
+    def group_options(self, group: str) -> dict:
+        """Optimizer options for the parameter group of a child module (e.g. its own learning rate)."""
+        return {}
+
+    def loss(self, stage, student: Features | None, teacher: Features | None,
+             labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The named loss terms of one step. `stage` is the running `srm_hf.stages.Stage` (name, progress);
+        `student` is None in stages that do not run it, `teacher` None in stages without the teacher."""
+        raise NotImplementedError(f"{type(self).__name__} must define loss().")
+
+    def describe(self) -> dict:
+        """What a checkpoint records to recognise this method's configuration (name and settings)."""
+        return {"name": self.name}
+
+
+def linear_warmup(progress: float, warmup_ratio: float) -> float:
+    """min(progress / warmup_ratio, 1): the weight of a distillation term that ramps up linearly over the first
+    `warmup_ratio` of the stage; 1 throughout when `warmup_ratio` is 0."""
+    if warmup_ratio <= 0:
+        return 1.0
+    return min(progress / warmup_ratio, 1.0)

@@ -1,0 +1,44 @@
+"""Hinton knowledge distillation (Hinton, Vinyals, Dean, arXiv 1503.02531): one stage, logits only.
+
+    L = α · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1-α) · CE(z_s, y)
+
+`kd_terms` is the same objective for the methods that end with KD (SRM, FitNet, AT).
+"""
+
+import torch
+
+from ..losses import classification_loss, kd_loss
+from .base import Method, StageSpec
+
+
+def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+             alpha: float, temperature: float) -> dict[str, torch.Tensor]:
+    """{"kd": α·T²·KL, "ce": (1-α)·CE}; KD alone when there are no labels."""
+    if labels is None:
+        return {"kd": kd_loss(student_logits, teacher_logits, temperature)}
+    return {
+        "kd": alpha * kd_loss(student_logits, teacher_logits, temperature),
+        "ce": (1 - alpha) * classification_loss(student_logits, labels),
+    }
+
+
+class KD(Method):
+    name = "kd"
+    config_prefixes = ("kd",)
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 4.0):
+        super().__init__()
+        self.alpha, self.temperature = alpha, temperature
+
+    @classmethod
+    def from_config(cls, args) -> "KD":
+        return cls(alpha=args.kd_alpha, temperature=args.kd_temperature)
+
+    def stages(self) -> list[StageSpec]:
+        return [StageSpec("kd")]
+
+    def loss(self, stage, student, teacher, labels):
+        return kd_terms(student.logits, teacher.logits, labels, self.alpha, self.temperature)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}

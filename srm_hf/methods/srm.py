@@ -1,0 +1,157 @@
+"""Sparse Representation Matching (Tran, Gabbouj, Iosifidis, arXiv 2103.17012) as a method: its stages and loss.
+
+    paper: 1. dictionary  MSE(T, D·λ)                         trains the dictionaries (constant learning rate)
+           2. srm         Σ_taps [CE(p, y) + BCE(ḡ, g)]        trains the student backbone and the heads
+           3. kd          α·T²·KL + (1-α)·CE                   trains the whole student
+    joint: 1. dictionary, then 2. joint: α·T²·KL + (1-α)·CE + λ·SRM, one teacher forward per step
+
+The building blocks (`SparseCoder`, `SRMHead`, `srm_loss`) are in `srm_hf.srm`. Override `tap_loss` to change the
+SRM loss of one tap (e.g. weight taps differently).
+"""
+
+import json
+import os
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from ..checkpoint import read_matching
+from ..srm import SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss
+from .base import Method, StageSpec
+from .kd import kd_terms
+
+MODES = ("paper", "joint")
+DICTIONARY_NAME = "srm_dictionary.safetensors"  # the dictionaries alone, for `srm_dictionary_path`
+TARGETS = ("both", "pixel", "image")
+
+
+class SRM(Method):
+    name = "srm"
+    uses_taps = True
+    config_prefixes = ("srm", "kd")
+
+    def __init__(self, mode: str = "paper", codeword_multiplier: float = 2.0, sparsity_multiplier: float = 0.02,
+                 targets: str = "both", pixel_weight: float = 1.0, image_weight: float = 1.0,
+                 pixel_ce_on_sigmoid: bool = True, weight: float = 1.0, kd_alpha: float = 0.5,
+                 kd_temperature: float = 4.0, dictionary_epochs: float = 1.0, dictionary_max_steps: int = -1,
+                 dictionary_learning_rate: float = 1e-3, dictionary_path: str | None = None,
+                 srm_epochs: float = 1.0, srm_max_steps: int = -1):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"srm_mode={mode!r} is not one of {MODES}: use 'paper' (three stages) or 'joint'.")
+        if targets not in TARGETS:
+            raise ValueError(f"srm_targets={targets!r} is not one of {TARGETS}.")
+        self.mode, self.m, self.s, self.targets_kind = mode, codeword_multiplier, sparsity_multiplier, targets
+        self.pixel_weight = pixel_weight if targets in ("both", "pixel") else 0.0
+        self.image_weight = image_weight if targets in ("both", "image") else 0.0
+        self.pixel_ce_on_sigmoid, self.weight = pixel_ce_on_sigmoid, weight
+        self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
+        self.dictionary_epochs, self.dictionary_max_steps = dictionary_epochs, dictionary_max_steps
+        self.dictionary_learning_rate, self.dictionary_path = dictionary_learning_rate, dictionary_path
+        self.srm_epochs, self.srm_max_steps = srm_epochs, srm_max_steps
+        self.dictionary_ready = False  # set once a dictionary is loaded: stage 1 is skipped
+        self.coders = nn.ModuleDict()  # one SparseCoder per teacher tap
+        self.heads = nn.ModuleDict()  # one SRMHead per student tap
+
+    @classmethod
+    def from_config(cls, args) -> "SRM":
+        return cls(args.srm_mode, args.srm_codeword_multiplier, args.srm_sparsity_multiplier, args.srm_targets,
+                   args.srm_pixel_weight, args.srm_image_weight, args.srm_pixel_ce_on_sigmoid, args.srm_weight,
+                   args.kd_alpha, args.kd_temperature, args.srm_dictionary_epochs, args.srm_dictionary_max_steps,
+                   args.srm_dictionary_learning_rate, args.srm_dictionary_path, args.srm_epochs, args.srm_max_steps)
+
+    def build(self, pairs):
+        super().build(pairs)
+        for pair in pairs:
+            c = pair.teacher.channels
+            num_atoms = num_atoms_for(c, self.m)
+            self.coders[pair.key] = SparseCoder(c, num_atoms, num_active_for(c, self.m, self.s))
+            self.heads[pair.key] = SRMHead(pair.student.channels, num_atoms)
+        if self.dictionary_path:
+            self.load_dictionary(self.dictionary_path)
+
+    def stages(self) -> list[StageSpec]:
+        dictionary = [] if self.dictionary_ready else [
+            StageSpec("dictionary", trains=("coders",), epochs=self.dictionary_epochs,
+                      max_steps=self.dictionary_max_steps, runs_student=False, constant_lr=True)]
+        if self.mode == "joint":
+            return dictionary + [StageSpec("joint", trains=("student", "heads"))]
+        return dictionary + [StageSpec("srm", trains=("student", "heads"), epochs=self.srm_epochs,
+                                       max_steps=self.srm_max_steps),
+                             StageSpec("kd")]
+
+    def group_options(self, group: str) -> dict:
+        return {"lr": self.dictionary_learning_rate, "weight_decay": 0.0} if group == "coders" else {}
+
+    # ---- loss ----------------------------------------------------------------------------------------------
+
+    def loss(self, stage, student, teacher, labels):
+        if stage.name == "dictionary":  # Σ_taps MSE(T, T̂)
+            return {"mse": sum(dictionary_loss(t, self.coders[k](t)[1]) for k, t in teacher.features.items())}
+        terms = {}
+        if stage.name in ("kd", "joint"):
+            terms.update(kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature))
+        if stage.name in ("srm", "joint"):
+            weight = self.weight if stage.name == "joint" else 1.0
+            targets = self.targets(teacher.features)
+            for pair in self.pairs:
+                head_logits = self.head_logits(pair, student.features[pair.key])
+                for name, value in self.tap_loss(pair, head_logits, *targets[pair.key]).items():
+                    terms[name] = terms[name] + weight * value if name in terms else weight * value
+        return terms
+
+    def head_logits(self, pair, feature: torch.Tensor) -> torch.Tensor:
+        """The student head's logits for one tap, on the teacher's grid: [N, K, H, W], [N, L, K] or [N, K]."""
+        head = self.heads[pair.key](feature)
+        if head.dim() == 3 and head.shape[1] > pair.teacher.num_pixels:  # drop leading class tokens
+            head = head[:, head.shape[1] - pair.teacher.num_pixels:]
+        return resize_like(head, pair.teacher.spatial)
+
+    def tap_loss(self, pair, head_logits: torch.Tensor, pixel_labels: torch.Tensor,
+                 image_labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """SRM loss of one tap: {"pixel": weighted CE, "image": weighted BCE}. Recomputed in backward, which keeps
+        the K-channel sigmoid / softmax maps out of activation memory."""
+        return checkpoint(srm_loss, head_logits, pixel_labels, image_labels, self.pixel_weight, self.image_weight,
+                          self.pixel_ce_on_sigmoid, use_reentrant=False)
+
+    @torch.no_grad()
+    def targets(self, teacher_features: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Per tap: (pixel labels [N, H, W] long, image labels [N, K]) from the teacher's sparse codes, in float32
+        whatever precision the teacher ran in."""
+        device = next(self.coders.parameters()).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return {k: self.coders[k].targets(v.float()) for k, v in teacher_features.items()}
+
+    # ---- dictionary files ----------------------------------------------------------------------------------
+
+    def tap_metadata(self) -> list[dict]:
+        return [{"teacher": p.teacher.path, "student": p.student.path, "channels": p.teacher.channels}
+                for p in self.pairs]
+
+    def save_dictionary(self, path: str) -> str:
+        """Write the dictionaries alone (`srm_dictionary.safetensors`), to skip stage 1 next time."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.coders.state_dict().items()}
+        safetensors.torch.save_file(state, path, metadata={"taps": json.dumps(self.tap_metadata())})
+        return path
+
+    def load_dictionary(self, path: str) -> None:
+        """Load dictionaries saved by `save_dictionary`, checking every tap and shape; stage 1 is then skipped."""
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No SRM dictionary at {path}: pass a file written by save_dictionary().")
+        saved, problems, metadata = read_matching(path, self.coders.state_dict())
+        if problems:
+            raise ValueError(
+                f"{path} does not fit this teacher/student pairing ({problems}). It was saved for taps "
+                f"{metadata.get('taps', '?')}. Use the same teacher, taps, srm_codeword_multiplier and "
+                "srm_sparsity_multiplier as when it was saved, or drop srm_dictionary_path to learn a new dictionary."
+            )
+        self.coders.load_state_dict(saved)
+        self.dictionary_ready = True
+
+    def describe(self) -> dict:
+        return {"name": self.name, "mode": self.mode, "m": self.m, "s": self.s, "targets": self.targets_kind,
+                "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature,
+                "atoms K, kept k": {k: [c.num_atoms, c.num_active] for k, c in self.coders.items()}}

@@ -1,0 +1,117 @@
+"""Methods as units: a method written here trains through the public API, DKD and ReviewKD train with their extras
+kept out of the exported student, and every stage of every method resumes exactly."""
+
+import os
+
+import pytest
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import PatternDataset, changed, hf_resnet, make_config, make_trainer, snapshot, timm_resnet
+
+from srm_hf import DistillationTrainer, Method, StageSpec
+
+
+class FeatureMSE(Method):
+    """A trivial feature method: each student tap, projected to the teacher's channels, regresses the teacher's."""
+
+    name = "feature_mse"
+    uses_taps = True
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+        self.proj = nn.ModuleDict()
+
+    def build(self, pairs):
+        super().build(pairs)
+        for p in pairs:
+            self.proj[p.key] = nn.Conv2d(p.student.channels, p.teacher.channels, 1) if p.teacher.spatial else \
+                nn.Linear(p.student.channels, p.teacher.channels)
+
+    def stages(self):
+        return [StageSpec("mse", trains=("student", "proj"))]
+
+    def loss(self, stage, student, teacher, labels):
+        mse = sum(F.mse_loss(self.proj[k](student.features[k]), t) for k, t in teacher.features.items())
+        return {"mse": self.weight * mse, "ce": F.cross_entropy(student.logits, labels)}
+
+
+def saved_student_keys(folder) -> set[str]:
+    return set(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
+
+
+def test_a_method_defined_here_trains_with_no_change_to_the_library(tmp_path):
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=FeatureMSE(weight=0.5),
+                                  args=make_config(tmp_path, method="kd", max_steps=3), train_dataset=PatternDataset(32))
+    before = snapshot(trainer.distill_model)
+    trainer.train()
+    after = snapshot(trainer.distill_model)
+    assert [s.name for s in trainer.plan.stages] == ["mse"] and len(trainer.tap_pairs) == 4
+    assert changed(before, after, "student.") and changed(before, after, "method.proj.")
+    logged = {k for e in trainer.state.log_history for k in e if "/" in k}
+    assert logged == {"mse/mse", "mse/ce"}
+    trainer.save_model()
+    assert not any("proj" in k for k in saved_student_keys(tmp_path / "out"))
+
+
+def test_a_method_instance_refuses_fields_of_named_methods(tmp_path):
+    with pytest.raises(ValueError, match="kd_alpha=0.9 .*'feature_mse'"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=FeatureMSE(),
+                            args=make_config(tmp_path, method="kd", kd_alpha=0.9), train_dataset=PatternDataset(8))
+
+
+def test_a_stage_that_trains_a_missing_module_is_refused(tmp_path):
+    class Typo(FeatureMSE):
+        def stages(self):
+            return [StageSpec("mse", trains=("student", "projs"))]
+
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Typo(),
+                                  args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+    with pytest.raises(ValueError, match=r"trains \('student', 'projs'\).*'proj'"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("method, terms, extras", [("dkd", {"dkd/dkd", "dkd/ce"}, None),
+                                                   ("reviewkd", {"reviewkd/review", "reviewkd/ce"}, "abfs")])
+def test_dkd_and_reviewkd_train_a_transformers_student_from_a_timm_teacher(tmp_path, method, terms, extras):
+    trainer = make_trainer(tmp_path, method=method, max_steps=4, **{f"{method}_warmup_ratio": 0.5})
+    before = snapshot(trainer.distill_model)
+    trainer.train()
+    after = snapshot(trainer.distill_model)
+    assert changed(before, after, "student.resnet.") and changed(before, after, "student.classifier.")
+    assert {k for e in trainer.state.log_history for k in e if "/" in k} == terms
+    trainer.save_model()
+    student_keys = saved_student_keys(tmp_path / "out")
+    assert student_keys == set(trainer.distill_model.student.state_dict())  # the student alone
+    if extras:
+        assert changed(before, after, f"method.{extras}.")
+        state = safetensors.torch.load_file(tmp_path / "out" / "method_state.safetensors")
+        assert state and all(k.startswith(f"method.{extras}.") for k in state)
+
+
+# Every method, with every stage two steps long; resuming from a checkpoint after the first step of each stage
+# must end with the weights of the uninterrupted run.
+STAGED = {
+    "srm paper": dict(method="srm", srm_dictionary_max_steps=2, srm_max_steps=2),
+    "srm joint": dict(method="srm", srm_mode="joint", srm_dictionary_max_steps=2),
+    "kd": dict(method="kd"), "dkd": dict(method="dkd"), "at": dict(method="at"), "alone": dict(method="alone"),
+    "fitnet": dict(method="fitnet", fitnet_max_steps=2), "reviewkd": dict(method="reviewkd"),
+}
+
+
+@pytest.mark.parametrize("name", list(STAGED))
+def test_resume_inside_every_stage_matches_an_uninterrupted_run(tmp_path, name):
+    config = dict(STAGED[name], max_steps=2, save_strategy="steps", save_steps=1)
+    full = make_trainer(tmp_path / "full", **config)
+    full.train()
+    final = full.distill_model.state_dict()
+    for stage in full.plan.stages:
+        checkpoint = tmp_path / "full" / "out" / f"checkpoint-{stage.start + 1}"  # one step into the stage
+        resumed = make_trainer(tmp_path / f"resumed{stage.index}", student=hf_resnet(seed=7), **config)
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert resumed.state.global_step == full.plan.total_steps
+        state = resumed.distill_model.state_dict()
+        for k, v in final.items():
+            torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}, stage {stage.name}: {k}")

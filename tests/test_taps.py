@@ -1,0 +1,41 @@
+"""Taps: description by a dry run, automatic candidates, pairing by grid size."""
+
+import pytest
+import torch
+from conftest import hf_resnet, small_net, timm_resnet
+
+from srm_hf import describe_taps, pair_taps
+from srm_hf.taps import dry_run, stage_taps
+
+
+def test_describe_taps():
+    taps = describe_taps(timm_resnet(), torch.randn(2, 3, 32, 32), ["layer2", "global_pool"])
+    assert (taps[0].channels, taps[0].spatial, taps[0].reduction) == (48, (4, 4), 8)
+    assert (taps[1].channels, taps[1].spatial) == (96, ())
+    assert "layer2: 48x4x4" in str(taps[0])
+
+
+def test_automatic_taps_are_stage_outputs():
+    taps, logits = dry_run(hf_resnet(), torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 4)
+    paths = [t.path for t in stage_taps(taps, min_reduction=4)]
+    assert paths == ["resnet.encoder.stages.0", "resnet.encoder.stages.1", "resnet.encoder.stages.2",
+                     "resnet.encoder.stages.3", "classifier.0"]
+    first = stage_taps(taps, min_reduction=2)[0]
+    assert first.path.startswith("resnet.embedder") and first.reduction == 2
+
+
+def test_pairing_by_spatial_size():
+    x = torch.randn(2, 3, 32, 32)
+    teacher = stage_taps(dry_run(timm_resnet(), x)[0], 4)
+    student = stage_taps(dry_run(hf_resnet(), x)[0], 4)
+    pairs = [(p.teacher.path, p.student.path) for p in pair_taps(teacher, student)]
+    assert pairs == [("layer1", "resnet.encoder.stages.0"), ("layer2", "resnet.encoder.stages.1"),
+                     ("layer3", "resnet.encoder.stages.2"), ("global_pool", "classifier.0")]
+
+
+def test_no_matching_size_is_a_clear_error():
+    teacher = stage_taps(dry_run(small_net(), torch.randn(1, 3, 6, 6))[0], 1)  # grids 6x6, 3x3
+    student = [t for t in stage_taps(dry_run(hf_resnet(), torch.randn(1, 3, 64, 64))[0], 4) if t.spatial]
+    with pytest.raises(ValueError, match="layer_pairs"):
+        pair_taps([t for t in teacher if t.spatial], student)
