@@ -10,6 +10,7 @@
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 from offline import go_offline_if_hub_unreachable
@@ -59,8 +60,10 @@ def teacher_training_args(base: TrainingArguments, teacher_args: TeacherArgument
     )
 
 
-def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base: TrainingArguments, output_dir: str):
-    """Train a teacher on the full training split, save it (timm / transformers format) and return its folder."""
+def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base: TrainingArguments, output_dir: str,
+                  command: str | None = None):
+    """Train a teacher on the full training split, save it (timm / transformers format) with its recipe, the command
+    that ran it and its validation and test metrics (`teacher_recipe.json`), and return its folder."""
     full_data = dataclasses.replace(data_args, max_train_samples_per_class=None)
     splits = load_image_splits(full_data)
     model = load_image_classifier(teacher_args.teacher_architecture, num_labels=len(splits.label_names),
@@ -76,11 +79,13 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
     )
     trainer.train()
     metrics = trainer.evaluate()
+    if splits.test is not None:
+        metrics |= trainer.evaluate(splits.test.with_transform(ImageTransform(pre)), metric_key_prefix="test")
     if trainer.args.should_save:
         save_student(model, output_dir)
         with open(os.path.join(output_dir, "teacher_recipe.json"), "w") as f:
             json.dump({"teacher_args": dataclasses.asdict(teacher_args), "data": data_signature(data_args),
-                       "validation": metrics}, f, indent=2)
+                       "command": command, "metrics": metrics}, f, indent=2)
     trainer.accelerator.wait_for_everyone()
     return output_dir
 
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.set_defaults(output_dir="outputs/fashion_mnist_teacher", per_device_train_batch_size=128,
                         per_device_eval_batch_size=512, logging_steps=20, report_to="none")
     teacher_args, data_args, training_args = parser.parse(argv)
-    return train_teacher(teacher_args, data_args, training_args, training_args.output_dir)
+    command = " ".join(["python recipes/train_teacher.py", *(sys.argv[1:] if argv is None else argv)])
+    return train_teacher(teacher_args, data_args, training_args, training_args.output_dir, command)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,6 @@ def channel_dim(x: torch.Tensor) -> int:
     )
 
 
-def num_pixels(x: torch.Tensor) -> int:
-    """H*W for maps, L for tokens, 1 for vectors."""
-    return x.shape[2] * x.shape[3] if x.dim() == 4 else (x.shape[1] if x.dim() == 3 else 1)
-
-
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Per pixel: xᵀ W (+ b), with W [C_in, C_out] and a scalar b; keeps the layout of x."""
     weight = weight.to(x.dtype)
@@ -63,11 +58,21 @@ def _init_projection(weight: torch.Tensor, bias: torch.Tensor) -> None:
     nn.init.uniform_(bias, -1.0, 1.0)
 
 
+def top_k_mask(z: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+    """True where an atom is among the k largest of its pixel: exactly k per pixel, and among atoms of equal value
+    the lowest indices first, so the kept set and the pixel label (the first maximal atom, as `argmax` picks it)
+    do not depend on how `torch.topk` breaks ties. Under ties at the k-th value the reference keeps them all."""
+    kth = z.topk(k, dim=dim).values.narrow(dim, k - 1, 1)  # the k-th largest value per pixel
+    above, tied = z > kth, z == kth
+    room = k - above.sum(dim, keepdim=True)  # how many of the tied atoms still fit
+    return above | (tied & (tied.cumsum(dim) <= room))
+
+
 class SparseCoder(nn.Module):
     """Dictionary `D [C, K]` with one scalar bias `b`, learnt over one teacher tap.
 
-    encode: z = sigmoid(Dᵀ t + b) per pixel, then hard top-k: λ = z ⊙ 1[z ≥ z_(k)] with exactly k kept
-            (ties broken by `torch.topk`; the mask carries no gradient).
+    encode: z = sigmoid(Dᵀ t + b) per pixel, then hard top-k: λ = z ⊙ 1[z ≥ z_(k)] with exactly k kept, the
+            lowest atom indices first among equal values (`top_k_mask`; the mask carries no gradient).
     decode: t̂ = D λ (tied weights).
     """
 
@@ -90,10 +95,7 @@ class SparseCoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel."""
         z = self.activations(x)
-        dim = channel_dim(z)
-        idx = z.topk(self.num_active, dim=dim).indices  # k per pixel
-        mask = torch.zeros_like(z).scatter_(dim, idx, 1.0)  # no gradient through the mask
-        return z * mask
+        return z * top_k_mask(z, self.num_active, channel_dim(z))  # no gradient through the mask
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """t̂ = D λ: codes with K channels -> reconstruction with C channels, same layout."""
@@ -106,15 +108,8 @@ class SparseCoder(nn.Module):
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`srm_targets(self.encode(x))` without building the sparse codes: the pixel label is the argmax of z
-        (the top atom is always kept) and the image label sums the k kept values per pixel."""
-        z = self.activations(x)
-        dim = channel_dim(z)
-        values, idx = z.topk(self.num_active, dim=dim)  # [N, k, H, W] / [N, L, k] / [N, k]
-        pixel = idx.select(dim, 0)  # topk is sorted: the first index is the argmax
-        n = z.shape[0]
-        image = z.new_zeros(n, self.num_atoms).scatter_add_(1, idx.reshape(n, -1), values.reshape(n, -1))
-        return pixel, image / num_pixels(z)
+        """The teacher's labels for `x`: `srm_targets` of its sparse codes (one definition for every path)."""
+        return srm_targets(self.encode(x))
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, num_atoms={self.num_atoms}, num_active={self.num_active}"
@@ -124,7 +119,8 @@ class SparseCoder(nn.Module):
 def srm_targets(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher labels from sparse codes.
 
-    pixel labels y = argmax_K λ  -> [N, H, W] (maps), [N, L] (tokens) or [N] (vectors), long
+    pixel labels y = argmax_K λ  -> [N, H, W] (maps), [N, L] (tokens) or [N] (vectors), long; the first maximal
+                 atom under ties (see `top_k_mask`)
     image labels g = mean over pixels of λ -> [N, K] in [0, 1]
     """
     dim = channel_dim(codes)

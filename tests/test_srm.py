@@ -138,3 +138,29 @@ def test_targets_shortcut_equals_labels_of_the_codes(shape):
     ref_pixel, ref_image = srm_targets(coder.encode(x))
     assert torch.equal(pixel, ref_pixel)
     torch.testing.assert_close(image, ref_image)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 3, 5), (2, 7, 4), (9, 4)])
+def test_pixel_labels_agree_under_exact_ties(shape):
+    # atoms 0, 2 and 5 are the same vector (and 1, 4): their activations tie exactly at every pixel, so the kept set
+    # and the label hinge on the tie-break. Both paths must label the lowest-index kept atom of largest value.
+    torch.manual_seed(1)
+    base = torch.randn(4, 3)
+    coder = coder_with(base[:, [0, 1, 0, 2, 1, 0]].tolist(), bias=0.3, num_active=2)
+    x = torch.randn(*shape)
+    pixel, image = coder.targets(x)
+    codes = coder.encode(x)
+    ref_pixel, ref_image = srm_targets(codes)
+    assert torch.equal(pixel, ref_pixel)
+    torch.testing.assert_close(image, ref_image)
+    z = coder.activations(x).movedim(1, -1) if x.dim() == 4 else coder.activations(x)  # [..., K]
+    kept = (codes.movedim(1, -1) if x.dim() == 4 else codes) != 0
+    flat_z, flat_kept = z.reshape(-1, 6), kept.reshape(-1, 6)
+    ties = 0
+    for values, mask in zip(flat_z.tolist(), flat_kept.tolist()):
+        order = sorted(range(6), key=lambda i: (-values[i], i))  # largest first, lowest index first among equals
+        assert [i for i in range(6) if mask[i]] == sorted(order[:2])
+        ties += values.count(values[order[0]]) > 1
+    assert ties > 0  # the case under test happens
+    flat_pixel = pixel.reshape(-1).tolist()
+    assert flat_pixel == [min(range(6), key=lambda i: (-v[i], i)) for v in flat_z.tolist()]  # the first maximal atom
