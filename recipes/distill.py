@@ -6,9 +6,12 @@
     accelerate launch --config_file recipes/accelerate_configs/multi_gpu.yaml recipes/distill.py --config ...
     python recipes/distill.py --config ... --push_to_hub --hub_model_id you/student-srm
 
-Flags override the YAML file; an unknown YAML key is an error. Prints teacher, student and student-alone test
-accuracy, and writes to output_dir: the student (student library's format) with method_state.safetensors,
-README.md (model card), srm_report.png, results.json and TensorBoard logs.
+Flags override the YAML file; an unknown YAML key is an error. The teacher is the shipped Fashion-MNIST one unless
+--teacher_model_name_or_path names another or --train_teacher trains one first. Prints the test accuracy of the
+teacher, the distilled student and the same student trained by each `--compare` method (KD and alone by default)
+from the same initial weights for the same measured compute (per-step times of every stage, measured before
+training on the same batch; `recipes/compute.py`), and writes to output_dir: the student (its library's format)
+with method_state.safetensors, README.md (model card), srm_report.png, results.json and TensorBoard logs.
 """
 
 import copy
@@ -22,19 +25,23 @@ from offline import go_offline_if_hub_unreachable
 go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
 
 import torch
+from compute import first_batch, run_cost, stage_step_seconds, steps_for_cost
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher
-from transformers import EvalPrediction, Trainer, TrainingArguments, set_seed
+from transformers import EvalPrediction, set_seed
 
 from srm_hf import DistillationConfig, DistillationTrainer
 from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.hub import push_dictionary
-from srm_hf.loading import for_trainer, load_image_classifier, load_image_processor
+from srm_hf.loading import load_image_classifier, load_image_processor
+from srm_hf.methods import METHODS
 from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.metrics import make_compute_metrics
 from srm_hf.plots import atom_usage, save_report
 from srm_hf.transforms import ImageTransform, preprocessing_for
 
+# A ResNet-18 (widths 16-128) trained on Fashion-MNIST by recipes/teachers/README.md's command; run from the repo root.
+SHIPPED_TEACHER = "recipes/teachers/fashion_mnist_resnet18"
 DEFAULT_STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8,
                           "pretrained_cfg_overlay": FASHION_MNIST_INPUT}
 # The offline default run; a YAML config and flags override any of these.
@@ -61,15 +68,26 @@ class ModelArguments:
 @dataclass
 class ScriptArguments:
     metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata={"help": "evaluate metric names."})
-    compare_alone: bool = field(default=True, metadata={"help": "Also train the student alone, same steps."})
+    compare: list[str] = field(
+        default_factory=lambda: ["kd", "alone"],
+        metadata={"help": "One-stage methods also trained on the same student (same initial weights), each for the "
+                          "main run's measured compute; 'none' for none."},
+    )
     report: bool = field(default=True, metadata={"help": "Write srm_report.png (loss curves, atom usage)."})
     push_dictionary_to_hub: str | None = field(default=None, metadata={"help": "Repo id for the dictionary."})
 
 
 def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits):
-    """The given teacher, or one trained here (cached in output_dir/teacher while its recipe is unchanged)."""
+    """The given teacher (by default the shipped Fashion-MNIST one), or with --train_teacher one trained here (cached
+    in output_dir/teacher while its recipe is unchanged). A given teacher must predict the data's labels: it is never
+    re-headed silently."""
     name = config.teacher_model_name_or_path
-    if name is None:
+    if teacher_args.train_teacher and name is not None:
+        raise ValueError("Give one teacher source: --teacher_model_name_or_path (a trained teacher) or --train_teacher "
+                         "true (train one here first), not both.")
+    if name is None and not teacher_args.train_teacher:
+        name = SHIPPED_TEACHER
+    if teacher_args.train_teacher:
         name = os.path.join(config.output_dir, "teacher")
         recipe = os.path.join(name, "teacher_recipe.json")
         wanted = dataclasses.asdict(teacher_args)
@@ -82,7 +100,11 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
     kwargs = parse_kwargs(model_args.teacher_model_kwargs)
     if model_args.teacher_revision:
         kwargs["revision"] = model_args.teacher_revision
-    teacher = load_image_classifier(name, num_labels=len(splits.label_names), id2label=splits.id2label, **kwargs)
+    teacher = load_image_classifier(name, **kwargs)
+    labels = getattr(teacher, "num_classes", None) or getattr(getattr(teacher, "config", None), "num_labels", None)
+    if labels != len(splits.label_names):
+        raise ValueError(f"The teacher {name!r} predicts {labels} labels, the data has {len(splits.label_names)} "
+                         f"({splits.source}). Pass a teacher trained on this data, or --train_teacher true.")
     return name, teacher
 
 
@@ -101,7 +123,7 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
 
 
 def check_engine(config: DistillationConfig, script_args) -> None:
-    """DeepSpeed allows one Trainer per process: the teacher must come ready-made and no student-alone run."""
+    """DeepSpeed allows one Trainer per process: the teacher must come ready-made and no comparison runs."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
         return
     if config.teacher_model_name_or_path is None:
@@ -110,9 +132,13 @@ def check_engine(config: DistillationConfig, script_args) -> None:
             "Train it first with `python recipes/train_teacher.py --output_dir DIR ...`, then pass "
             "--teacher_model_name_or_path DIR."
         )
-    if script_args.compare_alone:
-        raise ValueError("Under DeepSpeed the student-alone comparison would need a second Trainer in the process: "
-                         "pass --compare_alone false (or run it separately without DeepSpeed).")
+    if compared(script_args):
+        raise ValueError("Under DeepSpeed the comparison runs would need a second Trainer in the process: "
+                         "pass --compare none (or run them separately without DeepSpeed).")
+
+
+def compared(script_args) -> list[str]:
+    return [m for m in script_args.compare if m != "none"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,20 +155,17 @@ def main(argv: list[str] | None = None) -> dict:
     student = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
                                     id2label=splits.id2label, pretrained=model_args.student_pretrained,
                                     **parse_kwargs(model_args.student_model_kwargs))
-    # the student-alone baseline starts from these same weights: a paired comparison, not two random inits
-    alone = copy.deepcopy(student) if script_args.compare_alone else None
+    # the comparison runs start from these same weights: a paired comparison, not several random inits
+    initial = copy.deepcopy(student) if compared(script_args) else None
     student_pre = preprocessing_for(student, load_image_processor(model_args.student_model_name_or_path))
     teacher_pre = preprocessing_for(teacher, load_image_processor(teacher_name))
     compute_metrics = make_compute_metrics(tuple(script_args.metrics))
 
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=config,
-        train_dataset=splits.train.with_transform(ImageTransform(student_pre, teacher_pre, train=True)),
-        eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
-        compute_metrics=compute_metrics,
-    )
+    train = splits.train.with_transform(ImageTransform(student_pre, teacher_pre, train=True))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
+                                  eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
+                                  compute_metrics=compute_metrics)
+    seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
     trainer.train()
     test = splits.test if splits.test is not None else splits.validation
     results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
@@ -154,16 +177,20 @@ def main(argv: list[str] | None = None) -> dict:
         save_report(os.path.join(config.output_dir, "srm_report.png"), trainer.state.log_history, usage,
                     title=f"{config.method} on {splits.source}")
 
-    if script_args.compare_alone:
-        student_steps = sum(s.steps for s in trainer.plan.stages if "student" in s.groups)
-        alone_args = dataclasses.replace(config, output_dir=os.path.join(config.output_dir, "student_alone"),
-                                         max_steps=student_steps, eval_strategy="no", report_to="none")
-        alone_trainer = Trainer(model=for_trainer(alone), args=TrainingArguments(**_plain_fields(alone_args)),
-                                train_dataset=splits.train.with_transform(ImageTransform(student_pre, train=True)),
-                                compute_metrics=compute_metrics)
-        alone_trainer.train()
-        results["student_alone"] = alone_trainer.evaluate(test.with_transform(ImageTransform(student_pre)),
-                                                          metric_key_prefix="test")
+    compute = {}
+    if compared(script_args):
+        cost = run_cost(trainer.plan, seconds, config.method)
+        compute = {"seconds_per_step": {f"{m}/{s}": v for (m, s), v in seconds.items()}, "main_run_seconds": cost}
+        for name in compared(script_args):
+            steps = steps_for_cost(cost, seconds[(name, only_stage(name))])
+            run = DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
+                                      args=config.for_method(name, output_dir=os.path.join(config.output_dir, name),
+                                                             max_steps=steps, eval_strategy="no", report_to="none"),
+                                      compute_metrics=compute_metrics)
+            run.train()
+            results[f"{name}_student"] = run.evaluate(test.with_transform(ImageTransform(student_pre)),
+                                                     metric_key_prefix="test")
+            compute.setdefault("steps", {})[name] = steps
 
     metrics = {f"{who}_{k.removeprefix('test_')}": v for who, m in results.items() for k, v in m.items()
                if k.startswith("test_") and k.removeprefix("test_") in script_args.metrics}
@@ -174,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_world_process_zero():
         with open(os.path.join(config.output_dir, "results.json"), "w") as f:
             json.dump({"data": splits.source, "train_images": len(splits.train), "test_images": len(test),
-                       "plan": str(trainer.plan), "metrics": metrics}, f, indent=2)
+                       "plan": str(trainer.plan), "metrics": metrics, "equal_compute": compute}, f, indent=2)
         print(f"\n{config.method} on {splits.source}: {len(splits.train)} training images, {len(test)} test images")
         for key, value in metrics.items():
             print(f"  {key:32s} {value:.4f}")
@@ -188,10 +215,27 @@ def main(argv: list[str] | None = None) -> dict:
     return metrics
 
 
-def _plain_fields(config: DistillationConfig) -> dict:
-    """The TrainingArguments part of a DistillationConfig, for the student-alone baseline."""
-    names = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name in names}
+def only_stage(method: str) -> str:
+    stages = METHODS[method]().stages()
+    if len(stages) != 1:
+        raise ValueError(f"--compare takes one-stage methods (its length is set from the measured cost); {method!r} "
+                         f"has the stages {[s.name for s in stages]}.")
+    return stages[0].name
+
+
+def step_seconds(trainer, initial, teacher, config, baselines: list[str], train) -> dict:
+    """Per-step cost of every stage of the main method and of the compared ones, measured before training on
+    throwaway copies of the initial student (timing takes optimizer steps)."""
+    if not baselines:
+        return {}
+    for name in baselines:
+        only_stage(name)
+    probe_dir = os.path.join(config.output_dir, "timing")
+    probes = {name: DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
+                                        args=config.for_method(name, output_dir=probe_dir, report_to="none",
+                                                               eval_strategy="no"))
+              for name in dict.fromkeys([config.method, *baselines])}
+    return stage_step_seconds(probes, first_batch(trainer))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ DEFAULT_TEACHER_KWARGS = {"in_chans": 1, "channels": [16, 32, 64, 128], "stem_wi
 
 @dataclass
 class TeacherArguments:
+    train_teacher: bool = field(
+        default=False,
+        metadata={"help": "distill.py: train the teacher first (cached in output_dir/teacher) instead of loading "
+                          "--teacher_model_name_or_path."},
+    )
     teacher_architecture: str = field(
         default="timm:resnet18",
         metadata={"help": "Teacher to train: 'timm:<arch>', a Hub id or a local folder (fine-tuned if pretrained)."},

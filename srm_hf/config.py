@@ -8,11 +8,13 @@ used is an error. The SRM maths and its reference settings: `srm_hf/srm.py` and 
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 from transformers import TrainingArguments
 
-from .methods import check_method_fields, method_class
+from .methods import METHODS, check_method_fields, method_class
+
+METHOD_PREFIXES = {p for m in METHODS.values() for p in m.config_prefixes}
 
 
 @dataclass
@@ -146,6 +148,13 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(
                     f"layer_pairs entry {pair!r} is not 'teacher.module:student.module' (one colon, two paths)."
                 )
+
+    def for_method(self, method: str, **changes) -> "DistillationConfig":
+        """These run settings for another method: the other methods' own fields back to their defaults."""
+        own = set(method_class(method).config_prefixes)
+        reset = {f.name: f.default for f in fields(self) if f.init and f.name.split("_", 1)[0] in METHOD_PREFIXES
+                 and f.name.split("_", 1)[0] not in own}
+        return replace(self, **{**reset, "method": method, **changes})
 
     @property
     def explicit_pairs(self) -> list[tuple[str, str]] | None:

@@ -99,3 +99,12 @@ def test_a_cpu_launch_config_keeps_the_trainer_on_the_cpu(tmp_path, monkeypatch)
     assert make_config(tmp_path, use_cpu=False).use_cpu is True
     monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
     assert make_config(tmp_path, use_cpu=False).use_cpu is False
+
+
+def test_the_same_run_for_another_method(tmp_path):
+    srm = make_config(tmp_path, srm_codeword_multiplier=3.0, kd_alpha=0.9, learning_rate=0.05)
+    kd = srm.for_method("kd", max_steps=7)
+    assert (kd.method, kd.kd_alpha, kd.learning_rate, kd.max_steps) == ("kd", 0.9, 0.05, 7)
+    assert kd.srm_codeword_multiplier == 2.0 and kd.srm_dictionary_max_steps == -1  # SRM's own fields reset
+    alone = srm.for_method("alone")
+    assert alone.kd_alpha == 0.5 and alone.learning_rate == 0.05

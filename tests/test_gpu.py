@@ -75,7 +75,7 @@ def test_recipe_runs_under_engine(tmp_path, engine):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes/accelerate_configs" / ENGINES[engine]), "--num_processes", "1",
            str(ROOT / "recipes/distill.py"), "--dataset_dir", data, "--output_dir", str(out),
-           "--teacher_model_name_or_path", str(teacher), "--compare_alone", "false", "--report", "false", *TINY]
+           "--teacher_model_name_or_path", str(teacher), "--compare", "none", "--report", "false", *TINY]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())

@@ -25,7 +25,7 @@ from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments  # noqa: E402
 
 OFFLINE_CONFIGS = ["fashion_mnist.yaml"]
 HUB_CONFIGS = ["cifar10.yaml", "cifar100.yaml", "food101.yaml", "beans.yaml"]
-TINY = ["--teacher_max_steps", "3", "--srm_dictionary_max_steps", "2", "--srm_max_steps", "2", "--max_steps", "2",
+TINY = ["--train_teacher", "true", "--teacher_max_steps", "3", "--srm_dictionary_max_steps", "2", "--srm_max_steps", "2", "--max_steps", "2",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "64", "--logging_steps", "1",
         "--report_to", "none", "--disable_tqdm", "true"]
 
@@ -83,7 +83,7 @@ def test_distill_end_to_end_offline_with_teacher_cache(tmp_path):
     out = tmp_path / "run"
     args = ["--dataset_dir", data, "--output_dir", str(out), *TINY]
     metrics = distill.main(args)
-    assert set(metrics) == {"student_accuracy", "teacher_accuracy", "student_alone_accuracy"}
+    assert set(metrics) == {"student_accuracy", "teacher_accuracy", "kd_student_accuracy", "alone_student_accuracy"}
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "method_state.safetensors", "README.md", "srm_report.png",
             "results.json"} <= files
@@ -91,13 +91,17 @@ def test_distill_end_to_end_offline_with_teacher_cache(tmp_path):
     assert student.pretrained_cfg["input_size"] == (1, 28, 28) and student(torch.zeros(1, 1, 28, 28)).shape == (1, 4)
     results = json.loads((out / "results.json").read_text())
     assert results["train_images"] == 44 and results["test_images"] == 16  # 48 minus one validation image per class
+    compute = results["equal_compute"]  # each compared run costs what the main run cost, in measured step times
+    for name in ("kd", "alone"):
+        per_step = compute["seconds_per_step"][f"{name}/{'ce' if name == 'alone' else name}"]
+        assert abs(compute["steps"][name] * per_step - compute["main_run_seconds"]) <= per_step / 2 + 1e-9
 
     teacher_weights = out / "teacher" / "model.safetensors"
     stamp = teacher_weights.stat().st_mtime_ns
     time.sleep(0.01)
-    distill.main(args + ["--compare_alone", "false", "--report", "false"])
+    distill.main(args + ["--compare", "none", "--report", "false"])
     assert teacher_weights.stat().st_mtime_ns == stamp  # cached teacher reused
-    distill.main(args + ["--compare_alone", "false", "--report", "false", "--teacher_max_steps", "4"])
+    distill.main(args + ["--compare", "none", "--report", "false", "--teacher_max_steps", "4"])
     assert teacher_weights.stat().st_mtime_ns != stamp  # a changed teacher recipe retrains it
 
 
@@ -116,7 +120,7 @@ def test_accelerate_launch_reaches_training_on_fashion_mnist(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes/accelerate_configs/cpu.yaml"), str(ROOT / "recipes/distill.py"),
            "--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--max_steps", "5",
-           "--max_train_samples_per_class", "4", "--max_eval_samples", "64", "--compare_alone", "false",
+           "--max_train_samples_per_class", "4", "--max_eval_samples", "64", "--compare", "none",
            "--output_dir", str(tmp_path), *TINY[:6]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
@@ -141,17 +145,26 @@ def test_no_network_and_no_offline_flag_still_fails_fast(tmp_path):
 
 
 @pytest.mark.parametrize("teacher, alone, message", [(None, False, "--teacher_model_name_or_path DIR"),
-                                                     ("t", True, "--compare_alone false"), ("t", False, None)])
+                                                     ("t", True, "--compare none"), ("t", False, None)])
 def test_deepspeed_launch_asks_for_a_ready_teacher_and_one_trainer(monkeypatch, teacher, alone, message):
     # (parsing under ACCELERATE_USE_DEEPSPEED needs deepspeed installed, so the check is called directly)
     from types import SimpleNamespace
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    config, script = SimpleNamespace(teacher_model_name_or_path=teacher), SimpleNamespace(compare_alone=alone)
+    config, script = SimpleNamespace(teacher_model_name_or_path=teacher), SimpleNamespace(compare=["alone"] if alone else ["none"])
     if message is None:
         distill.check_engine(config, script)
     else:
         with pytest.raises(ValueError, match=message):
             distill.check_engine(config, script)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
-    distill.check_engine(SimpleNamespace(teacher_model_name_or_path=None), SimpleNamespace(compare_alone=True))
+    distill.check_engine(SimpleNamespace(teacher_model_name_or_path=None), SimpleNamespace(compare=["alone"]))
+
+
+def test_a_teacher_for_other_labels_is_refused_before_training(tmp_path):
+    data = tiny_fashion_idx(tmp_path)  # 4 classes; the shipped teacher predicts 10
+    with pytest.raises(ValueError, match="predicts 10 labels, the data has 4.*--train_teacher true"):
+        distill.main(["--dataset_dir", data, "--output_dir", str(tmp_path / "run"), *TINY[2:]])
+    with pytest.raises(ValueError, match="not both"):
+        distill.main(["--dataset_dir", data, "--output_dir", str(tmp_path / "run"), "--teacher_model_name_or_path",
+                      "x", *TINY])
