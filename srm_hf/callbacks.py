@@ -8,7 +8,8 @@ logger = logging.get_logger(__name__)
 
 
 class StageCallback(TrainerCallback):
-    """Announces each stage as it starts, in the log and in the progress bar's description."""
+    """Announces each stage as it starts, in the log and in the progress bar's description, and keeps evaluation
+    to the last stage."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -18,6 +19,13 @@ class StageCallback(TrainerCallback):
         self._current = None
         if state.is_world_process_zero:
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        """The student is judged only in the last stage (before it, its classifier is frozen or untrained): no
+        evaluation earlier, so early stopping and best-model selection see the final stage alone."""
+        plan = self.trainer.plan
+        if control.should_evaluate and plan.stage_at(state.global_step - 1).index < len(plan.stages):
+            control.should_evaluate = False
 
     def on_step_begin(self, args, state, control, **kwargs):
         stage = self.trainer.plan.stage_at(state.global_step)

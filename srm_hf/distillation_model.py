@@ -88,6 +88,32 @@ class DistillationModel(nn.Module):
                                  "'student' or the method's child modules in StageSpec.trains.")
         return specs
 
+    @property
+    def config(self):
+        """The student's config (transformers), or None: what the Trainer reads of `model.config`."""
+        return getattr(self.student, "config", None)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Delegated to the student's own mechanism: transformers' activation checkpointing (non-reentrant, so tapped
+        features keep their gradient) or timm's `set_grad_checkpointing`."""
+        student, kwargs = self.student, {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.24
+            student.activation_checkpointing_enable(kwargs, every_n_layers=every_n_layers, offload=offload)
+        elif hasattr(student, "gradient_checkpointing_enable") and every_n_layers == 1 and not offload:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(student, "set_grad_checkpointing") and every_n_layers == 1 and not offload:
+            student.set_grad_checkpointing(True)
+            self.timm_checkpointing = True
+        else:
+            raise ValueError(f"Activation (gradient) checkpointing is on, but the student ({type(student).__name__}) "
+                             "has no checkpointing of its own for these settings (transformers or timm, every layer, "
+                             "no offload): turn it off.")
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The name transformers < 5.24 calls."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     def forward(self, pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 teacher_pixel_values: torch.Tensor | None = None, stage=None,
                 teacher: Features | None = None) -> DistillationOutput:
@@ -97,12 +123,26 @@ class DistillationModel(nn.Module):
         student = None
         if stage is None or stage.spec.runs_student:
             logits = model_logits(self.student(pixel_values))
-            student = Features(logits, self.student_hooks.pop() if self.student_hooks else {})
+            student = Features(logits, self._student_features())
             if stage is None:
                 return DistillationOutput(logits=logits)
         terms = self.method.loss(stage, student, teacher, labels)
         # built in one go: DDP finds the tensors that need gradients among the output's values
         return DistillationOutput(loss=sum(terms.values()), logits=student.logits if student else None, terms=terms)
+
+    def _student_features(self) -> dict[str, torch.Tensor]:
+        if self.student_hooks is None:
+            return {}
+        try:
+            return self.student_hooks.pop()
+        except RuntimeError as e:
+            if getattr(self, "timm_checkpointing", False):
+                raise RuntimeError(
+                    f"{e} timm's gradient checkpointing runs a stage's blocks without calling the stage module, so a "
+                    "tap on the stage sees nothing: tap blocks inside it (e.g. 'layer1.0' in layer_pairs), or turn "
+                    "gradient checkpointing off."
+                ) from e
+            raise
 
     def param_groups(self, decay_names: set[str], weight_decay: float) -> list[dict]:
         """Optimizer groups tagged `stage_group`: the student's (with and without weight decay), then one per child

@@ -101,9 +101,16 @@ def write_model_card(trainer, **kwargs) -> str:
     return card
 
 
-def push_student(folder: str, repo_id: str, token: str | None = None, private: bool | None = None,
-                 revision: str | None = None, commit_message: str = "Upload distilled student"):
-    """Upload only the student's files of `folder` (see STUDENT_FILES) to the model repo `repo_id`."""
+def push_student(trainer, commit_message: str | None = None, token: str | None = None, revision: str | None = None,
+                 private: bool | None = None):
+    """Upload only the student's files of the trainer's `output_dir` (see STUDENT_FILES) to its Hub model repo;
+    arguments left None come from the trainer's `TrainingArguments` (hub_token, hub_revision, hub_private_repo)."""
+    args = trainer.args
+    folder, repo_id = args.output_dir, args.hub_model_id or trainer.hub_model_id
+    token = token if token is not None else args.hub_token
+    private = private if private is not None else args.hub_private_repo
+    revision = revision if revision is not None else args.hub_revision
+    commit_message = commit_message or "Upload distilled student"
     missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {missing}: save the student with trainer.save_model() first.")

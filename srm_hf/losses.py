@@ -15,6 +15,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return temperature**2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy with the class labels, in float32. Logits [N, num_labels], labels [N]."""
-    return F.cross_entropy(logits.float(), labels)
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy with the class labels, in float32. Logits [N, num_labels], labels [N].
+
+    With label smoothing ε the target is (1-ε)·one-hot + ε/num_labels, as `TrainingArguments.label_smoothing_factor`
+    gives it in the Trainer: (1-ε)·NLL + ε·mean over labels of -log p."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)

@@ -27,10 +27,14 @@ from .forward import model_logits
 from .hooks import FeatureHooks
 from .hub import push_student, write_model_card
 from .losses import classification_loss
-from .methods import Features, Method, check_method_fields, method_class
+from .methods import Features, Method, resolve_method
 from .nonfinite import NonFiniteGuard
 from .stages import StagePlan, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
+
+
+UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer arguments that cannot work here: the fix
+               "compute_loss_func": "the method computes the loss: write it as a `srm_hf.Method`, pass it as `method=`."}
 
 
 class DistillationTrainer(Trainer):
@@ -41,12 +45,12 @@ class DistillationTrainer(Trainer):
         args = DistillationConfig() if args is None else args
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig.")
-        if kwargs.get("model_init") is not None:
-            raise ValueError("model_init is not supported: pass the student as `model=`.")
+        for name, fix in UNSUPPORTED.items():
+            if kwargs.get(name) is not None:
+                raise ValueError(f"{name} is not supported: {fix}")
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
-        method = method_class(method or args.method).from_config(args) if not isinstance(method, Method) else method
-        check_method_fields(args, method)
+        method = resolve_method(method, args)
         example = (data_collator or default_data_collator)([train_dataset[i] for i in range(min(2, len(train_dataset)))])
         distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, example, args)
         if args.compile_student:  # in place, after the taps are hooked: state_dict keys and hooks stay as they are
@@ -162,7 +166,8 @@ class DistillationTrainer(Trainer):
         labels = inputs.get("labels")
         if not model.training:  # evaluation: the student's classification loss
             outputs = model(pixel_values=inputs["pixel_values"])
-            loss = classification_loss(outputs.logits, labels) if labels is not None else None
+            loss = None if labels is None else classification_loss(outputs.logits, labels,
+                                                                   self.args.label_smoothing_factor)
             return (loss, outputs) if return_outputs else loss
         stage = self.plan.stage_at(self.state.global_step)
         teacher = self.teacher_forward(inputs) if stage.spec.uses_teacher else None
@@ -176,7 +181,10 @@ class DistillationTrainer(Trainer):
         self._metrics[name].append(torch.as_tensor(value).detach().float())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds each logged metric (averaged since the last log), the stage and its learning rate."""
+        """Adds each logged metric (averaged since the last log), the stage and its learning rate; evaluation logs
+        get the stage too."""
+        if self.plan is not None and any(k.startswith("eval_") for k in logs):
+            logs["stage"] = self.plan.stage_at(max(self.state.global_step - 1, 0)).index
         if "loss" in logs and self.plan is not None:
             for name, values in self._metrics.items():
                 logs[name] = self.accelerator.reduce(torch.stack(values).to(self.args.device).mean(), "mean").item()
@@ -238,10 +246,4 @@ class DistillationTrainer(Trainer):
         if not self.is_world_process_zero():
             return None
         self.create_model_card(**kwargs)
-        return push_student(
-            self.args.output_dir, self.args.hub_model_id or self.hub_model_id,
-            token=token if token is not None else self.args.hub_token,
-            private=private if private is not None else self.args.hub_private_repo,
-            revision=revision if revision is not None else self.args.hub_revision,
-            commit_message=commit_message or "Upload distilled student",
-        )
+        return push_student(self, commit_message, token=token, revision=revision, private=private)

@@ -93,5 +93,9 @@ def test_model_card_content(tmp_path):
 def test_push_needs_a_saved_student(tmp_path):
     from srm_hf.hub import push_student
 
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(output_dir=str(tmp_path), hub_model_id="someone/nothing", hub_token=None,
+                           hub_private_repo=None, hub_revision=None)
     with pytest.raises(FileNotFoundError, match="save_model"):
-        push_student(str(tmp_path), "someone/nothing")
+        push_student(SimpleNamespace(args=args, hub_model_id=None))

@@ -32,6 +32,15 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
+def resolve_method(method: "Method | str | None", args) -> Method:
+    """The method a trainer runs: an instance as given, else the named one (default `args.method`) built from
+    `args`; checked against the config's fields of other methods, with the config's label smoothing."""
+    method = method if isinstance(method, Method) else method_class(method or args.method).from_config(args)
+    check_method_fields(args, method)
+    method.label_smoothing = args.label_smoothing_factor
+    return method
+
+
 def check_method_fields(args, method: type[Method] | Method) -> None:
     """Refuse config fields set for another method (`dkd_alpha` with method='kd'): they would be ignored."""
     own = set(method.config_prefixes)
@@ -47,4 +56,5 @@ def check_method_fields(args, method: type[Method] | Method) -> None:
 
 
 __all__ = ["METHODS", "AT", "Alone", "DKD", "Features", "FitNet", "KD", "Method", "ReviewKD", "SRM", "StageSpec",
-           "check_method_fields", "method_class"]
+           "check_method_fields", "method_class",
+           "resolve_method"]

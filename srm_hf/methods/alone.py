@@ -13,4 +13,4 @@ class Alone(Method):
     def loss(self, stage, student, teacher, labels):
         if labels is None:
             raise ValueError("method='alone' trains on class labels: the batches need a 'labels' column.")
-        return {"ce": classification_loss(student.logits, labels)}
+        return {"ce": classification_loss(student.logits, labels, self.label_smoothing)}

@@ -58,11 +58,14 @@ class Method(nn.Module):
         uses_taps: whether the method needs paired intermediate features (else no taps are planned or hooked).
         config_prefixes: prefixes of the `DistillationConfig` fields it reads (`"kd"` for `kd_alpha`, ...);
             fields of other methods' prefixes are refused when set.
+        label_smoothing: ε of every cross-entropy with the class labels (`classification_loss(..., ε)`); the trainer
+            sets it from `TrainingArguments.label_smoothing_factor`.
     """
 
     name: str = "method"
     uses_taps: bool = False
     config_prefixes: tuple[str, ...] = ()
+    label_smoothing: float = 0.0  # for every CE with the class labels; the trainer sets `label_smoothing_factor`
 
     def __init__(self):
         super().__init__()

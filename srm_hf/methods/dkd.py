@@ -100,7 +100,7 @@ class DKD(Method):
         # mdistiller ramps per epoch (weight epoch/20 for 1-based epochs); here the ramp is per optimizer step.
         warmup = linear_warmup(stage.progress, self.warmup_ratio)
         return {
-            "ce": self.ce_weight * classification_loss(student.logits, labels),
+            "ce": self.ce_weight * classification_loss(student.logits, labels, self.label_smoothing),
             "dkd": warmup * dkd_loss(student.logits, teacher.logits, labels, self.alpha, self.beta, self.temperature),
         }
 

@@ -12,13 +12,13 @@ from .base import Method, StageSpec
 
 
 def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
-             alpha: float, temperature: float) -> dict[str, torch.Tensor]:
-    """{"kd": α·T²·KL, "ce": (1-α)·CE}; KD alone when there are no labels."""
+             alpha: float, temperature: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
+    """{"kd": α·T²·KL, "ce": (1-α)·CE (label-smoothed if asked)}; KD alone when there are no labels."""
     if labels is None:
         return {"kd": kd_loss(student_logits, teacher_logits, temperature)}
     return {
         "kd": alpha * kd_loss(student_logits, teacher_logits, temperature),
-        "ce": (1 - alpha) * classification_loss(student_logits, labels),
+        "ce": (1 - alpha) * classification_loss(student_logits, labels, label_smoothing),
     }
 
 
@@ -38,7 +38,7 @@ class KD(Method):
         return [StageSpec("kd")]
 
     def loss(self, stage, student, teacher, labels):
-        return kd_terms(student.logits, teacher.logits, labels, self.alpha, self.temperature)
+        return kd_terms(student.logits, teacher.logits, labels, self.alpha, self.temperature, self.label_smoothing)
 
     def describe(self) -> dict:
         return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}

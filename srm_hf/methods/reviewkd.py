@@ -170,7 +170,7 @@ class ReviewKD(Method):
         # mdistiller ramps per epoch (weight epoch/20 for 1-based epochs); here the ramp is per optimizer step.
         warmup = linear_warmup(stage.progress, self.warmup_ratio)
         return {
-            "ce": self.ce_weight * classification_loss(student.logits, labels),
+            "ce": self.ce_weight * classification_loss(student.logits, labels, self.label_smoothing),
             "review": self.weight * warmup * hcl_loss(predictions, targets),
         }
 

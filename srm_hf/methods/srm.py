@@ -92,7 +92,8 @@ class SRM(Method):
             return {"mse": sum(dictionary_loss(t, self.coders[k](t)[1]) for k, t in teacher.features.items())}
         terms = {}
         if stage.name in ("kd", "joint"):
-            terms.update(kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature))
+            terms.update(kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature,
+                         self.label_smoothing))
         if stage.name in ("srm", "joint"):
             weight = self.weight if stage.name == "joint" else 1.0
             targets = self.targets(teacher.features)

@@ -1,0 +1,94 @@
+"""Standard TrainingArguments options and Trainer features with the distillation stages: they work, or are refused
+with an error that says what to do."""
+
+import math
+
+import pytest
+import torch
+from conftest import PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
+from transformers import EarlyStoppingCallback
+
+from srm_hf import DistillationTrainer, Features
+from srm_hf.methods import KD, Alone
+from srm_hf.stages import StagePlan
+
+
+def smoothed_ce_by_hand(logits: list[float], label: int, eps: float) -> float:
+    lse = math.log(sum(math.exp(z) for z in logits))
+    log_p = [z - lse for z in logits]
+    return (1 - eps) * -log_p[label] + eps * -sum(log_p) / len(logits)
+
+
+def test_label_smoothing_reaches_every_cross_entropy_with_labels(tmp_path):
+    logits, labels = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]), torch.tensor([0, 2])
+    expected = sum(smoothed_ce_by_hand(row, y, 0.3) for row, y in zip(logits.tolist(), labels.tolist())) / 2
+    trainer = make_trainer(tmp_path, method="alone", label_smoothing_factor=0.3, max_steps=1)  # used to crash
+    assert trainer.method.label_smoothing == 0.3
+    stage = StagePlan([(trainer.method.stages()[0], 1)]).stage_at(0)
+    assert trainer.method.loss(stage, Features(logits), None, labels)["ce"].item() == pytest.approx(expected, rel=1e-6)
+    kd = KD(alpha=0.25)
+    kd.label_smoothing = 0.3
+    terms = kd.loss(stage, Features(logits), Features(logits.flip(1)), labels)
+    assert terms["ce"].item() == pytest.approx(0.75 * expected, rel=1e-6)
+    assert Alone().loss(stage, Features(logits), None, labels)["ce"].item() != pytest.approx(expected)  # ε = 0
+    trainer.train()  # and the run goes through
+
+
+def test_compute_loss_func_is_refused_with_the_way_to_do_it(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func is not supported.*srm_hf.Method"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path),
+                            train_dataset=PatternDataset(8), compute_loss_func=lambda *a, **k: 0)
+
+
+def tiny_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64, num_labels=4))
+
+
+@pytest.mark.parametrize("student", ["timm", "transformers"])
+def test_gradient_checkpointing_gives_the_same_losses(tmp_path, student):
+    config = {"method": "kd"} if student == "timm" else {"srm_mode": "joint", "srm_dictionary_max_steps": 1,
+                                                         "layer_pairs": ["layer2:vit.layers.0"]}
+
+    def losses(checkpointing):
+        model = timm_resnet(seed=1) if student == "timm" else tiny_vit()
+        trainer = make_trainer(tmp_path / str(checkpointing), student=model, max_steps=3, **config,
+                               gradient_checkpointing=checkpointing)
+        trainer.train()
+        model = trainer.distill_model.student
+        assert (model.grad_checkpointing if student == "timm" else model.is_gradient_checkpointing) == checkpointing
+        return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+
+    with_checkpoints, without = losses(True), losses(False)
+    assert len(with_checkpoints) >= 3 and with_checkpoints == pytest.approx(without, rel=1e-5)
+
+
+def test_timm_checkpointing_of_tapped_stages_says_what_to_tap(tmp_path):
+    trainer = make_trainer(tmp_path, student=timm_resnet(seed=1), gradient_checkpointing=True)
+    with pytest.raises(RuntimeError, match="timm's gradient checkpointing.*tap blocks inside it"):
+        trainer.train()
+
+
+def test_gradient_checkpointing_needs_a_student_that_has_it(tmp_path):
+    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 4))
+    trainer = make_trainer(tmp_path, student=student, method="kd", gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="checkpointing is on.*Sequential.*turn it off"):
+        trainer.train()
+
+
+def test_early_stopping_and_best_model_act_in_the_final_stage_only(tmp_path):
+    # 4 dictionary + 4 SRM + 4 KD steps, evaluated after every step, patience 1: evaluations before KD would judge
+    # a student whose classifier is untrained, and stop the run inside SRM's first stages.
+    trainer = make_trainer(tmp_path, callbacks=[EarlyStoppingCallback(early_stopping_patience=1)],
+                           eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                           load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    trainer.train()
+    evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert evaluated and min(evaluated) >= 9  # the KD stage runs steps 9-12
+    assert all(e["stage"] == 3 for e in trainer.state.log_history if "eval_loss" in e)
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert 9 <= best <= 12
