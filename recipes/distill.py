@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
                                   compute_metrics=compute_metrics)
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
     test = splits.test if splits.test is not None else splits.validation
     results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
     results["teacher"] = evaluate_teacher(trainer, test.with_transform(ImageTransform(teacher_pre)),
@@ -213,6 +213,13 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             push_dictionary(trainer.method.save_dictionary(path), script_args.push_dictionary_to_hub)
     return metrics
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """--resume_from_checkpoint: a checkpoint folder, or true for the newest checkpoint in output_dir."""
+    if value is None or value.lower() == "false":
+        return None
+    return True if value.lower() == "true" else value
 
 
 def only_stage(method: str) -> str:

@@ -168,3 +168,21 @@ def test_a_teacher_for_other_labels_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="not both"):
         distill.main(["--dataset_dir", data, "--output_dir", str(tmp_path / "run"), "--teacher_model_name_or_path",
                       "x", *TINY])
+
+
+def test_distill_resumes_from_a_checkpoint_at_its_step_and_stage(tmp_path):
+    data = tiny_fashion_idx(tmp_path)
+    args = ["--dataset_dir", data, *TINY, "--compare", "none", "--report", "false", "--save_strategy", "steps",
+            "--save_steps", "3", "--eval_strategy", "no"]
+    distill.main(args + ["--output_dir", str(tmp_path / "a")])
+    first = json.loads((tmp_path / "a" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    # another seed: a run that ignored the checkpoint would log other losses for steps 1-3
+    distill.main(args + ["--output_dir", str(tmp_path / "b"), "--seed", "7",
+                         "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-3")])
+    resumed = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    losses = {e["step"]: (e["loss"], e["stage"]) for e in first if "loss" in e}
+    again = {e["step"]: (e["loss"], e["stage"]) for e in resumed if "loss" in e}
+    assert sorted(again) == list(range(1, 7))  # 2 dictionary + 2 SRM + 2 KD steps, none run twice
+    assert all(again[s] == losses[s] for s in (1, 2, 3))  # restored from the checkpoint, not re-run
+    assert [again[s][1] for s in range(4, 7)] == [2, 3, 3]  # it went on in stage 2 at step 4
+    assert not (tmp_path / "b" / "checkpoint-3").exists()
