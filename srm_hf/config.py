@@ -88,6 +88,10 @@ class DistillationConfig(TrainingArguments):
     reviewkd_mid_channels: int | None = field(
         default=None, metadata={"help": "Channels inside the fusion modules; default min(512, deepest student tap's)."}
     )
+    # ---- precision and device: None follows the `accelerate launch` config (else False); a value given is kept ----
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: the launch config's."})
+    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: the launch config's."})
+    use_cpu: bool | None = field(default=None, metadata={"help": "Train on the CPU; default: the launch config's."})
     # ---- engineering ----
     compile_student: bool = field(
         default=False,
@@ -106,15 +110,25 @@ class DistillationConfig(TrainingArguments):
         # Method modules are unused in some stages, so DDP must look for unused parameters.
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
-        # Under `accelerate launch`, the launch config's CPU choice and mixed precision set the flags unless they
-        # were set (the Trainer would otherwise put batches on a GPU that the config keeps the model off, and DeepSpeed
-        # refuses a Trainer whose bf16/fp16 flags disagree with its own config).
-        if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
-            self.use_cpu = True
-        if not (self.bf16 or self.fp16):
-            launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-            self.bf16, self.fp16 = launched == "bf16", launched == "fp16"
+        # Under `accelerate launch`, the launch config's CPU choice and mixed precision fill the flags left unset
+        # (the Trainer would otherwise put batches on a GPU that the config keeps the model off, and DeepSpeed
+        # refuses a Trainer whose bf16/fp16 flags disagree with its own config). A value the user gave is kept.
+        if self.use_cpu is None:
+            self.use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true"
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if self.bf16 is None:
+            self.bf16 = launched == "bf16" and not self.fp16
+        if self.fp16 is None:
+            self.fp16 = launched == "fp16" and not self.bf16
         super().__post_init__()
+        # One compile switch: compile_student compiles the student with torch_compile_backend / torch_compile_mode
+        # (which make TrainingArguments turn torch_compile on, for a second compilation of the whole module).
+        if self.compile_student:
+            self.torch_compile = False
+        elif self.torch_compile:
+            raise ValueError("torch_compile (also implied by torch_compile_backend / torch_compile_mode) would compile "
+                             "the whole distillation module: set compile_student=True instead, with the same backend "
+                             "and mode, to compile the student.")
         self._check()
 
     def _check(self):

@@ -83,22 +83,24 @@ def test_parses_from_the_command_line():
 
 
 @pytest.mark.parametrize("launched, bf16, fp16", [("bf16", True, False), ("fp16", False, True), ("no", False, False)])
-def test_the_launch_configs_mixed_precision_sets_the_flags(tmp_path, monkeypatch, launched, bf16, fp16):
+def test_the_launch_configs_mixed_precision_fills_unset_flags(tmp_path, monkeypatch, launched, bf16, fp16):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
     config = make_config(tmp_path, use_cpu=False) if fp16 else make_config(tmp_path)
     assert (config.bf16, config.fp16) == (bf16, fp16)
 
 
-def test_explicit_precision_flags_win_over_the_launch_config(tmp_path, monkeypatch):
+def test_explicit_settings_win_over_the_launch_config(tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
-    assert make_config(tmp_path, bf16=True).fp16 is False
-
-
-def test_a_cpu_launch_config_keeps_the_trainer_on_the_cpu(tmp_path, monkeypatch):
+    assert (make_config(tmp_path, bf16=True).fp16, make_config(tmp_path, use_cpu=False, fp16=False).fp16) == (False,
+                                                                                                            False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert make_config(tmp_path, bf16=False).bf16 is False
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
-    assert make_config(tmp_path, use_cpu=False).use_cpu is True
+    assert make_config(tmp_path, use_cpu=None).use_cpu is True  # unset: the launch config decides
+    assert make_config(tmp_path, use_cpu=False).use_cpu is False  # set: kept
     monkeypatch.setenv("ACCELERATE_USE_CPU", "false")
-    assert make_config(tmp_path, use_cpu=False).use_cpu is False
+    assert make_config(tmp_path, use_cpu=None).use_cpu is False
 
 
 def test_the_same_run_for_another_method(tmp_path):
@@ -108,3 +110,11 @@ def test_the_same_run_for_another_method(tmp_path):
     assert kd.srm_codeword_multiplier == 2.0 and kd.srm_dictionary_max_steps == -1  # SRM's own fields reset
     alone = srm.for_method("alone")
     assert alone.kd_alpha == 0.5 and alone.learning_rate == 0.05
+
+
+def test_one_compile_switch(tmp_path):
+    config = make_config(tmp_path, compile_student=True, torch_compile_backend="aot_eager")
+    assert config.compile_student and not config.torch_compile  # the Trainer does not compile a second time
+    for setting in ({"torch_compile": True}, {"torch_compile_backend": "inductor"}):
+        with pytest.raises(ValueError, match="compile_student=True"):
+            make_config(tmp_path, **setting)
