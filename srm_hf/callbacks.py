@@ -28,6 +28,7 @@ class StageCallback(TrainerCallback):
             control.should_evaluate = False
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer.nonfinite.snapshot(self.trainer.distill_model)  # put back if this step is skipped
         stage = self.trainer.plan.stage_at(state.global_step)
         if stage.index == self._current:
             return

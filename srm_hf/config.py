@@ -134,9 +134,9 @@ class DistillationConfig(TrainingArguments):
     def _check(self):
         check_method_fields(self, method_class(self.method))
         method_class(self.method).from_config(self)  # each method checks its own settings
-        if self.srm_codeword_multiplier <= 0:
+        if not self.srm_codeword_multiplier > 0:  # NaN fails too
             raise ValueError(f"srm_codeword_multiplier={self.srm_codeword_multiplier} must be > 0 (the paper: 1.5-4).")
-        if not 0 < self.srm_sparsity_multiplier <= 1:
+        if not 0 < self.srm_sparsity_multiplier <= 1:  # NaN fails too
             raise ValueError(
                 f"srm_sparsity_multiplier={self.srm_sparsity_multiplier} must be in (0, 1] (the paper uses 0.01-0.03)."
             )

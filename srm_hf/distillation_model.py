@@ -149,7 +149,8 @@ class DistillationModel(nn.Module):
         module of the method, with the method's options for it (e.g. the dictionaries' own learning rate)."""
         named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay, "stage_group": "student"},
+            {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay,
+             "stage_group": "student"},
             {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0, "stage_group": "student"},
         ]
         for name, module in self.method.named_children():

@@ -127,7 +127,8 @@ def push_student(trainer, commit_message: str | None = None, token: str | None =
 def push_dictionary(path: str, repo_id: str, token: str | None = None, private: bool | None = None):
     """Upload a `srm_dictionary.safetensors` on its own, for reuse with `srm_dictionary_path`."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No dictionary at {path}: run trainer.train_stages(['dictionary']), then trainer.method.save_dictionary(path).")
+        raise FileNotFoundError(f"No dictionary at {path}: run trainer.train_stages(['dictionary']), then "
+                                "trainer.method.save_dictionary(path).")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_file(path_or_fileobj=path, path_in_repo=os.path.basename(path), repo_id=repo_id,

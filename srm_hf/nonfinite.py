@@ -1,7 +1,13 @@
-"""Skipping optimizer steps whose gradient is NaN/inf, and stopping when too many come in a row."""
+"""Skipping optimizer steps whose gradient is NaN/inf without a trace, and stopping when too many come in a row.
+
+A forward pass writes BatchNorm running statistics before the gradient is known: `snapshot` copies every buffer
+at the start of each optimizer step and `restore` puts them back when the step is skipped.
+"""
 
 import math
 
+import torch
+import torch.nn as nn
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -12,6 +18,21 @@ class NonFiniteGuard:
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.skipped = 0  # over the whole run, logged as `nonfinite_steps_skipped`
+        self._buffers: list[torch.Tensor] | None = None
+        self._backup: list[torch.Tensor] = []
+
+    def snapshot(self, model: nn.Module) -> None:
+        """Copy the model's buffers (BatchNorm statistics and counters), to put back if this step is skipped."""
+        if self._buffers is None:
+            self._buffers = list(model.buffers())
+            self._backup = [b.detach().clone() for b in self._buffers]
+        elif self._buffers:
+            torch._foreach_copy_(self._backup, self._buffers)
+
+    def restore(self) -> None:
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._backup)
 
     def step_is_finite(self, grad_norm: float, stage_name: str, step: int) -> bool:
         """Whether the step at `step` (1-based) may be taken; raises after `max_in_a_row` skipped steps in a row."""

@@ -49,7 +49,8 @@ class StagePlan:
         self.stages, start = [], 0
         for i, (spec, steps) in enumerate(specs_and_steps, start=1):
             if steps <= 0:
-                raise ValueError(f"Stage '{spec.name}' has {steps} steps: give it a positive number of epochs or steps.")
+                raise ValueError(f"Stage '{spec.name}' has {steps} steps: give it a positive number of epochs or "
+                                 "steps.")
             self.stages.append(Stage(spec, i, start, steps))
             start += steps
 

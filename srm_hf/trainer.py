@@ -34,7 +34,7 @@ from .teacher_placement import prepare_teacher
 
 
 UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer arguments that cannot work here: the fix
-               "compute_loss_func": "the method computes the loss: write it as a `srm_hf.Method`, pass it as `method=`."}
+               "compute_loss_func": "the method computes the loss: write a `srm_hf.Method`, pass it as `method=`."}
 
 
 class DistillationTrainer(Trainer):
@@ -181,15 +181,14 @@ class DistillationTrainer(Trainer):
         self._metrics[name].append(torch.as_tensor(value).detach().float())
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds each logged metric (averaged since the last log), the stage and its learning rate; evaluation logs
-        get the stage too."""
+        """Adds the logged metrics (averaged since the last log), the stage and its learning rate; eval logs: the stage."""
+        step = max(self.state.global_step - 1, 0)  # the step just taken
         if self.plan is not None and any(k.startswith("eval_") for k in logs):
-            logs["stage"] = self.plan.stage_at(max(self.state.global_step - 1, 0)).index
+            logs["stage"] = self.plan.stage_at(step).index
         if "loss" in logs and self.plan is not None:
             for name, values in self._metrics.items():
                 logs[name] = self.accelerator.reduce(torch.stack(values).to(self.args.device).mean(), "mean").item()
             self._metrics.clear()
-            step = max(self.state.global_step - 1, 0)  # the step just taken
             stage = self.plan.stage_at(step)
             logs["stage"] = stage.index
             logs["nonfinite_steps_skipped"] = self.nonfinite.skipped
@@ -206,6 +205,7 @@ class DistillationTrainer(Trainer):
             return grad_norm
         stage = self.plan.stage_at(self.state.global_step)
         if not self.nonfinite.step_is_finite(float(grad_norm), stage.name, self.state.global_step + 1):
+            self.nonfinite.restore()  # the forward's BatchNorm statistics go too
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient
         return grad_norm

@@ -113,3 +113,34 @@ def test_compiled_student_keeps_its_taps(tmp_path):
     assert changed(before, after, "method.heads.") and changed(before, after, "student.")  # its taps fed the heads
     assert not any(k.startswith("student._orig_mod") for k in after)  # export keys unchanged
     torch._dynamo.reset()
+
+
+def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path):
+    """One NaN in one student feature map: the step is skipped and the BatchNorm statistics it wrote are undone."""
+    from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
+
+    from srm_hf import SRM
+
+    args = make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=2, max_steps=4)
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
+                                  args=args, method=SRM.from_config(args))
+    calls = []
+
+    def poison(module, inputs, output):  # the student's first stage, at optimizer step 4 (its forward)
+        calls.append(1)
+        if trainer.model.training and trainer.state.global_step == 3:
+            output = output.clone()
+            output[0, 0, 0, 0] = float("nan")
+            return output
+
+    trainer.distill_model.student.get_submodule(trainer.tap_pairs[0].student.path).register_forward_hook(poison)
+    states = {}
+    trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
+        "on_step_end": lambda self, args, state, control, **kw: states.__setitem__(
+            state.global_step, snapshot(trainer.distill_model))})())
+    trainer.train()
+    assert [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "loss" in e] == [0, 0, 0, 1, 1, 1]
+    bn = [k for k in states[3] if "running_" in k or "num_batches_tracked" in k]
+    assert bn and all(torch.equal(states[3][k], states[4][k]) for k in states[3])  # nothing moved, buffers included
+    assert changed(states[4], states[6], "student.")
+    assert all(torch.isfinite(v).all() for v in states[6].values() if v.is_floating_point())
