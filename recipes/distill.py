@@ -168,10 +168,10 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
     trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
     test = splits.test if splits.test is not None else splits.validation
+    trainer.save_model()  # before anything else can fail
     results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
     results["teacher"] = evaluate_teacher(trainer, test.with_transform(ImageTransform(teacher_pre)),
                                         compute_metrics, "test")
-    trainer.save_model()
     usage = atom_usage(trainer, splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)))
     if script_args.report and trainer.is_world_process_zero():
         save_report(os.path.join(config.output_dir, "srm_report.png"), trainer.state.log_history, usage,

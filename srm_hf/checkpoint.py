@@ -73,6 +73,12 @@ def save_distillation_model(model: nn.Module, output_dir: str, state_dict: dict 
     """The student in its library's format and the method's modules in `METHOD_STATE_NAME` (a `DistillationModel`;
     `state_dict` as the Trainer passes it, by default the model's own)."""
     state_dict = model.state_dict() if state_dict is None else state_dict
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise FloatingPointError(
+            f"Not saving to {output_dir}: {len(broken)} tensors hold NaN/inf ({broken[:5]}). The run diverged; the "
+            "checkpoints already written hold the last finite weights. Lower the learning rate or check the data."
+        )
     save_student(model.student, output_dir, {k[len("student."):]: v for k, v in state_dict.items()
                                               if k.startswith("student.")})
     method_state = _contiguous({k: v for k, v in state_dict.items() if k.startswith("method.")})

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import safetensors.torch
 import timm
 import torch
@@ -77,3 +78,13 @@ def test_resume_in_the_middle_of_stage2_matches_an_uninterrupted_run(tmp_path):
     for e in resumed.state.log_history:
         if "loss" in e:
             assert abs(e["loss"] - full_losses[e["step"]]) < 1e-4
+
+
+def test_nonfinite_weights_are_never_written(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, srm_dictionary_max_steps=1, srm_max_steps=1)
+    trainer.train()
+    bn = next(m for m in trainer.distill_model.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_var[0] = float("inf")
+    with pytest.raises(FloatingPointError, match="NaN/inf.*running_var"):
+        trainer.save_model(str(tmp_path / "diverged"))
+    assert not (tmp_path / "diverged" / "model.safetensors").exists()
