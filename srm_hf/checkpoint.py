@@ -83,21 +83,36 @@ def save_distillation_model(model: nn.Module, output_dir: str, state_dict: dict 
                                               if k.startswith("student.")})
     method_state = _contiguous({k: v for k, v in state_dict.items() if k.startswith("method.")})
     safetensors.torch.save_file(method_state, os.path.join(output_dir, METHOD_STATE_NAME),
-                                metadata={"method": json.dumps(model.method.describe())})
+                                metadata={"method": json.dumps(model.method.describe()),
+                                          "taps": json.dumps(tap_names(model))})
+
+
+def tap_names(model: nn.Module) -> list[str]:
+    return [f"{p.teacher.path}:{p.student.path}" for p in model.pairs]
 
 
 def load_distillation_model(model: nn.Module, folder: str) -> None:
-    """Load what `save_distillation_model` wrote into a `DistillationModel`, checking the method's modules."""
-    load_student_weights(model.student, folder)
+    """Load what `save_distillation_model` wrote into a `DistillationModel`, after checking that it was written by
+    the same configuration (method, its settings, taps) and that the method's modules fit; nothing is loaded
+    otherwise."""
     path = os.path.join(folder, METHOD_STATE_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No method state at {path}: pass a folder written by DistillationTrainer.")
     own = {k: v for k, v in model.state_dict().items() if k.startswith("method.")}
     saved, problems, metadata = read_matching(path, own)
+    this_run = {"method": json.loads(json.dumps(model.method.describe())), "taps": tap_names(model)}
+    written = {k: json.loads(metadata[k]) for k in this_run if k in metadata}
+    differences = [f"{k}: {written[k]!r} there, {this_run[k]!r} here" for k in written if written[k] != this_run[k]]
+    if differences:
+        raise ValueError(
+            f"{folder} was written by another configuration ({'; '.join(differences)}). Resume with the settings it "
+            "was written with, or start this run fresh in its own output_dir (without resume_from_checkpoint)."
+        )
     if problems:
         raise ValueError(
             f"{path} does not fit this method and pairing ({problems}). It was saved by "
             f"{metadata.get('method', '?')}; this run is {json.dumps(model.method.describe())}. "
             "Resume with the same method, taps and settings, or start from scratch."
         )
+    load_student_weights(model.student, folder)
     model.load_state_dict(saved, strict=False)

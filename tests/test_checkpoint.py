@@ -88,3 +88,17 @@ def test_nonfinite_weights_are_never_written(tmp_path):
     with pytest.raises(FloatingPointError, match="NaN/inf.*running_var"):
         trainer.save_model(str(tmp_path / "diverged"))
     assert not (tmp_path / "diverged" / "model.safetensors").exists()
+
+
+def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(tmp_path):
+    first = make_trainer(tmp_path, save_strategy="steps", save_steps=6)
+    first.train()
+    other = make_trainer(tmp_path, srm_codeword_multiplier=3.0, save_strategy="steps", save_steps=6)
+    before = {k: v.clone() for k, v in other.distill_model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"another configuration.*'m': 2\.0.*'m': 3\.0"):
+        other.train(resume_from_checkpoint=True)  # output_dir holds the first run's checkpoints
+    after = other.distill_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was loaded
+    kd = make_trainer(tmp_path, method="kd", max_steps=12)
+    with pytest.raises(ValueError, match="another configuration.*'name': 'srm'.*'name': 'kd'"):
+        kd.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
