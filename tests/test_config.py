@@ -68,6 +68,9 @@ def test_invalid_values_name_the_field(tmp_path, field, value, message):
 def test_stage_without_length(tmp_path):
     with pytest.raises(ValueError, match="srm_epochs"):
         make_config(tmp_path, srm_epochs=0, srm_max_steps=-1)
+    with pytest.raises(ValueError, match="fitnet_epochs"):
+        make_config(tmp_path, method="fitnet", fitnet_epochs=0)
+    assert make_config(tmp_path, srm_mode="joint", srm_epochs=0).srm_epochs == 0  # joint mode has no such stage
 
 
 def test_parses_from_the_command_line():

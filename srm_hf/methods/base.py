@@ -99,6 +99,12 @@ class Method(nn.Module):
         return {"name": self.name}
 
 
+def check_stage_length(prefix: str, epochs: float, max_steps: int) -> None:
+    """A stage before the last needs a length: `<prefix>_epochs` > 0 or `<prefix>_max_steps` > 0."""
+    if max_steps <= 0 and not epochs > 0:
+        raise ValueError(f"Stage '{prefix}' has no length: set {prefix}_epochs > 0 or {prefix}_max_steps > 0.")
+
+
 def linear_warmup(progress: float, warmup_ratio: float) -> float:
     """min(progress / warmup_ratio, 1): the weight of a distillation term that ramps up linearly over the first
     `warmup_ratio` of the stage; 1 throughout when `warmup_ratio` is 0."""

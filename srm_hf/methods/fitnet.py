@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..srm import project
-from .base import Method, StageSpec
+from .base import Method, StageSpec, check_stage_length
 from .kd import kd_terms
 
 
@@ -43,6 +43,7 @@ class FitNet(Method):
     def __init__(self, hint_epochs: float = 1.0, hint_max_steps: int = -1, kd_alpha: float = 0.5,
                  kd_temperature: float = 4.0):
         super().__init__()
+        check_stage_length("fitnet", hint_epochs, hint_max_steps)
         self.hint_epochs, self.hint_max_steps = hint_epochs, hint_max_steps
         self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
         self.regressors = nn.ModuleDict()

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import read_matching
 from ..srm import SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss
-from .base import Method, StageSpec
+from .base import Method, StageSpec, check_stage_length
 from .kd import kd_terms
 
 MODES = ("paper", "joint")
@@ -51,6 +51,9 @@ class SRM(Method):
         self.dictionary_epochs, self.dictionary_max_steps = dictionary_epochs, dictionary_max_steps
         self.dictionary_learning_rate, self.dictionary_path = dictionary_learning_rate, dictionary_path
         self.srm_epochs, self.srm_max_steps = srm_epochs, srm_max_steps
+        check_stage_length("srm_dictionary", dictionary_epochs, dictionary_max_steps)
+        if mode == "paper":  # joint mode has no SRM stage of its own
+            check_stage_length("srm", srm_epochs, srm_max_steps)
         self.dictionary_ready = False  # set once a dictionary is loaded: stage 1 is skipped
         self.coders = nn.ModuleDict()  # one SparseCoder per teacher tap
         self.heads = nn.ModuleDict()  # one SRMHead per student tap
