@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from srm_hf.forward import on_device
 from srm_hf.stages import StagePlan
 
 
@@ -55,4 +56,4 @@ def steps_for_cost(cost: float, seconds_per_step: float) -> int:
 def first_batch(trainer) -> dict:
     """One training batch, on the trainer's device."""
     batch = next(iter(trainer.get_train_dataloader()))
-    return {k: v.to(trainer.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return on_device(batch, trainer.args.device)

@@ -32,6 +32,7 @@ from transformers import EvalPrediction, set_seed
 from srm_hf import DistillationConfig, DistillationTrainer
 from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
+from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
 from srm_hf.loading import load_image_classifier, load_image_processor
 from srm_hf.methods import METHODS
@@ -114,7 +115,7 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
     DeepSpeed would refuse)."""
     logits, labels = [], []
     for batch in trainer.get_eval_dataloader(dataset):
-        batch = {k: v.to(trainer.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        batch = on_device(batch, trainer.args.device)
         out = trainer.teacher_forward(batch).logits
         logits.append(trainer.accelerator.gather_for_metrics(out.float()).cpu())
         labels.append(trainer.accelerator.gather_for_metrics(batch["labels"]).cpu())

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from transformers import TrainingArguments
 
-from .methods import METHODS, check_method_fields, method_class
-
-METHOD_PREFIXES = {p for m in METHODS.values() for p in m.config_prefixes}
+from .methods import METHOD_PREFIXES, check_method_fields, method_class
 
 
 @dataclass

@@ -41,6 +41,11 @@ def model_logits(output) -> torch.Tensor:
     return first_tensor(output)
 
 
+def on_device(batch: dict, device) -> dict:
+    """The batch's tensors on `device` (other entries dropped)."""
+    return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
 @contextmanager
 def eval_mode(model: nn.Module):
     """Run `model` in eval mode under no_grad, then put its training flag back."""

@@ -5,6 +5,8 @@ import math
 import numpy as np
 import torch
 
+from .forward import on_device
+
 
 @torch.no_grad()
 def atom_usage(trainer, dataset, max_batches: int = 8) -> dict[str, np.ndarray]:
@@ -19,8 +21,7 @@ def atom_usage(trainer, dataset, max_batches: int = 8) -> dict[str, np.ndarray]:
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        batch = {k: v.to(trainer.args.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        for key, feature in trainer.teacher_forward(batch).features.items():
+        for key, feature in trainer.teacher_forward(on_device(batch, trainer.args.device)).features.items():
             codes = coders[key].encode(feature.float())  # K channels, layout of the feature
             active = (codes > 0).float()
             active = active.movedim(1, -1) if active.dim() == 4 else active  # [..., K]

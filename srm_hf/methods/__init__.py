@@ -24,6 +24,7 @@ METHODS: dict[str, type[Method]] = {
     "reviewkd": ReviewKD,
     "alone": Alone,
 }
+METHOD_PREFIXES = {p for m in METHODS.values() for p in m.config_prefixes}  # `kd` for `kd_alpha`, ...
 
 
 def method_class(name: str) -> type[Method]:
@@ -44,7 +45,7 @@ def resolve_method(method: "Method | str | None", args) -> Method:
 def check_method_fields(args, method: type[Method] | Method) -> None:
     """Refuse config fields set for another method (`dkd_alpha` with method='kd'): they would be ignored."""
     own = set(method.config_prefixes)
-    others = {p for m in METHODS.values() for p in m.config_prefixes} - own
+    others = METHOD_PREFIXES - own
     for f in fields(args):
         prefix = f.name.split("_", 1)[0]
         if prefix in others and f.init and getattr(args, f.name) != f.default:
@@ -55,6 +56,6 @@ def check_method_fields(args, method: type[Method] | Method) -> None:
             )
 
 
-__all__ = ["METHODS", "AT", "Alone", "DKD", "Features", "FitNet", "KD", "Method", "ReviewKD", "SRM", "StageSpec",
+__all__ = ["METHODS", "METHOD_PREFIXES", "AT", "Alone", "DKD", "Features", "FitNet", "KD", "Method", "ReviewKD", "SRM", "StageSpec",
            "check_method_fields", "method_class",
            "resolve_method"]
