@@ -27,6 +27,10 @@ class StageCallback(TrainerCallback):
         if control.should_evaluate and plan.stage_at(state.global_step - 1).index < len(plan.stages):
             control.should_evaluate = False
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """`eval_strategy="epoch"` asks at each epoch's end: the same rule."""
+        self.on_step_end(args, state, control, **kwargs)
+
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.nonfinite.snapshot(self.trainer.distill_model)  # put back if this step is skipped
         stage = self.trainer.plan.stage_at(state.global_step)

@@ -92,3 +92,12 @@ def test_early_stopping_and_best_model_act_in_the_final_stage_only(tmp_path):
     assert all(e["stage"] == 3 for e in trainer.state.log_history if "eval_loss" in e)
     best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
     assert 9 <= best <= 12
+
+
+def test_epoch_evaluation_waits_for_the_final_stage(tmp_path):
+    # 32 images, batch 8: one epoch of dictionary (steps 1-4), one of SRM (5-8), two of KD (9-16).
+    trainer = make_trainer(tmp_path, eval_strategy="epoch", max_steps=-1, num_train_epochs=2,
+                           srm_dictionary_epochs=1, srm_epochs=1, srm_dictionary_max_steps=-1, srm_max_steps=-1)
+    trainer.train()
+    evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert evaluated == [12, 16]
