@@ -32,6 +32,7 @@ class StageCallback(TrainerCallback):
         self.on_step_end(args, state, control, **kwargs)
 
     def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer.step_losses.clear()
         self.trainer.nonfinite.snapshot(self.trainer.distill_model)  # put back if this step is skipped
         stage = self.trainer.plan.stage_at(state.global_step)
         if stage.index == self._current:

@@ -86,6 +86,13 @@ class DistillationConfig(TrainingArguments):
     reviewkd_mid_channels: int | None = field(
         default=None, metadata={"help": "Channels inside the fusion modules; default min(512, deepest student tap's)."}
     )
+    # ---- procedure ----
+    preset: str = field(
+        default="trainer",
+        metadata={"help": "'trainer': the Trainer's optimizer, schedule and clipping in every stage; 'reference': the "
+                          "SRM authors' procedure (coupled-L2 Adam, step decay in every stage, no clipping, per-stage "
+                          "model selection on the eval split; srm_hf/reference.py)."},
+    )
     # ---- precision and device: None follows the `accelerate launch` config (else False); a value given is kept ----
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: the launch config's."})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: the launch config's."})
@@ -118,6 +125,8 @@ class DistillationConfig(TrainingArguments):
             self.bf16 = launched == "bf16" and not self.fp16
         if self.fp16 is None:
             self.fp16 = launched == "fp16" and not self.bf16
+        if self.preset == "reference":
+            self._apply_reference_preset()
         super().__post_init__()
         # One compile switch: compile_student compiles the student with torch_compile_backend / torch_compile_mode
         # (which make TrainingArguments turn torch_compile on, for a second compilation of the whole module).
@@ -129,7 +138,21 @@ class DistillationConfig(TrainingArguments):
                              "and mode, to compile the student.")
         self._check()
 
+    def _apply_reference_preset(self):
+        """What `preset="reference"` sets (srm_hf/reference.py); settings it would override are refused."""
+        if self.warmup_steps or self.lr_scheduler_type not in ("linear", "step_decay"):
+            raise ValueError("preset='reference' has its own schedule (step decay x0.1 twice per stage, no warm-up): "
+                             "leave lr_scheduler_type and warmup_steps unset, or use preset='trainer'.")
+        if self.eval_strategy in ("no", None):
+            raise ValueError("preset='reference' selects each stage's best epoch on the eval split: set "
+                             "eval_strategy='epoch' (and pass an eval_dataset).")
+        self.max_grad_norm = 0.0  # no clipping
+        if self.weight_decay == 0.0:
+            self.weight_decay = 1e-4  # the reference's coupled L2
+
     def _check(self):
+        if self.preset not in ("trainer", "reference"):
+            raise ValueError(f"preset={self.preset!r}: use 'trainer' or 'reference'.")
         check_method_fields(self, method_class(self.method))
         method_class(self.method).from_config(self)  # each method checks its own settings
         if not self.srm_codeword_multiplier > 0:  # NaN fails too

@@ -14,6 +14,7 @@ import torch
 from transformers import get_scheduler
 
 from .methods.base import StageSpec
+from .reference import phase_starts, step_decay
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,11 @@ def _stage_multiplier(windows: list[tuple[int, int, object]]):
     return multiplier
 
 
-def _stage_lambda(stage: Stage, args) -> object:
-    """The `lr_lambda` transformers' `get_scheduler` builds for one stage of `stage.steps` steps."""
+def _stage_lambda(stage: Stage, args, last: bool) -> object:
+    """The `lr_lambda` transformers' `get_scheduler` builds for one stage of `stage.steps` steps (under
+    `preset="reference"`, the reference's step decay)."""
+    if getattr(args, "preset", "trainer") == "reference":
+        return step_decay(stage.name, stage.steps, last)
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     constant = stage.spec.constant_lr
     scheduler = get_scheduler(
@@ -117,9 +121,18 @@ def _stage_lambda(stage: Stage, args) -> object:
 
 def stage_scheduler(optimizer, plan: StagePlan, args) -> torch.optim.lr_scheduler.LambdaLR:
     """One LambdaLR over the whole run; each param group (tagged `stage_group`) follows its stages' schedules."""
-    lambdas = {s.index: _stage_lambda(s, args) for s in plan.stages}
+    lambdas = {s.index: _stage_lambda(s, args, s.index == len(plan.stages)) for s in plan.stages}
     multipliers = []
     for group in optimizer.param_groups:
         windows = [(s.start, s.end, lambdas[s.index]) for s in plan.stages if group["stage_group"] in s.groups]
         multipliers.append(_stage_multiplier(windows))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
+
+
+def resets_moments(stage: Stage, plan: StagePlan, args) -> bool:
+    """Whether the optimizer moments of what `stage` trains restart at its current step: at the start of every stage
+    after the first (as separate runs would), and under `preset="reference"` at each learning-rate drop."""
+    if stage.step == 0:
+        return stage.start > 0
+    last = stage.index == len(plan.stages)
+    return getattr(args, "preset", "trainer") == "reference" and stage.step in phase_starts(stage.name, stage.steps, last)

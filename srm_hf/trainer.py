@@ -29,7 +29,9 @@ from .hub import push_student, write_model_card
 from .losses import classification_loss
 from .methods import Features, Method, resolve_method
 from .nonfinite import NonFiniteGuard
-from .stages import StagePlan, stage_scheduler, stage_steps
+from .optimizer import build_optimizer
+from .reference import StageSelection
+from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 
 
@@ -67,7 +69,9 @@ class DistillationTrainer(Trainer):
         self.stages_done: set[str] = set()  # stages run on their own by `train_stages`, left out of later plans
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
-        self.add_callback(StageCallback(self))
+        self.step_losses: list[torch.Tensor] = []  # the current optimizer step's losses (one per micro-batch)
+        for callback in [StageCallback(self)] + ([StageSelection(self)] if args.preset == "reference" else []):
+            self.add_callback(callback)
 
     @property
     def distill_model(self) -> DistillationModel:
@@ -84,10 +88,9 @@ class DistillationTrainer(Trainer):
 
     def teacher_forward(self, inputs: dict) -> Features:
         """The teacher's logits [N, num_labels] and tapped features keyed by pair key, in eval mode, no grad."""
-        pixel_values = inputs.get("teacher_pixel_values", inputs["pixel_values"])
         self.teacher.eval()
         with torch.no_grad():
-            logits = model_logits(self.teacher(pixel_values))
+            logits = model_logits(self.teacher(inputs.get("teacher_pixel_values", inputs["pixel_values"])))
         return Features(logits, self.teacher_hooks.pop() if self.teacher_hooks else {})
 
     # ---- stages --------------------------------------------------------------------------------------------
@@ -96,7 +99,7 @@ class DistillationTrainer(Trainer):
         """Size the method's stages from the dataloader's length; the run's length is the sum of the stages."""
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
          steps_in_epoch, max_steps) = super().set_initial_training_values(args, dataloader)
-        per_epoch = num_update_steps_per_epoch if has_length(dataloader) else None
+        per_epoch = self.steps_per_epoch = num_update_steps_per_epoch if has_length(dataloader) else None
         specs = self.distill_model.stage_specs(skip=self.stages_done)
         self.plan = StagePlan([(spec, stage_steps(spec, per_epoch, max_steps)) for spec in specs])
         max_steps = self.plan.total_steps
@@ -131,11 +134,8 @@ class DistillationTrainer(Trainer):
     def create_optimizer(self, model=None):
         """One optimizer, its groups tagged by what they hold: 'student' and each of the method's child modules."""
         if self.optimizer is None:
-            distill_model = self.distill_model
-            decay = set(self.get_decay_parameter_names(distill_model.student))
-            groups = distill_model.param_groups(decay, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, distill_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            decay = set(self.get_decay_parameter_names(self.distill_model.student))
+            self.optimizer = build_optimizer(self.distill_model, self.args, decay, self.get_optimizer_cls_and_kwargs)
             self._owns_optimizer = True
         return self.optimizer
 
@@ -152,8 +152,7 @@ class DistillationTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         stage = self.plan.stage_at(self.state.global_step)
-        if stage.start > 0 and stage.step == 0:
-            # A stage starts with fresh optimizer moments for what it trains, as separate runs would.
+        if resets_moments(stage, self.plan, self.args):  # fresh moments for what the stage trains
             for group in self.optimizer.param_groups:
                 if group["stage_group"] in stage.groups:
                     for p in group["params"]:
@@ -174,6 +173,7 @@ class DistillationTrainer(Trainer):
         outputs = model(pixel_values=inputs["pixel_values"], labels=labels, stage=stage, teacher=teacher)
         for name, value in outputs.terms.items():
             self.log_metric(f"{stage.name}/{name}", value)
+        self.step_losses.append(outputs.loss.detach())
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log_metric(self, name: str, value: torch.Tensor | float) -> None:

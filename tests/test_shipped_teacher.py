@@ -4,16 +4,19 @@ split what its recipe file records (its README says which command trained it).""
 import json
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
 from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments, load_image_splits
 from srm_hf.transforms import ImageTransform, preprocessing_for
 
-TEACHER = Path(__file__).resolve().parent.parent / "recipes" / "teachers" / "fashion_mnist_resnet18"
+TEACHERS = Path(__file__).resolve().parent.parent / "recipes" / "teachers"
 
 
-def test_shipped_teacher_has_its_recorded_test_accuracy():
+@pytest.mark.parametrize("name", ["fashion_mnist_resnet18", "fashion_mnist_resnet18_56px"])
+def test_shipped_teacher_has_its_recorded_test_accuracy(name):
+    TEACHER = TEACHERS / name
     recorded = json.loads((TEACHER / "teacher_recipe.json").read_text())
     assert recorded["metrics"]["test_accuracy"] >= 0.92 and "python recipes/train_teacher.py" in recorded["command"]
     teacher = timm.create_model(f"local-dir:{TEACHER}", pretrained=True).eval()

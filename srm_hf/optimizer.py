@@ -1,0 +1,17 @@
+"""The optimizer of a distillation run: one optimizer whose parameter groups are tagged by what they hold."""
+
+from .reference import coupled_adam
+
+
+def build_optimizer(distill_model, args, decay_names: set[str], default_cls_and_kwargs):
+    """Groups: the student's (with and without weight decay) and one per child module of the method, each tagged
+    `stage_group`. The configured `optim` (`default_cls_and_kwargs`, the Trainer's choice), or under
+    `preset="reference"` Adam with coupled L2 on every student parameter, BatchNorm and biases included."""
+    reference = args.preset == "reference"
+    if reference:
+        decay_names = {n for n, _ in distill_model.student.named_parameters()}
+    groups = distill_model.param_groups(decay_names, args.weight_decay)
+    if reference:
+        return coupled_adam(groups, args)
+    optimizer_cls, optimizer_kwargs = default_cls_and_kwargs(args, distill_model)
+    return optimizer_cls(groups, **optimizer_kwargs)

@@ -1,0 +1,148 @@
+"""`preset="reference"`: the SRM authors' optimizer, schedule, clipping and per-stage model selection."""
+
+import pytest
+import torch
+from conftest import PatternDataset, make_config, make_trainer
+
+from srm_hf.reference import phase_starts, step_decay
+
+# 32 training images, batch 8: 4 steps per epoch; 3 epochs per stage -> 12 + 12 + 12 steps
+REFERENCE = dict(preset="reference", eval_strategy="epoch", max_steps=-1, num_train_epochs=3,
+                 srm_dictionary_max_steps=-1, srm_max_steps=-1, srm_dictionary_epochs=3, srm_epochs=3)
+
+
+def test_preset_settings_and_refusals(tmp_path):
+    args = make_config(tmp_path, **REFERENCE)
+    assert args.max_grad_norm == 0.0 and args.weight_decay == 1e-4  # no clipping, coupled L2 1e-4
+    assert make_config(tmp_path, **REFERENCE, weight_decay=5e-4).weight_decay == 5e-4
+    with pytest.raises(ValueError, match="own schedule.*lr_scheduler_type"):
+        make_config(tmp_path, **REFERENCE, lr_scheduler_type="cosine")
+    with pytest.raises(ValueError, match="own schedule.*warmup_steps"):
+        make_config(tmp_path, **REFERENCE, warmup_steps=2)
+    with pytest.raises(ValueError, match="eval_strategy='epoch'"):
+        make_config(tmp_path, **{**REFERENCE, "eval_strategy": "no"})
+    with pytest.raises(ValueError, match="preset='bogus'"):
+        make_config(tmp_path, preset="bogus")
+    with pytest.raises(ValueError, match="eval_dataset"):  # the Trainer's own check: epoch evaluation needs one
+        from conftest import hf_resnet, timm_resnet
+
+        from srm_hf import DistillationTrainer
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path, **REFERENCE),
+                            train_dataset=PatternDataset(32))
+
+
+def test_coupled_adam_on_every_student_parameter(tmp_path):
+    trainer = make_trainer(tmp_path, **REFERENCE)
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.Adam  # L2 added to the gradient, not AdamW's decoupled decay
+    decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 1e-4 for p in g["params"]}
+    student = list(trainer.distill_model.student.named_parameters())
+    assert any("norm" in n or "bias" in n for n, _ in student)
+    assert all(id(p) in decay for _, p in student)  # BatchNorm and biases included
+    coders = next(g for g in optimizer.param_groups if g["stage_group"] == "coders")
+    assert coders["weight_decay"] == 0.0 and coders["lr"] == 1e-3
+    # the Trainer-style default keeps AdamW and exempts norms and biases
+    default = make_trainer(tmp_path, weight_decay=1e-4).create_optimizer()
+    assert type(default) is torch.optim.AdamW
+    assert sum(len(g["params"]) for g in default.param_groups if g["weight_decay"] == 0.0 and
+               g["stage_group"] == "student") > 0
+
+
+def test_step_decay_per_stage_with_fresh_moments_at_each_drop(tmp_path):
+    # the reference's epoch shares: dictionary 10/60/30, SRM 30/100/30, last stage 30/100/70
+    assert phase_starts("dictionary", 100, last=False) == [10, 70]
+    assert phase_starts("srm", 160, last=False) == [30, 130]
+    assert phase_starts("kd", 200, last=True) == [30, 130]
+    assert [step_decay("dictionary", 10, False)(s) for s in (0, 1, 6, 7, 9)] == pytest.approx([1, 0.1, 0.1, 0.01, 0.01])
+
+    trainer = make_trainer(tmp_path, **REFERENCE, learning_rate=1e-3)
+    moments_at_start = []
+    original = trainer.training_step
+
+    def step(model, inputs, num_items_in_batch=None):  # measured before the optimizer step: empty if reset
+        out = original(model, inputs, num_items_in_batch)
+        stage = trainer.plan.stage_at(trainer.state.global_step)
+        group = next(g for g in trainer.optimizer.param_groups if g["stage_group"] in stage.groups)
+        moments_at_start.append(len(trainer.optimizer.state.get(group["params"][0], {})))
+        return out
+
+    trainer.training_step = step
+    trainer.train()
+    rates = [e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e]
+    # 12 steps per stage: drops at steps 1 and 8 (dictionary), 2 and 9 (srm), 1 and 7 (kd)
+    expected = [1e-3] + [1e-4] * 7 + [1e-5] * 4 + [1e-3] * 2 + [1e-4] * 7 + [1e-5] * 3 + [1e-3] + [1e-4] * 6 + [1e-5] * 5
+    assert rates == pytest.approx(expected)
+    # the optimizer state of what the stage trains is empty after a drop: the step that follows starts afresh
+    resets = [i for i, n in enumerate(moments_at_start) if n == 0]
+    assert resets == [0, 1, 8, 12, 14, 21, 24, 25, 31]
+
+
+def test_each_stage_keeps_its_best_epoch(tmp_path, monkeypatch):
+    from srm_hf.reference import StageSelection
+
+    # scores by epoch (lower is better): the dictionary's best is its 2nd epoch, SRM's its 1st; the last stage's
+    # accuracies make its 2nd epoch the best
+    scores = iter([3.0, 1.0, 2.0, 0.5, 0.9, 0.7])
+    monkeypatch.setattr(StageSelection, "score", lambda self, stage: next(scores))
+    accuracies = iter([0.5, 0.9, 0.7])
+    snapshots = {}
+
+    from transformers import TrainerCallback
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            model = trainer.distill_model
+            snapshots[state.global_step] = {
+                "coders": {k: v.clone() for k, v in model.method.coders.state_dict().items()},
+                "student": {k: v.clone() for k, v in model.student.state_dict().items()},
+                "heads": {k: v.clone() for k, v in model.method.heads.state_dict().items()},
+            }
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step in (12, 24):  # first step of SRM / of KD: what the previous stage left
+                model = trainer.distill_model
+                snapshots[f"start {state.global_step}"] = {
+                    "coders": {k: v.clone() for k, v in model.method.coders.state_dict().items()},
+                    "student": {k: v.clone() for k, v in model.student.state_dict().items()},
+                    "heads": {k: v.clone() for k, v in model.method.heads.state_dict().items()},
+                }
+
+    trainer = make_trainer(tmp_path, callbacks=[Snapshot()], **REFERENCE)
+    trainer.compute_metrics = lambda p: {"accuracy": next(accuracies)}
+    trainer.train()
+    selection = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StageSelection))
+    assert [(name, step) for name, step, _ in selection.history] == [
+        ("dictionary", 4), ("dictionary", 8), ("dictionary", 12), ("srm", 16), ("srm", 20), ("srm", 24),
+        ("kd", 28), ("kd", 32), ("kd", 36)]
+
+    def same(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    # stage 1 ended with its epoch-2 dictionary (step 8), stage 2 with its epoch-1 student and heads (step 16)
+    assert same(snapshots["start 12"]["coders"], snapshots[8]["coders"])
+    assert not same(snapshots[12]["coders"], snapshots[8]["coders"])
+    assert same(snapshots["start 24"]["student"], snapshots[16]["student"])
+    assert same(snapshots["start 24"]["heads"], snapshots[16]["heads"])
+    # the last stage: the epoch with the best validation accuracy (step 32) is the student kept
+    final = {k: v for k, v in trainer.distill_model.student.state_dict().items()}
+    assert same(final, snapshots[32]["student"]) and not same(final, snapshots[36]["student"])
+
+
+def test_validation_loss_is_the_stage_loss_on_the_eval_split(tmp_path):
+    from srm_hf.reference import StageSelection
+
+    trainer = make_trainer(tmp_path, **REFERENCE)
+    selection = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StageSelection))
+    trainer.create_optimizer()
+    trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
+    srm = trainer.plan.stages[1]
+    model = trainer.distill_model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in trainer.get_eval_dataloader():
+            out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], stage=srm,
+                        teacher=trainer.teacher_forward(batch))
+            total, count = total + float(out.loss) * len(batch["labels"]), count + len(batch["labels"])
+    model.train()
+    assert selection.validation_loss(srm) == pytest.approx(total / count, rel=1e-5)
+    assert trainer.model.training  # put back in training mode
