@@ -45,11 +45,14 @@ from srm_hf.transforms import ImageTransform, preprocessing_for
 SHIPPED_TEACHER = "recipes/teachers/fashion_mnist_resnet18"
 DEFAULT_STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8,
                           "pretrained_cfg_overlay": FASHION_MNIST_INPUT}
-# The offline default run; a YAML config and flags override any of these.
+# The offline default run; a YAML config and flags override any of these. Ten images per class trained long: where
+# distillation pays for the teacher's forward at equal measured compute. SRM's stages and its pixel CE on logits (the
+# reference feeds it sigmoid outputs): the best SRM variant on validation (recipes/benchmarks/results/srm_search_10*.md).
 RECIPE_DEFAULTS = dict(
-    output_dir="outputs/fashion_mnist_srm", max_train_samples_per_class=1000, per_device_train_batch_size=128,
-    per_device_eval_batch_size=512, learning_rate=2e-3, num_train_epochs=3, srm_dictionary_epochs=1, srm_epochs=1,
-    logging_steps=10, eval_strategy="epoch", save_strategy="no", report_to="tensorboard", seed=42,
+    output_dir="outputs/fashion_mnist_srm", max_train_samples_per_class=10, per_device_train_batch_size=32,
+    per_device_eval_batch_size=512, learning_rate=3e-3, max_steps=2200, srm_dictionary_max_steps=300,
+    srm_max_steps=200, srm_pixel_ce_on_sigmoid=False, kd_alpha=0.5, logging_steps=100, eval_strategy="steps",
+    eval_steps=550, save_strategy="no", report_to="tensorboard", seed=42,
 )
 
 

@@ -145,7 +145,7 @@ class DistillationConfig(TrainingArguments):
                              "leave lr_scheduler_type and warmup_steps unset, or use preset='trainer'.")
         if self.eval_strategy in ("no", None):
             raise ValueError("preset='reference' selects each stage's best epoch on the eval split: set "
-                             "eval_strategy='epoch' (and pass an eval_dataset).")
+                             "eval_strategy='epoch' (or 'steps' with eval_steps) and pass an eval_dataset.")
         self.max_grad_norm = 0.0  # no clipping
         if self.weight_decay == 0.0:
             self.weight_decay = 1e-4  # the reference's coupled L2

@@ -11,7 +11,8 @@ around the same maths:
   shares (`PHASES`: dictionary 10/60/30, SRM 30/100/30, the last stage 30/100/70 epochs), with fresh optimizer
   moments at each drop (the reference builds a new optimizer per learning rate); no warm-up;
 - no gradient clipping (`max_grad_norm=0`);
-- per-stage model selection (`StageSelection`, at every epoch's end): a stage that does not run the student (SRM's dictionary) keeps the
+- per-stage model selection (`StageSelection`, at every epoch's end, or every `eval_steps` under
+  `eval_strategy="steps"`): a stage that does not run the student (SRM's dictionary) keeps the
   state of its epoch with the lowest training loss; the other stages before the last keep the epoch with the lowest
   validation loss of the stage (SRM: pixel CE + image BCE); the last stage keeps the best validation
   `metric_for_best_model` (default accuracy; the loss without `compute_metrics`). Selection needs an
@@ -58,6 +59,14 @@ def coupled_adam(groups: list[dict], args) -> torch.optim.Adam:
     """Adam whose weight decay is added to the gradient (L2), as `torch.optim.Adam(weight_decay=...)` does."""
     return torch.optim.Adam(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                             eps=args.adam_epsilon)
+
+
+def selection_interval(args, state, steps_per_epoch: int) -> int:
+    """Steps between two candidates of a stage: `eval_steps` under `eval_strategy="steps"` (a ratio < 1 resolved by
+    the Trainer into `state.eval_steps`), else an epoch."""
+    if args.eval_strategy == "steps" and state.eval_steps:
+        return max(1, int(state.eval_steps))
+    return steps_per_epoch
 
 
 class StageSelection(TrainerCallback):
@@ -135,8 +144,8 @@ class StageSelection(TrainerCallback):
         if last:
             return
         self.losses.extend(float(loss) for loss in trainer.step_losses)
-        per_epoch = trainer.steps_per_epoch or stage.steps
-        if (stage.step + 1) % per_epoch == 0 or stage.step + 1 == stage.steps:
+        every = selection_interval(args, state, trainer.steps_per_epoch or stage.steps)
+        if (stage.step + 1) % every == 0 or stage.step + 1 == stage.steps:
             self._consider(stage, state.global_step, self.score(stage))
             self.losses = []
         if stage.step + 1 == stage.steps and self.best is not None:

@@ -146,3 +146,14 @@ def test_validation_loss_is_the_stage_loss_on_the_eval_split(tmp_path):
     model.train()
     assert selection.validation_loss(srm) == pytest.approx(total / count, rel=1e-5)
     assert trainer.model.training  # put back in training mode
+
+
+def test_selection_every_eval_steps(tmp_path, monkeypatch):
+    from srm_hf.reference import StageSelection
+
+    monkeypatch.setattr(StageSelection, "score", lambda self, stage: 1.0)
+    trainer = make_trainer(tmp_path, **{**REFERENCE, "eval_strategy": "steps", "eval_steps": 6})
+    trainer.train()
+    selection = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StageSelection))
+    assert [(name, step) for name, step, _ in selection.history] == [
+        ("dictionary", 6), ("dictionary", 12), ("srm", 18), ("srm", 24), ("kd", 30), ("kd", 36)]

@@ -1,14 +1,26 @@
-"""Does SRM beat the other distillers? Fashion-MNIST with 10 and 100 training images per class.
+"""Does SRM beat the other distillers at equal measured compute? Fashion-MNIST, 10 / 100 / 1,000 images per class.
 
     python recipes/benchmarks/quality.py            # full run: writes recipes/benchmarks/results/quality.{md,json,png}
-    python recipes/benchmarks/quality.py --quick    # every method for a few steps (the test suite runs this)
+    python recipes/benchmarks/quality.py --quick    # every method and pair for a few steps (the test suite runs this)
 
-One teacher (trained once on the full training split, cached) and two students: a smaller ResNet (same family)
-and a tiny EfficientNet (MobileNet-style blocks, other widths). Every method uses the same trainer, taps, data and
-augmentation; only the loss differs. Each method tries the same number of settings (`GRID`) with seed 0, chosen on
-a validation split carved from the training subset (stratified), never on the test set; the chosen setting then
-runs with the other seeds, and every seed is evaluated on the full 10,000-image test split. The ablation varies one
-SRM choice at a time around the default on the within-family pair.
+Teachers: the two shipped in recipes/teachers/ (ResNet-18, widths 24-192), one at 28 px (taps 7×7, 4×4, 2×2) and one
+at 56 px (taps 14×14, 7×7, 4×4: grids of 8×8 and more, as in the SRM reference's CIFAR setting); the student is a
+ResNet-10t (widths 8-64) at the teacher's input size. Every method uses the same trainer, taps, data and
+augmentation; only the loss and the procedure differ.
+
+Protocol:
+- settings: in every cell each method tries the same number of settings (`GRID`) with seed 0, scored on a
+  validation split (200 images/class carved from the training images, disjoint from every subset; the teachers
+  never trained on it), never on the test split;
+- own budget: the last stage runs `Budget.steps[size]` steps (halved for the 56 px pair); each stage before it
+  `EXTRA` (5 %) of that;
+- equal compute by measured cost: before each cell, one optimizer step of every stage of every method is timed on
+  the same batch in interleaved rounds (`recipes/compute.py`); a method whose run costs less than SRM paper's gets
+  its last stage lengthened until Σ steps × seconds per step equals SRM paper's;
+- 3 seeds, accuracy on the 10,000 test images, mean ± std, and whether each difference exceeds the spread.
+
+Every finished run is appended to `<out_dir>/quality_runs.jsonl` (and each cell's measured costs too), so an
+interrupted benchmark continues where it stopped when started again with the same arguments.
 """
 
 import argparse
@@ -26,20 +38,34 @@ from offline import go_offline_if_hub_unreachable  # noqa: E402
 go_offline_if_hub_unreachable()
 
 import torch  # noqa: E402
+from compute import first_batch, stage_step_seconds  # noqa: E402
 from quality_report import commit, write_results  # noqa: E402
-from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher  # noqa: E402
-from transformers import Trainer, TrainingArguments, set_seed  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
-from srm_hf.data import DataArguments, load_image_splits, stratified_split, stratified_subset  # noqa: E402
-from srm_hf.loading import for_trainer, load_image_classifier  # noqa: E402
+from srm_hf.data import DataArguments, load_image_splits, stratified_subset  # noqa: E402
+from srm_hf.loading import load_image_classifier  # noqa: E402
+from srm_hf.methods import method_class  # noqa: E402
 from srm_hf.metrics import make_compute_metrics  # noqa: E402
+from srm_hf.stages import stage_steps  # noqa: E402
 from srm_hf.transforms import ImageTransform, preprocessing_for  # noqa: E402
 
-STUDENTS = {
-    "ResNet-18 → ResNet-10t": ("timm:resnet10t", {"channels": [8, 16, 32, 64], "stem_width": 8}),
-    "ResNet-18 → EfficientNet (tiny)": ("timm:test_efficientnet", {}),
+TEACHERS = os.path.join(os.path.dirname(HERE), "teachers")
+STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_width": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    teacher: str  # a folder in recipes/teachers/
+    size: int  # input size of teacher and student
+    step_scale: float = 1.0  # share of the budget's steps (a 56 px step costs about 3.5 times a 28 px one)
+
+
+PAIRS = {
+    "ResNet-18 → ResNet-10t, 28 px": Pair("fashion_mnist_resnet18", 28),
+    "ResNet-18 → ResNet-10t, 56 px (14×14 taps)": Pair("fashion_mnist_resnet18_56px", 56, step_scale=0.5),
 }
+# name -> DistillationConfig fields; `EXTRA` sizes the stages before the last one
 METHODS = {
     "alone": {"method": "alone"},
     "KD": {"method": "kd"},
@@ -49,62 +75,57 @@ METHODS = {
     "ReviewKD": {"method": "reviewkd"},
     "SRM paper": {"method": "srm", "srm_mode": "paper"},
     "SRM joint": {"method": "srm", "srm_mode": "joint"},
+    "SRM reference": {"method": "srm", "srm_mode": "paper", "preset": "reference", "learning_rate": 1e-3},
 }
-# Two settings per method, picked on validation: the student alone tunes its learning rate, DKD its β (mdistiller's
-# CIFAR-100 range), ReviewKD its loss weight (the authors' range), the others KD's α.
+# Share of the last stage's steps for each stage before it: 5 %, the best of 5 / 10 / 20 % for SRM paper at equal
+# measured compute on validation (results/srm_search_100.md).
+EXTRA = 0.05
+# Two settings per method, chosen on validation: the student alone tunes its learning rate, DKD its β (mdistiller's
+# CIFAR-100 range), ReviewKD its loss weight (the authors' range), SRM joint its λ, SRM paper its pixel CE, the
+# others KD's α.
 GRID = {name: [{"kd_alpha": a} for a in (0.5, 0.9)] for name in METHODS} | {
-    "alone": [{"learning_rate": lr} for lr in (1e-3, 3e-3)],
+    "alone": [{"learning_rate": lr} for lr in (3e-3, 1e-2)],
     "DKD": [{"dkd_beta": b} for b in (2.0, 8.0)],
     "ReviewKD": [{"reviewkd_weight": w} for w in (1.0, 5.0)],
-}
-# One change at a time to SRM paper (with its chosen setting), on the first pair.
-ABLATION = {
-    "default: paper, all taps, m=2, s=0.02": {},
-    "taps: pooled vector only": {"layer_pairs": ["global_pool:global_pool"]},
-    "taps: feature maps only": {"layer_pairs": [f"layer{i}:layer{i}" for i in range(1, 5)]},
-    "m = 1.5": {"srm_codeword_multiplier": 1.5},
-    "m = 4": {"srm_codeword_multiplier": 4.0},
-    "s = 0.01": {"srm_sparsity_multiplier": 0.01},
-    "s = 0.03": {"srm_sparsity_multiplier": 0.03},
-    "pixel CE on raw logits": {"srm_pixel_ce_on_sigmoid": False},
-    "stage 3 without KD (α = 0)": {"kd_alpha": 0.0},
+    "SRM joint": [{"kd_alpha": 0.9, "srm_weight": w} for w in (0.1, 1.0)],
+    # the reference's pixel CE on sigmoid outputs, or on logits (the best SRM variant on validation at 10 img/class)
+    "SRM paper": [{"kd_alpha": 0.5, "srm_pixel_ce_on_sigmoid": b} for b in (True, False)],
 }
 
 
 @dataclasses.dataclass
 class Budget:
-    epochs: dict[int, tuple[int, int]]  # images/class -> (last stage epochs, epochs of each extra stage)
-    batch: int
-    eval_samples: int | None  # None: the full test split
+    steps: dict[int, tuple[int, int]]  # images/class -> (steps of the last stage, batch size)
     seeds: tuple[int, ...]
-    equal_compute_seeds: tuple[int, ...]
-    ablation_size: int
-    ablation_seeds: tuple[int, ...]
+    val_per_class: int
+    test_samples: int | None  # None: the full test split
+    timing_rounds: int
 
 
-# Both sizes see about the same number of images per stage (80 epochs of 80 images ~ 10 epochs of 800).
-FULL = Budget(epochs={10: (80, 40), 100: (10, 5)}, batch=64, eval_samples=None, seeds=(0, 1, 2),
-              equal_compute_seeds=(0,), ablation_size=100, ablation_seeds=(0, 1))
-QUICK = Budget(epochs={4: (1, 1)}, batch=16, eval_samples=64, seeds=(0, 1), equal_compute_seeds=(0,), ablation_size=4,
-               ablation_seeds=(0,))
+# Few images call for long training (distillation pays there: results/srm_search_10.md), many for larger batches.
+FULL = Budget(steps={10: (2000, 32), 100: (1000, 64), 1000: (600, 128)}, seeds=(0, 1, 2), val_per_class=200,
+              test_samples=None, timing_rounds=8)
+QUICK = Budget(steps={4: (2, 8)}, seeds=(0,), val_per_class=2, test_samples=32, timing_rounds=1)
 
 
-def student_model(spec, num_labels):
-    name, kwargs = spec
-    return load_image_classifier(name, num_labels=num_labels, pretrained=False, in_chans=1,
-                                 pretrained_cfg_overlay=FASHION_MNIST_INPUT, **kwargs)
+def student_model(size: int):
+    overlay = {"input_size": [1, size, size], "test_input_size": [1, size, size], "mean": [0.286], "std": [0.353],
+               "crop_pct": 1.0, "interpolation": "bilinear"}
+    return load_image_classifier("timm:resnet10t", num_labels=10, pretrained=False, pretrained_cfg_overlay=overlay,
+                                 **STUDENT_KWARGS)
 
 
-def passes(method: dict, final: int, extra: int) -> int:
-    """Passes over the training subset that a method's plan makes (stages included)."""
-    stages = {"srm": 2 if method.get("srm_mode", "paper") == "paper" else 1, "fitnet": 1}.get(method["method"], 0)
-    return final + stages * extra
-
-
-def stage_epochs(method: dict, extra: int) -> dict:
-    """Epochs of the stages before the last one, for the methods that have them."""
-    return {"srm": {"srm_dictionary_epochs": extra, "srm_epochs": extra},
-            "fitnet": {"fitnet_epochs": extra}}.get(method["method"], {})
+def stage_fields(method: dict, last: int) -> dict:
+    """Every stage length of a method whose last stage runs `last` steps."""
+    extra = max(1, round(EXTRA * last))
+    fields = {"max_steps": last}
+    if method["method"] == "srm":
+        fields["srm_dictionary_max_steps"] = extra
+        if method.get("srm_mode", "paper") == "paper":
+            fields["srm_max_steps"] = extra
+    if method["method"] == "fitnet":
+        fields["fitnet_max_steps"] = extra
+    return fields
 
 
 class Preprocessed(torch.utils.data.Dataset):
@@ -121,84 +142,144 @@ class Preprocessed(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-def run(teacher, spec, method: dict, setting: dict, train, evals: dict, seed: int, budget: Budget, size: int,
-        out: str, final_epochs: int | None = None) -> dict:
-    set_seed(seed)
-    student = student_model(spec, num_labels=10)
-    final, extra = budget.epochs[size]
-    config = DistillationConfig(
-        output_dir=out, seed=seed, per_device_train_batch_size=budget.batch, per_device_eval_batch_size=1000,
-        num_train_epochs=final_epochs or final, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True, logging_steps=50,
-        **{"learning_rate": 3e-3, **stage_epochs(method, extra), **method, **setting},
-    )
-    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
-                                  train_dataset=train.with_transform(ImageTransform(preprocessing_for(student),
-                                                                                    train=True)),
-                                  compute_metrics=make_compute_metrics())
-    start = time.time()
-    trainer.train()
-    seconds = time.time() - start
-    return {name: trainer.evaluate(ds)["eval_accuracy"] for name, ds in evals.items()} | {"seconds": seconds}
+class Runs:
+    """Finished runs (and measured costs) in a JSON-lines file: a restarted benchmark skips what is done."""
+
+    def __init__(self, path: str):
+        self.path, self.done = path, {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                for line in f:
+                    record = json.loads(line)
+                    self.done[record["key"]] = record["value"]
+
+    def get(self, key: str, compute):
+        if key not in self.done:
+            self.done[key] = compute()
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
+        return self.done[key]
+
+
+class Cell:
+    """One (pair, images/class) cell: its data, teacher and the trainer factory."""
+
+    def __init__(self, pair: Pair, size: int, splits, budget: Budget, work_dir: str, evals: dict):
+        self.pair, self.size, self.budget, self.work_dir = pair, size, budget, work_dir
+        last, self.batch = budget.steps[size]
+        self.last = max(1, round(last * pair.step_scale))
+        self.teacher = load_image_classifier(os.path.join(TEACHERS, pair.teacher))
+        pre = preprocessing_for(self.teacher)
+        self.train = stratified_subset(splits.train, size, seed=0).with_transform(ImageTransform(pre, train=True))
+        self.evals = evals
+
+    def config(self, method: dict, setting: dict, seed: int, last: int) -> DistillationConfig:
+        reference = method.get("preset") == "reference"
+        # the reference preset picks each stage's best state on the selection split, twice per extra stage
+        selection = {"eval_strategy": "steps", "eval_steps": max(1, round(EXTRA * last / 2))} if reference else {}
+        return DistillationConfig(
+            output_dir=self.work_dir, seed=seed, per_device_train_batch_size=self.batch,
+            per_device_eval_batch_size=500, save_strategy="no", report_to="none", disable_tqdm=True,
+            logging_steps=100, dataloader_num_workers=0,
+            **{"learning_rate": 3e-3, **selection, **method, **setting, **stage_fields(method, last)})
+
+    def trainer(self, method: dict, setting: dict, seed: int, last: int) -> DistillationTrainer:
+        set_seed(seed)
+        reference = method.get("preset") == "reference"
+        return DistillationTrainer(model=student_model(self.pair.size), teacher_model=self.teacher,
+                                   args=self.config(method, setting, seed, last), train_dataset=self.train,
+                                   eval_dataset=self.evals["selection"] if reference else None,
+                                   compute_metrics=make_compute_metrics())
+
+    def run(self, method: dict, setting: dict, seed: int, last: int, splits=("test",)) -> dict:
+        trainer = self.trainer(method, setting, seed, last)
+        start = time.perf_counter()
+        trainer.train()
+        result = {"seconds": time.perf_counter() - start, "steps": [s.steps for s in trainer.plan.stages]}
+        for name in splits:
+            result[name] = trainer.evaluate(self.evals[name])["eval_accuracy"]
+        return result
+
+    def step_seconds(self, methods: dict[str, dict]) -> dict[str, dict[str, float]]:
+        """Measured seconds per optimizer step of every stage of every method: {method: {stage: seconds}}."""
+        probes = {name: self.trainer(method, settings[0], 0, 1) for name, (method, settings) in methods.items()}
+        seconds = stage_step_seconds(probes, first_batch(next(iter(probes.values()))),
+                                     rounds=self.budget.timing_rounds)
+        out = {}
+        for (name, stage), value in seconds.items():
+            out.setdefault(name, {})[stage] = value
+        return out
+
+    def stages(self, method: dict, last: int) -> list:
+        config = self.config(method, {}, 0, last)
+        return method_class(config.method).from_config(config).stages()
+
+    def cost(self, method: dict, seconds: dict[str, float], last: int) -> float:
+        """Measured seconds of a whole run with a last stage of `last` steps."""
+        return sum(stage_steps(s, None, last) * seconds[s.name] for s in self.stages(method, last))
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Every method for a few steps: checks the pipeline only.")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
-    p.add_argument("--work_dir", default="outputs/benchmarks")
+    p.add_argument("--work_dir", default="outputs/benchmarks/quality")
     args = p.parse_args(argv)
     budget = QUICK if args.quick else FULL
     started, code = time.time(), commit()  # the code that runs, before anything can change the checkout
     os.makedirs(args.out_dir, exist_ok=True)
-    data = DataArguments(max_eval_samples=budget.eval_samples)
-    splits = load_image_splits(data)
-    teacher_args = TeacherArguments(teacher_max_steps=3 if args.quick else -1)
-    base = TrainingArguments(output_dir=args.work_dir, per_device_train_batch_size=128, per_device_eval_batch_size=512,
-                             report_to="none", disable_tqdm=True, seed=0, remove_unused_columns=False)
-    teacher_dir = train_teacher(teacher_args, data, base, os.path.join(args.work_dir, "teacher"))
-    teacher = load_image_classifier(teacher_dir, num_labels=10)
-    teacher_test = Trainer(model=for_trainer(teacher), args=base, compute_metrics=make_compute_metrics(),
-                           eval_dataset=splits.test.with_transform(ImageTransform(preprocessing_for(teacher))),
-                           ).evaluate()["eval_accuracy"]
-    # Both students take the same 1x28x28 input, so one preprocessed test split serves every run.
-    (pre,) = {preprocessing_for(student_model(spec, 10)) for spec in STUDENTS.values()}
-    test = Preprocessed(splits.test, pre)
-
-    rows, ablation = [], []
-    for size, (final, extra) in budget.epochs.items():
-        train, val = stratified_split(stratified_subset(splits.train, size, seed=0), 0.2, seed=0)
-        val = Preprocessed(val, pre)
-        srm_passes = passes(METHODS["SRM paper"], final, extra)
-        for pair, spec in STUDENTS.items():
+    os.makedirs(args.work_dir, exist_ok=True)
+    runs = Runs(os.path.join(args.out_dir, f"quality{'_quick' if args.quick else ''}_runs.jsonl"))
+    splits = load_image_splits(DataArguments(max_eval_samples=budget.test_samples))
+    rows, teachers = [], {}
+    for pair_name, pair in PAIRS.items():
+        pre = preprocessing_for(student_model(pair.size))
+        evals = {"test": Preprocessed(splits.test, pre),
+                 "val": Preprocessed(stratified_subset(splits.validation, budget.val_per_class, seed=0), pre),
+                 "selection": Preprocessed(stratified_subset(splits.validation, budget.val_per_class // 4 or 1,
+                                                              seed=1), pre)}
+        for size in budget.steps:
+            cell = Cell(pair, size, splits, budget, args.work_dir, evals)
+            teachers[pair_name] = runs.get(f"{pair_name}|teacher",
+                                           lambda: teacher_accuracy(cell.teacher, evals["test"]))
+            key = f"{pair_name}|{size}"
+            # every setting of every method with seed 0 at its own budget, scored on validation
+            tried = {name: [runs.get(f"{key}|{name}|{json.dumps(s)}|0|own",
+                                     lambda s=s, m=method: cell.run(m, s, 0, cell.last, ("val", "test")))
+                            for s in GRID[name]] for name, method in METHODS.items()}
+            chosen = {name: GRID[name][max(range(len(t)), key=lambda i: t[i]["val"])] for name, t in tried.items()}
+            seconds = runs.get(f"{key}|seconds", lambda: cell.step_seconds(
+                {n: (m, [chosen[n]]) for n, m in METHODS.items()}))
+            srm_cost = cell.cost(METHODS["SRM paper"], seconds["SRM paper"], cell.last)
             for name, method in METHODS.items():
-                # seed 0 with each setting, scored on validation; the best one's seed-0 run is kept
-                tried = [run(teacher, spec, method, s, train, {"val": val, "test": test}, budget.seeds[0], budget,
-                             size, args.work_dir) for s in GRID[name]]
-                best = max(range(len(tried)), key=lambda i: tried[i]["val"])
-                setting = GRID[name][best]
-                results = [tried[best]] + [run(teacher, spec, method, setting, train, {"test": test}, seed, budget,
-                                               size, args.work_dir) for seed in budget.seeds[1:]]
-                equal, own = None, passes(method, final, extra)
-                if own < srm_passes:
-                    longer = final + srm_passes - own
-                    equal = [run(teacher, spec, method, setting, train, {"test": test}, seed, budget, size,
-                                 args.work_dir, final_epochs=longer)["test"] for seed in budget.equal_compute_seeds]
-                rows.append({"size": size, "pair": pair, "method": name, "setting": setting,
-                             "validation": [t["val"] for t in tried], "test": [r["test"] for r in results],
-                             "seconds": [r["seconds"] for r in results], "passes": own,
-                             "equal_compute_test": equal})
+                setting = chosen[name]
+                own_cost = cell.cost(method, seconds[name], cell.last)
+                own = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|own",
+                                lambda seed=seed: cell.run(method, setting, seed, cell.last)) for seed in budget.seeds]
+                last_stage = seconds[name][cell.stages(method, cell.last)[-1].name]
+                extra = round((srm_cost - own_cost) / last_stage)  # steps that SRM paper's cost leaves
+                equal, longer = None, (cell.last + extra if extra >= 1 else None)
+                if longer is not None:
+                    equal = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|equal",
+                                      lambda seed=seed: cell.run(method, setting, seed, longer))
+                             for seed in budget.seeds]
+                rows.append({"pair": pair_name, "size": size, "method": name, "setting": setting,
+                             "validation": [t["val"] for t in tried[name]], "steps": own[0]["steps"],
+                             "cost_seconds": own_cost, "srm_cost_seconds": srm_cost,
+                             "seconds_per_step": seconds[name], "test": [r["test"] for r in own],
+                             "seconds": [r["seconds"] for r in own], "equal_compute_steps": longer,
+                             "equal_compute_test": None if equal is None else [r["test"] for r in equal]})
                 print(json.dumps(rows[-1]), flush=True)
-        if size == budget.ablation_size:
-            pair, spec = next(iter(STUDENTS.items()))
-            chosen = next(r["setting"] for r in rows if r["size"] == size and r["pair"] == pair
-                          and r["method"] == "SRM paper")
-            for variant, change in ABLATION.items():
-                tests = [run(teacher, spec, METHODS["SRM paper"], {**chosen, **change}, train, {"test": test}, seed,
-                             budget, size, args.work_dir)["test"] for seed in budget.ablation_seeds]
-                ablation.append({"size": size, "pair": pair, "variant": variant, "change": change, "test": tests})
-                print(json.dumps(ablation[-1]), flush=True)
-    write_results(args, budget, rows, ablation, teacher_test, time.time() - started, code)
-    return rows, ablation
+    write_results(args, budget, EXTRA, rows, teachers, time.time() - started, code)
+    return rows
+
+
+@torch.no_grad()
+def teacher_accuracy(teacher, test) -> float:
+    teacher.eval()
+    loader = torch.utils.data.DataLoader(test, batch_size=1000)
+    correct = sum(int((teacher(b["pixel_values"]).argmax(-1) == b["labels"]).sum()) for b in loader)
+    return correct / len(test)
 
 
 if __name__ == "__main__":

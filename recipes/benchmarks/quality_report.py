@@ -43,85 +43,94 @@ def commit() -> str:
         return "?"
 
 
+def at_equal_compute(row: dict) -> list[float]:
+    """A method's test accuracies at SRM paper's measured cost: its lengthened runs, or its own when it costs as
+    much or more."""
+    return row["equal_compute_test"] if row["equal_compute_test"] is not None else row["test"]
+
+
+def compare(a: list[float], b: list[float]) -> tuple[float, str]:
+    """Mean difference a - b in points, and 'above' / 'below' when it exceeds the larger std, else 'tied'."""
+    (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
+    word = "above" if ma - mb > max(sa, sb) else "below" if mb - ma > max(sa, sb) else "tied"
+    return 100 * (ma - mb), word
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """Per cell: SRM paper's margin over each other method (mean difference, and whether it exceeds both stds)."""
+    """Per cell, at equal measured compute: the best SRM configuration against the best other method, and SRM paper
+    against every method."""
     lines = []
-    cells = dict.fromkeys((r["size"], r["pair"]) for r in rows)
-    for size, pair in cells:
-        cell = {r["method"]: r for r in rows if (r["size"], r["pair"]) == (size, pair)}
-        srm_mean, srm_std = mean_std(cell["SRM paper"]["test"])
-        parts = []
-        for name, r in cell.items():
-            if name == "SRM paper":
-                continue
-            m, s = mean_std(r["test"])
-            word = "above" if srm_mean - m > max(s, srm_std) else "below" if m - srm_mean > max(s, srm_std) else "tied"
-            parts.append(f"{name} {100 * (srm_mean - m):+.2f} ({word})")
-        best = max(cell, key=lambda n: statistics.mean(cell[n]["test"]))
-        lines.append(f"- {size} images/class, {pair}: best mean {best}; SRM paper vs " + ", ".join(parts) + ".")
+    for pair, size in dict.fromkeys((r["pair"], r["size"]) for r in rows):
+        cell = {r["method"]: r for r in rows if (r["pair"], r["size"]) == (pair, size)}
+        best = lambda names: max(names, key=lambda n: statistics.mean(at_equal_compute(cell[n])))  # noqa: E731
+        srm = best([n for n in cell if n.startswith("SRM")])
+        other = best([n for n in cell if not n.startswith("SRM")])
+        diff, word = compare(at_equal_compute(cell[srm]), at_equal_compute(cell[other]))
+        parts = ", ".join("{} {:+.2f} ({})".format(n, *compare(cell["SRM paper"]["test"], at_equal_compute(r)))
+                          for n, r in cell.items() if n != "SRM paper")
+        lines.append(f"- {size} images/class, {pair}: best SRM ({srm}) vs best other ({other}): {diff:+.2f} points "
+                     f"({word}). SRM paper vs each: {parts}.")
     return lines
 
 
-def write_results(args, budget, rows: list[dict], ablation: list[dict], teacher_test: float, seconds: float,
+def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[str, float], seconds: float,
                   code: str) -> None:
     quick = "_quick" if args.quick else ""
     command = f"python recipes/benchmarks/quality.py{' --quick' if args.quick else ''}"
     lines = [
-        "# Quality: SRM against other distillers on Fashion-MNIST", "",
-        f"Produced by `{command}` (commit {code}) in {seconds / 60:.1f} minutes, teacher training included "
-        "when not cached.",
+        "# Quality: SRM against other distillers on Fashion-MNIST, at equal measured compute", "",
+        f"Produced by `{command}` (commit {code}); this invocation took {seconds / 60:.1f} minutes (runs finished "
+        "by an earlier, interrupted invocation are read back from its runs file).",
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads. Versions: {versions()}.", "",
-        f"Teacher: ResNet-18 (timm, widths 16–128) trained on the full training split; test accuracy "
-        f"{100 * teacher_test:.2f} %.", "",
-        "Settings: batch {}; epochs (last stage, each extra stage) per images/class: {}; seeds {}; augmentation: "
-        "random resized crop (0.8–1) and flip, the same view for teacher and student. The setting of each method is "
-        "chosen by seed 0's accuracy on a stratified 20 % validation split of the training subset; accuracy is on "
-        "the {} test images, in %, mean ± std over seeds.".format(
-            budget.batch, {k: v for k, v in budget.epochs.items()}, list(budget.seeds),
-            "first {}".format(budget.eval_samples) if budget.eval_samples else "10,000"),
-        "Equal compute: the method's last stage lengthened so that it makes as many passes over the data as SRM "
-        "paper (dictionary + SRM + KD stages), seeds {}.".format(list(budget.equal_compute_seeds)), "",
-        "| images/class | pair | method | passes | setting (chosen on validation) | test accuracy | "
-        "equal compute | seconds/run |", "|---|---|---|---|---|---|---|---|"]
+        "Teachers (shipped, recipes/teachers/), test accuracy: "
+        + "; ".join(f"{p}: {100 * a:.2f} %" for p, a in teachers.items()) + ".", "",
+        "Protocol: last stage {} steps (batch) per images/class, halved for the 56 px pair; stages before it {:g} % "
+        "of that each; seeds {}; augmentation: random resized crop (0.8–1) and flip, the same view for teacher and "
+        "student. In every cell each method tries {} settings with seed 0, chosen on {} validation images per class "
+        "(never the test split). Accuracy on the {} test images, in %, mean ± std over seeds. **Equal compute**: "
+        "one optimizer step of every stage of every method is timed on the same batch in interleaved rounds before "
+        "each cell; a method cheaper than SRM paper gets its last stage lengthened until its measured cost equals "
+        "SRM paper's. SRM reference's validation passes (its model selection) are not counted as training "
+        "compute.".format({k: v for k, v in budget.steps.items()}, 100 * extra, list(budget.seeds),
+                          len(next(iter(rows))["validation"]), budget.val_per_class,
+                          "first {}".format(budget.test_samples) if budget.test_samples else "10,000"), "",
+        "| pair | images/class | method | setting (validation) | steps | measured cost (s) | test, own budget | "
+        "steps at equal compute | test, equal compute |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        eq = "same" if r["equal_compute_test"] is None else fmt(r["equal_compute_test"])
-        lines.append(f"| {r['size']} | {r['pair']} | {r['method']} | {r['passes']} | {r['setting']} | "
-                     f"**{fmt(r['test'])}** | {eq} | {statistics.mean(r['seconds']):.1f} |")
-    lines += ["", "## SRM paper against each method", "",
-              "Difference of means in points; 'above'/'below' when it exceeds the larger of the two stds.", "",
-              *verdicts(rows)]
-    if ablation:
-        a = ablation[0]
-        lines += ["", f"## Ablation: SRM paper, {a['pair']}, {a['size']} images/class, seeds "
-                  f"{list(budget.ablation_seeds)}", "", "| variant | change | test accuracy |", "|---|---|---|"]
-        lines += [f"| {a['variant']} | `{a['change']}` | {fmt(a['test'])} |" for a in ablation]
+        eq_steps = "—" if r["equal_compute_steps"] is None else str(r["equal_compute_steps"])
+        eq = "(costs ≥ SRM paper)" if r["equal_compute_test"] is None else f"**{fmt(r['equal_compute_test'])}**"
+        steps = " + ".join(str(s) for s in r["steps"])
+        lines.append(f"| {r['pair']} | {r['size']} | {r['method']} | `{r['setting']}` | {steps} | "
+                     f"{r['cost_seconds']:.1f} | {fmt(r['test'])} | {eq_steps} | {eq} |")
+    lines += ["", "## At equal measured compute", "",
+              "Difference of means in points; 'above'/'below' when it exceeds the larger of the two stds, else "
+              "'tied'.", "", *verdicts(rows)]
     with open(os.path.join(args.out_dir, f"quality{quick}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out_dir, f"quality{quick}.json"), "w") as f:
-        json.dump({"teacher_test": teacher_test, "rows": rows, "ablation": ablation}, f, indent=2)
-    plot(rows, os.path.join(args.out_dir, f"quality{quick}.png"), teacher_test)
+        json.dump({"teachers_test": teachers, "rows": rows}, f, indent=2)
+    plot(rows, os.path.join(args.out_dir, f"quality{quick}.png"))
 
 
-def plot(rows: list[dict], path: str, teacher_test: float) -> None:
-    """One panel per (images/class, pair): a bar per method, mean test accuracy with a ±std error bar."""
+def plot(rows: list[dict], path: str) -> None:
+    """One panel per (pair, images/class): a bar per method at equal compute, mean test accuracy ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = list(dict.fromkeys((r["size"], r["pair"]) for r in rows))
+    cells = list(dict.fromkeys((r["pair"], r["size"]) for r in rows))
     fig, axes = plt.subplots(1, len(cells), figsize=(4.2 * len(cells), 3.8), squeeze=False, sharey=False)
-    for ax, (size, pair) in zip(axes[0], cells):
-        cell = [r for r in rows if (r["size"], r["pair"]) == (size, pair)]
-        stats = [mean_std([100 * v for v in r["test"]]) for r in cell]
+    for ax, (pair, size) in zip(axes[0], cells):
+        cell = [r for r in rows if (r["pair"], r["size"]) == (pair, size)]
+        stats = [mean_std([100 * v for v in at_equal_compute(r)]) for r in cell]
         colors = ["#d62728" if r["method"].startswith("SRM") else "#7f7f7f" for r in cell]
         ax.bar(range(len(cell)), [m for m, _ in stats], yerr=[s for _, s in stats], color=colors, capsize=3)
         ax.set_xticks(range(len(cell)), [r["method"] for r in cell], rotation=45, ha="right", fontsize=8)
-        low = min(m - s for m, s in stats)
-        ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in stats) + 3))
-        ax.set_title(f"{size} img/class\n{pair}", fontsize=9)
+        ax.set_ylim(max(0.0, min(m - s for m, s in stats) - 5), min(100.0, max(m + s for m, s in stats) + 3))
+        ax.set_title(f"{size} img/class\n{pair}", fontsize=8)
         ax.set_ylabel("test accuracy (%)")
-    fig.suptitle(f"Fashion-MNIST students (teacher {100 * teacher_test:.1f} %), mean ± std over seeds", fontsize=10)
+    fig.suptitle("Fashion-MNIST students at equal measured compute, mean ± std over seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
