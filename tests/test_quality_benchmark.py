@@ -38,6 +38,14 @@ def test_quick_benchmark_runs_every_method_pair_at_equal_measured_compute(tmp_pa
     lines = (out / "quality_quick_runs.jsonl").read_text().count("\n")
     assert quality.main(["--quick", "--out_dir", str(out), "--work_dir", str(work)]) == rows
     assert (out / "quality_quick_runs.jsonl").read_text().count("\n") == lines
+    # --report_done trains nothing and leaves out a cell with a missing run
+    runs = out / "quality_quick_runs.jsonl"
+    kept = [line for line in runs.read_text().splitlines() if "56 px" not in json.loads(line)["key"]
+            or "|alone|" not in json.loads(line)["key"]]
+    runs.write_text("\n".join(kept) + "\n")
+    partial = quality.main(["--quick", "--report_done", "--out_dir", str(out), "--work_dir", str(work)])
+    assert partial == [r for r in rows if "56 px" not in r["pair"]]
+    assert runs.read_text().count("\n") == len(kept)
 
 
 def test_verdicts_compare_at_equal_compute():

@@ -157,3 +157,15 @@ def test_selection_every_eval_steps(tmp_path, monkeypatch):
     selection = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, StageSelection))
     assert [(name, step) for name, step, _ in selection.history] == [
         ("dictionary", 6), ("dictionary", 12), ("srm", 18), ("srm", 24), ("kd", 30), ("kd", 36)]
+
+
+@pytest.mark.parametrize("preset, clip", [("reference", float("inf")), ("trainer", 1.0)])
+def test_reference_preset_never_clips(tmp_path, preset, clip):
+    config = {"preset": "reference", "eval_strategy": "epoch"} if preset == "reference" else {}
+    trainer = make_trainer(tmp_path, method="kd", max_steps=3, **config)
+    norms = []
+    original = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.clip_grad_norm_ = lambda params, max_norm, **kw: norms.append(max_norm) or original(
+        params, max_norm, **kw)
+    trainer.train()
+    assert norms and set(norms) == {clip}  # inf: the norm is measured (for the NaN guard), nothing is scaled

@@ -12,7 +12,7 @@ Protocol:
 - settings: in every cell each method tries the same number of settings (`GRID`) with seed 0, scored on a
   validation split (200 images/class carved from the training images, disjoint from every subset; the teachers
   never trained on it), never on the test split;
-- own budget: the last stage runs `Budget.steps[size]` steps (halved for the 56 px pair); each stage before it
+- own budget: the last stage runs `Budget.steps[size]` steps (35 % of that for the 56 px pair); each stage before it
   `EXTRA` (5 %) of that;
 - equal compute by measured cost: before each cell, one optimizer step of every stage of every method is timed on
   the same batch in interleaved rounds (`recipes/compute.py`); a method whose run costs less than SRM paper's gets
@@ -63,7 +63,7 @@ class Pair:
 
 PAIRS = {
     "ResNet-18 → ResNet-10t, 28 px": Pair("fashion_mnist_resnet18", 28),
-    "ResNet-18 → ResNet-10t, 56 px (14×14 taps)": Pair("fashion_mnist_resnet18_56px", 56, step_scale=0.5),
+    "ResNet-18 → ResNet-10t, 56 px (14×14 taps)": Pair("fashion_mnist_resnet18_56px", 56, step_scale=0.35),
 }
 # name -> DistillationConfig fields; `EXTRA` sizes the stages before the last one
 METHODS = {
@@ -142,11 +142,15 @@ class Preprocessed(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
+class Missing(Exception):
+    """A run that `--report_done` would need but that has not been run yet."""
+
+
 class Runs:
     """Finished runs (and measured costs) in a JSON-lines file: a restarted benchmark skips what is done."""
 
-    def __init__(self, path: str):
-        self.path, self.done = path, {}
+    def __init__(self, path: str, read_only: bool = False):
+        self.path, self.done, self.read_only = path, {}, read_only
         if os.path.isfile(path):
             with open(path) as f:
                 for line in f:
@@ -154,6 +158,8 @@ class Runs:
                     self.done[record["key"]] = record["value"]
 
     def get(self, key: str, compute):
+        if key not in self.done and self.read_only:
+            raise Missing(key)
         if key not in self.done:
             self.done[key] = compute()
             with open(self.path, "a") as f:
@@ -224,12 +230,14 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="Every method for a few steps: checks the pipeline only.")
     p.add_argument("--out_dir", default=os.path.join(HERE, "results"))
     p.add_argument("--work_dir", default="outputs/benchmarks/quality")
+    p.add_argument("--report_done", action="store_true",
+                   help="Train nothing: write the report from the finished cells of the runs file.")
     args = p.parse_args(argv)
     budget = QUICK if args.quick else FULL
     started, code = time.time(), commit()  # the code that runs, before anything can change the checkout
     os.makedirs(args.out_dir, exist_ok=True)
     os.makedirs(args.work_dir, exist_ok=True)
-    runs = Runs(os.path.join(args.out_dir, f"quality{'_quick' if args.quick else ''}_runs.jsonl"))
+    runs = Runs(os.path.join(args.out_dir, f"quality{'_quick' if args.quick else ''}_runs.jsonl"), args.report_done)
     splits = load_image_splits(DataArguments(max_eval_samples=budget.test_samples))
     rows, teachers = [], {}
     for pair_name, pair in PAIRS.items():
@@ -239,38 +247,49 @@ def main(argv=None):
                  "selection": Preprocessed(stratified_subset(splits.validation, budget.val_per_class // 4 or 1,
                                                               seed=1), pre)}
         for size in budget.steps:
-            cell = Cell(pair, size, splits, budget, args.work_dir, evals)
-            teachers[pair_name] = runs.get(f"{pair_name}|teacher",
-                                           lambda: teacher_accuracy(cell.teacher, evals["test"]))
-            key = f"{pair_name}|{size}"
-            # every setting of every method with seed 0 at its own budget, scored on validation
-            tried = {name: [runs.get(f"{key}|{name}|{json.dumps(s)}|0|own",
-                                     lambda s=s, m=method: cell.run(m, s, 0, cell.last, ("val", "test")))
-                            for s in GRID[name]] for name, method in METHODS.items()}
-            chosen = {name: GRID[name][max(range(len(t)), key=lambda i: t[i]["val"])] for name, t in tried.items()}
-            seconds = runs.get(f"{key}|seconds", lambda: cell.step_seconds(
-                {n: (m, [chosen[n]]) for n, m in METHODS.items()}))
-            srm_cost = cell.cost(METHODS["SRM paper"], seconds["SRM paper"], cell.last)
-            for name, method in METHODS.items():
-                setting = chosen[name]
-                own_cost = cell.cost(method, seconds[name], cell.last)
-                own = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|own",
-                                lambda seed=seed: cell.run(method, setting, seed, cell.last)) for seed in budget.seeds]
-                last_stage = seconds[name][cell.stages(method, cell.last)[-1].name]
-                extra = round((srm_cost - own_cost) / last_stage)  # steps that SRM paper's cost leaves
-                equal, longer = None, (cell.last + extra if extra >= 1 else None)
-                if longer is not None:
-                    equal = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|equal",
-                                      lambda seed=seed: cell.run(method, setting, seed, longer))
-                             for seed in budget.seeds]
-                rows.append({"pair": pair_name, "size": size, "method": name, "setting": setting,
-                             "validation": [t["val"] for t in tried[name]], "steps": own[0]["steps"],
-                             "cost_seconds": own_cost, "srm_cost_seconds": srm_cost,
-                             "seconds_per_step": seconds[name], "test": [r["test"] for r in own],
-                             "seconds": [r["seconds"] for r in own], "equal_compute_steps": longer,
-                             "equal_compute_test": None if equal is None else [r["test"] for r in equal]})
-                print(json.dumps(rows[-1]), flush=True)
+            try:
+                rows += cell_rows(runs, budget, pair_name, pair, size, splits, args.work_dir, evals, teachers)
+            except Missing as missing:
+                print(f"{pair_name}, {size} images/class: not finished ({missing}), left out of the report")
     write_results(args, budget, EXTRA, rows, teachers, time.time() - started, code)
+    return rows
+
+
+def cell_rows(runs: Runs, budget: Budget, pair_name: str, pair: Pair, size: int, splits, work_dir: str, evals: dict,
+              teachers: dict) -> list[dict]:
+    """The rows of one cell: settings tried on validation, own-budget and equal-compute runs of every method."""
+    rows = []
+    cell = Cell(pair, size, splits, budget, work_dir, evals)
+    teachers[pair_name] = runs.get(f"{pair_name}|teacher",
+                                   lambda: teacher_accuracy(cell.teacher, evals["test"]))
+    key = f"{pair_name}|{size}|{cell.last}x{cell.batch}"  # a changed budget never reuses a run
+    # every setting of every method with seed 0 at its own budget, scored on validation
+    tried = {name: [runs.get(f"{key}|{name}|{json.dumps(s)}|0|own",
+                             lambda s=s, m=method: cell.run(m, s, 0, cell.last, ("val", "test")))
+                    for s in GRID[name]] for name, method in METHODS.items()}
+    chosen = {name: GRID[name][max(range(len(t)), key=lambda i: t[i]["val"])] for name, t in tried.items()}
+    seconds = runs.get(f"{key}|seconds", lambda: cell.step_seconds(
+        {n: (m, [chosen[n]]) for n, m in METHODS.items()}))
+    srm_cost = cell.cost(METHODS["SRM paper"], seconds["SRM paper"], cell.last)
+    for name, method in METHODS.items():
+        setting = chosen[name]
+        own_cost = cell.cost(method, seconds[name], cell.last)
+        own = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|own",
+                        lambda seed=seed: cell.run(method, setting, seed, cell.last)) for seed in budget.seeds]
+        last_stage = seconds[name][cell.stages(method, cell.last)[-1].name]
+        extra = round((srm_cost - own_cost) / last_stage)  # steps that SRM paper's cost leaves
+        equal, longer = None, (cell.last + extra if extra >= 1 else None)
+        if longer is not None:
+            equal = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|equal",
+                              lambda seed=seed: cell.run(method, setting, seed, longer))
+                     for seed in budget.seeds]
+        rows.append({"pair": pair_name, "size": size, "method": name, "setting": setting,
+                     "validation": [t["val"] for t in tried[name]], "steps": own[0]["steps"],
+                     "cost_seconds": own_cost, "srm_cost_seconds": srm_cost,
+                     "seconds_per_step": seconds[name], "test": [r["test"] for r in own],
+                     "seconds": [r["seconds"] for r in own], "equal_compute_steps": longer,
+                     "equal_compute_test": None if equal is None else [r["test"] for r in equal]})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 

@@ -84,7 +84,7 @@ def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[s
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads. Versions: {versions()}.", "",
         "Teachers (shipped, recipes/teachers/), test accuracy: "
         + "; ".join(f"{p}: {100 * a:.2f} %" for p, a in teachers.items()) + ".", "",
-        "Protocol: last stage {} steps (batch) per images/class, halved for the 56 px pair; stages before it {:g} % "
+        "Protocol: last stage {} steps (batch) per images/class, 35 % of that for the 56 px pair; stages before it {:g} % "
         "of that each; seeds {}; augmentation: random resized crop (0.8–1) and flip, the same view for teacher and "
         "student. In every cell each method tries {} settings with seed 0, chosen on {} validation images per class "
         "(never the test split). Accuracy on the {} test images, in %, mean ± std over seeds. **Equal compute**: "

@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -153,7 +154,7 @@ def write(args, rows, budget, code, wall):
     base = os.path.join(args.out_dir, f"srm_search_{args.size}{'_quick' if args.quick else ''}")
     meta = {"size": args.size, "budget_kd_steps": args.budget, "budget_seconds": budget, "batch": args.batch,
             "seeds": args.seeds, "commit": code, "wall_seconds": wall,
-            "command": "python recipes/benchmarks/srm_search.py " + " ".join(sys.argv[1:])}
+            "command": shlex.join(["python", "recipes/benchmarks/srm_search.py", *sys.argv[1:]])}
     with open(base + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     lines = [f"# SRM variants at equal measured compute: {args.size} images per class, validation accuracy", "",
