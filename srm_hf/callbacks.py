@@ -1,8 +1,13 @@
 """TrainerCallbacks of srm_hf."""
 
+import os
+
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
+
+from .checkpoint import mark_complete
 
 logger = logging.get_logger(__name__)
 
@@ -30,6 +35,12 @@ class StageCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         """`eval_strategy="epoch"` asks at each epoch's end: the same rule."""
         self.on_step_end(args, state, control, **kwargs)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Called once the Trainer has written the whole checkpoint: mark it complete (`srm_hf.checkpoint`)."""
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            mark_complete(folder, state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_losses.clear()

@@ -8,21 +8,28 @@ transformers / timm load it with no srm_hf import:
     other:        model.safetensors                 -> model.load_state_dict(safetensors.torch.load_file(...))
 
 and beside it `method_state.safetensors`: the method's own modules (SRM's dictionaries and heads, FitNet's
-regressors, ...) with the method's description in its metadata, for resuming.
+regressors, ...) with the method's description in its metadata, for resuming. A checkpoint folder is complete once
+`checkpoint_complete.json` is in it, written after every other file (optimizer, scheduler, RNG, trainer state):
+resuming takes the newest complete checkpoint and never one whose write was interrupted.
 """
 
 import json
 import os
+import re
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from .loading import is_timm_model
 
+logger = logging.get_logger(__name__)
+
 STUDENT_WEIGHTS_NAME = "model.safetensors"
 METHOD_STATE_NAME = "method_state.safetensors"
+COMPLETE_NAME = "checkpoint_complete.json"  # written last: a checkpoint folder without it was interrupted
 
 
 def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -116,3 +123,39 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
         )
     load_student_weights(model.student, folder)
     model.load_state_dict(saved, strict=False)
+
+
+def mark_complete(folder: str, step: int) -> None:
+    """Mark a checkpoint folder complete, once everything else in it is written: the marker is written under a
+    temporary name and renamed, so it exists only whole."""
+    tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"global_step": step}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(folder, COMPLETE_NAME))
+
+
+def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | None:
+    """`resume_from_checkpoint` for the Trainer: True becomes the newest complete checkpoint in `output_dir`
+    (interrupted ones after it are named and skipped); a given folder must be complete."""
+    if resume is None or resume is False:
+        return resume
+    if resume is True:
+        found = [f for f in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", f)] \
+            if os.path.isdir(output_dir) else []
+        folders = sorted((os.path.join(output_dir, f) for f in found), key=lambda f: -int(f.rsplit("-", 1)[1]))
+        complete = [f for f in folders if os.path.isfile(os.path.join(f, COMPLETE_NAME))]
+        skipped = folders[:folders.index(complete[0])] if complete else folders
+        if skipped:
+            logger.warning(f"Skipping {skipped}: no {COMPLETE_NAME}, so their writing was interrupted.")
+        if not complete:
+            raise ValueError(f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint (folders "
+                             f"checkpoint-N with {COMPLETE_NAME}). Start without resume_from_checkpoint.")
+        logger.warning(f"Resuming from {complete[0]}, the newest complete checkpoint.")
+        return complete[0]
+    if not os.path.isfile(os.path.join(resume, COMPLETE_NAME)):
+        raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_NAME}: its writing was interrupted, or "
+                         "DistillationTrainer did not write it). Pass an earlier checkpoint, or "
+                         "resume_from_checkpoint=True for the newest complete one.")
+    return resume

@@ -20,7 +20,7 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 
 from .callbacks import StageCallback
-from .checkpoint import load_distillation_model, save_distillation_model
+from .checkpoint import load_distillation_model, resolve_resume, save_distillation_model
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import model_logits
@@ -110,16 +110,16 @@ class DistillationTrainer(Trainer):
                 steps_in_epoch, max_steps)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """Run every stage of the method in order (stages already run by `train_stages` are left out)."""
+        """Every stage not yet run by `train_stages`, in order; resumes only from a complete checkpoint."""
         if getattr(self, "_owns_optimizer", False):  # a new plan needs a new optimizer and schedule
             self.optimizer, self.lr_scheduler = None, None
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
 
     def train_stages(self, names: list[str]):
         """Run only these stages of the method now (e.g. SRM's dictionary); a later `train()` leaves them out."""
         known = [s.name for s in self.method.stages()]
-        unknown = [n for n in names if n not in known]
-        if unknown:
+        if unknown := [n for n in names if n not in known]:
             raise ValueError(f"Method {self.method.name!r} has no stage {unknown}: its stages are {known}.")
         before, self.stages_done = self.stages_done, self.stages_done | (set(known) - set(names))
         try:
