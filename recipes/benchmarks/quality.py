@@ -15,8 +15,8 @@ Protocol:
 - own budget: the last stage runs `Budget.steps[size]` steps (35 % of that for the 56 px pair); each stage before it
   `EXTRA` (5 %) of that;
 - equal compute by measured cost: before each cell, one optimizer step of every stage of every method is timed on
-  the same batch in interleaved rounds (`recipes/compute.py`); a method whose run costs less than SRM paper's gets
-  its last stage lengthened until Σ steps × seconds per step equals SRM paper's;
+  the same batch in interleaved rounds (`recipes/compute.py`); every method's last stage is lengthened (or, for a
+  method that costs more, shortened) until Σ steps × seconds per step equals SRM paper's;
 - 3 seeds, accuracy on the 10,000 test images, mean ± std, and whether each difference exceeds the spread.
 
 Every finished run is appended to `<out_dir>/quality_runs.jsonl` (and each cell's measured costs too), so an
@@ -277,8 +277,8 @@ def cell_rows(runs: Runs, budget: Budget, pair_name: str, pair: Pair, size: int,
         own = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|own",
                         lambda seed=seed: cell.run(method, setting, seed, cell.last)) for seed in budget.seeds]
         last_stage = seconds[name][cell.stages(method, cell.last)[-1].name]
-        extra = round((srm_cost - own_cost) / last_stage)  # steps that SRM paper's cost leaves
-        equal, longer = None, (cell.last + extra if extra >= 1 else None)
+        extra = round((srm_cost - own_cost) / last_stage)  # steps that SRM paper's cost leaves (< 0: too many)
+        equal, longer = None, (max(1, cell.last + extra) if extra != 0 else None)
         if longer is not None:
             equal = [runs.get(f"{key}|{name}|{json.dumps(setting)}|{seed}|equal",
                               lambda seed=seed: cell.run(method, setting, seed, longer))

@@ -44,8 +44,8 @@ def commit() -> str:
 
 
 def at_equal_compute(row: dict) -> list[float]:
-    """A method's test accuracies at SRM paper's measured cost: its lengthened runs, or its own when it costs as
-    much or more."""
+    """A method's test accuracies at SRM paper's measured cost: its lengthened (or shortened) runs, or its own when
+    it costs the same."""
     return row["equal_compute_test"] if row["equal_compute_test"] is not None else row["test"]
 
 
@@ -89,8 +89,8 @@ def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[s
         "student. In every cell each method tries {} settings with seed 0, chosen on {} validation images per class "
         "(never the test split). Accuracy on the {} test images, in %, mean ± std over seeds. **Equal compute**: "
         "one optimizer step of every stage of every method is timed on the same batch in interleaved rounds before "
-        "each cell; a method cheaper than SRM paper gets its last stage lengthened until its measured cost equals "
-        "SRM paper's. SRM reference's validation passes (its model selection) are not counted as training "
+        "each cell; every method's last stage is lengthened (shortened, for a method that costs more) until its "
+        "measured cost equals SRM paper's. SRM reference's validation passes (its model selection) are not counted as training "
         "compute.".format({k: v for k, v in budget.steps.items()}, 100 * extra, list(budget.seeds),
                           len(next(iter(rows))["validation"]), budget.val_per_class,
                           "first {}".format(budget.test_samples) if budget.test_samples else "10,000"), "",
@@ -98,7 +98,7 @@ def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[s
         "steps at equal compute | test, equal compute |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         eq_steps = "—" if r["equal_compute_steps"] is None else str(r["equal_compute_steps"])
-        eq = "(costs ≥ SRM paper)" if r["equal_compute_test"] is None else f"**{fmt(r['equal_compute_test'])}**"
+        eq = "(same cost)" if r["equal_compute_test"] is None else f"**{fmt(r['equal_compute_test'])}**"
         steps = " + ".join(str(s) for s in r["steps"])
         lines.append(f"| {r['pair']} | {r['size']} | {r['method']} | `{r['setting']}` | {steps} | "
                      f"{r['cost_seconds']:.1f} | {fmt(r['test'])} | {eq_steps} | {eq} |")
