@@ -140,7 +140,7 @@ class DistillationConfig(TrainingArguments):
 
     def _apply_reference_preset(self):
         """What `preset="reference"` sets (srm_hf/reference.py); settings it would override are refused."""
-        if self.warmup_steps or self.lr_scheduler_type not in ("linear", "step_decay"):
+        if self.warmup_steps or self.lr_scheduler_type != "linear":
             raise ValueError("preset='reference' has its own schedule (step decay x0.1 twice per stage, no warm-up): "
                              "leave lr_scheduler_type and warmup_steps unset, or use preset='trainer'.")
         if self.eval_strategy in ("no", None):
