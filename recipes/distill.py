@@ -11,7 +11,8 @@ Flags override the YAML file; an unknown YAML key is an error. The teacher is th
 teacher, the distilled student and the same student trained by each `--compare` method (KD and alone by default)
 from the same initial weights for the same measured compute (per-step times of every stage, measured before
 training on the same batch; `recipes/compute.py`), and writes to output_dir: the student (its library's format)
-with method_state.safetensors, README.md (model card), srm_report.png, results.json and TensorBoard logs.
+with method_state.safetensors, README.md (model card), srm_report.png, results.json, test_results.json
+(`Trainer.save_metrics`) and TensorBoard logs.
 """
 
 import copy
@@ -26,7 +27,7 @@ go_offline_if_hub_unreachable()  # before the Hugging Face libraries are importe
 
 import torch
 from compute import first_batch, run_cost, stage_step_seconds, steps_for_cost
-from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, train_teacher
+from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, data_signature, train_teacher
 from transformers import EvalPrediction, set_seed
 
 from srm_hf import DistillationConfig, DistillationTrainer
@@ -34,12 +35,13 @@ from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
-from srm_hf.loading import load_image_classifier, load_image_processor
+from srm_hf.loading import label_names_of, load_image_classifier, load_image_processor
 from srm_hf.methods import METHODS
 from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.metrics import make_compute_metrics
 from srm_hf.plots import atom_usage, save_report
-from srm_hf.transforms import ImageTransform, preprocessing_for
+from srm_hf.preflight import check_images, check_output_dir
+from srm_hf.transforms import AugmentedDataset, ImageTransform, image_processor_for, preprocessing_for
 
 # A ResNet-18 (widths 16-128) trained on Fashion-MNIST by recipes/teachers/README.md's command; run from the repo root.
 SHIPPED_TEACHER = "recipes/teachers/fashion_mnist_resnet18"
@@ -94,12 +96,17 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
     if teacher_args.train_teacher:
         name = os.path.join(config.output_dir, "teacher")
         recipe = os.path.join(name, "teacher_recipe.json")
-        wanted = dataclasses.asdict(teacher_args)
-        cached = False
+        # the cache serves this run only if the same recipe trained it on the same data and labels
+        wanted = {"teacher_args": dataclasses.asdict(teacher_args), "data": data_signature(data_args),
+                  "label_names": splits.label_names}
+        cached = {}
         if os.path.isfile(recipe):
             with open(recipe) as f:
-                cached = json.load(f)["teacher_args"] == wanted
-        if not cached:
+                cached = {k: v for k, v in json.load(f).items() if k in wanted}
+        if cached != wanted:
+            if cached:
+                changed = [k for k in wanted if cached.get(k) != wanted[k]]
+                print(f"Retraining the cached teacher in {name}: its {changed} differ from this run's.")
             train_teacher(teacher_args, data_args, config, name)
     kwargs = parse_kwargs(model_args.teacher_model_kwargs)
     if model_args.teacher_revision:
@@ -109,6 +116,11 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
     if labels != len(splits.label_names):
         raise ValueError(f"The teacher {name!r} predicts {labels} labels, the data has {len(splits.label_names)} "
                          f"({splits.source}). Pass a teacher trained on this data, or --train_teacher true.")
+    names = label_names_of(teacher)
+    if names is not None and names != splits.label_names:
+        raise ValueError(f"The teacher {name!r} was trained on the labels {names}, in that order; the data's are "
+                         f"{splits.label_names} ({splits.source}). Pass a teacher trained on this data (or relabel the "
+                         "data to the teacher's order), or --train_teacher true.")
     return name, teacher
 
 
@@ -153,26 +165,37 @@ def main(argv: list[str] | None = None) -> dict:
     if script_args.push_dictionary_to_hub and config.method != "srm":
         raise ValueError(f"--push_dictionary_to_hub needs --method srm (method {config.method!r} learns no dictionary).")
     set_seed(config.seed)
+    check_output_dir(config.output_dir, 0)  # writable; the trainer checks the room once the models are known
 
     splits = load_image_splits(data_args)
+    if data_args.check_images:
+        for split in ("train", "validation", "test"):
+            if getattr(splits, split) is not None:
+                check_images(getattr(splits, split), split)
     teacher_name, teacher = get_teacher(config, model_args, teacher_args, data_args, splits)
     student = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
                                     id2label=splits.id2label, pretrained=model_args.student_pretrained,
                                     **parse_kwargs(model_args.student_model_kwargs))
     # the comparison runs start from these same weights: a paired comparison, not several random inits
     initial = copy.deepcopy(student) if compared(script_args) else None
-    student_pre = preprocessing_for(student, load_image_processor(model_args.student_model_name_or_path))
+    processor = load_image_processor(model_args.student_model_name_or_path)
+    student_pre = preprocessing_for(student, processor)
+    # saved with a transformers student, so that pipeline("image-classification") can feed it
+    processor = processor or image_processor_for(student, student_pre)
     teacher_pre = preprocessing_for(teacher, load_image_processor(teacher_name))
     compute_metrics = make_compute_metrics(tuple(script_args.metrics))
 
-    train = splits.train.with_transform(ImageTransform(student_pre, teacher_pre, train=True))
+    # random views keyed by (seed, epoch, image): a resumed run trains on the views an uninterrupted one sees
+    train = AugmentedDataset(splits.train, ImageTransform(student_pre, teacher_pre, train=True), seed=config.seed)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=train,
+                                  processing_class=processor,
                                   eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
                                   compute_metrics=compute_metrics)
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
     trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
     test = splits.test if splits.test is not None else splits.validation
-    trainer.save_model()  # before anything else can fail
+    # saved before anything else can fail; with --push_to_hub it is published once, at the end, with its card
+    trainer.save_model(_internal_call=True)
     results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
     results["teacher"] = evaluate_teacher(trainer, test.with_transform(ImageTransform(teacher_pre)),
                                         compute_metrics, "test")
@@ -198,10 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     metrics = {f"{who}_{k.removeprefix('test_')}": v for who, m in results.items() for k, v in m.items()
                if k.startswith("test_") and k.removeprefix("test_") in script_args.metrics}
-    trainer.create_model_card(dataset=data_args.dataset_dir or data_args.dataset_name, teacher=teacher_name,
-                              teacher_revision=model_args.teacher_revision,
-                              student=model_args.student_model_name_or_path,
-                              metrics={"test_" + k.removeprefix("student_"): v for k, v in metrics.items()})
+    card = dict(dataset=data_args.dataset_dir or data_args.dataset_name, teacher=teacher_name,
+                teacher_revision=model_args.teacher_revision, student=model_args.student_model_name_or_path,
+                metrics={"test_" + k.removeprefix("student_"): v for k, v in metrics.items()})
+    trainer.create_model_card(**card)
+    trainer.save_metrics("test", metrics)  # test_results.json and all_results.json, as the Trainer's examples write
     if trainer.is_world_process_zero():
         with open(os.path.join(config.output_dir, "results.json"), "w") as f:
             json.dump({"data": splits.source, "train_images": len(splits.train), "test_images": len(test),
@@ -210,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         for key, value in metrics.items():
             print(f"  {key:32s} {value:.4f}")
     if config.push_to_hub:
-        trainer.push_to_hub(dataset=data_args.dataset_name, teacher=teacher_name,
-                            teacher_revision=model_args.teacher_revision, student=model_args.student_model_name_or_path)
+        trainer.push_to_hub(**card)  # one commit: the student and the card above
     if script_args.push_dictionary_to_hub:
         path = os.path.join(config.output_dir, DICTIONARY_NAME)
         if trainer.is_world_process_zero():

@@ -8,9 +8,15 @@ import socket
 from urllib.parse import urlparse
 
 
+def offline_requested() -> bool:
+    """HF_HUB_OFFLINE read as huggingface_hub reads it (`constants._is_true`: 1, ON, YES or TRUE, any case), without
+    importing it: it reads the variable once, at import, and this runs before."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def go_offline_if_hub_unreachable(timeout: float = 3.0) -> bool:
     """Set HF_HUB_OFFLINE=1 when the Hub's host does not answer within `timeout` seconds. Returns offline-ness."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "", "false", "no"):
+    if offline_requested():
         return True
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:

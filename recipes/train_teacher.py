@@ -90,6 +90,7 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
         save_student(model, output_dir)
         with open(os.path.join(output_dir, "teacher_recipe.json"), "w") as f:
             json.dump({"teacher_args": dataclasses.asdict(teacher_args), "data": data_signature(data_args),
+                       "label_names": splits.label_names,
                        "command": command, "metrics": metrics}, f, indent=2)
     trainer.accelerator.wait_for_everyone()
     return output_dir
@@ -98,7 +99,7 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
 def data_signature(data_args: DataArguments) -> dict:
     """What identifies the teacher's training data (the per-class cap of the students does not)."""
     return {k: v for k, v in dataclasses.asdict(data_args).items()
-            if k not in ("max_train_samples_per_class", "max_eval_samples")}
+            if k not in ("max_train_samples_per_class", "max_eval_samples", "check_images")}
 
 
 def main(argv: list[str] | None = None) -> str:

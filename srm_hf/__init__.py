@@ -10,11 +10,13 @@ from .methods import AT, DKD, KD, METHODS, SRM, Alone, Features, FitNet, Method,
 from .srm import SparseCoder, SRMHead, dictionary_loss, srm_loss, srm_targets
 from .taps import TapInfo, TapPair, describe_taps, pair_taps
 from .trainer import DistillationTrainer
+from .transforms import AugmentedDataset, ImageTransform, preprocessing_for
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AT",
+    "AugmentedDataset",
     "DKD",
     "KD",
     "METHODS",
@@ -26,6 +28,7 @@ __all__ = [
     "FeatureHooks",
     "Features",
     "FitNet",
+    "ImageTransform",
     "Method",
     "ReviewKD",
     "SRMHead",
@@ -39,6 +42,7 @@ __all__ = [
     "kd_loss",
     "load_image_classifier",
     "pair_taps",
+    "preprocessing_for",
     "srm_loss",
     "srm_targets",
 ]

@@ -3,9 +3,11 @@
     parser = SRMParser((DataArguments, ModelArguments, DistillationConfig))
     data_args, model_args, config = parser.parse(["--config", "recipes/configs/cifar10.yaml", "--max_steps", "5"])
 
-Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored.
+Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored. An
+`env:` mapping (as in TRL's configs) sets environment variables for the run.
 """
 
+import argparse
 import json
 import os
 
@@ -41,12 +43,43 @@ class SRMParser(HfArgumentParser):
             values = yaml.safe_load(f) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path} must hold a mapping of option names to values.")
+        env = values.pop("env", None) or {}  # as in TRL's configs: environment variables for the run
+        if not isinstance(env, dict):
+            raise ValueError(f"`env` in {path} must be a mapping of environment variable names to values.")
+        os.environ.update({str(k): str(v) for k, v in env.items()})
         known = {action.dest for action in self._actions}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown keys {unknown} in {path}: each key must be a command-line option (see --help).")
+        actions = {action.dest: action for action in self._actions}
+        for key, value in values.items():
+            _check_type(actions[key], key, value, path)
         # argparse leaves non-string defaults as they are: keep mappings as JSON text for str-typed fields
         return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+
+
+def _check_type(action, key: str, value, path: str) -> None:
+    """argparse converts only strings: a YAML number or boolean must already be of the option's type (`max_steps:
+    2.5` is refused, not truncated)."""
+    kind = action.type
+    if kind is None or isinstance(value, dict):
+        return
+    if isinstance(value, list) and action.nargs is None:
+        raise ValueError(f"{key} in {path} takes one value, not the list {value}.")
+    for v in value if isinstance(value, list) else [value]:
+        if v is None or isinstance(v, str):
+            continue  # argparse converts (and checks) strings itself
+        if kind in (int, float):
+            ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
+        else:
+            try:
+                kind(str(v))
+                ok = True
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                ok = False
+        if not ok:
+            raise ValueError(f"{key}: {v!r} in {path} is not a valid {getattr(kind, '__name__', kind)}. Write a value "
+                             "of the option's type (see --help).")
 
 
 def parse_kwargs(value) -> dict:

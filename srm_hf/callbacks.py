@@ -1,5 +1,6 @@
 """TrainerCallbacks of srm_hf."""
 
+import math
 import os
 
 from transformers import TrainerCallback
@@ -35,6 +36,13 @@ class StageCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         """`eval_strategy="epoch"` asks at each epoch's end: the same rule."""
         self.on_step_end(args, state, control, **kwargs)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        """A training set whose random views are keyed by epoch (`AugmentedDataset`) learns which epoch starts:
+        accelerate tells it only in a single process, and a resumed run starts inside an epoch."""
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(math.floor(state.epoch + 1e-9))
 
     def on_save(self, args, state, control, **kwargs):
         """Called once the Trainer has written the whole checkpoint: mark it complete (`srm_hf.checkpoint`)."""

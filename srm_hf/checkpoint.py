@@ -16,6 +16,7 @@ resuming takes the newest complete checkpoint and never one whose write was inte
 import json
 import os
 import re
+from pathlib import Path
 
 import safetensors.torch
 import torch
@@ -23,13 +24,26 @@ import torch.nn as nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .loading import is_timm_model
+from .loading import is_timm_model, label_names_of
 
 logger = logging.get_logger(__name__)
 
 STUDENT_WEIGHTS_NAME = "model.safetensors"
 METHOD_STATE_NAME = "method_state.safetensors"
 COMPLETE_NAME = "checkpoint_complete.json"  # written last: a checkpoint folder without it was interrupted
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str, metadata: dict[str, str]) -> None:
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    _as_umask_allows(path)
+
+
+def _as_umask_allows(path: str) -> None:
+    """safetensors writes its files readable by their owner alone (0600); give them the mode every other output
+    file gets (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _contiguous(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -42,12 +56,17 @@ def save_student(student: nn.Module, output_dir: str, state_dict: dict[str, torc
     state_dict = _contiguous(student.state_dict() if state_dict is None else state_dict)
     if isinstance(student, PreTrainedModel):
         student.save_pretrained(output_dir, state_dict=state_dict)
+        for name in os.listdir(output_dir):
+            if name.endswith(".safetensors"):
+                _as_umask_allows(os.path.join(output_dir, name))
         return
-    safetensors.torch.save_file(state_dict, os.path.join(output_dir, STUDENT_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_safetensors(state_dict, os.path.join(output_dir, STUDENT_WEIGHTS_NAME), {"format": "pt"})
     if is_timm_model(student):
-        from timm.models._hub import save_config_for_hf
+        from timm.models._hub import save_config_for_hf  # the config half of timm's `save_for_hf`
 
-        save_config_for_hf(student, os.path.join(output_dir, "config.json"))
+        names = label_names_of(student)
+        save_config_for_hf(student, Path(output_dir) / "config.json",
+                           model_config={"label_names": names} if names else None)
 
 
 def load_student_weights(student: nn.Module, checkpoint_dir: str) -> None:
@@ -89,9 +108,10 @@ def save_distillation_model(model: nn.Module, output_dir: str, state_dict: dict 
     save_student(model.student, output_dir, {k[len("student."):]: v for k, v in state_dict.items()
                                               if k.startswith("student.")})
     method_state = _contiguous({k: v for k, v in state_dict.items() if k.startswith("method.")})
-    safetensors.torch.save_file(method_state, os.path.join(output_dir, METHOD_STATE_NAME),
-                                metadata={"method": json.dumps(model.method.describe()),
-                                          "taps": json.dumps(tap_names(model))})
+    save_safetensors(method_state, os.path.join(output_dir, METHOD_STATE_NAME),
+                     {"method": json.dumps(model.method.describe()),
+                      "taps": json.dumps(tap_names(model)),
+                      "provenance": json.dumps(getattr(model, "provenance", {}))})
 
 
 def tap_names(model: nn.Module) -> list[str]:
@@ -107,9 +127,12 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
         raise FileNotFoundError(f"No method state at {path}: pass a folder written by DistillationTrainer.")
     own = {k: v for k, v in model.state_dict().items() if k.startswith("method.")}
     saved, problems, metadata = read_matching(path, own)
-    this_run = {"method": json.loads(json.dumps(model.method.describe())), "taps": tap_names(model)}
-    written = {k: json.loads(metadata[k]) for k in this_run if k in metadata}
-    differences = [f"{k}: {written[k]!r} there, {this_run[k]!r} here" for k in written if written[k] != this_run[k]]
+    this_run = {"method": json.loads(json.dumps(model.method.describe())), "taps": tap_names(model),
+                **json.loads(json.dumps(getattr(model, "provenance", {})))}
+    written = {"method": None, "taps": None, **json.loads(metadata.get("provenance", "{}"))}
+    written.update({k: json.loads(metadata[k]) for k in ("method", "taps") if k in metadata})
+    differences = [f"{k}: {written[k]!r} there, {this_run[k]!r} here" for k in this_run
+                   if k in written and written[k] is not None and written[k] != this_run[k]]
     if differences:
         raise ValueError(
             f"{folder} was written by another configuration ({'; '.join(differences)}). Resume with the settings it "

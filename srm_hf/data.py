@@ -8,22 +8,22 @@ Every split is returned with the same two columns, `image` (undecoded: bytes/pat
 unreadable file is named when it is met.
 """
 
-import gzip
 import os
-import struct
 from dataclasses import dataclass, field
 
 import numpy as np
-import pyarrow as pa
-from datasets import Array2D, ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
 
+from .idx import FASHION_MNIST_LABELS, is_idx_dir, load_idx_dir, read_idx
 from .loading import is_offline
+
+__all__ = ["FASHION_MNIST_LABELS", "read_idx", "load_idx_dir", "DataArguments", "ImageSplits", "load_image_splits",
+           "stratified_subset", "stratified_split", "detect_columns", "labels_of", "check_labels",
+           "check_image_folder"]
 
 IMAGE_COLUMNS = ("image", "img", "picture", "photo", "jpg", "png")
 LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target", "coarse_label")
 VALIDATION_SPLITS = ("validation", "valid", "val", "dev")
-FASHION_MNIST_LABELS = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                        "Ankle boot")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_HUB = "zalando-datasets/fashion_mnist"
 
@@ -52,6 +52,10 @@ class DataArguments:
     )
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap validation and test sizes (seeded)."})
     subset_seed: int = field(default=42, metadata={"help": "Seed of the validation carve-out and of subsampling."})
+    check_images: bool = field(
+        default=True, metadata={"help": "Decode every image once before training, so that a bad file stops the run "
+                                        "before any compute (turn off for very large datasets)."},
+    )
 
 
 @dataclass
@@ -88,73 +92,13 @@ def detect_columns(columns: list[str], image_column: str | None = None, label_co
                                                                             "label_column")
 
 
-def read_idx(path: str) -> np.ndarray:
-    """An IDX file (MNIST format, optionally gzipped) as a numpy array."""
-    path = os.fspath(path)
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes (header {data[:4].hex()}).")
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: header says {shape}, found {array.size} values.")
-    return array.reshape(shape)
-
-
-def _idx_file(directory: str, prefix: str, kind: str) -> str | None:
-    for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte", f"{prefix}-{kind}.idx"):
-        for path in (os.path.join(directory, name), os.path.join(directory, name + ".gz")):
-            if os.path.isfile(path):
-                return path
-    return None
-
-
-def is_idx_dir(directory: str) -> bool:
-    return os.path.isdir(directory) and _idx_file(directory, "train", "images") is not None
-
-
-def load_idx_dir(directory: str, label_names: list[str] | None = None) -> DatasetDict:
-    """`train-*` and `t10k-*` IDX files (Fashion-MNIST, MNIST) as a DatasetDict with `image` and `label`."""
-    splits = {}
-    for split, prefix in (("train", "train"), ("test", "t10k")):
-        images, labels = _idx_file(directory, prefix, "images"), _idx_file(directory, prefix, "labels")
-        if images is None:
-            continue
-        if labels is None:
-            raise FileNotFoundError(f"{directory} has {images} but no {prefix}-labels-idx1-ubyte[.gz] beside it.")
-        x, y = read_idx(images), read_idx(labels)
-        if len(x) != len(y):
-            raise ValueError(f"{images} holds {len(x)} images but {labels} {len(y)} labels.")
-        splits[split] = (x, y)
-    if "train" not in splits:
-        raise FileNotFoundError(f"No train-images-idx3-ubyte[.gz] in {directory}.")
-    if label_names is None:
-        num = int(max((y.max() for _, y in splits.values() if len(y)), default=0)) + 1
-        fashion = "fashion" in os.path.abspath(directory).lower() and num == len(FASHION_MNIST_LABELS)
-        label_names = list(FASHION_MNIST_LABELS) if fashion else [str(i) for i in range(num)]
-    h, w = splits["train"][0].shape[1:]
-    features = Features({"image": Array2D((h, w), "uint8"), "label": ClassLabel(names=list(label_names))})
-    return DatasetDict({split: _array_dataset(x, y, features) for split, (x, y) in splits.items()})
-
-
-def _array_dataset(images: np.ndarray, labels: np.ndarray, features: Features) -> Dataset:
-    """[N, H, W] uint8 images as an Arrow table built in one go (fast for 60k images)."""
-    h, w = images.shape[1:]
-    rows = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), w)
-    table = pa.Table.from_arrays([pa.FixedSizeListArray.from_arrays(rows, h), pa.array(labels.astype(np.int64))],
-                                 names=["image", "label"])
-    return Dataset(table.cast(features.arrow_schema))
-
-
 def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
     if args.dataset_dir is not None:
         if not os.path.isdir(args.dataset_dir):
             raise FileNotFoundError(f"dataset_dir {args.dataset_dir!r} is not a folder.")
         if is_idx_dir(args.dataset_dir):
             return load_idx_dir(args.dataset_dir), f"IDX files in {args.dataset_dir}"
+        check_image_folder(args.dataset_dir)
         return load_dataset("imagefolder", data_dir=args.dataset_dir), f"image folder {args.dataset_dir}"
     if args.dataset_name is None:
         raise ValueError("No data: set --dataset_name (a Hub dataset) or --dataset_dir (a local folder).")
@@ -167,6 +111,28 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
             f"Could not load the Hub dataset {args.dataset_name!r}{' (HF_HUB_OFFLINE is set)' if is_offline() else ''}: "
             f"{e}. Download it once online, or point --dataset_dir at a local copy."
         ) from e
+
+
+SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val", "dev", "eval", "evaluation", "training", "testing")
+
+
+def check_image_folder(directory: str) -> None:
+    """An image folder labelled by its class subfolders (`dir/<class>/` or `dir/<split>/<class>/`) has two classes
+    or more, and none of them empty (the `imagefolder` loader would drop an empty one, or the labels of a single
+    one, without a word). Folders labelled by a metadata file are left to the loader."""
+    if any(f.startswith("metadata.") for _, _, files in os.walk(directory) for f in files):
+        return
+    subfolders = sorted(e.path for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+    splits = [f for f in subfolders if os.path.basename(f).lower() in SPLIT_FOLDERS] or [directory]
+    for split in splits:
+        classes = sorted(e.path for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
+        empty = [c for c in classes if not any(files for _, _, files in os.walk(c))]
+        if empty:
+            raise ValueError(f"Class folder(s) {empty} hold no images: add images or remove the folder.")
+        if len(classes) < 2:
+            names = [os.path.basename(c) for c in classes]
+            raise ValueError(f"{split!r} has {len(classes)} class subfolder(s) {names}; a classifier needs two "
+                             "classes or more, one subfolder of images per class.")
 
 
 def _normalise(ds: Dataset, split: str, image_column: str, label_column: str) -> Dataset:
@@ -190,6 +156,10 @@ def _as_class_labels(splits: dict[str, Dataset]) -> tuple[dict[str, Dataset], li
     values = set().union(*(set(ds.unique("label")) for ds in splits.values()))
     values = sorted(values, key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)))
     names = [str(v) for v in values]
+    negative = [v for v in values if isinstance(v, (int, float)) and v < 0]
+    if negative:
+        raise ValueError(f"Column 'label' holds negative labels {negative} (often: unlabelled rows), which are not "
+                         "classes. Drop those rows (e.g. `dataset.filter(lambda x: x['label'] >= 0)`) first.")
     if all(isinstance(v, int) for v in values) and values == list(range(len(values))):
         target = ClassLabel(names=names)
         return {k: ds.cast_column("label", target) for k, ds in splits.items()}, names
@@ -260,7 +230,15 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
     if "validation" not in splits:  # carve it from train, stratified
         splits["train"], splits["validation"] = stratified_split(splits["train"], args.validation_fraction,
                                                                  args.subset_seed)
+    if len(names) < 2:
+        raise ValueError(f"{source} has {len(names)} class(es) {names}: a classifier needs two or more.")
     for split, ds in splits.items():
+        if len(ds) == 0:
+            raise ValueError(
+                f"Split {split!r} of {source} is empty" + (
+                    f": carving validation_fraction={args.validation_fraction} out of train finds no class with two "
+                    "images or more. Pass --validation_split, or give each class more training images."
+                    if split == "validation" else "."))
         check_labels(ds, len(names), split)
     if args.max_train_samples_per_class is not None:
         splits["train"] = stratified_subset(splits["train"], args.max_train_samples_per_class, args.subset_seed)

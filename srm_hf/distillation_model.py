@@ -5,6 +5,7 @@ heads, regressors, fusion blocks) with the student; only `.student` is ever expo
 `forward`, so DDP sees every parameter the step uses.
 """
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,19 @@ def check_example_batch(batch) -> None:
         )
 
 
+@torch.no_grad()
+def fingerprint(model: nn.Module) -> str:
+    """What tells one set of weights from another, cheaply: class, size and a hash of every tensor's shape, sum and
+    first values."""
+    digest, count = hashlib.sha256(), 0
+    for name, tensor in model.state_dict().items():
+        count += tensor.numel()
+        flat = tensor.detach().reshape(-1)
+        digest.update(f"{name}{tuple(tensor.shape)}{flat.double().sum().item() if flat.numel() else 0:.10e}".encode())
+        digest.update(flat[:1024].float().cpu().numpy().tobytes() if tensor.is_floating_point() else b"")
+    return f"{type(model).__name__}, {count} values, sha256 {digest.hexdigest()[:16]}"
+
+
 class DistillationModel(nn.Module):
     """Student + method (an `nn.Module` holding the method's own trainable modules)."""
 
@@ -45,15 +59,17 @@ class DistillationModel(nn.Module):
         self.student = student
         self.method = method
         self.pairs = list(pairs)
+        self.provenance: dict = {}  # the teacher and data it was built for (`from_models`), checked on resume
         method.build(self.pairs)
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs}) if pairs else None
 
     @classmethod
     def from_models(cls, student: nn.Module | str | None, teacher: nn.Module | str | None, method: Method,
-                    example: dict, args) -> tuple["DistillationModel", nn.Module]:
+                    train_dataset, args, collate) -> tuple["DistillationModel", nn.Module]:
         """Load student and teacher if given by name, check that they fit (label counts), pair their taps if the
-        method uses them and build the method's modules. `example` is a collated batch of a few training samples.
-        Returns the model and the teacher."""
+        method uses them (on the first training samples, batched by `collate`) and build the method's modules. The
+        teacher's fingerprint and the training set's size go to `provenance`, which checkpoints carry. Returns the
+        model and the teacher."""
         if student is None:
             raise ValueError("Pass the student as `model=` (an nn.Module, or a Hub id / local path).")
         teacher = teacher if teacher is not None else args.teacher_model_name_or_path
@@ -61,6 +77,7 @@ class DistillationModel(nn.Module):
             raise ValueError("No teacher: pass `teacher_model=` or set `teacher_model_name_or_path` in the config.")
         student = load_image_classifier(student) if isinstance(student, str) else student
         teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
+        example = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
         check_example_batch(example)
         pixel_values = example["pixel_values"].to(next(student.parameters()).device)
         teacher_pixel_values = example.get("teacher_pixel_values", example["pixel_values"])
@@ -76,7 +93,9 @@ class DistillationModel(nn.Module):
         if not method.uses_taps and args.layer_pairs:
             raise ValueError(f"layer_pairs is set but method {method.name!r} uses no taps: remove layer_pairs.")
         pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []
-        return cls(student, method, pairs), teacher
+        model = cls(student, method, pairs)
+        model.provenance = {"teacher": fingerprint(teacher), "train_examples": len(train_dataset)}
+        return model, teacher
 
     def stage_specs(self, skip: set[str] = frozenset()) -> list:
         """The method's stages minus `skip`, each checked to train only what exists."""

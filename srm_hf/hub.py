@@ -1,23 +1,30 @@
-"""Model card and Hub upload of the student (and, separately, of a dictionary)."""
+"""The student on the Hub: its model card (metadata through `huggingface_hub.ModelCardData`) and its upload.
+
+`HubMixin` gives `DistillationTrainer` the Trainer's Hub methods for the student alone: `push_to_hub(**kwargs)`
+takes what `Trainer.create_model_card` takes (tags, license, finetuned_from, dataset_tags, language, ...) and the
+card's own fields (teacher, metrics, ...); `blocking=False` returns the upload's future; `hub_strategy` other than
+"end" pushes each checkpoint's student in the background. Method state, optimizer files and training arguments are
+never published.
+"""
 
 import os
+import re
 import shutil
 import tempfile
 from importlib import metadata
-from pathlib import Path
 from string import Template
 
-from huggingface_hub import HfApi
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "model_card.md")
 # What a student folder may publish: its library's files and the card; never method state / training args.
 STUDENT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _versions() -> str:
-    names = ("srm_hf", "torch", "timm", "transformers", "accelerate", "datasets")
     found = []
-    for name in names:
+    for name in ("srm_hf", "torch", "timm", "transformers", "accelerate", "datasets"):
         try:
             found.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:
@@ -25,70 +32,88 @@ def _versions() -> str:
     return ", ".join(found)
 
 
-def render_model_card(
-    *,
-    model_name: str,
-    repo_id: str | None,
-    library_name: str,
-    teacher: str,
-    teacher_revision: str | None,
-    student: str,
-    dataset: str,
-    method: dict,
-    seed: int,
-    tap_pairs,
-    stages: list[tuple[str, int]],
-    metrics: dict[str, float],
-) -> str:
-    """The student's README.md: quick start, teacher, dataset, method settings, metrics, seed, versions, citation."""
+def hub_id(name: str | None) -> str | None:
+    """The Hub repo id a model or dataset name refers to (`hf-hub:` stripped), or None for a local path, a timm
+    architecture built from scratch (`timm:<arch>`) or anything else that is not `owner/name`."""
+    if not name or name.startswith("timm:") or os.path.exists(name):
+        return None
+    name = name.removeprefix("hf-hub:")
+    return name if HUB_ID.fullmatch(name) else None
+
+
+def _shown(name: str) -> str:
+    """A name as the card may show it: Hub ids as they are, local paths by their last part only."""
+    return name if hub_id(name) or not os.path.exists(name) else os.path.basename(os.path.normpath(name))
+
+
+def _as_list(value) -> list:
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
+
+
+def render_model_card(*, model_name: str, repo_id: str | None, library_name: str, teacher: str,
+                      teacher_revision: str | None, student: str, dataset: str, method: dict, seed: int, tap_pairs,
+                      stages: list[tuple[str, int]], metrics: dict[str, float], language=None, license=None,
+                      tags=None, finetuned_from=None, tasks=None, dataset_tags=None, dataset_args=None) -> str:
+    """The student's README.md: Hub metadata (library, pipeline tag, base model, Hub datasets, license, tags,
+    model-index of the test metrics), then quick start, teacher, dataset, method settings, metrics, seed, versions,
+    citation."""
+    datasets = [d for d in (_as_list(dataset_tags) or [dataset]) if hub_id(d)]
+    task = (_as_list(tasks) or ["image-classification"])[0]
+    results = [EvalResult(task_type=task, dataset_type=datasets[0] if datasets else "imagefolder",
+                          dataset_name=_shown(dataset), dataset_split="test", metric_type=k.removeprefix("test_"),
+                          metric_value=round(float(v), 6), dataset_args=_as_list(dataset_args) or None)
+               for k, v in metrics.items() if k.startswith("test_") and k.removeprefix("test_") in ("accuracy", "f1",
+                                                                                                    "precision",
+                                                                                                    "recall")]
+    data = ModelCardData(
+        library_name=library_name, pipeline_tag="image-classification", license=license, language=language,
+        base_model=finetuned_from or hub_id(teacher), datasets=datasets or None,
+        tags=list(dict.fromkeys(["image-classification", "knowledge-distillation", "srm_hf",
+                                 method["name"].replace("_", "-"), *_as_list(tags)])),
+        metrics=sorted({r.metric_type for r in results}) or None, model_name=model_name if results else None,
+        eval_results=results or None)
     repo = repo_id or model_name
     if library_name == "timm":
         quickstart = f'import timm\nmodel = timm.create_model("hf-hub:{repo}", pretrained=True).eval()'
     else:
-        quickstart = ("from transformers import AutoImageProcessor, AutoModelForImageClassification\n"
-                      f'model = AutoModelForImageClassification.from_pretrained("{repo}").eval()')
-    metrics_table = "\n".join(["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in metrics.items()])
-    taps = "\n".join(f"- `{p.teacher}` → `{p.student}`" for p in tap_pairs) or "- none (logits only)"
-    settings = "\n".join(f"| {k} | {v} |" for k, v in method.items() if k != "name")
-    model_index = ""
-    if "test_accuracy" in metrics:
-        model_index = (f"model-index:\n- name: {model_name}\n  results:\n  - task:\n      type: image-classification\n"
-                       f"    dataset:\n      name: {dataset}\n      type: {dataset}\n    metrics:\n"
-                       f"    - type: accuracy\n      value: {metrics['test_accuracy']:.4f}")
-    teacher_link = teacher if os.path.isdir(teacher) else f"https://huggingface.co/{teacher.removeprefix('timm:')}"
+        quickstart = ('from transformers import pipeline\n'
+                      f'classify = pipeline("image-classification", model="{repo}")')
+    teacher_ref = f"[{hub_id(teacher)}](https://huggingface.co/{hub_id(teacher)})" if hub_id(teacher) else \
+        f"`{_shown(teacher)}`"
     with open(CARD_TEMPLATE) as f:
-        template = Template(f.read())
-    return template.substitute(
-        library_name=library_name, dataset=dataset, model_index=model_index, model_name=model_name,
-        teacher=teacher, teacher_link=teacher_link, teacher_revision=teacher_revision or "local",
-        student=student, quickstart=quickstart, metrics_table=metrics_table, method=method["name"],
-        method_tag=method["name"].replace("_", "-"), stages=" → ".join(f"{n} ({steps} steps)" for n, steps in stages),
-        settings=settings, seed=seed, taps=taps, versions=_versions(),
-    )
+        body = Template(f.read()).substitute(
+            library_name=library_name, dataset=_shown(dataset), model_name=model_name, teacher=_shown(teacher),
+            teacher_ref=teacher_ref, teacher_revision=teacher_revision or "local", student=_shown(student),
+            quickstart=quickstart, method=method["name"],
+            metrics_table="\n".join(["| metric | value |", "|---|---|"] +
+                                    [f"| {k} | {v:.4f} |" for k, v in metrics.items()]),
+            stages=" → ".join(f"{n} ({steps} steps)" for n, steps in stages),
+            settings="\n".join(f"| {k} | {v} |" for k, v in method.items() if k != "name"), seed=seed,
+            taps="\n".join(f"- `{p.teacher}` → `{p.student}`" for p in tap_pairs) or "- none (logits only)",
+            versions=_versions())
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def model_card_for(trainer, model_name: str | None = None, dataset: str | None = None, teacher: str | None = None,
                    teacher_revision: str | None = None, student: str | None = None,
-                   metrics: dict[str, float] | None = None) -> str:
-    """The model card of a `DistillationTrainer`'s student, with what the trainer knows filled in."""
-    from .loading import library_of
+                   metrics: dict[str, float] | None = None, **card_kwargs) -> str:
+    """The model card of a `DistillationTrainer`'s student, with what the trainer knows filled in; `card_kwargs`:
+    language, license, tags, finetuned_from, tasks, dataset_tags, dataset_args (as `Trainer.create_model_card`)."""
     from .forward import unwrap_model
+    from .loading import library_of
 
     distill_model, args = trainer.distill_model, trainer.args
+    if isinstance(dataset, (list, tuple)):
+        dataset = dataset[0] if dataset else None
     return render_model_card(
-        model_name=model_name or Path(args.output_dir).absolute().name,
+        model_name=model_name or (args.hub_model_id or os.path.abspath(args.output_dir)).rstrip("/").split("/")[-1],
         repo_id=trainer.hub_model_id or args.hub_model_id,
         library_name=library_of(distill_model.student),
         teacher=teacher or args.teacher_model_name_or_path or type(unwrap_model(trainer.teacher)).__name__,
-        teacher_revision=teacher_revision,
-        student=student or type(distill_model.student).__name__,
-        dataset=dataset or "custom",
-        method=trainer.method.describe(),
-        seed=args.seed,
-        tap_pairs=trainer.tap_pairs,
-        stages=[(s.name, s.steps) for s in trainer.plan.stages] if trainer.plan else [],
-        metrics=metrics or {},
-    )
+        teacher_revision=teacher_revision, student=student or type(distill_model.student).__name__,
+        dataset=dataset or "custom", method=trainer.method.describe(), seed=args.seed, tap_pairs=trainer.tap_pairs,
+        stages=[(s.name, s.steps) for s in trainer.plan.stages] if trainer.plan else [], metrics=metrics or {},
+        **card_kwargs)
 
 
 def write_model_card(trainer, **kwargs) -> str:
@@ -102,26 +127,34 @@ def write_model_card(trainer, **kwargs) -> str:
 
 
 def push_student(trainer, commit_message: str | None = None, token: str | None = None, revision: str | None = None,
-                 private: bool | None = None):
-    """Upload only the student's files of the trainer's `output_dir` (see STUDENT_FILES) to its Hub model repo;
-    arguments left None come from the trainer's `TrainingArguments` (hub_token, hub_revision, hub_private_repo)."""
+                 private: bool | None = None, blocking: bool = True, folder: str | None = None):
+    """Upload only the student's files of `folder` (default: the trainer's `output_dir`; see STUDENT_FILES) to its
+    Hub model repo in one commit; arguments left None come from the trainer's `TrainingArguments` (hub_token,
+    hub_revision, hub_private_repo). `blocking=False` returns the upload's `Future`."""
     args = trainer.args
-    folder, repo_id = args.output_dir, args.hub_model_id or trainer.hub_model_id
+    folder, repo_id = folder or args.output_dir, args.hub_model_id or trainer.hub_model_id
     token = token if token is not None else args.hub_token
     private = private if private is not None else args.hub_private_repo
     revision = revision if revision is not None else args.hub_revision
-    commit_message = commit_message or "Upload distilled student"
     missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {missing}: save the student with trainer.save_model() first.")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
-    with tempfile.TemporaryDirectory() as staging:
-        for name in STUDENT_FILES:
-            if os.path.isfile(os.path.join(folder, name)):
-                shutil.copy2(os.path.join(folder, name), staging)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, commit_message=commit_message,
-                                 revision=revision)
+    staging = tempfile.mkdtemp(prefix="srm_hf_push_")  # removed by the upload's last step, blocking or not
+    for name in STUDENT_FILES:
+        if os.path.isfile(os.path.join(folder, name)):
+            shutil.copy2(os.path.join(folder, name), staging)
+    if blocking:
+        try:
+            return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+                                     commit_message=commit_message or "Upload distilled student")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    future = api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, run_as_future=True,
+                               commit_message=commit_message or "Upload distilled student")
+    future.add_done_callback(lambda _: shutil.rmtree(staging, ignore_errors=True))
+    return future
 
 
 def push_dictionary(path: str, repo_id: str, token: str | None = None, private: bool | None = None):
@@ -133,3 +166,42 @@ def push_dictionary(path: str, repo_id: str, token: str | None = None, private: 
     api.create_repo(repo_id, private=private, exist_ok=True)
     return api.upload_file(path_or_fileobj=path, path_in_repo=os.path.basename(path), repo_id=repo_id,
                            commit_message="Upload SRM dictionary")
+
+
+class HubMixin:
+    """The Trainer's Hub methods, for the student alone (see the module docstring)."""
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        """No network at construction: the repo is created when the student is first pushed."""
+        self.hub_model_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        self.push_in_progress = None
+
+    def create_model_card(self, **kwargs) -> str:
+        """Write README.md for the student into `output_dir` (kwargs: see `model_card_for`)."""
+        return write_model_card(self, **kwargs)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Save the student, write its card (kwargs: see `model_card_for`) and publish both in one commit."""
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        self._finish_current_push()  # a checkpoint's push still running goes first
+        return push_student(self, commit_message, token=token, revision=revision, private=private, blocking=blocking)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """`hub_strategy` every_save / checkpoint / all_checkpoints: the checkpoint's student, in the background
+        (its method state and optimizer files stay local)."""
+        from transformers.utils.hub import PushInProgress
+
+        if not self.is_world_process_zero() or self.args.hub_strategy == "end":
+            return
+        running = getattr(self, "push_in_progress", None)
+        if not self.args.hub_always_push and running is not None and not running.is_done():
+            return
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        future = push_student(self, f"Training in progress, step {self.state.global_step}", blocking=False,
+                              folder=checkpoint_folder)
+        self.push_in_progress = PushInProgress([future])

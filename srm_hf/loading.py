@@ -8,9 +8,11 @@
 
 import json
 import os
+import re
 
 import torch.nn as nn
 from huggingface_hub import is_offline_mode
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 
@@ -19,7 +21,15 @@ def _is_timm_folder(path: str) -> bool:
     if not os.path.isfile(config):
         return False
     with open(config) as f:
-        return "architecture" in json.load(f)
+        try:
+            return "architecture" in json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config} is not valid JSON ({e}): restore the file, or save the model again.") from e
+
+
+def looks_like_a_path(name: str) -> bool:
+    """A local path rather than a Hub id (`owner/name`) or a `timm:` name."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def is_offline() -> bool:
@@ -47,12 +57,21 @@ def load_image_classifier(
     **model_kwargs,
 ) -> nn.Module:
     """See the module docstring. `num_labels` resizes the classifier; `model_kwargs` go to the library's factory."""
+    if looks_like_a_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"No folder {name_or_path!r}: give the path of a saved model, or a Hub id "
+                                "(`owner/name`) or `timm:<architecture>`.")
     try:
         if name_or_path.startswith(("timm:", "timm/", "hf-hub:")) or (
             os.path.isdir(name_or_path) and _is_timm_folder(name_or_path)
         ):
-            return _load_timm(name_or_path, num_labels, pretrained, model_kwargs)
+            model = _load_timm(name_or_path, num_labels, pretrained, model_kwargs)
+            if id2label is not None:  # written to config.json as `label_names` when the model is saved
+                model.pretrained_cfg = {**model.pretrained_cfg, "label_names": [id2label[i] for i in sorted(id2label)]}
+            return model
         return _load_transformers(name_or_path, num_labels, id2label, pretrained, model_kwargs)
+    except SafetensorError as e:
+        raise ValueError(f"The weights of {name_or_path!r} cannot be read ({e}): a corrupt or truncated "
+                         f"*.safetensors file in that folder. Restore it, or save the model again.") from e
     except OSError as e:
         hint = " HF_HUB_OFFLINE is set: use a local folder or a `timm:<architecture>` built from scratch." if (
             is_offline()) else ""
@@ -85,6 +104,17 @@ def _load_transformers(name_or_path, num_labels, id2label, pretrained, model_kwa
     return AutoModelForImageClassification.from_pretrained(
         name_or_path, ignore_mismatched_sizes=num_labels is not None, **label_kwargs, **model_kwargs
     )
+
+
+def label_names_of(model: nn.Module) -> list[str] | None:
+    """The class names a classifier records, in index order (transformers' `id2label`, timm's `label_names`), or
+    None where it records none (or only transformers' placeholders `LABEL_<i>`)."""
+    if is_timm_model(model):
+        names = model.pretrained_cfg.get("label_names")
+        return [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names) if names else None
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    names = [id2label[i] for i in sorted(id2label)]
+    return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names
 
 
 def load_image_processor(name_or_path: str):

@@ -12,7 +12,6 @@ the teacher wants other preprocessing, `teacher_pixel_values`.
 
 import os
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -25,11 +24,12 @@ from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import model_logits
 from .hooks import FeatureHooks
-from .hub import push_student, write_model_card
+from .hub import HubMixin
 from .losses import classification_loss
 from .methods import Features, Method, resolve_method
 from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
+from .preflight import check_training
 from .reference import StageSelection
 from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
@@ -39,7 +39,7 @@ UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer argumen
                "compute_loss_func": "the method computes the loss: write a `srm_hf.Method`, pass it as `method=`."}
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(HubMixin, Trainer):
     def __init__(self, model: nn.Module | str | None = None, teacher_model: nn.Module | str | None = None,
                  args: DistillationConfig | None = None, method: Method | str | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
@@ -53,8 +53,8 @@ class DistillationTrainer(Trainer):
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
         method = resolve_method(method, args)
-        example = (data_collator or default_data_collator)([train_dataset[i] for i in range(min(2, len(train_dataset)))])
-        distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, example, args)
+        distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
+                                                               data_collator or default_data_collator)
         if args.compile_student:  # in place, after the taps are hooked: state_dict keys and hooks stay as they are
             distill_model.student.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
 
@@ -114,6 +114,7 @@ class DistillationTrainer(Trainer):
         if getattr(self, "_owns_optimizer", False):  # a new plan needs a new optimizer and schedule
             self.optimizer, self.lr_scheduler = None, None
         resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        check_training(self)  # output folder, last batch: fail before any compute
         return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
 
     def train_stages(self, names: list[str]):
@@ -222,28 +223,5 @@ class DistillationTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         load_distillation_model(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
-    def _load_best_model(self) -> None:
+    def _load_best_model(self) -> None:  # the Trainer's own loads `model.safetensors` into the wrapper
         self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Checkpoints hold method state and optimizer files: only the final student is published (`push_to_hub`)."""
-
-    # ---- Hub -----------------------------------------------------------------------------------------------
-
-    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """No network at construction: the repo is created when the student is pushed."""
-        self.hub_model_id = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
-
-    def create_model_card(self, **kwargs) -> str:
-        """Write README.md for the student into `output_dir`; kwargs: model_name, dataset, teacher,
-        teacher_revision, student, metrics (see `srm_hf.hub.model_card_for`)."""
-        return write_model_card(self, **kwargs)
-
-    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
-                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
-        """Publish the student alone (its library's files and the model card) to `args.hub_model_id`."""
-        self.save_model(_internal_call=True)
-        if not self.is_world_process_zero():
-            return None
-        self.create_model_card(**kwargs)
-        return push_student(self, commit_message, token=token, revision=revision, private=private)

@@ -7,9 +7,16 @@
 During training the random crop and flip are drawn once per image and applied to both views, so teacher and
 student features describe the same pixels. Channels follow the model: grayscale data is repeated for an RGB
 model, RGB data is converted to luminance for a one-channel model.
+
+`ImageTransform` draws from torch's global generator. `AugmentedDataset` draws each image's view from its own
+generator, seeded by (seed, epoch, row): a resumed run sees the very views an uninterrupted one saw, whatever
+was prefetched before the checkpoint and however many loader workers or processes there are.
+
+    train = AugmentedDataset(splits.train, ImageTransform(student_pre, teacher_pre, train=True), seed=42)
 """
 
 import io
+import math
 import os
 from dataclasses import dataclass
 
@@ -42,8 +49,15 @@ def _interp(name: str) -> T.InterpolationMode:
 
 
 def _per_channel(values, channels: int) -> tuple[float, ...]:
+    """Statistics for `channels` channels: one value repeated, or RGB statistics averaged for a one-channel model."""
     values = tuple(float(v) for v in values)
-    return values * channels if len(values) == 1 else values
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise ValueError(f"{len(values)} normalisation values for a {channels}-channel model: give 1 or {channels}.")
 
 
 def preprocessing_for(model: torch.nn.Module, image_processor=None) -> Preprocessing:
@@ -65,14 +79,34 @@ def preprocessing_for(model: torch.nn.Module, image_processor=None) -> Preproces
     size = getattr(config, "image_size", 224)
     mean, std, crop_pct = IMAGENET_MEAN, IMAGENET_STD, 1.0
     if image_processor is not None:
-        proc_size = getattr(image_processor, "size", None) or {}
-        size = proc_size.get("height") or proc_size.get("shortest_edge") or size
+        proc_size = dict(getattr(image_processor, "size", None) or {})
+        resized = proc_size.get("height") or proc_size.get("shortest_edge") or size
+        size = resized
+        crop_size = dict(getattr(image_processor, "crop_size", None) or {})
+        if getattr(image_processor, "do_center_crop", False) and crop_size.get("height"):
+            # e.g. DeiT: resize to 256, then crop 224 -> the model sees 224 px, a crop of 224/256 of the image
+            size, crop_pct = (crop_size["height"], crop_size.get("width", crop_size["height"])), \
+                crop_size["height"] / resized
         mean = image_processor.image_mean or mean
         std = image_processor.image_std or std
         crop = getattr(image_processor, "crop_pct", None)
         crop_pct = crop if crop else crop_pct
     size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
     return Preprocessing(channels, size, _per_channel(mean, channels), _per_channel(std, channels), crop_pct)
+
+
+def image_processor_for(model: torch.nn.Module, pre: Preprocessing):
+    """A transformers image processor that feeds `model` as the eval transform does, to save beside a transformers
+    student that came without one (so that `pipeline("image-classification")` works); None for other models."""
+    from transformers import ConvNextImageProcessor, PreTrainedModel, ViTImageProcessor
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    stats = {"image_mean": list(pre.mean), "image_std": list(pre.std)}
+    h, w = pre.size
+    if h == w and h < 384:  # shorter side to h / crop_pct, then a centre crop of h: the eval transform exactly
+        return ConvNextImageProcessor(size={"shortest_edge": h}, crop_pct=pre.crop_pct, **stats)
+    return ViTImageProcessor(size={"height": h, "width": w}, **stats)
 
 
 def to_pil(value) -> Image.Image:
@@ -100,6 +134,25 @@ def _to_mode(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
+def random_resized_crop(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                        generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop covering `scale` of the area with an aspect ratio in `ratio` (10 tries,
+    then the central crop): torchvision's `RandomResizedCrop` draws, from `generator` (None: the global one)."""
+    area, log_ratio = height * width, torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator))
+            return top, left, h, w
+    in_ratio = width / height
+    w = width if in_ratio <= max(ratio) else int(round(height * max(ratio)))
+    h = height if in_ratio >= min(ratio) else int(round(width / min(ratio)))
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
 class ImageTransform:
     """Batch transform for `datasets.Dataset.set_transform` (see module docstring)."""
 
@@ -112,25 +165,54 @@ class ImageTransform:
         image = _to_mode(image, pre.channels)
         if crop is not None:
             image = F.resized_crop(image, *crop, size=list(pre.size), interpolation=_interp(pre.interpolation))
-        else:
-            resize = [int(s / pre.crop_pct) for s in pre.size]
+        else:  # timm's eval transform: a square size scales the shorter side (aspect kept), then a centre crop
+            h, w = pre.size
+            resize = [math.floor(h / pre.crop_pct)] if h == w else [math.floor(s / pre.crop_pct) for s in pre.size]
             image = F.center_crop(F.resize(image, resize, interpolation=_interp(pre.interpolation)), list(pre.size))
         if flip:
             image = F.horizontal_flip(image)
         x = F.to_dtype(F.to_image(image), torch.float32, scale=True)
         return F.normalize(x, list(pre.mean), list(pre.std))
 
-    def __call__(self, batch: dict) -> dict:
+    def __call__(self, batch: dict, generators: list[torch.Generator] | None = None) -> dict:
+        """`generators`: one per image for the random view (default: torch's global generator)."""
         out = {"pixel_values": [], "labels": list(batch["label"])}
         if self.teacher is not None:
             out["teacher_pixel_values"] = []
-        for value in batch["image"]:
+        for n, value in enumerate(batch["image"]):
             image = to_pil(value)
             crop, flip = None, False
             if self.train:
-                crop = T.RandomResizedCrop.get_params(image, list(self.scale), [3 / 4, 4 / 3])
-                flip = self.hflip and bool(torch.rand(()) < 0.5)
+                g = generators[n] if generators is not None else None
+                crop = random_resized_crop(image.height, image.width, self.scale, (3 / 4, 4 / 3), g)
+                flip = self.hflip and bool(torch.rand((), generator=g) < 0.5)
             out["pixel_values"].append(self._view(image, self.student, crop, flip))
             if self.teacher is not None:
                 out["teacher_pixel_values"].append(self._view(image, self.teacher, crop, flip))
         return out
+
+
+class AugmentedDataset(torch.utils.data.Dataset):
+    """A `datasets.Dataset` (columns `image`, `label`) seen through a training `ImageTransform` whose random view of
+    row r in epoch e is drawn from a generator seeded by (seed, e, r): reproducible across resumes, loader workers
+    and processes. The Trainer sets the epoch (`set_epoch`)."""
+
+    def __init__(self, dataset, transform: ImageTransform, seed: int = 0):
+        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def generator(self, row: int) -> torch.Generator:
+        seed = np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def __getitems__(self, rows: list[int]) -> list[dict]:
+        out = self.transform(self.dataset[list(rows)], [self.generator(r) for r in rows])
+        return [{k: v[i] for k, v in out.items()} for i in range(len(rows))]
+
+    def __getitem__(self, row: int) -> dict:
+        return self.__getitems__([row])[0]

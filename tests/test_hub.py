@@ -1,12 +1,15 @@
 """Model card content and the push round trip (network calls of HfApi patched, everything else real)."""
 
+import os
 import shutil
+from concurrent.futures import Future
 
 import pytest
 import timm
 import torch
 from conftest import hf_resnet, make_trainer, timm_resnet
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
+from transformers import TrainerCallback
 from transformers import AutoModelForImageClassification
 
 
@@ -20,9 +23,14 @@ def fake_hub(tmp_path, monkeypatch):
         repos[repo_id].mkdir(parents=True, exist_ok=True)
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, repo_id, folder_path, **kwargs):
+    def upload_folder(self, repo_id, folder_path, run_as_future=False, commit_message=None, **kwargs):
         shutil.copytree(folder_path, repos[repo_id], dirs_exist_ok=True)
-        return "commit"
+        repos.setdefault("commits", []).append((repo_id, commit_message, sorted(os.listdir(folder_path))))
+        if not run_as_future:
+            return "commit"
+        future = Future()
+        future.set_result("commit")
+        return future
 
     def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
         shutil.copy(path_or_fileobj, repos[repo_id] / path_in_repo)
@@ -57,7 +65,7 @@ def test_push_transformers_student_round_trip(tmp_path, fake_hub):
     reloaded = AutoModelForImageClassification.from_pretrained(remote)
     torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer.distill_model.student, x))
     card = (remote / "README.md").read_text()
-    assert "AutoModelForImageClassification.from_pretrained(\"someone/student-srm\")" in card
+    assert 'pipeline("image-classification", model="someone/student-srm")' in card
     assert "someone/teacher" in card and "abc123" in card and "pattern-data" in card
 
 
@@ -99,3 +107,48 @@ def test_push_needs_a_saved_student(tmp_path):
                            hub_private_repo=None, hub_revision=None)
     with pytest.raises(FileNotFoundError, match="save_model"):
         push_student(SimpleNamespace(args=args, hub_model_id=None))
+
+
+def test_push_to_hub_takes_the_trainer_card_arguments_and_writes_hub_metadata(tmp_path, fake_hub):
+    trainer = trained(tmp_path, hub_model_id="someone/student")
+    trainer.push_to_hub(tags=["fashion"], license="apache-2.0", language="en", dataset=str(tmp_path),
+                        dataset_tags="zalando-datasets/fashion_mnist", teacher="hf-hub:someone/teacher",
+                        metrics={"test_accuracy": 0.75, "test_teacher_accuracy": 0.9})
+    card_text = (fake_hub["someone/student"] / "README.md").read_text()
+    data = ModelCard.load(fake_hub["someone/student"] / "README.md").data
+    assert data.license == "apache-2.0" and data.language == "en" and "fashion" in data.tags
+    assert data.pipeline_tag == "image-classification" and data.library_name == "transformers"
+    assert data.base_model == "someone/teacher" and data.datasets == ["zalando-datasets/fashion_mnist"]
+    assert [(r.metric_type, r.metric_value, r.dataset_split) for r in data.eval_results] == [("accuracy", 0.75, "test")]
+    assert str(tmp_path) not in card_text  # a local path never reaches the Hub
+    assert [c[1] for c in fake_hub["commits"]] == ["End of training"]  # one commit
+
+
+def test_a_local_teacher_and_dataset_give_no_hub_links(tmp_path):
+    trainer = trained(tmp_path)
+    card = trainer.create_model_card(teacher=str(tmp_path), dataset=str(tmp_path), metrics={"test_accuracy": 0.5})
+    data = ModelCard(card).data
+    assert data.base_model is None and data.datasets is None and str(tmp_path) not in card
+    assert "https://huggingface.co/" not in card
+
+
+def test_push_without_blocking_returns_the_upload_future_and_fires_on_push_begin(tmp_path, fake_hub):
+    pushes = []
+
+    class Count(TrainerCallback):
+        def on_push_begin(self, args, state, control, **kwargs):
+            pushes.append(state.global_step)
+
+    trainer = trained(tmp_path, hub_model_id="someone/student", callbacks=[Count()])
+    future = trainer.push_to_hub(blocking=False)
+    assert isinstance(future, Future) and future.result() == "commit"
+    assert pushes == [3]
+
+
+def test_hub_strategy_every_save_pushes_each_checkpoint_student_in_the_background(tmp_path, fake_hub):
+    trainer = trained(tmp_path, push_to_hub=True, hub_model_id="someone/student", hub_strategy="every_save",
+                      save_strategy="steps", save_steps=1)
+    trainer._finish_current_push()
+    commits = fake_hub["commits"]
+    assert [c[1] for c in commits] == [f"Training in progress, step {s}" for s in (1, 2, 3)]
+    assert all(c[2] == ["config.json", "model.safetensors"] for c in commits)  # no method state, no optimizer

@@ -172,9 +172,13 @@ def test_distill_resumes_from_a_checkpoint_at_its_step_and_stage(tmp_path):
             "--save_steps", "3", "--eval_strategy", "no"]
     distill.main(args + ["--output_dir", str(tmp_path / "a")])
     first = json.loads((tmp_path / "a" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
-    # another seed: a run that ignored the checkpoint would log other losses for steps 1-3
-    distill.main(args + ["--output_dir", str(tmp_path / "b"), "--seed", "7",
-                         "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-3")])
+    # another seed: a run that ignored the checkpoint would log other losses for steps 1-3; the same teacher (a
+    # teacher trained with seed 7 would be another one, and the checkpoint refused for it)
+    i = args.index("--train_teacher")
+    given = args[:i] + args[i + 2:]
+    distill.main(given + ["--output_dir", str(tmp_path / "b"), "--seed", "7", "--teacher_model_name_or_path",
+                          str(tmp_path / "a" / "teacher"),
+                          "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-3")])
     resumed = json.loads((tmp_path / "b" / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     losses = {e["step"]: (e["loss"], e["stage"]) for e in first if "loss" in e}
     again = {e["step"]: (e["loss"], e["stage"]) for e in resumed if "loss" in e}
@@ -182,3 +186,30 @@ def test_distill_resumes_from_a_checkpoint_at_its_step_and_stage(tmp_path):
     assert all(again[s] == losses[s] for s in (1, 2, 3))  # restored from the checkpoint, not re-run
     assert [again[s][1] for s in range(4, 7)] == [2, 3, 3]  # it went on in stage 2 at step 4
     assert not (tmp_path / "b" / "checkpoint-3").exists()
+
+
+def test_a_recipe_saved_transformers_student_works_with_pipeline(tmp_path):
+    from PIL import Image
+    from transformers import ResNetConfig, ResNetForImageClassification, pipeline
+
+    student = tmp_path / "student"
+    # three channels: pipeline() loads every image as RGB (the recipe feeds the grayscale data as RGB too)
+    ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                              num_labels=4, image_size=28)).save_pretrained(student)
+    out = tmp_path / "run"
+    distill.main(["--dataset_dir", tiny_fashion_idx(tmp_path), "--output_dir", str(out), *TINY, "--compare", "none",
+                  "--report", "false", "--student_model_name_or_path", str(student), "--student_model_kwargs", "{}"])
+    assert (out / "preprocessor_config.json").is_file()
+    classify = pipeline("image-classification", model=str(out))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))  # any size
+    predictions = classify(image)
+    assert {p["label"] for p in predictions} <= {"0", "1", "2", "3"} and len(predictions) == 4
+
+
+@pytest.mark.parametrize("value", ["1", "ON", "yes", "True", "0", "off", "no", "false", "", "2"])
+def test_the_recipes_read_hf_hub_offline_as_huggingface_hub_does(value, monkeypatch):
+    from huggingface_hub.constants import _is_true
+    from offline import offline_requested
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    assert offline_requested() == _is_true(value)

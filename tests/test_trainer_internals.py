@@ -20,6 +20,8 @@ OVERRIDDEN_INTERNALS = {
     "_load_best_model": [],
     "_push_from_checkpoint": ["checkpoint_folder"],
 }
+# private Trainer members called (not overridden), with their parameters after self
+CALLED_INTERNALS = {"_finish_current_push": []}
 INITIAL_VALUES = ["num_train_epochs", "num_update_steps_per_epoch", "num_examples", "num_train_samples",
                   "total_train_batch_size", "steps_in_epoch", "max_steps"]
 
@@ -29,12 +31,23 @@ def test_overridden_private_methods_keep_their_signature(name, params):
     assert hasattr(Trainer, name), f"transformers' Trainer no longer has {name}: DistillationTrainer.{name} is dead code"
     theirs = list(inspect.signature(getattr(Trainer, name)).parameters)[1:]
     assert theirs == params, f"Trainer.{name} now takes {theirs}, DistillationTrainer overrides it as {params}"
-    assert name in vars(DistillationTrainer), f"{name} is listed here but no longer overridden"
+    assert name in own_members(), f"{name} is listed here but no longer overridden"
+
+
+def own_members() -> set[str]:
+    """What DistillationTrainer and its srm_hf mixins (HubMixin) define."""
+    return {n for cls in DistillationTrainer.__mro__ if cls.__module__.startswith("srm_hf") for n in vars(cls)}
 
 
 def test_only_the_listed_private_methods_are_overridden():
-    private = {n for n in vars(DistillationTrainer) if n.startswith("_") and not n.startswith("__")}
+    private = {n for n in own_members() if n.startswith("_") and not n.startswith("__")}
     assert private == set(OVERRIDDEN_INTERNALS)
+
+
+@pytest.mark.parametrize("name, params", list(CALLED_INTERNALS.items()))
+def test_called_private_methods_exist_with_their_signature(name, params):
+    assert hasattr(Trainer, name), f"transformers' Trainer no longer has {name}, which srm_hf.hub calls"
+    assert list(inspect.signature(getattr(Trainer, name)).parameters)[1:] == params
 
 
 def test_set_initial_training_values_returns_the_seven_values_we_unpack():

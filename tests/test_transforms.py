@@ -72,3 +72,65 @@ def test_random_crop_and_flip_are_shared_by_both_views():
 def test_undecodable_bytes_are_named():
     with pytest.raises(ValueError, match="cat_3.jpg"):
         to_pil({"bytes": b"\x00\x01", "path": "/data/cat_3.jpg"})
+
+
+@pytest.mark.parametrize("crop_pct", [1.0, 0.875])
+def test_a_non_square_image_matches_timms_own_eval_transform(crop_pct):
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model("resnet10t", pretrained=False,
+                              pretrained_cfg_overlay={"input_size": (3, 64, 64), "crop_pct": crop_pct})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8))
+    expected = create_transform(**resolve_data_config({}, model=model))(image)
+    ours = ImageTransform(preprocessing_for(model))({"image": [image], "label": [0]})["pixel_values"][0]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-5)
+
+
+def images_of(size: tuple[int, int], n: int = 8):
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(0)
+    rows = {"image": [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(n)],
+            "label": [i % 4 for i in range(n)]}
+    return Dataset.from_dict(rows, features=Features({"image": ImageFeature(), "label": ClassLabel(num_classes=4)}))
+
+
+def train_two_steps(tmp_path, student, student_pre):
+    from conftest import make_config, timm_resnet
+
+    from srm_hf import DistillationTrainer
+
+    teacher = timm_resnet()
+    train = images_of((120, 90)).with_transform(ImageTransform(student_pre, preprocessing_for(teacher), train=True))
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, train_dataset=train,
+                                  args=make_config(tmp_path, method="kd", max_steps=2, per_device_train_batch_size=4))
+    trainer.train()
+    return trainer
+
+
+def test_a_deit_style_processor_trains_at_its_crop_size(tmp_path):
+    from transformers import DeiTImageProcessor, ViTConfig, ViTForImageClassification
+
+    processor = DeiTImageProcessor(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224})
+    pre = preprocessing_for(ViTForImageClassification(ViTConfig(image_size=224)), processor)
+    assert pre.size == (224, 224) and pre.crop_pct == pytest.approx(224 / 256)
+    torch.manual_seed(0)
+    student = ViTForImageClassification(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=32, num_labels=4))
+    trainer = train_two_steps(tmp_path, student, pre)
+    assert trainer.state.global_step == 2 and np.isfinite(trainer.state.log_history[-2]["loss"])
+
+
+def test_a_one_channel_transformers_resnet_without_processor_trains(tmp_path):
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    student = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                                                        depths=[1, 1], num_labels=4))
+    pre = preprocessing_for(student)
+    assert pre.channels == 1
+    batch = next(iter(torch.utils.data.DataLoader(images_of((120, 90)).with_transform(ImageTransform(pre)),
+                                                  batch_size=2)))
+    assert batch["pixel_values"].shape[1] == 1
+    trainer = train_two_steps(tmp_path, student, pre)
+    assert trainer.state.global_step == 2

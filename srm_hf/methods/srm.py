@@ -12,12 +12,11 @@ SRM loss of one tap (e.g. weight taps differently).
 import json
 import os
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoint import read_matching
+from ..checkpoint import read_matching, save_safetensors
 from ..srm import SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss
 from .base import Method, StageSpec, check_stage_length
 from .kd import kd_terms
@@ -138,7 +137,7 @@ class SRM(Method):
         """Write the dictionaries alone (`srm_dictionary.safetensors`), to skip stage 1 next time."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.coders.state_dict().items()}
-        safetensors.torch.save_file(state, path, metadata={"taps": json.dumps(self.tap_metadata())})
+        save_safetensors(state, path, {"taps": json.dumps(self.tap_metadata())})
         return path
 
     def load_dictionary(self, path: str) -> None:

@@ -1,0 +1,101 @@
+"""Checks run before any compute is spent: what would fail mid-run, or after it, fails here and names the cause.
+
+    check_images(splits.test, "test")          # every image decodes and is of a sane size; names the bad file
+    check_output_dir(args.output_dir, bytes)   # the folder is writable and has room for a checkpoint
+    check_training(trainer)                    # both of the trainer's own: output folder, last batch of one
+
+The splits' own checks (no empty split, at least two classes, labels in range) run where the splits are built
+(`data.load_image_splits`).
+"""
+
+import io
+import os
+import shutil
+import uuid
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from .transforms import to_pil
+
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
+
+
+def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_size: int = 256) -> None:
+    """Decode every image of a split (`image` column) once, so that an unreadable or oversized one stops the run
+    before training, named by its file (or row)."""
+    images = dataset.with_format(None).select_columns(["image"])
+    for start in range(0, len(images), batch_size):
+        for offset, value in enumerate(images[start : start + batch_size]["image"]):
+            try:
+                if isinstance(value, dict):  # a file: its header first, so that a bomb is never decoded
+                    with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as header:
+                        _check_size(header, max_pixels)
+                _check_size(to_pil(value), max_pixels)
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                path = value.get("path") if isinstance(value, dict) else None
+                where = f"{path!r} (split {split!r}, row {start + offset})" if path else \
+                    f"at row {start + offset} of split {split!r}"
+                raise ValueError(f"Image {where} cannot be used: {e}. Remove or replace it (or fix the dataset) "
+                                 "and start again; nothing was trained.") from e
+
+
+def _check_size(image: Image.Image, max_pixels: int) -> None:
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"{image.width}×{image.height} pixels, over the limit of {max_pixels}")
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"an empty image ({image.width}×{image.height})")
+
+
+def weights_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def checkpoint_bytes(model: nn.Module) -> int:
+    """About what one checkpoint of this model takes: weights and buffers, and two optimizer moments per trained
+    parameter (Adam)."""
+    return weights_bytes(model) + sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
+def check_output_dir(output_dir: str, needed_bytes: int) -> None:
+    """`output_dir` can be created and written to, and has `needed_bytes` free."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f".write_test_{uuid.uuid4().hex}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise PermissionError(f"Cannot write to output_dir {output_dir!r} ({e.strerror or e}). Choose a writable "
+                              "folder (--output_dir) or fix its permissions; nothing was trained.") from e
+    free = shutil.disk_usage(output_dir).free
+    if free < needed_bytes:
+        raise OSError(f"output_dir {output_dir!r} has {free / 2**20:.1f} MiB free, and this run needs about "
+                      f"{needed_bytes / 2**20:.1f} MiB (a checkpoint and the final model). Free some space or choose "
+                      "another folder; nothing was trained.")
+
+
+def check_last_batch(model: nn.Module, num_examples: int, batch_size: int, num_processes: int,
+                     drop_last: bool) -> None:
+    """BatchNorm cannot train on a batch of one image: refuse a run whose last batch of each epoch would be one."""
+    if drop_last or num_processes != 1 or num_examples % batch_size != 1 or num_examples == 1:
+        return
+    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        raise ValueError(
+            f"The training set has {num_examples} examples: with batches of {batch_size} the last batch of every "
+            f"epoch holds one example, and BatchNorm ({norms[0]}, ...) cannot train on one. Set "
+            "dataloader_drop_last=True or change per_device_train_batch_size; nothing was trained.")
+
+
+def check_training(trainer) -> None:
+    """The trainer's checks before `train()`: the output folder (main process) and the last batch."""
+    args = trainer.args
+    if args.should_save:
+        needed = 2 * checkpoint_bytes(trainer.distill_model) if args.save_strategy != "no" else 0
+        check_output_dir(args.output_dir, needed + weights_bytes(trainer.distill_model.student))
+    dataset = trainer.train_dataset
+    if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
+        check_last_batch(trainer.distill_model, len(dataset), args.per_device_train_batch_size, args.world_size,
+                         args.dataloader_drop_last)

@@ -1,0 +1,230 @@
+"""Bad input fails before any compute, naming the file or folder; nothing already written is lost."""
+
+import builtins
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+from conftest import PatternDataset, hf_resnet, make_trainer, timm_resnet
+from PIL import Image
+from test_data import make_image_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+
+import distill  # noqa: E402
+
+from srm_hf import preflight  # noqa: E402
+from srm_hf.argparser import SRMParser  # noqa: E402
+from srm_hf.data import DataArguments, load_image_splits  # noqa: E402
+from srm_hf.loading import load_image_classifier  # noqa: E402
+
+RUN = ["--srm_dictionary_max_steps", "2", "--srm_max_steps", "2", "--max_steps", "2", "--per_device_train_batch_size",
+       "4", "--report_to", "none", "--disable_tqdm", "true", "--compare", "none", "--report", "false"]
+TINY = [*RUN, "--train_teacher", "true", "--teacher_max_steps", "2"]
+
+
+def split_folder(root: Path, per_class: int = 4) -> Path:
+    make_image_folder(root / "train", per_class=per_class)
+    make_image_folder(root / "test", per_class=2)
+    return root
+
+
+def run_recipe(data: Path, out: Path, *extra: str):
+    distill.main(["--dataset_dir", str(data), "--output_dir", str(out), *TINY, *extra])
+
+
+def test_a_corrupt_test_image_stops_the_recipe_before_training_naming_the_file(tmp_path):
+    data = split_folder(tmp_path / "data")
+    (data / "test" / "dog" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ValueError, match=r"test/dog/1\.png.*split 'test'.*nothing was trained"):
+        run_recipe(data, tmp_path / "out")
+    assert not (tmp_path / "out" / "teacher").exists()  # not even the teacher was trained
+
+
+def test_an_empty_validation_split_stops_the_recipe_before_training(tmp_path):
+    data = split_folder(tmp_path / "data", per_class=1)  # one training image per class: nothing to carve
+    with pytest.raises(ValueError, match="Split 'validation' .* is empty.*--validation_split"):
+        run_recipe(data, tmp_path / "out")
+    assert not (tmp_path / "out" / "teacher").exists()
+
+
+def test_a_read_only_output_folder_stops_the_recipe_before_training(tmp_path, monkeypatch):
+    data, out = split_folder(tmp_path / "data"), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    out.chmod(0o555)
+    if os.geteuid() == 0:  # permission bits do not bind root: inject what a read-only file system answers
+        def read_only(path, *args, **kwargs):
+            if str(path).startswith(str(out)):
+                raise OSError(errno.EROFS, "Read-only file system", str(path))
+            return builtins.open(path, *args, **kwargs)
+
+        monkeypatch.setattr(preflight, "open", read_only, raising=False)
+    try:
+        with pytest.raises(PermissionError, match=f"Cannot write to output_dir '{out}'.*nothing was trained"):
+            run_recipe(data, out)
+    finally:
+        out.chmod(0o755)
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+def test_an_output_dir_gone_unwritable_is_refused_by_the_trainer_before_any_step(tmp_path):
+    trainer = make_trainer(tmp_path)
+    out = Path(trainer.args.output_dir)
+    if out.exists():
+        out.rmdir()
+    out.write_text("a file where the output folder should be")
+    with pytest.raises(PermissionError, match=f"Cannot write to output_dir '{out}'"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_no_room_for_a_checkpoint_is_refused_before_any_step(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=2)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda _: type("Usage", (), {"free": 1000})())
+    with pytest.raises(OSError, match=r"has 0\.0 MiB free, and this run needs about"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_a_last_batch_of_one_is_refused_where_batchnorm_would_train_on_it(tmp_path):
+    trainer = make_trainer(tmp_path, train_dataset=PatternDataset(17))  # batches of 8: 8, 8, 1
+    with pytest.raises(ValueError, match="17 examples.*holds one example.*dataloader_drop_last=True"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    make_trainer(tmp_path, train_dataset=PatternDataset(17), dataloader_drop_last=True, max_steps=1,
+                 srm_dictionary_max_steps=1, srm_max_steps=1).train()
+
+
+def test_an_oversized_image_is_named(tmp_path):
+    make_image_folder(tmp_path / "data")
+    Image.new("L", (300, 200)).save(tmp_path / "data" / "owl" / "big.png")
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data"), validation_fraction=0.34))
+    with pytest.raises(ValueError, match=r"big\.png.*300×200 pixels, over the limit of 10000"):
+        for name in ("train", "validation"):
+            preflight.check_images(getattr(splits, name), name, max_pixels=10_000)
+    for name in ("train", "validation"):
+        preflight.check_images(getattr(splits, name), name)  # within PIL's own limit
+
+
+def test_image_folders_with_an_empty_class_or_a_single_class_are_refused(tmp_path):
+    make_image_folder(tmp_path / "a")
+    (tmp_path / "a" / "yak").mkdir()
+    with pytest.raises(ValueError, match=r"\['.*/a/yak'\] hold no images"):
+        load_image_splits(DataArguments(dataset_dir=str(tmp_path / "a")))
+    make_image_folder(tmp_path / "b", classes=("cat",))
+    with pytest.raises(ValueError, match=r"1 class subfolder\(s\) \['cat'\].*two classes or more"):
+        load_image_splits(DataArguments(dataset_dir=str(tmp_path / "b")))
+
+
+def test_negative_labels_are_not_a_class(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from srm_hf.data import _as_class_labels
+
+    ds = Dataset.from_dict({"image": [np.zeros((2, 2), np.uint8)] * 3, "label": [0, 1, -1]})
+    with pytest.raises(ValueError, match=r"negative labels \[-1\].*filter"):
+        _as_class_labels(DatasetDict({"train": ds}))
+
+
+def test_a_teacher_trained_on_other_label_names_is_refused(tmp_path):
+    data = split_folder(tmp_path / "data")
+    teacher = timm.create_model("resnet10t", num_classes=3, pretrained=False)
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "label_names": ["dog", "cat", "owl"]}
+    from srm_hf.checkpoint import save_student
+
+    save_student(teacher, str(tmp_path / "teacher"))
+    assert load_image_classifier(str(tmp_path / "teacher")).pretrained_cfg["label_names"] == ["dog", "cat", "owl"]
+    with pytest.raises(ValueError, match=r"trained on the labels \['dog', 'cat', 'owl'\].*\['cat', 'dog', 'owl'\]"):
+        distill.main(["--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), *RUN,
+                      "--teacher_model_name_or_path", str(tmp_path / "teacher")])
+
+
+def test_the_teacher_cache_is_retrained_for_other_data(tmp_path, monkeypatch):
+    trained = []
+
+    def fake_train_teacher(teacher_args, data_args, config, folder):
+        trained.append(data_args.dataset_dir)
+        model = timm.create_model("resnet10t", num_classes=3, pretrained=False)
+        from srm_hf.checkpoint import save_student
+
+        save_student(model, folder)
+        with open(os.path.join(folder, "teacher_recipe.json"), "w") as f:
+            json.dump({"teacher_args": distill.dataclasses.asdict(teacher_args),
+                       "data": distill.data_signature(data_args),
+                       "label_names": load_image_splits(data_args).label_names}, f)
+
+    monkeypatch.setattr(distill, "train_teacher", fake_train_teacher)
+    first, second = split_folder(tmp_path / "one"), tmp_path / "two"
+    make_image_folder(second / "train", per_class=4, classes=("ant", "bee", "cow"))
+    make_image_folder(second / "test", per_class=2, classes=("ant", "bee", "cow"))
+    for data in (first, first, second):
+        args = SRMParser((distill.ScriptArguments, DataArguments, distill.ModelArguments,
+                          distill.TeacherArguments, distill.DistillationConfig))
+        args.set_defaults(**distill.RECIPE_DEFAULTS)
+        script, data_args, model_args, teacher_args, config = args.parse(
+            ["--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), *TINY])
+        distill.get_teacher(config, model_args, teacher_args, data_args, load_image_splits(data_args))
+    assert trained == [str(first), str(second)]  # the second call used the cache; other data retrained it
+
+
+def test_missing_and_corrupt_model_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No folder 'no/such/teacher'"):
+        load_image_classifier("no/such/teacher")
+    from srm_hf.checkpoint import save_student
+
+    save_student(timm_resnet(), str(tmp_path / "m"))
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match=f"weights of '{tmp_path / 'm'}' cannot be read.*corrupt"):
+        load_image_classifier(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"m/config\.json is not valid JSON"):
+        load_image_classifier(str(tmp_path / "m"))
+
+
+def test_yaml_values_of_the_wrong_type_are_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 2.5\n")
+    parser = SRMParser((DataArguments, distill.DistillationConfig))
+    with pytest.raises(ValueError, match=r"max_steps: 2\.5 in .*c\.yaml is not a valid int"):
+        parser.parse(["--config", str(cfg)])
+    cfg.write_text("learning_rate: 1\nmax_steps: '3'\n")  # an int for a float, a string argparse converts
+    assert parser.parse(["--config", str(cfg)])[1].max_steps == 3
+
+
+def test_saved_files_get_the_usual_mode(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, srm_dictionary_max_steps=1, srm_max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "method_state.safetensors", "config.json"):
+        assert os.stat(tmp_path / "saved" / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_a_checkpoint_for_another_teacher_is_refused_naming_it(tmp_path):
+    first = make_trainer(tmp_path, save_strategy="steps", save_steps=6)
+    first.train()
+    other = make_trainer(tmp_path / "other", teacher=timm_resnet(seed=3), student=hf_resnet())
+    with pytest.raises(ValueError, match="another configuration.*teacher: 'ResNet, .* there, 'ResNet, .* here"):
+        other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    smaller = make_trainer(tmp_path / "smaller", train_dataset=PatternDataset(24))
+    with pytest.raises(ValueError, match="train_examples: 32 there, 24 here"):
+        smaller.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+
+
+def test_a_yaml_env_block_sets_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.delenv("SRM_HF_TEST_VARIABLE", raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("env:\n  SRM_HF_TEST_VARIABLE: 3\nmax_steps: 4\n")
+    parser = SRMParser((DataArguments, distill.DistillationConfig))
+    assert parser.parse(["--config", str(cfg)])[1].max_steps == 4
+    assert os.environ.pop("SRM_HF_TEST_VARIABLE") == "3"
+    cfg.write_text("env: [A]\n")
+    with pytest.raises(ValueError, match="`env` in .* must be a mapping"):
+        parser.parse(["--config", str(cfg)])
