@@ -173,7 +173,8 @@ def _as_class_labels(splits: dict[str, Dataset]) -> tuple[dict[str, Dataset], li
 
 
 def labels_of(ds: Dataset) -> np.ndarray:
-    return np.asarray(ds.with_format("numpy")["label"][:])
+    """The `label` column as an array, read through Arrow (no per-value formatting)."""
+    return ds.with_format("arrow")["label"].to_numpy()
 
 
 def check_labels(ds: Dataset, num_labels: int, split: str) -> None:
