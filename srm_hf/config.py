@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 from transformers import TrainingArguments
 
 from .methods import METHOD_PREFIXES, check_method_fields, method_class
+from .stage_batches import parse_stage_batch_sizes
 
 
 @dataclass
@@ -93,6 +94,11 @@ class DistillationConfig(TrainingArguments):
                           "SRM authors' procedure (coupled-L2 Adam, step decay in every stage, no clipping, per-stage "
                           "model selection on the eval split; srm_hf/reference.py)."},
     )
+    stage_batch_sizes: str | None = field(
+        default=None,
+        metadata={"help": "A batch size per stage, per device, e.g. '{\"dictionary\": 512, \"srm\": 384}' (the "
+                          "SRM reference's): other stages use per_device_train_batch_size (srm_hf/stage_batches.py)."},
+    )
     # ---- precision and device: None follows the `accelerate launch` config (else False); a value given is kept ----
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: the launch config's."})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: the launch config's."})
@@ -154,7 +160,8 @@ class DistillationConfig(TrainingArguments):
         if self.preset not in ("trainer", "reference"):
             raise ValueError(f"preset={self.preset!r}: use 'trainer' or 'reference'.")
         check_method_fields(self, method_class(self.method))
-        method_class(self.method).from_config(self)  # each method checks its own settings
+        stages = method_class(self.method).from_config(self).stages()  # each method checks its own settings
+        self.stage_batch_sizes = parse_stage_batch_sizes(self.stage_batch_sizes, [s.name for s in stages]) or None
         if not self.srm_codeword_multiplier > 0:  # NaN fails too
             raise ValueError(f"srm_codeword_multiplier={self.srm_codeword_multiplier} must be > 0 (the paper: 1.5-4).")
         if not 0 < self.srm_sparsity_multiplier <= 1:  # NaN fails too
@@ -185,7 +192,9 @@ class DistillationConfig(TrainingArguments):
         own = set(method_class(method).config_prefixes)
         reset = {f.name: f.default for f in fields(self) if f.init and f.name.split("_", 1)[0] in METHOD_PREFIXES
                  and f.name.split("_", 1)[0] not in own}
-        return replace(self, **{**reset, "method": method, **changes})
+        names = {s.name for s in method_class(method)().stages()}  # batch sizes of the stages it shares
+        sizes = {k: v for k, v in (self.stage_batch_sizes or {}).items() if k in names} or None
+        return replace(self, **{**reset, "method": method, "stage_batch_sizes": sizes, **changes})
 
     @property
     def explicit_pairs(self) -> list[tuple[str, str]] | None:

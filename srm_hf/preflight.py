@@ -97,5 +97,6 @@ def check_training(trainer) -> None:
         check_output_dir(args.output_dir, needed + weights_bytes(trainer.distill_model.student))
     dataset = trainer.train_dataset
     if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
-        check_last_batch(trainer.distill_model, len(dataset), args.per_device_train_batch_size, args.world_size,
-                         args.dataloader_drop_last)
+        for batch_size in {args.per_device_train_batch_size, *(args.stage_batch_sizes or {}).values()}:
+            check_last_batch(trainer.distill_model, len(dataset), batch_size, args.world_size,
+                             args.dataloader_drop_last)

@@ -19,8 +19,8 @@ around the same maths:
   `eval_dataset`; the best state is kept in memory, so resuming inside a stage restarts that stage's selection at
   the resumed epoch.
 
-Not reproduced: the reference's batch size per stage (512 / 384 / 128 on CIFAR); one `per_device_train_batch_size`
-serves every stage.
+The reference's batch size per stage (512 / 384 / 128 on CIFAR) is `stage_batch_sizes` (`stage_batches.py`), which
+any preset can use.
 """
 
 import math
@@ -144,7 +144,7 @@ class StageSelection(TrainerCallback):
         if last:
             return
         self.losses.extend(float(loss) for loss in trainer.step_losses)
-        every = selection_interval(args, state, trainer.steps_per_epoch or stage.steps)
+        every = selection_interval(args, state, (trainer.steps_per_epoch or {}).get(stage.name) or stage.steps)
         if (stage.step + 1) % every == 0 or stage.step + 1 == stage.steps:
             self._consider(stage, state.global_step, self.score(stage))
             self.losses = []

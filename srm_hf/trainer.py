@@ -31,6 +31,7 @@ from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
 from .preflight import check_training
 from .reference import StageSelection
+from .stage_batches import stage_batch_loader
 from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 
@@ -99,15 +100,21 @@ class DistillationTrainer(HubMixin, Trainer):
         """Size the method's stages from the dataloader's length; the run's length is the sum of the stages."""
         (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
          steps_in_epoch, max_steps) = super().set_initial_training_values(args, dataloader)
-        per_epoch = self.steps_per_epoch = num_update_steps_per_epoch if has_length(dataloader) else None
-        specs = self.distill_model.stage_specs(skip=self.stages_done)
-        self.plan = StagePlan([(spec, stage_steps(spec, per_epoch, max_steps)) for spec in specs])
+        per_epoch = num_update_steps_per_epoch if has_length(dataloader) else None
+        if not args.stage_batch_sizes:  # else the loader planned the stages (`stage_batches.py`)
+            specs = self.distill_model.stage_specs(skip=self.stages_done)
+            self.plan = StagePlan([(spec, stage_steps(spec, per_epoch, max_steps)) for spec in specs])
+            self.steps_per_epoch = {stage.name: per_epoch for stage in self.plan.stages}
         max_steps = self.plan.total_steps
         if per_epoch is not None:
             num_train_epochs = -(-max_steps // per_epoch)
         num_train_samples = max_steps * total_train_batch_size
         return (num_train_epochs, num_update_steps_per_epoch, num_examples, num_train_samples, total_train_batch_size,
                 steps_in_epoch, max_steps)
+
+    def get_train_dataloader(self):
+        """With `stage_batch_sizes`, one loader whose batches change size at each stage (`stage_batches.py`)."""
+        return stage_batch_loader(self) if self.args.stage_batch_sizes else super().get_train_dataloader()
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Every stage not yet run by `train_stages`, in order; resumes only from a complete checkpoint."""

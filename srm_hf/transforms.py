@@ -206,12 +206,16 @@ class AugmentedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def generator(self, row: int) -> torch.Generator:
-        seed = np.random.SeedSequence([self.seed, self.epoch, row]).generate_state(1, np.uint64)[0]
+    def generator(self, row: int, later_passes: int = 0) -> torch.Generator:
+        epoch = self.epoch + later_passes
+        seed = np.random.SeedSequence([self.seed, epoch, row]).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(seed))
 
+    pass_in_index = True  # index i >= len reads row i % len in pass i // len after the epoch (`stage_batches.py`)
+
     def __getitems__(self, rows: list[int]) -> list[dict]:
-        out = self.transform(self.dataset[list(rows)], [self.generator(r) for r in rows])
+        n = len(self.dataset)
+        out = self.transform(self.dataset[[r % n for r in rows]], [self.generator(r % n, r // n) for r in rows])
         return [{k: v[i] for k, v in out.items()} for i in range(len(rows))]
 
     def __getitem__(self, row: int) -> dict:
