@@ -40,6 +40,7 @@ go_offline_if_hub_unreachable()
 import torch  # noqa: E402
 from compute import first_batch, stage_step_seconds  # noqa: E402
 from quality_report import commit, write_results  # noqa: E402
+from run_cache import Missing, Runs  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
@@ -140,31 +141,6 @@ class Preprocessed(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
-class Missing(Exception):
-    """A run that `--report_done` would need but that has not been run yet."""
-
-
-class Runs:
-    """Finished runs (and measured costs) in a JSON-lines file: a restarted benchmark skips what is done."""
-
-    def __init__(self, path: str, read_only: bool = False):
-        self.path, self.done, self.read_only = path, {}, read_only
-        if os.path.isfile(path):
-            with open(path) as f:
-                for line in f:
-                    record = json.loads(line)
-                    self.done[record["key"]] = record["value"]
-
-    def get(self, key: str, compute):
-        if key not in self.done and self.read_only:
-            raise Missing(key)
-        if key not in self.done:
-            self.done[key] = compute()
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
-        return self.done[key]
 
 
 class Cell:
