@@ -83,6 +83,12 @@ class ScriptArguments:
     push_dictionary_to_hub: str | None = field(default=None, metadata={"help": "Repo id for the dictionary."})
 
 
+def same(label: str) -> str:
+    """A label name up to spacing and case: Fashion-MNIST's "T-shirt/top" (IDX files) is "T - shirt / top" on the
+    Hub."""
+    return "".join(label.split()).lower()
+
+
 def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits):
     """The given teacher (by default the shipped Fashion-MNIST one), or with --train_teacher one trained here (cached
     in output_dir/teacher while its recipe is unchanged). A given teacher must predict the data's labels: it is never
@@ -117,7 +123,7 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
         raise ValueError(f"The teacher {name!r} predicts {labels} labels, the data has {len(splits.label_names)} "
                          f"({splits.source}). Pass a teacher trained on this data, or --train_teacher true.")
     names = label_names_of(teacher)
-    if names is not None and names != splits.label_names:
+    if names is not None and [same(n) for n in names] != [same(n) for n in splits.label_names]:
         raise ValueError(f"The teacher {name!r} was trained on the labels {names}, in that order; the data's are "
                          f"{splits.label_names} ({splits.source}). Pass a teacher trained on this data (or relabel the "
                          "data to the teacher's order), or --train_teacher true.")
@@ -162,6 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.set_defaults(**RECIPE_DEFAULTS)
     script_args, data_args, model_args, teacher_args, config = parser.parse(argv)
     check_engine(config, script_args)
+    if config.stage_batch_sizes and compared(script_args):
+        raise ValueError("--compare times every stage on one batch size, so it cannot weigh stages with their own "
+                         "(--stage_batch_sizes): pass --compare none, or leave stage_batch_sizes unset.")
     if script_args.push_dictionary_to_hub and config.method != "srm":
         raise ValueError(f"--push_dictionary_to_hub needs --method srm (method {config.method!r} learns no dictionary).")
     set_seed(config.seed)

@@ -4,7 +4,8 @@
     data_args, model_args, config = parser.parse(["--config", "recipes/configs/cifar10.yaml", "--max_steps", "5"])
 
 Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored. An
-`env:` mapping (as in TRL's configs) sets environment variables for the run.
+`env:` mapping (as in TRL's configs) sets environment variables for the run; those a library reads when imported
+(HF_HUB_OFFLINE, HF_HOME) must be set before the launch instead.
 """
 
 import argparse
@@ -46,11 +47,11 @@ class SRMParser(HfArgumentParser):
         env = values.pop("env", None) or {}  # as in TRL's configs: environment variables for the run
         if not isinstance(env, dict):
             raise ValueError(f"`env` in {path} must be a mapping of environment variable names to values.")
-        os.environ.update({str(k): str(v) for k, v in env.items()})
         known = {action.dest for action in self._actions}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"Unknown keys {unknown} in {path}: each key must be a command-line option (see --help).")
+        os.environ.update({str(k): str(v) for k, v in env.items() if v is not None})
         actions = {action.dest: action for action in self._actions}
         for key, value in values.items():
             _check_type(actions[key], key, value, path)
@@ -67,6 +68,9 @@ def _check_type(action, key: str, value, path: str) -> None:
     if isinstance(value, list) and action.nargs is None:
         raise ValueError(f"{key} in {path} takes one value, not the list {value}.")
     for v in value if isinstance(value, list) else [value]:
+        if action.choices is not None and v is not None and str(v) not in [str(c) for c in action.choices]:
+            raise ValueError(f"{key}: {v!r} in {path} is not one of {list(action.choices)} (YAML reads a bare no/yes "
+                             "as a boolean: quote it).")
         if v is None or isinstance(v, str):
             continue  # argparse converts (and checks) strings itself
         if kind in (int, float):

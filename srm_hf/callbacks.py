@@ -30,11 +30,21 @@ class StageCallback(TrainerCallback):
         """The student is judged only in the last stage (before it, its classifier is frozen or untrained): no
         evaluation earlier, so early stopping and best-model selection see the final stage alone."""
         plan = self.trainer.plan
-        if control.should_evaluate and plan.stage_at(state.global_step - 1).index < len(plan.stages):
+        stage = plan.stage_at(state.global_step - 1)
+        if args.stage_batch_sizes:  # one loader runs the whole plan (one Trainer epoch): each stage's passes end
+            done, per_epoch = state.global_step - stage.start, self.trainer.steps_per_epoch[stage.name]  # its epochs
+            if done % per_epoch == 0 or state.global_step == stage.end:
+                control.should_evaluate |= args.eval_strategy == "epoch"
+                control.should_save |= args.save_strategy == "epoch"
+        if control.should_evaluate and stage.index < len(plan.stages):
             control.should_evaluate = False
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        """`eval_strategy="epoch"` asks at each epoch's end: the same rule."""
+        """`eval_strategy="epoch"` asks at each epoch's end: the same rule (under `stage_batch_sizes`, the stage
+        passes have asked already)."""
+        if args.stage_batch_sizes:
+            control.should_evaluate = control.should_save = False
+            return
         self.on_step_end(args, state, control, **kwargs)
 
     def on_epoch_begin(self, args, state, control, **kwargs):

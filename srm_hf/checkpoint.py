@@ -65,6 +65,7 @@ def save_student(student: nn.Module, output_dir: str, state_dict: dict[str, torc
         from timm.models._hub import save_config_for_hf  # the config half of timm's `save_for_hf`
 
         names = label_names_of(student)
+        names = names if names and len(names) == student.num_classes else None  # not a source checkpoint's
         save_config_for_hf(student, Path(output_dir) / "config.json",
                            model_config={"label_names": names} if names else None)
 
@@ -129,10 +130,11 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
     saved, problems, metadata = read_matching(path, own)
     this_run = {"method": json.loads(json.dumps(model.method.describe())), "taps": tap_names(model),
                 **json.loads(json.dumps(getattr(model, "provenance", {})))}
-    written = {"method": None, "taps": None, **json.loads(metadata.get("provenance", "{}"))}
-    written.update({k: json.loads(metadata[k]) for k in ("method", "taps") if k in metadata})
+    # what the checkpoint records (older ones record less: only what is there is compared)
+    written = {**json.loads(metadata.get("provenance", "{}")),
+               **{k: json.loads(metadata[k]) for k in ("method", "taps") if k in metadata}}
     differences = [f"{k}: {written[k]!r} there, {this_run[k]!r} here" for k in this_run
-                   if k in written and written[k] is not None and written[k] != this_run[k]]
+                   if k in written and written[k] != this_run[k]]
     if differences:
         raise ValueError(
             f"{folder} was written by another configuration ({'; '.join(differences)}). Resume with the settings it "

@@ -160,8 +160,9 @@ class DistillationConfig(TrainingArguments):
         if self.preset not in ("trainer", "reference"):
             raise ValueError(f"preset={self.preset!r}: use 'trainer' or 'reference'.")
         check_method_fields(self, method_class(self.method))
-        stages = method_class(self.method).from_config(self).stages()  # each method checks its own settings
-        self.stage_batch_sizes = parse_stage_batch_sizes(self.stage_batch_sizes, [s.name for s in stages]) or None
+        method_class(self.method).from_config(self)  # each method checks its own settings
+        # the names are checked against the trainer's method (`DistillationTrainer`), which may be a custom one
+        self.stage_batch_sizes = parse_stage_batch_sizes(self.stage_batch_sizes) or None
         if not self.srm_codeword_multiplier > 0:  # NaN fails too
             raise ValueError(f"srm_codeword_multiplier={self.srm_codeword_multiplier} must be > 0 (the paper: 1.5-4).")
         if not 0 < self.srm_sparsity_multiplier <= 1:  # NaN fails too
@@ -192,7 +193,8 @@ class DistillationConfig(TrainingArguments):
         own = set(method_class(method).config_prefixes)
         reset = {f.name: f.default for f in fields(self) if f.init and f.name.split("_", 1)[0] in METHOD_PREFIXES
                  and f.name.split("_", 1)[0] not in own}
-        names = {s.name for s in method_class(method)().stages()}  # batch sizes of the stages it shares
+        other = replace(self, **{**reset, "method": method, "stage_batch_sizes": None, **changes})
+        names = {s.name for s in method_class(method).from_config(other).stages()}  # sizes of the stages it shares
         sizes = {k: v for k, v in (self.stage_batch_sizes or {}).items() if k in names} or None
         return replace(self, **{**reset, "method": method, "stage_batch_sizes": sizes, **changes})
 

@@ -116,17 +116,29 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
 SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val", "dev", "eval", "evaluation", "training", "testing")
 
 
+def _visible(entries) -> list:
+    return [e for e in entries if not e.name.startswith((".", "__"))]  # as the loader: no .DS_Store, __MACOSX
+
+
+def _files_in(folder: str) -> list[str]:
+    return [e.name for e in _visible(os.scandir(folder)) if e.is_file()]
+
+
 def check_image_folder(directory: str) -> None:
     """An image folder labelled by its class subfolders (`dir/<class>/` or `dir/<split>/<class>/`) has two classes
     or more, and none of them empty (the `imagefolder` loader would drop an empty one, or the labels of a single
-    one, without a word). Folders labelled by a metadata file are left to the loader."""
+    one, without a word). Other layouts, and folders labelled by a metadata file, are left to the loader."""
     if any(f.startswith("metadata.") for _, _, files in os.walk(directory) for f in files):
         return
-    subfolders = sorted(e.path for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
-    splits = [f for f in subfolders if os.path.basename(f).lower() in SPLIT_FOLDERS] or [directory]
-    for split in splits:
-        classes = sorted(e.path for e in os.scandir(split) if e.is_dir() and not e.name.startswith("."))
-        empty = [c for c in classes if not any(files for _, _, files in os.walk(c))]
+    subfolders = sorted(e.path for e in _visible(os.scandir(directory)) if e.is_dir())
+    splits = [f for f in subfolders if os.path.basename(f).lower() in SPLIT_FOLDERS]
+    if splits and len(splits) != len(subfolders):
+        return  # split folders beside other folders: not a layout this check knows
+    for split in splits or [directory]:
+        classes = sorted(e.path for e in _visible(os.scandir(split)) if e.is_dir())
+        if any(not _files_in(c) and any(e.is_dir() for e in _visible(os.scandir(c))) for c in classes):
+            return  # deeper nesting (e.g. dir/images/<class>/): left to the loader
+        empty = [c for c in classes if not _files_in(c)]
         if empty:
             raise ValueError(f"Class folder(s) {empty} hold no images: add images or remove the folder.")
         if len(classes) < 2:

@@ -94,7 +94,8 @@ class DistillationModel(nn.Module):
             raise ValueError(f"layer_pairs is set but method {method.name!r} uses no taps: remove layer_pairs.")
         pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []
         model = cls(student, method, pairs)
-        model.provenance = {"teacher": fingerprint(teacher), "train_examples": len(train_dataset)}
+        model.provenance = {"teacher": fingerprint(teacher), "train_examples": len(train_dataset),
+                            "stage_batch_sizes": args.stage_batch_sizes}
         return model, teacher
 
     def stage_specs(self, skip: set[str] = frozenset()) -> list:

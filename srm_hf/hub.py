@@ -184,6 +184,8 @@ class HubMixin:
                     token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
         """Save the student, write its card (kwargs: see `model_card_for`) and publish both in one commit."""
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        if getattr(self, "hub_model_id", None) is None:  # push_to_hub=False at construction
+            self.init_hf_repo(token=token, private=private)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None

@@ -111,7 +111,7 @@ def label_names_of(model: nn.Module) -> list[str] | None:
     None where it records none (or only transformers' placeholders `LABEL_<i>`)."""
     if is_timm_model(model):
         names = model.pretrained_cfg.get("label_names")
-        return [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names) if names else None
+        return [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) else list(names) if names else None
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     names = [id2label[i] for i in sorted(id2label)]
     return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names

@@ -2,7 +2,7 @@
 
     check_images(splits.test, "test")          # every image decodes and is of a sane size; names the bad file
     check_output_dir(args.output_dir, bytes)   # the folder is writable and has room for a checkpoint
-    check_training(trainer)                    # both of the trainer's own: output folder, last batch of one
+    check_training(trainer)                    # the trainer's own: output folder, last batch of one, workers
 
 The splits' own checks (no empty split, at least two classes, labels in range) run where the splits are built
 (`data.load_image_splits`).
@@ -38,7 +38,8 @@ def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_
                 where = f"{path!r} (split {split!r}, row {start + offset})" if path else \
                     f"at row {start + offset} of split {split!r}"
                 raise ValueError(f"Image {where} cannot be used: {e}. Remove or replace it (or fix the dataset) "
-                                 "and start again; nothing was trained.") from e
+                                 "and start again (--check_images false skips this check); nothing was "
+                                 "trained.") from e
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:
@@ -68,35 +69,63 @@ def check_output_dir(output_dir: str, needed_bytes: int) -> None:
         os.remove(probe)
     except OSError as e:
         raise PermissionError(f"Cannot write to output_dir {output_dir!r} ({e.strerror or e}). Choose a writable "
-                              "folder (--output_dir) or fix its permissions; nothing was trained.") from e
+                              "folder (--output_dir), or fix it (permissions, read-only mount, a file in the way); "
+                              "nothing was trained.") from e
     free = shutil.disk_usage(output_dir).free
     if free < needed_bytes:
         raise OSError(f"output_dir {output_dir!r} has {free / 2**20:.1f} MiB free, and this run needs about "
-                      f"{needed_bytes / 2**20:.1f} MiB (a checkpoint and the final model). Free some space or choose "
-                      "another folder; nothing was trained.")
+                      f"{needed_bytes / 2**20:.1f} MiB (two checkpoints, as the next is written before the last is "
+                      "removed, and the final model). Free some space or choose another folder; nothing was trained.")
 
 
-def check_last_batch(model: nn.Module, num_examples: int, batch_size: int, num_processes: int,
-                     drop_last: bool) -> None:
-    """BatchNorm cannot train on a batch of one image: refuse a run whose last batch of each epoch would be one."""
-    if drop_last or num_processes != 1 or num_examples % batch_size != 1 or num_examples == 1:
+def norms_on_one_value(model: nn.Module, pixel_values: torch.Tensor) -> list[str]:
+    """BatchNorm layers that see one value per channel for a batch of one image (a 1×1 map, or a vector): those
+    cannot train on such a batch. Found by one eval-mode forward of a single image."""
+    found, handles = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            handles.append(module.register_forward_hook(
+                lambda m, args, out, name=name: found.append(name) if args[0][0, 0].numel() == 1 else None))
+    try:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            model(pixel_values[:1])
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples: int, batch_size: int,
+                     num_processes: int, drop_last: bool) -> None:
+    """Refuse a run whose last batch of an epoch holds one image where BatchNorm would see one value per channel
+    (torch raises mid-run there)."""
+    if drop_last or num_processes != 1 or num_examples % batch_size != 1:
         return
-    norms = [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = norms_on_one_value(model, pixel_values)
     if norms:
         raise ValueError(
             f"The training set has {num_examples} examples: with batches of {batch_size} the last batch of every "
-            f"epoch holds one example, and BatchNorm ({norms[0]}, ...) cannot train on one. Set "
-            "dataloader_drop_last=True or change per_device_train_batch_size; nothing was trained.")
+            f"epoch holds one example, on which BatchNorm ({norms[0]}, at a 1×1 map) cannot train. Set "
+            "dataloader_drop_last=True or change the batch size; nothing was trained.")
 
 
 def check_training(trainer) -> None:
-    """The trainer's checks before `train()`: the output folder (main process) and the last batch."""
-    args = trainer.args
+    """The trainer's checks before `train()`: the output folder (main process), the last batch, and views keyed by
+    epoch that persistent loader workers would freeze."""
+    from transformers.trainer_utils import has_length
+
+    args, dataset = trainer.args, trainer.train_dataset
     if args.should_save:
         needed = 2 * checkpoint_bytes(trainer.distill_model) if args.save_strategy != "no" else 0
         check_output_dir(args.output_dir, needed + weights_bytes(trainer.distill_model.student))
-    dataset = trainer.train_dataset
-    if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
+    if hasattr(dataset, "set_epoch") and args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+        raise ValueError("Persistent loader workers keep the epoch they started with, so the training set's random "
+                         "views (set_epoch) would repeat: set dataloader_persistent_workers=False.")
+    if has_length(dataset) and len(dataset) > 0:
+        example = trainer.data_collator([dataset[0]])["pixel_values"].to(args.device)
         for batch_size in {args.per_device_train_batch_size, *(args.stage_batch_sizes or {}).values()}:
-            check_last_batch(trainer.distill_model, len(dataset), batch_size, args.world_size,
+            check_last_batch(trainer.distill_model.student, example, len(dataset), batch_size, args.world_size,
                              args.dataloader_drop_last)

@@ -19,8 +19,9 @@ import torch
 from .stages import StagePlan, stage_steps
 
 
-def parse_stage_batch_sizes(value, stage_names: list[str]) -> dict[str, int]:
-    """`stage_batch_sizes` as given (a mapping, or its JSON text) -> {stage name: batch size}, checked."""
+def parse_stage_batch_sizes(value, stage_names: list[str] | None = None) -> dict[str, int]:
+    """`stage_batch_sizes` as given (a mapping, or its JSON text) -> {stage name: batch size}, checked (the names
+    too, when the method's `stage_names` are given)."""
     if value is None or value == "":
         return {}
     if isinstance(value, str):
@@ -30,7 +31,7 @@ def parse_stage_batch_sizes(value, stage_names: list[str]) -> dict[str, int]:
             raise ValueError(f"stage_batch_sizes={value!r} is not JSON such as '{{\"dictionary\": 512}}': {e}") from e
     if not isinstance(value, dict):
         raise ValueError(f"stage_batch_sizes must map stage names to batch sizes, got {value!r}.")
-    unknown = [k for k in value if k not in stage_names]
+    unknown = [k for k in value if stage_names is not None and k not in stage_names]
     if unknown:
         raise ValueError(f"stage_batch_sizes names {unknown}, which are not stages of this method: {stage_names}.")
     bad = {k: v for k, v in value.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
@@ -81,9 +82,10 @@ def stage_batch_loader(trainer) -> torch.utils.data.DataLoader:
     if args.world_size > 1:
         raise ValueError("stage_batch_sizes runs in one process: unset it (one batch size for every stage) to train "
                          f"on {args.world_size} processes.")
-    specs = trainer.distill_model.stage_specs(skip=trainer.stages_done)
-    sizes = parse_stage_batch_sizes(args.stage_batch_sizes, [s.name for s in trainer.method.stages()])
-    trainer.plan, batch, per_epoch = plan_with_batch_sizes(specs, sizes, args, len(dataset))
+    if args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
+        raise ValueError("stage_batch_sizes draws every pass in one loader: set dataloader_persistent_workers=False.")
+    specs = trainer.distill_model.stage_specs(skip=trainer.stages_done)  # names checked by the trainer at init
+    trainer.plan, batch, per_epoch = plan_with_batch_sizes(specs, args.stage_batch_sizes, args, len(dataset))
     trainer.steps_per_epoch = {stage.name: n for stage, n in zip(trainer.plan.stages, per_epoch)}
     sampler = StageBatchSampler(len(dataset), trainer.plan, batch, args.gradient_accumulation_steps, args.seed,
                                 args.dataloader_drop_last, getattr(dataset, "pass_in_index", False))

@@ -31,7 +31,7 @@ from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
 from .preflight import check_training
 from .reference import StageSelection
-from .stage_batches import stage_batch_loader
+from .stage_batches import parse_stage_batch_sizes, stage_batch_loader
 from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 
@@ -54,6 +54,7 @@ class DistillationTrainer(HubMixin, Trainer):
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
         method = resolve_method(method, args)
+        parse_stage_batch_sizes(args.stage_batch_sizes, [s.name for s in method.stages()])  # before it is built
         distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
                                                                data_collator or default_data_collator)
         if args.compile_student:  # in place, after the taps are hooked: state_dict keys and hooks stay as they are

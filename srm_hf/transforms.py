@@ -41,6 +41,7 @@ class Preprocessing:
     std: tuple[float, ...]
     crop_pct: float = 1.0
     interpolation: str = "bilinear"
+    keep_aspect: bool = True  # eval resize: the shorter side (timm, `shortest_edge`), or straight to the size
 
 
 def _interp(name: str) -> T.InterpolationMode:
@@ -77,10 +78,12 @@ def preprocessing_for(model: torch.nn.Module, image_processor=None) -> Preproces
         )
     channels = getattr(config, "num_channels", 3)
     size = getattr(config, "image_size", 224)
-    mean, std, crop_pct = IMAGENET_MEAN, IMAGENET_STD, 1.0
+    # without a processor: ImageNet statistics, resized straight to the size (as ViT-style processors do)
+    mean, std, crop_pct, keep_aspect = IMAGENET_MEAN, IMAGENET_STD, 1.0, False
     if image_processor is not None:
         proc_size = dict(getattr(image_processor, "size", None) or {})
         resized = proc_size.get("height") or proc_size.get("shortest_edge") or size
+        keep_aspect = "shortest_edge" in proc_size
         size = resized
         crop_size = dict(getattr(image_processor, "crop_size", None) or {})
         if getattr(image_processor, "do_center_crop", False) and crop_size.get("height"):
@@ -92,7 +95,8 @@ def preprocessing_for(model: torch.nn.Module, image_processor=None) -> Preproces
         crop = getattr(image_processor, "crop_pct", None)
         crop_pct = crop if crop else crop_pct
     size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
-    return Preprocessing(channels, size, _per_channel(mean, channels), _per_channel(std, channels), crop_pct)
+    return Preprocessing(channels, size, _per_channel(mean, channels), _per_channel(std, channels), crop_pct,
+                         keep_aspect=keep_aspect)
 
 
 def image_processor_for(model: torch.nn.Module, pre: Preprocessing):
@@ -104,9 +108,11 @@ def image_processor_for(model: torch.nn.Module, pre: Preprocessing):
         return None
     stats = {"image_mean": list(pre.mean), "image_std": list(pre.std)}
     h, w = pre.size
-    if h == w and h < 384:  # shorter side to h / crop_pct, then a centre crop of h: the eval transform exactly
+    if pre.keep_aspect and h == w and h < 384:  # shorter side to h / crop_pct, then a centre crop of h
         return ConvNextImageProcessor(size={"shortest_edge": h}, crop_pct=pre.crop_pct, **stats)
-    return ViTImageProcessor(size={"height": h, "width": w}, **stats)
+    if pre.crop_pct == 1.0 and not pre.keep_aspect:  # straight to the size
+        return ViTImageProcessor(size={"height": h, "width": w}, **stats)
+    return None  # no processor class does this eval transform: save none rather than a different one
 
 
 def to_pil(value) -> Image.Image:
@@ -167,7 +173,8 @@ class ImageTransform:
             image = F.resized_crop(image, *crop, size=list(pre.size), interpolation=_interp(pre.interpolation))
         else:  # timm's eval transform: a square size scales the shorter side (aspect kept), then a centre crop
             h, w = pre.size
-            resize = [math.floor(h / pre.crop_pct)] if h == w else [math.floor(s / pre.crop_pct) for s in pre.size]
+            shorter = pre.keep_aspect and h == w
+            resize = [math.floor(h / pre.crop_pct)] if shorter else [math.floor(s / pre.crop_pct) for s in pre.size]
             image = F.center_crop(F.resize(image, resize, interpolation=_interp(pre.interpolation)), list(pre.size))
         if flip:
             image = F.horizontal_flip(image)

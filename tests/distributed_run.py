@@ -55,3 +55,8 @@ torch.save(
     },
     os.path.join(out, f"rank{rank}.pt"),
 )
+# leave the process group cleanly: gloo's threads can abort the interpreter's exit otherwise ("terminate called
+# without an active exception", seen now and then on a busy machine)
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -228,3 +228,48 @@ def test_a_yaml_env_block_sets_environment_variables(tmp_path, monkeypatch):
     cfg.write_text("env: [A]\n")
     with pytest.raises(ValueError, match="`env` in .* must be a mapping"):
         parser.parse(["--config", str(cfg)])
+
+
+def test_a_last_batch_of_one_is_fine_where_batchnorm_sees_a_map(tmp_path):
+    import torch.nn as nn
+
+    torch_net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(4, 4))
+    assert preflight.norms_on_one_value(torch_net, PatternDataset(2).images) == []
+    trainer = make_trainer(tmp_path, method="kd", student=torch_net, train_dataset=PatternDataset(17), max_steps=3)
+    trainer.train()  # batches of 8, 8, 1: the BatchNorm sees 32×32 values per channel even in the batch of one
+    assert trainer.state.global_step == 3
+
+
+def test_image_folder_layouts_the_loader_reads_are_not_refused(tmp_path):
+    make_image_folder(tmp_path / "nested" / "images")  # dir/images/<class>/: the loader labels by the parent folder
+    from srm_hf.data import check_image_folder
+
+    check_image_folder(str(tmp_path / "nested"))
+    make_image_folder(tmp_path / "junk")
+    (tmp_path / "junk" / "yak").mkdir()
+    (tmp_path / "junk" / "yak" / ".DS_Store").write_text("x")  # only a hidden file: an empty class
+    with pytest.raises(ValueError, match="yak'\\] hold no images"):
+        check_image_folder(str(tmp_path / "junk"))
+    (tmp_path / "junk" / "yak" / ".DS_Store").unlink()
+    (tmp_path / "junk" / "yak").rmdir()
+    (tmp_path / "junk" / "__MACOSX").mkdir()  # ignored, as the loader ignores it
+    check_image_folder(str(tmp_path / "junk"))
+
+
+def test_label_names_compare_up_to_spacing_and_order_numerically(tmp_path):
+    from srm_hf.loading import label_names_of
+
+    model = timm.create_model("resnet10t", num_classes=12, pretrained=False)
+    model.pretrained_cfg = {**model.pretrained_cfg, "label_names": {str(i): f"c{i}" for i in range(12)}}
+    assert label_names_of(model) == [f"c{i}" for i in range(12)]  # "10" after "9", not after "1"
+    assert distill.same("T - shirt / top") == distill.same("T-shirt/top")
+
+
+def test_a_yaml_choice_read_as_a_boolean_is_refused(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("save_strategy: no\n")  # YAML reads a bare no as False
+    with pytest.raises(ValueError, match="save_strategy: False .* is not one of .*quote it"):
+        SRMParser((DataArguments, distill.DistillationConfig)).parse(["--config", str(cfg)])
+    cfg.write_text("save_strategy: 'no'\n")
+    assert SRMParser((DataArguments, distill.DistillationConfig)).parse(["--config", str(cfg)])[1].save_strategy == "no"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import PatternDataset, hf_resnet, make_config, make_trainer
+from conftest import hf_resnet, make_config, make_trainer
 from test_augmentation_resume import PRE, image_split
 from transformers import default_data_collator
 
@@ -27,7 +27,7 @@ def test_each_stage_trains_on_its_own_batch_size_and_counts_its_epochs_at_it(tmp
     trainer.train()
     # 32 images: one pass is 2 batches of 16, 3 of 12 (the last of 8), then 4 KD steps of 8
     assert [s.steps for s in trainer.plan.stages] == [2, 3, 4]
-    assert seen == [16, 16, 12, 12, 8, 8, 8, 8, 8]
+    assert seen == [1, 16, 16, 12, 12, 8, 8, 8, 8, 8]  # the 1: the pre-flight check's one-image example
     assert trainer.state.global_step == 9
 
 
@@ -42,7 +42,7 @@ def test_the_reference_preset_selects_per_stage_at_each_stages_own_epochs(tmp_pa
     candidates = {}
     for stage, step, _ in selection.history:  # a candidate at each of the stage's own epochs
         candidates.setdefault(stage, []).append(step)
-    assert candidates["dictionary"] == [1, 2] and candidates["srm"] == [4]
+    assert candidates["dictionary"] == [1, 2] and candidates["srm"] == [4] and candidates["kd"] == [8, 12]
 
 
 def test_resume_inside_a_stage_with_its_own_batch_size_is_bit_identical(tmp_path):
@@ -69,8 +69,33 @@ def test_later_passes_get_new_views():
 
 def test_bad_stage_batch_sizes_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"names \['dict'\], which are not stages.*\['dictionary', 'srm', 'kd'\]"):
-        make_config(tmp_path, stage_batch_sizes={"dict": 8})
+        make_trainer(tmp_path, stage_batch_sizes={"dict": 8})
     with pytest.raises(ValueError, match=r"\{'srm': 0\} must be positive integers"):
         make_config(tmp_path, stage_batch_sizes='{"srm": 0}')
     assert make_config(tmp_path, stage_batch_sizes=SIZES).for_method("kd").stage_batch_sizes is None
-    assert make_trainer(tmp_path, train_dataset=PatternDataset(32)).args.stage_batch_sizes is None
+    with pytest.raises(ValueError, match="--compare none"):
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+        import distill
+
+        distill.main(["--output_dir", str(tmp_path / "r"), "--stage_batch_sizes", '{"srm": 16}'])
+
+
+def test_a_loaded_dictionary_keeps_the_other_stage_sizes(tmp_path):
+    from conftest import pretrain_dictionary
+
+    path = pretrain_dictionary(make_trainer(tmp_path / "first"))
+    seen = []
+    trainer = make_trainer(tmp_path, stage_batch_sizes=SIZES, srm_dictionary_path=path)
+    trainer.data_collator = recording_collator(seen)
+    trainer.train()
+    assert [s.name for s in trainer.plan.stages] == ["srm", "kd"] and seen == [1, 12, 12, 8, 12] + [8] * 4
+
+
+def test_a_checkpoint_with_other_stage_sizes_is_refused(tmp_path):
+    make_trainer(tmp_path, save_strategy="steps", save_steps=6).train()
+    other = make_trainer(tmp_path / "other", stage_batch_sizes=SIZES)
+    with pytest.raises(ValueError, match="stage_batch_sizes: None there"):
+        other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
