@@ -227,7 +227,8 @@ def main(argv=None):
                 rows += cell_rows(runs, budget, pair_name, pair, size, splits, args.work_dir, evals, teachers)
             except Missing as missing:
                 print(f"{pair_name}, {size} images/class: not finished ({missing}), left out of the report")
-    write_results(args, budget, EXTRA, rows, teachers, time.time() - started, code)
+    write_results(args, budget, EXTRA, rows, teachers, time.time() - started, code,
+                  {name: pair.step_scale for name, pair in PAIRS.items()})
     return rows
 
 

@@ -74,7 +74,7 @@ def verdicts(rows: list[dict]) -> list[str]:
 
 
 def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[str, float], seconds: float,
-                  code: str) -> None:
+                  code: str, step_scales: dict[str, float]) -> None:
     quick = "_quick" if args.quick else ""
     command = f"python recipes/benchmarks/quality.py{' --quick' if args.quick else ''}"
     lines = [
@@ -84,14 +84,16 @@ def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[s
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads. Versions: {versions()}.", "",
         "Teachers (shipped, recipes/teachers/), test accuracy: "
         + "; ".join(f"{p}: {100 * a:.2f} %" for p, a in teachers.items()) + ".", "",
-        "Protocol: last stage {} steps (batch) per images/class, 35 % of that for the 56 px pair; stages before it {:g} % "
+        "Protocol: last stage {} steps (batch) per images/class{}; stages before it {:g} % "
         "of that each; seeds {}; augmentation: random resized crop (0.8–1) and flip, the same view for teacher and "
         "student. In every cell each method tries {} settings with seed 0, chosen on {} validation images per class "
         "(never the test split). Accuracy on the {} test images, in %, mean ± std over seeds. **Equal compute**: "
         "one optimizer step of every stage of every method is timed on the same batch in interleaved rounds before "
         "each cell; every method's last stage is lengthened (shortened, for a method that costs more) until its "
         "measured cost equals SRM paper's. SRM reference's validation passes (its model selection) are not counted as training "
-        "compute.".format({k: v for k, v in budget.steps.items()}, 100 * extra, list(budget.seeds),
+        "compute.".format({k: v for k, v in budget.steps.items()},
+                          "".join(f", {100 * v:g} % of that for {k}" for k, v in step_scales.items() if v != 1),
+                          100 * extra, list(budget.seeds),
                           len(next(iter(rows))["validation"]), budget.val_per_class,
                           "first {}".format(budget.test_samples) if budget.test_samples else "10,000"), "",
         "| pair | images/class | method | setting (validation) | steps | measured cost (s) | test, own budget | "
