@@ -53,6 +53,11 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "Reference behaviour: the pixel CE is fed sigmoid outputs; False feeds raw logits."},
     )
     srm_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SRM loss in the joint stage."})
+    srm_kernels: str = field(
+        default="auto",
+        metadata={"help": "SRM targets and loss: 'auto' (fused Triton kernels on CUDA, eager PyTorch elsewhere), "
+                          "'triton' or 'eager'.", "choices": ["auto", "triton", "eager"]},
+    )
     srm_dictionary_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 1 (dictionary learning)."})
     srm_dictionary_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 1; overrides its epochs."})
     srm_dictionary_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dictionaries."})
@@ -169,6 +174,8 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"srm_sparsity_multiplier={self.srm_sparsity_multiplier} must be in (0, 1] (the paper uses 0.01-0.03)."
             )
+        if self.srm_kernels not in ("auto", "triton", "eager"):
+            raise ValueError(f"srm_kernels={self.srm_kernels!r} is not one of 'auto', 'triton' or 'eager'.")
         for name in ("kd_alpha", "dkd_warmup_ratio", "reviewkd_warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")

@@ -107,8 +107,13 @@ class SparseCoder(nn.Module):
         return codes, self.decode(codes)
 
     @torch.no_grad()
-    def targets(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's labels for `x`: `srm_targets` of its sparse codes (one definition for every path)."""
+    def targets(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's labels for `x`: `srm_targets` of its sparse codes. `fused=True` computes the same labels
+        with the Triton kernel of `srm_hf.fused` (the pixel label is the first maximal atom in both)."""
+        if fused:
+            from .fused import srm_targets_fused
+
+            return srm_targets_fused(project(x, self.dictionary, self.bias), self.num_active)
         return srm_targets(self.encode(x))
 
     def extra_repr(self) -> str:
@@ -201,12 +206,36 @@ def srm_loss(
         out["pixel"] = pixel_weight * F.cross_entropy(ce_input, target)
     if image_weight:
         image_pred = probs.flatten(2).mean(dim=2) if probs.dim() > 2 else probs  # [N, K]
-        # BCE on probabilities, written out so it is safe under autocast; clamped to stay finite.
-        image_pred = image_pred.clamp(1e-7, 1 - 1e-7)
-        target = image_labels.float()
-        bce = -(target * image_pred.log() + (1 - target) * (1 - image_pred).log())
-        out["image"] = image_weight * bce.mean()
+        out["image"] = image_weight * image_bce(image_pred, image_labels)
     return out
+
+
+def srm_loss_fused(
+    head_logits: torch.Tensor,
+    pixel_labels: torch.Tensor,
+    image_labels: torch.Tensor,
+    pixel_weight: float = 1.0,
+    image_weight: float = 1.0,
+    pixel_ce_on_sigmoid: bool = True,
+) -> dict[str, torch.Tensor]:
+    """`srm_loss` through the Triton kernels of `srm_hf.fused` (CUDA, or TRITON_INTERPRET=1): the same terms, with
+    no K-channel map kept or materialised in float32; only [N, K] image predictions leave the kernels."""
+    from .fused import pixel_ce_and_image_pred
+
+    ce, image_pred = pixel_ce_and_image_pred(head_logits, pixel_labels, pixel_ce_on_sigmoid)
+    out = {}
+    if pixel_weight:
+        out["pixel"] = pixel_weight * ce
+    if image_weight:
+        out["image"] = image_weight * image_bce(image_pred, image_labels)
+    return out
+
+
+def image_bce(image_pred: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:
+    """BCE(ḡ, g) over [N, K], on probabilities, written out so it is safe under autocast; ḡ clamped to stay finite."""
+    image_pred = image_pred.float().clamp(1e-7, 1 - 1e-7)
+    target = image_labels.float()
+    return -(target * image_pred.log() + (1 - target) * (1 - image_pred).log()).mean()
 
 
 def pixel_ce_floor(num_atoms: int) -> float:

@@ -6,13 +6,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest
-import timm
 import torch
-import torch.nn as nn
-from transformers import ResNetConfig, ResNetForImageClassification
 
-from srm_hf import DistillationConfig
+if not torch.cuda.is_available():  # the Triton kernels (srm_hf.fused) run on the CPU, slowly, for tiny shapes;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # set before anything imports triton (timm does)
+
+import pytest  # noqa: E402
+import timm  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from transformers import ResNetConfig, ResNetForImageClassification  # noqa: E402
+
+from srm_hf import DistillationConfig  # noqa: E402
 
 NUM_LABELS = 4
 IMAGE_SIZE = 32

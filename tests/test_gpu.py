@@ -89,3 +89,28 @@ def test_recipe_runs_under_engine(tmp_path, engine):
     student = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     logits = student(torch.zeros(2, 1, 28, 28))
     assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("channels, size, k", [(64, 56, 2), (512, 7, 20)])  # ResNet-18's first and last taps
+def test_fused_kernels_equal_eager_at_resnet18_tap_sizes(channels, size, k):
+    """The compiled Triton kernels at real block sizes (K = 2C up to 1024): targets identical away from ties,
+    losses and gradients to 1e-5 relative in float32."""
+    from srm_hf.fused import srm_targets_fused
+    from srm_hf.srm import srm_loss, srm_loss_fused, srm_targets, top_k_mask
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = 4 * torch.randn(16, 2 * channels, size, size, device="cuda", generator=g)
+    z = torch.sigmoid(a)
+    pixel, image = srm_targets(z * top_k_mask(z, k, 1))
+    got_pixel, got_image = srm_targets_fused(a, k)
+    assert torch.equal(got_pixel, pixel)
+    torch.testing.assert_close(got_image, image, rtol=1e-5, atol=1e-6)
+    logits = torch.randn(16, 2 * channels, size, size, device="cuda", generator=g).requires_grad_()
+    for on_sigmoid in (True, False):
+        want = srm_loss(logits, pixel, image, pixel_ce_on_sigmoid=on_sigmoid)
+        got = srm_loss_fused(logits, pixel, image, pixel_ce_on_sigmoid=on_sigmoid)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+        want_grad, = torch.autograd.grad(sum(want.values()), logits)
+        got_grad, = torch.autograd.grad(sum(got.values()), logits)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)

@@ -115,3 +115,17 @@ def test_resume_inside_every_stage_matches_an_uninterrupted_run(tmp_path, name):
         state = resumed.distill_model.state_dict()
         for k, v in final.items():
             torch.testing.assert_close(state[k], v, rtol=1e-5, atol=1e-6, msg=f"{name}, stage {stage.name}: {k}")
+
+
+@pytest.mark.parametrize("method", ["srm", "kd", "fitnet"])
+def test_a_kd_stage_with_alpha_zero_trains_on_labels_without_running_the_teacher(tmp_path, method):
+    extra = {"fitnet_max_steps": 2} if method == "fitnet" else {}
+    trainer = make_trainer(tmp_path, method=method, kd_alpha=0.0, **extra)
+    calls = []
+    trainer.teacher_forward = lambda inputs, forward=trainer.teacher_forward: calls.append(1) or forward(inputs)
+    trainer.train()
+    kd_steps = trainer.plan.stages[-1].steps
+    assert trainer.plan.stages[-1].name == "kd" and not trainer.plan.stages[-1].spec.uses_teacher
+    assert len(calls) == trainer.state.global_step - kd_steps  # the earlier stages only
+    logged = {k for e in trainer.state.log_history for k in e if k.startswith("kd/")}
+    assert logged == {"kd/ce"}

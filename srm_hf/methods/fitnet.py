@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..srm import project
 from .base import Method, StageSpec, check_stage_length
-from .kd import kd_terms
+from .kd import kd_stage, kd_terms
 
 
 def fitnet_loss(regressed: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
@@ -60,13 +60,13 @@ class FitNet(Method):
     def stages(self) -> list[StageSpec]:
         return [StageSpec("hint", trains=("student", "regressors"), epochs=self.hint_epochs,
                           max_steps=self.hint_max_steps),
-                StageSpec("kd")]
+                kd_stage(self.kd_alpha)]
 
     def loss(self, stage, student, teacher, labels):
         if stage.name == "hint":
             return {"mse": sum(fitnet_loss(self.regressors[k](student.features[k]), t)
                                for k, t in teacher.features.items())}
-        return kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature,
+        return kd_terms(student.logits, teacher.logits if teacher else None, labels, self.kd_alpha, self.kd_temperature,
                          self.label_smoothing)
 
     def describe(self) -> dict:

@@ -11,9 +11,20 @@ from ..losses import classification_loss, kd_loss
 from .base import Method, StageSpec
 
 
-def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None,
+def kd_stage(alpha: float) -> StageSpec:
+    """The KD stage of a method; with α = 0 it is label CE alone and the teacher does not run."""
+    return StageSpec("kd", uses_teacher=alpha > 0)
+
+
+def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None,
              alpha: float, temperature: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
-    """{"kd": α·T²·KL, "ce": (1-α)·CE (label-smoothed if asked)}; KD alone when there are no labels."""
+    """{"kd": α·T²·KL, "ce": (1-α)·CE (label-smoothed if asked)}; KD alone when there are no labels, CE alone
+    (no teacher logits needed) when α = 0."""
+    if alpha == 0:
+        if labels is None:
+            raise ValueError("kd_alpha=0 trains the KD stage on the class labels alone, but the batch has no "
+                             "'labels' column: give the dataset labels, or set kd_alpha > 0.")
+        return {"ce": classification_loss(student_logits, labels, label_smoothing)}
     if labels is None:
         return {"kd": kd_loss(student_logits, teacher_logits, temperature)}
     return {
@@ -35,10 +46,10 @@ class KD(Method):
         return cls(alpha=args.kd_alpha, temperature=args.kd_temperature)
 
     def stages(self) -> list[StageSpec]:
-        return [StageSpec("kd")]
+        return [kd_stage(self.alpha)]
 
     def loss(self, stage, student, teacher, labels):
-        return kd_terms(student.logits, teacher.logits, labels, self.alpha, self.temperature, self.label_smoothing)
+        return kd_terms(student.logits, teacher.logits if teacher else None, labels, self.alpha, self.temperature, self.label_smoothing)
 
     def describe(self) -> dict:
         return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}

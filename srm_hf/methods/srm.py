@@ -11,15 +11,18 @@ SRM loss of one tap (e.g. weight taps differently).
 
 import json
 import os
+from functools import partial
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import read_matching, save_safetensors
-from ..srm import SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss
+from ..fused import use_fused
+from ..srm import (SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss,
+                   srm_loss_fused)
 from .base import Method, StageSpec, check_stage_length
-from .kd import kd_terms
+from .kd import kd_stage, kd_terms
 
 MODES = ("paper", "joint")
 DICTIONARY_NAME = "srm_dictionary.safetensors"  # the dictionaries alone, for `srm_dictionary_path`
@@ -36,7 +39,7 @@ class SRM(Method):
                  pixel_ce_on_sigmoid: bool = True, weight: float = 1.0, kd_alpha: float = 0.5,
                  kd_temperature: float = 4.0, dictionary_epochs: float = 1.0, dictionary_max_steps: int = -1,
                  dictionary_learning_rate: float = 1e-3, dictionary_path: str | None = None,
-                 srm_epochs: float = 1.0, srm_max_steps: int = -1):
+                 srm_epochs: float = 1.0, srm_max_steps: int = -1, kernels: str = "auto"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"srm_mode={mode!r} is not one of {MODES}: use 'paper' (three stages) or 'joint'.")
@@ -49,7 +52,7 @@ class SRM(Method):
         self.kd_alpha, self.kd_temperature = kd_alpha, kd_temperature
         self.dictionary_epochs, self.dictionary_max_steps = dictionary_epochs, dictionary_max_steps
         self.dictionary_learning_rate, self.dictionary_path = dictionary_learning_rate, dictionary_path
-        self.srm_epochs, self.srm_max_steps = srm_epochs, srm_max_steps
+        self.srm_epochs, self.srm_max_steps, self.kernels = srm_epochs, srm_max_steps, kernels
         check_stage_length("srm_dictionary", dictionary_epochs, dictionary_max_steps)
         if mode == "paper":  # joint mode has no SRM stage of its own
             check_stage_length("srm", srm_epochs, srm_max_steps)
@@ -62,7 +65,8 @@ class SRM(Method):
         return cls(args.srm_mode, args.srm_codeword_multiplier, args.srm_sparsity_multiplier, args.srm_targets,
                    args.srm_pixel_weight, args.srm_image_weight, args.srm_pixel_ce_on_sigmoid, args.srm_weight,
                    args.kd_alpha, args.kd_temperature, args.srm_dictionary_epochs, args.srm_dictionary_max_steps,
-                   args.srm_dictionary_learning_rate, args.srm_dictionary_path, args.srm_epochs, args.srm_max_steps)
+                   args.srm_dictionary_learning_rate, args.srm_dictionary_path, args.srm_epochs, args.srm_max_steps,
+                   args.srm_kernels)
 
     def build(self, pairs):
         super().build(pairs)
@@ -82,7 +86,7 @@ class SRM(Method):
             return dictionary + [StageSpec("joint", trains=("student", "heads"))]
         return dictionary + [StageSpec("srm", trains=("student", "heads"), epochs=self.srm_epochs,
                                        max_steps=self.srm_max_steps),
-                             StageSpec("kd")]
+                             kd_stage(self.kd_alpha)]
 
     def group_options(self, group: str) -> dict:
         return {"lr": self.dictionary_learning_rate, "weight_decay": 0.0} if group == "coders" else {}
@@ -94,7 +98,7 @@ class SRM(Method):
             return {"mse": sum(dictionary_loss(t, self.coders[k](t)[1]) for k, t in teacher.features.items())}
         terms = {}
         if stage.name in ("kd", "joint"):
-            terms.update(kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature,
+            terms.update(kd_terms(student.logits, teacher.logits if teacher else None, labels, self.kd_alpha, self.kd_temperature,
                          self.label_smoothing))
         if stage.name in ("srm", "joint"):
             weight = self.weight if stage.name == "joint" else 1.0
@@ -114,10 +118,12 @@ class SRM(Method):
 
     def tap_loss(self, pair, head_logits: torch.Tensor, pixel_labels: torch.Tensor,
                  image_labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """SRM loss of one tap: {"pixel": weighted CE, "image": weighted BCE}. Recomputed in backward, which keeps
-        the K-channel sigmoid / softmax maps out of activation memory."""
-        return checkpoint(srm_loss, head_logits, pixel_labels, image_labels, self.pixel_weight, self.image_weight,
-                          self.pixel_ce_on_sigmoid, use_reentrant=False)
+        """SRM loss of one tap: {"pixel": weighted CE, "image": weighted BCE}. Fused kernels on CUDA (`srm_kernels`);
+        the eager loss is recomputed in backward. Either way no K-channel sigmoid / softmax map is kept for backward."""
+        loss = srm_loss_fused if use_fused(self.kernels, head_logits) else partial(checkpoint, srm_loss,
+                                                                                    use_reentrant=False)
+        return loss(head_logits, pixel_labels, image_labels, self.pixel_weight, self.image_weight,
+                    self.pixel_ce_on_sigmoid)
 
     @torch.no_grad()
     def targets(self, teacher_features: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -125,7 +131,8 @@ class SRM(Method):
         whatever precision the teacher ran in."""
         device = next(self.coders.parameters()).device.type
         with torch.autocast(device_type=device, enabled=False):
-            return {k: self.coders[k].targets(v.float()) for k, v in teacher_features.items()}
+            return {k: self.coders[k].targets(v.float(), fused=use_fused(self.kernels, v))
+                    for k, v in teacher_features.items()}
 
     # ---- dictionary files ----------------------------------------------------------------------------------
 

@@ -1,0 +1,215 @@
+"""Fused SRM kernels (Triton): the teacher's targets and the student's SRM loss without K-channel float32 maps.
+
+The eager path (`srm_hf.srm`) builds, per tap, the sigmoid map, `torch.topk` over K channels, a mask, the sparse
+codes, their argmax and mean, then the head's sigmoid, softmax and BCE maps, each a [N, K, H, W] tensor in float32.
+Here each pixel's K values stay in registers:
+
+    srm_targets_fused(a, k)        a = Dᵀt + b  -> (pixel labels, image labels), as `srm_targets(encode(t))`
+    srm_loss_fused(l, y, g, ...)   l = Pᵀs + c  -> the pixel CE and image BCE of `srm_loss`, forward and backward
+
+Both read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their strides, as
+pixels of K values. Per-image sums go through per-program partial buffers summed in a fixed order: the results
+do not depend on scheduling. `use_fused` picks the path: the kernels on CUDA tensors when Triton is installed
+(`srm_kernels="auto"`), always (`"triton"`; CPU tensors need `TRITON_INTERPRET=1`, slow, for tests) or never
+(`"eager"`). The kernels run in float32 whatever the input dtype.
+"""
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
+    triton = None
+
+KERNEL_CHOICES = ("auto", "triton", "eager")
+PIXELS_PER_PROGRAM = 256  # pixels of one image summed by one program before its partial sums are written
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def use_fused(kernels: str, tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for `tensor` under `srm_kernels=kernels`."""
+    if kernels not in KERNEL_CHOICES:
+        raise ValueError(f"srm_kernels={kernels!r} is not one of {KERNEL_CHOICES}.")
+    if kernels == "eager":
+        return False
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if kernels == "auto":
+        return triton is not None and tensor.is_cuda
+    if triton is None:
+        raise ValueError("srm_kernels='triton' needs the `triton` package (it comes with CUDA builds of torch): "
+                         "install it, or set srm_kernels='auto'.")
+    if not (tensor.is_cuda or interpreted):
+        raise ValueError(f"srm_kernels='triton' got a {tensor.device.type} tensor: the kernels run on CUDA, or on "
+                         "the CPU under TRITON_INTERPRET=1 (slow, for tests). Set srm_kernels='auto'.")
+    return True
+
+
+def pixel_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
+    """(x, N, S, stride of N, stride of K, stride of S): x seen as N images of S pixels with K values each."""
+    if x.dim() == 4:  # [N, K, H, W]: H and W must merge into one stride (true for contiguous and channels_last)
+        if x.shape[2] > 1 and x.stride(2) != x.shape[3] * x.stride(3):
+            x = x.contiguous()
+        s_stride = x.stride(3) if x.shape[3] > 1 else x.stride(2)
+        return x, x.shape[0], x.shape[2] * x.shape[3], x.stride(0), x.stride(1), s_stride
+    if x.dim() == 3:  # tokens [N, L, K]
+        return x, x.shape[0], x.shape[1], x.stride(0), x.stride(2), x.stride(1)
+    if x.dim() == 2:  # vectors [N, K]: one pixel per image
+        return x, x.shape[0], 1, x.stride(0), x.stride(1), 0
+    raise ValueError(f"Expected maps [N, K, H, W], tokens [N, L, K] or vectors [N, K]; got {tuple(x.shape)}.")
+
+
+def _launch(num_atoms: int, pixels: int) -> tuple[int, int, int]:
+    """(programs per image, block of pixels, block of atoms): about 4k values in flight per program."""
+    block_k = triton.next_power_of_2(num_atoms)
+    block_s = max(1, min(triton.next_power_of_2(pixels), PIXELS_PER_PROGRAM, 4096 // block_k))
+    return triton.cdiv(pixels, PIXELS_PER_PROGRAM), block_s, block_k
+
+
+if triton is not None:
+
+    @triton.jit
+    def _targets_kernel(a_ptr, label_ptr, part_ptr, S, K, s_n, s_k, s_s, num_active, chunks,
+                        PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one program: PER_PROGRAM pixels of image n; z = sigmoid(a) per pixel, its first argmax, and the sum over
+        # its pixels of the k largest z (lowest atom indices first among equal values), as `top_k_mask` keeps them
+        n, chunk = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        total = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
+            rows = start + tl.arange(0, BLOCK_S)
+            row_ok = rows < S
+            ok = row_ok[:, None] & col_ok[None, :]
+            a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+            z = tl.where(ok, tl.sigmoid(a.to(tl.float32)), -1.0)  # padding below every sigmoid value
+            best = tl.max(z, axis=1)
+            label = tl.min(tl.where(z == best[:, None], cols[None, :], BLOCK_K), axis=1)
+            tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=row_ok)
+            left, kept = z, tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+            for _ in range(num_active):
+                top = tl.max(left, axis=1)
+                first = tl.min(tl.where(left == top[:, None], cols[None, :], BLOCK_K), axis=1)
+                take = cols[None, :] == first[:, None]
+                kept = tl.where(take, z, kept)
+                left = tl.where(take, -2.0, left)
+            total += tl.sum(tl.where(row_ok[:, None], kept, 0.0), axis=0)
+        tl.store(part_ptr + (n * chunks + chunk) * K + cols, total, mask=col_ok)
+
+    @triton.jit
+    def _loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, S, K, s_n, s_k, s_s, chunks,
+                             CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+        # per pixel: p = sigmoid(l), CE(x, y) with x = p (paper) or l; sums over the program's pixels of the CE and of p
+        n, chunk = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        ce_total = tl.zeros([BLOCK_S], dtype=tl.float32)
+        p_total = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
+            rows = start + tl.arange(0, BLOCK_S)
+            row_ok = rows < S
+            ok = row_ok[:, None] & col_ok[None, :]
+            logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+            logit = logit.to(tl.float32)
+            p = tl.sigmoid(logit)
+            x = tl.where(col_ok[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))  # padded rows: finite
+            top = tl.max(x, axis=1)
+            lse = top + tl.log(tl.sum(tl.exp(x - top[:, None]), axis=1))
+            y = tl.load(y_ptr + n * S + rows, mask=row_ok, other=0)
+            x_y = tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+            ce_total += tl.where(row_ok, lse - x_y, 0.0)
+            p_total += tl.sum(tl.where(ok, p, 0.0), axis=0)
+        tl.store(ce_ptr + n * chunks + chunk, tl.sum(ce_total, axis=0))
+        tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total, mask=col_ok)
+
+    @triton.jit
+    def _loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_p_ptr, out_ptr, S, K, s_n, s_k, s_s, o_n, o_k, o_s,
+                              ce_scale, p_scale, CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr,
+                              BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+        # dL/dl = g_ce·ce_scale·(softmax(x) - onehot(y))·dx/dl + g_p[n]·p_scale·p(1-p), recomputed from l
+        n, chunk = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        g_ce = tl.load(g_ce_ptr) * ce_scale  # a device scalar: no host sync
+        g_p = tl.load(g_p_ptr + n * K + cols, mask=col_ok, other=0.0) * p_scale
+        for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
+            rows = start + tl.arange(0, BLOCK_S)
+            row_ok = rows < S
+            ok = row_ok[:, None] & col_ok[None, :]
+            logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+            logit = logit.to(tl.float32)
+            p = tl.sigmoid(logit)
+            x = tl.where(col_ok[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))  # padded rows: finite
+            e = tl.exp(x - tl.max(x, axis=1)[:, None])
+            softmax = e / tl.sum(e, axis=1)[:, None]
+            y = tl.load(y_ptr + n * S + rows, mask=row_ok, other=0)
+            d_x = (softmax - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * g_ce
+            slope = p * (1.0 - p)
+            grad = (d_x * slope if CE_ON_SIGMOID else d_x) + g_p[None, :] * slope
+            tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
+                     grad.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@torch.no_grad()
+def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`srm_targets(codes)` for codes = top-k of sigmoid(`activation_logits`), where `activation_logits` is the
+    coder's projection Dᵀt + b ([N, K, H, W], [N, L, K] or [N, K]): (pixel labels [N, H, W] / [N, L] / [N] long,
+    image labels [N, K] float32)."""
+    a, n, pixels, s_n, s_k, s_s = pixel_view(activation_logits)
+    num_atoms = activation_logits.shape[1 if a.dim() == 4 else -1]
+    chunks, block_s, block_k = _launch(num_atoms, pixels)
+    labels = torch.empty(n, pixels, dtype=torch.long, device=a.device)
+    partial = torch.empty(n, chunks, num_atoms, dtype=torch.float32, device=a.device)
+    _targets_kernel[(n, chunks)](a, labels, partial, pixels, num_atoms, s_n, s_k, s_s, num_active, chunks,
+                                 PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
+    spatial = activation_logits.shape[2:] if a.dim() == 4 else activation_logits.shape[1:-1]
+    return labels.view(n, *spatial), partial.sum(dim=1) / pixels
+
+
+class _FusedPixelImage(torch.autograd.Function):
+    """(mean pixel CE, per-image mean of sigmoid(l) [N, K]) from head logits l, with a backward kernel that
+    recomputes everything from l: only l and the labels are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ce_on_sigmoid):
+        view, n, pixels, s_n, s_k, s_s = pixel_view(logits)
+        num_atoms = logits.shape[1 if logits.dim() == 4 else -1]
+        chunks, block_s, block_k = _launch(num_atoms, pixels)
+        labels = labels.reshape(n, pixels).contiguous()
+        ce = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)
+        p_sum = torch.empty(n, chunks, num_atoms, dtype=torch.float32, device=logits.device)
+        _loss_forward_kernel[(n, chunks)](view, labels, ce, p_sum, pixels, num_atoms, s_n, s_k, s_s, chunks,
+                                          CE_ON_SIGMOID=ce_on_sigmoid, PER_PROGRAM=PIXELS_PER_PROGRAM,
+                                          BLOCK_S=block_s, BLOCK_K=block_k)
+        ctx.save_for_backward(view, labels)
+        ctx.ce_on_sigmoid = ce_on_sigmoid
+        return ce.sum() / (n * pixels), p_sum.sum(dim=1) / pixels
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_image):
+        view, labels = ctx.saved_tensors
+        _, n, pixels, s_n, s_k, s_s = pixel_view(view)
+        num_atoms = view.shape[1 if view.dim() == 4 else -1]
+        grad_ce = torch.zeros((), device=view.device) if grad_ce is None else grad_ce.float().reshape(())
+        grad_image = (torch.zeros(n, num_atoms, device=view.device) if grad_image is None
+                      else grad_image.float().contiguous())
+        out = torch.empty_like(view)  # the same strides as `view` (dense)
+        o_n, o_k, o_s = pixel_view(out)[3:]
+        chunks, block_s, block_k = _launch(num_atoms, pixels)
+        _loss_backward_kernel[(n, chunks)](view, labels, grad_ce, grad_image, out, pixels, num_atoms, s_n, s_k,
+                                           s_s, o_n, o_k, o_s, 1.0 / (n * pixels), 1.0 / pixels,
+                                           CE_ON_SIGMOID=ctx.ce_on_sigmoid, PER_PROGRAM=PIXELS_PER_PROGRAM,
+                                           BLOCK_S=block_s, BLOCK_K=block_k)
+        return out, None, None
+
+
+def pixel_ce_and_image_pred(head_logits: torch.Tensor, pixel_labels: torch.Tensor,
+                            ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over pixels of CE(x, y), x = sigmoid(l) or l; mean over pixels of sigmoid(l) [N, K]), both float32."""
+    return _FusedPixelImage.apply(head_logits, pixel_labels, ce_on_sigmoid)

@@ -1,0 +1,132 @@
+"""The fused Triton kernels (srm_hf.fused) against the eager SRM maths: the same targets, losses and gradients in
+every layout, ties included. Without a GPU they run under TRITON_INTERPRET=1 (set in conftest)."""
+
+import os
+
+import pytest
+import torch
+from conftest import make_trainer
+
+from srm_hf.fused import srm_targets_fused, triton_available, use_fused
+from srm_hf.srm import SparseCoder, srm_loss, srm_loss_fused, srm_targets, top_k_mask
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (non-CUDA torch build)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+LAYOUTS = {  # name -> (shape of a [N, K, ...] / [N, L, K] / [N, K] tensor, channel dim)
+    "maps": ((3, 10, 5, 6), 1),
+    "maps, channels last": ((3, 10, 5, 6), 1),
+    "tokens": ((3, 7, 10), -1),
+    "vectors": ((4, 10), -1),
+}
+
+
+def layout(name: str, x: torch.Tensor) -> torch.Tensor:
+    return x.to(memory_format=torch.channels_last) if name == "maps, channels last" else x
+
+
+def eager_targets(a: torch.Tensor, k: int, dim: int):
+    z = torch.sigmoid(a.float())
+    return srm_targets(z * top_k_mask(z, k, dim))
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("k", [1, 3])
+def test_fused_targets_equal_the_eager_ones(name, k):
+    shape, dim = LAYOUTS[name]
+    a = layout(name, 3 * torch.randn(shape, generator=torch.Generator().manual_seed(k)).to(DEVICE))
+    pixel, image = srm_targets_fused(a, k)
+    want_pixel, want_image = eager_targets(a, k, dim)
+    assert pixel.dtype == torch.long and pixel.shape == want_pixel.shape and torch.equal(pixel, want_pixel)
+    assert image.shape == want_image.shape
+    torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fused_targets_break_ties_like_the_eager_path(name):
+    """Duplicated atoms give equal sigmoid values: both paths keep the lowest atom indices first, and label each
+    pixel with its first maximal atom."""
+    shape, dim = LAYOUTS[name]
+    a = 3 * torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    half = a.shape[dim] // 2
+    a.narrow(dim, half, half).copy_(a.narrow(dim, 0, half))  # atoms j and j + K/2 are equal everywhere
+    a = layout(name, a.to(DEVICE))
+    for k in (1, 2, 4):
+        pixel, image = srm_targets_fused(a, k)
+        want_pixel, want_image = eager_targets(a, k, dim)
+        assert torch.equal(pixel, want_pixel) and bool((pixel < half).all())  # the first of each equal pair
+        torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
+
+
+def test_a_coder_gives_the_same_targets_fused_and_eager():
+    torch.manual_seed(0)
+    coder = SparseCoder(in_channels=6, num_atoms=12, num_active=2).to(DEVICE)
+    x = torch.randn(2, 6, 4, 4, device=DEVICE)
+    fused, eager = coder.targets(x, fused=True), coder.targets(x)
+    assert torch.equal(fused[0], eager[0])
+    torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+@pytest.mark.parametrize("on_sigmoid", [True, False])
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 0.0), (0.0, 2.0)])
+def test_fused_loss_and_gradient_equal_the_eager_ones(name, on_sigmoid, weights):
+    shape, dim = LAYOUTS[name]
+    g = torch.Generator().manual_seed(1)
+    logits = layout(name, 2 * torch.randn(shape, generator=g).to(DEVICE)).requires_grad_()
+    pixel, image = eager_targets(torch.randn(shape, generator=g).to(DEVICE), 2, dim)
+    want = srm_loss(logits, pixel, image, *weights, pixel_ce_on_sigmoid=on_sigmoid)
+    got = srm_loss_fused(logits, pixel, image, *weights, pixel_ce_on_sigmoid=on_sigmoid)
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    want_grad, = torch.autograd.grad(sum(want.values()), logits)
+    got_grad, = torch.autograd.grad(sum(got.values()), logits)
+    assert got_grad.shape == logits.shape and got_grad.stride() == logits.stride()
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_loss_reads_strided_tokens_and_low_precision_logits():
+    """A token slice (class token dropped) is read through its strides; bf16 logits are upcast inside the kernel
+    and the gradient comes back in bf16."""
+    g = torch.Generator().manual_seed(2)
+    tokens = torch.randn(2, 9, 8, generator=g).to(DEVICE)
+    pixel, image = eager_targets(torch.randn(2, 8, 8, generator=g).to(DEVICE), 2, -1)
+    for logits in (tokens[:, 1:], tokens.bfloat16()[:, 1:]):
+        logits = logits.detach().requires_grad_()
+        want = srm_loss(logits, pixel, image)
+        got = srm_loss_fused(logits, pixel, image)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+        want_grad, = torch.autograd.grad(sum(want.values()), logits)
+        got_grad, = torch.autograd.grad(sum(got.values()), logits)
+        assert got_grad.dtype == logits.dtype
+        torch.testing.assert_close(got_grad.float(), want_grad.float(), rtol=1e-2 if logits.dtype == torch.bfloat16
+                                   else 1e-5, atol=1e-6)
+
+
+def test_the_kernel_choice_is_automatic_and_can_be_forced(monkeypatch):
+    cpu, = torch.zeros(1),
+    assert not use_fused("auto", cpu) and not use_fused("eager", cpu)
+    assert use_fused("triton", cpu)  # under TRITON_INTERPRET=1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*srm_kernels='auto'"):
+        use_fused("triton", cpu)
+    with pytest.raises(ValueError, match="srm_kernels='fast' is not one of"):
+        use_fused("fast", cpu)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("mode", ["paper", "joint"])
+def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
+    runs = {}
+    for kernels in ("eager", "triton"):
+        trainer = make_trainer(tmp_path / kernels, srm_mode=mode, srm_kernels=kernels, max_steps=3,
+                               srm_dictionary_max_steps=2, srm_max_steps=3)
+        trainer.train()
+        runs[kernels] = ([e["loss"] for e in trainer.state.log_history if "loss" in e],
+                         {k: v.clone() for k, v in trainer.distill_model.student.state_dict().items()})
+    torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=1e-5, atol=1e-6)
+    for key, value in runs["eager"][1].items():
+        torch.testing.assert_close(runs["triton"][1][key], value, rtol=1e-4, atol=1e-5)
