@@ -3,6 +3,9 @@
     python recipes/benchmarks/cost.py                        # CPU, fp32: writes recipes/benchmarks/results/cost.md
     python recipes/benchmarks/cost.py --device cuda --bf16   # GPU, bf16 autocast
     python recipes/benchmarks/cost.py --steps 5 --out /tmp/cost.md   # a quick check
+    python recipes/benchmarks/cost.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t
+                                                             # the small-model setting
+On CUDA the SRM steps run twice, with the eager maths and with the fused Triton kernels (`srm_kernels`).
 
 All variants run interleaved (one step of each per round, in turn) on the same batch, after warm-up rounds; each
 reports the median step time over the rounds and its peak memory: on a GPU the allocator's peak during the step, on
@@ -24,6 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
+from srm_hf.fused import use_fused  # noqa: E402
 from srm_hf.methods import SRM  # noqa: E402
 from srm_hf.stages import StagePlan  # noqa: E402
 
@@ -101,9 +105,10 @@ def variants(trainer, batch, autocast):
         trainer.teacher_hooks.clear()
         student_alone()
 
-    def stage(name):
+    def stage(name, kernels="eager"):
         def run():
             trainer.plan = StagePlan([(STAGES[name], 1)])
+            trainer.method.kernels = kernels
             with autocast():
                 loss = trainer.compute_loss(model, batch)
             step(loss)
@@ -115,7 +120,7 @@ def variants(trainer, batch, autocast):
             teacher(batch["pixel_values"])
         trainer.teacher_hooks.clear()
 
-    return {
+    fns = {
         "student step alone": student_alone,
         "floor: student step + teacher forward": floor,
         "KD step": stage("kd"),
@@ -124,6 +129,9 @@ def variants(trainer, batch, autocast):
         "teacher forward": teacher_forward,
         "dictionary step": stage("dictionary"),
     }
+    if use_fused("auto", batch["pixel_values"]):  # the Triton kernels, side by side with eager (CUDA only)
+        fns.update({"SRM joint step, fused": stage("joint", "triton"), "SRM stage-2 step, fused": stage("srm", "triton")})
+    return fns
 
 
 def measure(fns, rounds, warmup, device):
@@ -189,7 +197,9 @@ def report(args, trainer, times, mem) -> str:
         f"| step | median time (ms) | vs floor | memory: {memory_kind} (MiB) | vs floor |",
         "|---|---|---|---|---|",
     ]
-    for name in ("student step alone", floor_name, "KD step", "SRM joint step", "SRM stage-2 step"):
+    steps = ("student step alone", floor_name, "KD step", "SRM joint step", "SRM stage-2 step",
+             "SRM joint step, fused", "SRM stage-2 step, fused")
+    for name in (n for n in steps if n in times):
         ratio, lo, hi = paired_ratio(times, name, floor_name)
         lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{mem[name] / 2**20:.1f} | {mem[name] / max(floor_mem, 1):.3f} |")

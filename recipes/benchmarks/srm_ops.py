@@ -1,6 +1,6 @@
 """Micro-benchmark of the SRM targets and loss alone on a GPU: the four ResNet-18 taps at batch 128 (K = 2C),
 channels first (as srm_hf computes them) against channels last, `torch.topk` against a full sort, eager against
-`torch.compile`. Needs CUDA:
+`torch.compile`, and srm_hf's fused Triton kernels (targets in bf16 here). Needs CUDA:
 
     python recipes/benchmarks/srm_ops.py
 
@@ -12,6 +12,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from srm_hf.fused import srm_targets_fused
+from srm_hf.srm import srm_loss_fused
 
 BATCH = 128
 TAPS = [(64, 56, 2), (128, 28, 5), (256, 14, 10), (512, 7, 20)]  # (C, H = W, k); K = 2C
@@ -56,6 +59,15 @@ def channels_last(xt, xs, D, b, P, c, k, select=topk):
     return F.cross_entropy(p.reshape(-1, num_atoms), idx[..., 0].reshape(-1)) + bce(p.mean((1, 2)), image)
 
 
+def fused(xt, xs, D, b, P, c, k):
+    """The same through srm_hf's Triton kernels (`srm_hf.fused`): projections by cuBLAS, the rest in the kernels."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        a = F.conv2d(xt, D.t()[:, :, None, None].to(xt.dtype)) + b
+        h = F.conv2d(xs, P.t()[:, :, None, None].to(xs.dtype)) + c
+    pixel, image = srm_targets_fused(a, k)
+    return sum(srm_loss_fused(h, pixel, image).values())
+
+
 def channels_last_sort(*args):
     return channels_last(*args, select=sort_topk)
 
@@ -90,7 +102,8 @@ def bench(fn, memory_format, steps: int = 30, warmup: int = 5) -> tuple[float, f
 def main():
     torch.manual_seed(0)
     variants = {"channels first (srm_hf)": channels_first, "channels last": channels_last,
-                "channels last, sort": channels_last_sort, "channels last, compiled": torch.compile(channels_last)}
+                "channels last, sort": channels_last_sort, "channels last, compiled": torch.compile(channels_last),
+                "fused kernels (srm_hf)": fused}
     for name, fn in variants.items():
         for layout, memory_format in (("default", torch.contiguous_format), ("channels_last", torch.channels_last)):
             ms, mib = bench(fn, memory_format)
