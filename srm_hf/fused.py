@@ -5,6 +5,7 @@ codes, their argmax and mean, then the head's sigmoid, softmax and BCE maps, eac
 Here each pixel's K values stay in registers:
 
     srm_targets_fused(a, k)        a = Dᵀt + b  -> (pixel labels, image labels), as `srm_targets(encode(t))`
+    sparse_codes_fused(a, k)       a = Dᵀt + b  -> the sparse codes λ of `encode(t)`, differentiable (stage 1)
     srm_loss_fused(l, y, g, ...)   l = Pᵀs + c  -> the pixel CE and image BCE of `srm_loss`, forward and backward
 
 Both read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their strides, as
@@ -74,6 +75,35 @@ def _launch(num_atoms: int, pixels: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _top_k(z, cols, num_active, BLOCK_K: tl.constexpr):
+        # z [BLOCK_S, BLOCK_K] -> z where an atom is among the k largest of its row, else 0; among equal values the
+        # lowest atom indices first (`top_k_mask`); padding must hold values below every real one
+        left, kept = z, tl.zeros_like(z)
+        for _ in range(num_active):
+            top = tl.max(left, axis=1)
+            first = tl.min(tl.where(left == top[:, None], cols[None, :], BLOCK_K), axis=1)
+            take = cols[None, :] == first[:, None]
+            kept = tl.where(take, z, kept)
+            left = tl.where(take, -2.0, left)
+        return kept
+
+    @triton.jit
+    def _codes_kernel(a_ptr, out_ptr, S, K, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
+                      PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+        # λ = top-k of sigmoid(a) per pixel, written in the layout and dtype of `out`
+        n, chunk = tl.program_id(0), tl.program_id(1)
+        cols = tl.arange(0, BLOCK_K)
+        col_ok = cols < K
+        for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
+            rows = start + tl.arange(0, BLOCK_S)
+            ok = (rows < S)[:, None] & col_ok[None, :]
+            a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+            z = tl.where(ok, tl.sigmoid(a.to(tl.float32)), -1.0)
+            codes = _top_k(z, cols, num_active, BLOCK_K)
+            tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
+                     codes.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
     def _targets_kernel(a_ptr, label_ptr, part_ptr, S, K, s_n, s_k, s_s, num_active, chunks,
                         PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
         # one program: PER_PROGRAM pixels of image n; z = sigmoid(a) per pixel, its first argmax, and the sum over
@@ -91,13 +121,7 @@ if triton is not None:
             best = tl.max(z, axis=1)
             label = tl.min(tl.where(z == best[:, None], cols[None, :], BLOCK_K), axis=1)
             tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=row_ok)
-            left, kept = z, tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
-            for _ in range(num_active):
-                top = tl.max(left, axis=1)
-                first = tl.min(tl.where(left == top[:, None], cols[None, :], BLOCK_K), axis=1)
-                take = cols[None, :] == first[:, None]
-                kept = tl.where(take, z, kept)
-                left = tl.where(take, -2.0, left)
+            kept = _top_k(z, cols, num_active, BLOCK_K)
             total += tl.sum(tl.where(row_ok[:, None], kept, 0.0), axis=0)
         tl.store(part_ptr + (n * chunks + chunk) * K + cols, total, mask=col_ok)
 
@@ -170,6 +194,34 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
                                  PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
     spatial = activation_logits.shape[2:] if a.dim() == 4 else activation_logits.shape[1:-1]
     return labels.view(n, *spatial), partial.sum(dim=1) / pixels
+
+
+class _SparseCodes(torch.autograd.Function):
+    """λ = top-k of sigmoid(a), the mask without gradient. Backward needs λ alone: dλ/da = λ(1-λ) where an atom is
+    kept (there λ = z) and 0 elsewhere (there λ = 0)."""
+
+    @staticmethod
+    def forward(ctx, activation_logits, num_active):
+        a, n, pixels, s_n, s_k, s_s = pixel_view(activation_logits)
+        num_atoms = a.shape[1 if a.dim() == 4 else -1]
+        codes = torch.empty_like(a)
+        o_n, o_k, o_s = pixel_view(codes)[3:]
+        chunks, block_s, block_k = _launch(num_atoms, pixels)
+        _codes_kernel[(n, chunks)](a, codes, pixels, num_atoms, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
+                                   PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
+        ctx.save_for_backward(codes)
+        return codes
+
+    @staticmethod
+    def backward(ctx, grad_codes):
+        codes, = ctx.saved_tensors
+        return grad_codes * codes * (1 - codes), None
+
+
+def sparse_codes_fused(activation_logits: torch.Tensor, num_active: int) -> torch.Tensor:
+    """`SparseCoder.encode` after the projection: λ = sigmoid(a) ⊙ 1[top k], as `top_k_mask` keeps them (exactly k,
+    lowest atom indices first among equal values), in the layout and dtype of `a`; differentiable in `a`."""
+    return _SparseCodes.apply(activation_logits, num_active)
 
 
 class _FusedPixelImage(torch.autograd.Function):

@@ -92,8 +92,13 @@ class SparseCoder(nn.Module):
         """Dense z = sigmoid(Dᵀ t + b): C channels -> K channels, same layout."""
         return torch.sigmoid(project(x, self.dictionary, self.bias))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel."""
+    def encode(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel; `fused=True` computes
+        the sigmoid and top-k in one Triton kernel (`srm_hf.fused`)."""
+        if fused:
+            from .fused import sparse_codes_fused
+
+            return sparse_codes_fused(project(x, self.dictionary, self.bias), self.num_active)
         z = self.activations(x)
         return z * top_k_mask(z, self.num_active, channel_dim(z))  # no gradient through the mask
 
@@ -101,9 +106,9 @@ class SparseCoder(nn.Module):
         """t̂ = D λ: codes with K channels -> reconstruction with C channels, same layout."""
         return project(codes, self.dictionary.t())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (codes, reconstruction)."""
-        codes = self.encode(x)
+        codes = self.encode(x, fused)
         return codes, self.decode(codes)
 
     @torch.no_grad()

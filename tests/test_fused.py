@@ -130,3 +130,29 @@ def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
     torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=1e-5, atol=1e-6)
     for key, value in runs["eager"][1].items():
         torch.testing.assert_close(runs["triton"][1][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name):
+    """Stage 1 through the kernel: the same codes (ties included) and the same gradients of MSE(T, D·λ) in D, b."""
+    shape, dim = LAYOUTS[name]
+    channels = 5
+    x_shape = (shape[0], channels, *shape[2:]) if dim == 1 else (*shape[:-1], channels)
+    torch.manual_seed(0)
+    coder = SparseCoder(channels, shape[dim], num_active=3).to(DEVICE)
+    with torch.no_grad():
+        coder.dictionary[:, 5:] = coder.dictionary[:, :5]  # duplicated atoms: ties at every pixel
+    x = layout(name, torch.randn(x_shape).to(DEVICE))
+    results = []
+    for fused in (False, True):
+        coder.zero_grad()
+        codes, reconstruction = coder(x, fused=fused)
+        mse = ((reconstruction - x) ** 2).mean()
+        mse.backward()
+        results.append((codes.detach(), mse.detach(), coder.dictionary.grad.clone(), coder.bias.grad.clone()))
+    (codes, loss, grad_d, grad_b), (f_codes, f_loss, f_grad_d, f_grad_b) = results
+    assert torch.equal(f_codes != 0, codes != 0) and (codes != 0).sum(dim).eq(3).all()
+    torch.testing.assert_close(f_codes, codes, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(f_grad_d, grad_d, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(f_grad_b, grad_b, rtol=1e-5, atol=1e-7)

@@ -95,7 +95,8 @@ class SRM(Method):
 
     def loss(self, stage, student, teacher, labels):
         if stage.name == "dictionary":  # Σ_taps MSE(T, T̂)
-            return {"mse": sum(dictionary_loss(t, self.coders[k](t)[1]) for k, t in teacher.features.items())}
+            return {"mse": sum(dictionary_loss(t, self.coders[k](t, use_fused(self.kernels, t))[1])
+                               for k, t in teacher.features.items())}
         terms = {}
         if stage.name in ("kd", "joint"):
             terms.update(kd_terms(student.logits, teacher.logits if teacher else None, labels, self.kd_alpha, self.kd_temperature,
