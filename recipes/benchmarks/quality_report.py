@@ -73,6 +73,54 @@ def verdicts(rows: list[dict]) -> list[str]:
     return lines
 
 
+# srm_search.py runs that ask why SRM falls behind, by (images/class, budget in KD steps): the same variants at one
+# budget and at four times it, on validation (commands in each file and in README.md)
+ABLATIONS = ("srm_search_1000_b600", "srm_search_1000_b2400", "srm_search_100_b1000", "srm_search_100_b4000")
+ALONE, SRM_KD = "alone, lr 1e-2", "SRM 5/5/90, α 0.5, CE on logits"
+SRM_CE = "SRM 5/5/90, CE on logits, last stage labels only (α 0)"
+SRM_DKD = "SRM 5/5/90, CE on logits, last stage DKD β 2"
+
+
+def ablation_section(out_dir: str) -> list[str]:
+    """The ablation runs found in `out_dir`: a table of validation means and the differences that answer 'why'."""
+    runs = {}
+    for name in ABLATIONS:
+        path = os.path.join(out_dir, name + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                runs[name] = json.load(f)
+    if not runs:
+        return []
+    columns = [(r["meta"]["size"], r["meta"]["budget_kd_steps"], {row["variant"]: row for row in r["rows"]})
+               for r in runs.values()]
+    variants = list(dict.fromkeys(v for *_, rows in columns for v in rows))
+    lines = ["", "## Why SRM falls behind with more data: ablations on validation", "",
+             "`recipes/benchmarks/srm_search.py`, 28 px pair, validation split (200 images per class carved from the "
+             "training images; the test split is not used), mean of 2 seeds, every variant at the same measured "
+             "cost within a column: the budget is that many measured steps of plain KD. Each column is one "
+             "invocation (its command is in `results/<file>.md`). Files: "
+             + ", ".join(f"`{n}.md`" for n in runs) + ".", "",
+             "| variant | " + " | ".join(f"{size} img/class, {budget} KD steps" for size, budget, _ in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for v in variants:
+        cells = [f"{100 * rows[v]['mean']:.2f} ({' + '.join(str(x) for x in rows[v]['steps'].values())})"
+                 if v in rows else "—" for *_, rows in columns]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines += ["", "Steps per stage in brackets. Differences in points (validation means):", ""]
+    for size, budget, rows in columns:
+        if not {ALONE, SRM_KD, SRM_CE, SRM_DKD} <= set(rows):
+            continue
+        mean = lambda v: 100 * rows[v]["mean"]  # noqa: E731
+        distillers = [v for v in rows if v != ALONE and not v.startswith("alone")]
+        best = max(distillers, key=mean)
+        lines.append(
+            f"- {size} img/class, {budget} KD steps: the student alone {mean(ALONE) - mean(best):+.2f} against the "
+            f"best distiller ({best}); SRM's stages then labels only (no teacher in the last stage) "
+            f"{mean(SRM_CE) - mean(ALONE):+.2f} against the student alone; SRM then KD {mean(SRM_KD) - mean(SRM_CE):+.2f}"
+            f" against SRM then labels only; DKD instead of KD after SRM {mean(SRM_DKD) - mean(SRM_KD):+.2f}.")
+    return lines
+
+
 def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[str, float], seconds: float,
                   code: str, step_scales: dict[str, float]) -> None:
     quick = "_quick" if args.quick else ""
@@ -106,7 +154,7 @@ def write_results(args, budget, extra: float, rows: list[dict], teachers: dict[s
                      f"{r['cost_seconds']:.1f} | {fmt(r['test'])} | {eq_steps} | {eq} |")
     lines += ["", "## At equal measured compute", "",
               "Difference of means in points; 'above'/'below' when it exceeds the larger of the two stds, else "
-              "'tied'.", "", *verdicts(rows)]
+              "'tied'.", "", *verdicts(rows), *ablation_section(args.out_dir)]
     with open(os.path.join(args.out_dir, f"quality{quick}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out_dir, f"quality{quick}.json"), "w") as f:
