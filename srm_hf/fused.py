@@ -22,6 +22,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -65,6 +67,15 @@ def pixel_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     raise ValueError(f"Expected maps [N, K, H, W], tokens [N, L, K] or vectors [N, K]; got {tuple(x.shape)}.")
 
 
+def _run(kernel, grid, *args, **meta) -> None:
+    """Launch a kernel; a GPU or Triton version it does not compile for stops the run with the way around."""
+    try:
+        kernel[grid](*args, **meta)
+    except (CompilationError, OutOfResources) as e:
+        raise RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(e).__name__}: "
+                           f"{e}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.") from e
+
+
 def _launch(num_atoms: int, pixels: int) -> tuple[int, int, int]:
     """(programs per image, block of pixels, block of atoms): about 4k values in flight per program."""
     block_k = triton.next_power_of_2(num_atoms)
@@ -91,7 +102,7 @@ if triton is not None:
     def _codes_kernel(a_ptr, out_ptr, S, K, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
                       PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
         # λ = top-k of sigmoid(a) per pixel, written in the layout and dtype of `out`
-        n, chunk = tl.program_id(0), tl.program_id(1)
+        n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
@@ -108,7 +119,7 @@ if triton is not None:
                         PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
         # one program: PER_PROGRAM pixels of image n; z = sigmoid(a) per pixel, its first argmax, and the sum over
         # its pixels of the k largest z (lowest atom indices first among equal values), as `top_k_mask` keeps them
-        n, chunk = tl.program_id(0), tl.program_id(1)
+        n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         total = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -130,7 +141,7 @@ if triton is not None:
                              CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_K: tl.constexpr):
         # per pixel: p = sigmoid(l), CE(x, y) with x = p (paper) or l; sums over the program's pixels of the CE and of p
-        n, chunk = tl.program_id(0), tl.program_id(1)
+        n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         ce_total = tl.zeros([BLOCK_S], dtype=tl.float32)
@@ -157,7 +168,7 @@ if triton is not None:
                               ce_scale, p_scale, CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr,
                               BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
         # dL/dl = g_ce·ce_scale·(softmax(x) - onehot(y))·dx/dl + g_p[n]·p_scale·p(1-p), recomputed from l
-        n, chunk = tl.program_id(0), tl.program_id(1)
+        n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
         g_ce = tl.load(g_ce_ptr) * ce_scale  # a device scalar: no host sync
@@ -190,7 +201,7 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
     chunks, block_s, block_k = _launch(num_atoms, pixels)
     labels = torch.empty(n, pixels, dtype=torch.long, device=a.device)
     partial = torch.empty(n, chunks, num_atoms, dtype=torch.float32, device=a.device)
-    _targets_kernel[(n, chunks)](a, labels, partial, pixels, num_atoms, s_n, s_k, s_s, num_active, chunks,
+    _run(_targets_kernel, (n, chunks), a, labels, partial, pixels, num_atoms, s_n, s_k, s_s, num_active, chunks,
                                  PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
     spatial = activation_logits.shape[2:] if a.dim() == 4 else activation_logits.shape[1:-1]
     return labels.view(n, *spatial), partial.sum(dim=1) / pixels
@@ -207,7 +218,7 @@ class _SparseCodes(torch.autograd.Function):
         codes = torch.empty_like(a)
         o_n, o_k, o_s = pixel_view(codes)[3:]
         chunks, block_s, block_k = _launch(num_atoms, pixels)
-        _codes_kernel[(n, chunks)](a, codes, pixels, num_atoms, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
+        _run(_codes_kernel, (n, chunks), a, codes, pixels, num_atoms, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
                                    PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
         ctx.save_for_backward(codes)
         return codes
@@ -236,7 +247,7 @@ class _FusedPixelImage(torch.autograd.Function):
         labels = labels.reshape(n, pixels).contiguous()
         ce = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)
         p_sum = torch.empty(n, chunks, num_atoms, dtype=torch.float32, device=logits.device)
-        _loss_forward_kernel[(n, chunks)](view, labels, ce, p_sum, pixels, num_atoms, s_n, s_k, s_s, chunks,
+        _run(_loss_forward_kernel, (n, chunks), view, labels, ce, p_sum, pixels, num_atoms, s_n, s_k, s_s, chunks,
                                           CE_ON_SIGMOID=ce_on_sigmoid, PER_PROGRAM=PIXELS_PER_PROGRAM,
                                           BLOCK_S=block_s, BLOCK_K=block_k)
         ctx.save_for_backward(view, labels)
@@ -254,7 +265,7 @@ class _FusedPixelImage(torch.autograd.Function):
         out = torch.empty_like(view)  # the same strides as `view` (dense)
         o_n, o_k, o_s = pixel_view(out)[3:]
         chunks, block_s, block_k = _launch(num_atoms, pixels)
-        _loss_backward_kernel[(n, chunks)](view, labels, grad_ce, grad_image, out, pixels, num_atoms, s_n, s_k,
+        _run(_loss_backward_kernel, (n, chunks), view, labels, grad_ce, grad_image, out, pixels, num_atoms, s_n, s_k,
                                            s_s, o_n, o_k, o_s, 1.0 / (n * pixels), 1.0 / pixels,
                                            CE_ON_SIGMOID=ctx.ce_on_sigmoid, PER_PROGRAM=PIXELS_PER_PROGRAM,
                                            BLOCK_S=block_s, BLOCK_K=block_k)

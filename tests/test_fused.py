@@ -156,3 +156,20 @@ def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name):
     torch.testing.assert_close(f_loss, loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(f_grad_d, grad_d, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(f_grad_b, grad_b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_kernel_that_does_not_compile_names_the_eager_switch():
+    from triton.runtime.errors import OutOfResources
+
+    from srm_hf.fused import _run
+
+    class Kernel:
+        fn = srm_targets_fused
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                raise OutOfResources(99, 1, "shared memory")
+            return launch
+
+    with pytest.raises(RuntimeError, match="srm_targets_fused does not compile.*srm_kernels='eager'"):
+        _run(Kernel(), (1, 1))
