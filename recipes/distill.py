@@ -41,6 +41,7 @@ from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.metrics import make_compute_metrics
 from srm_hf.plots import atom_usage, save_report
 from srm_hf.preflight import check_images, check_output_dir
+from srm_hf.taps import format_tap_plan
 from srm_hf.transforms import AugmentedDataset, ImageTransform, image_processor_for, preprocessing_for
 
 # A ResNet-18 (widths 16-128) trained on Fashion-MNIST by recipes/teachers/README.md's command; run from the repo root.
@@ -200,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   processing_class=processor,
                                   eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
                                   compute_metrics=compute_metrics)
+    if trainer.tap_pairs:
+        print(f"Tap pairs (teacher -> student; set layer_pairs to choose others):\n{format_tap_plan(trainer.tap_pairs)}")
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
     trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
     test = splits.test if splits.test is not None else splits.validation

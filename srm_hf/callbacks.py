@@ -9,6 +9,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .checkpoint import mark_complete
+from .taps import format_tap_plan
 
 logger = logging.get_logger(__name__)
 
@@ -25,6 +26,7 @@ class StageCallback(TrainerCallback):
         self._current = None
         if state.is_world_process_zero:
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
+            logger.info(f"Tap pairs (teacher -> student):\n{format_tap_plan(self.trainer.tap_pairs)}")
 
     def on_step_end(self, args, state, control, **kwargs):
         """The student is judged only in the last stage (before it, its classifier is frozen or untrained): no

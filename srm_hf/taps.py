@@ -145,6 +145,13 @@ def pair_taps(teacher: list[TapInfo], student: list[TapInfo]) -> list[TapPair]:
     return pairs
 
 
+def format_tap_plan(pairs: list[TapPair]) -> str:
+    """The pairing as lines 'teacher tap -> student tap', for the log and the recipe's output."""
+    if not pairs:
+        return "no taps (the method reads logits only)"
+    return "\n".join(f"  {p.teacher}  ->  {p.student}" for p in pairs)
+
+
 def plan_taps(teacher: nn.Module, student: nn.Module, teacher_pixel_values: torch.Tensor,
               pixel_values: torch.Tensor, args) -> list[TapPair]:
     """Pair the taps of both models: `args.layer_pairs` if given (checked), else automatically by grid size."""

@@ -77,11 +77,12 @@ def tiny_fashion_idx(root):
     return str(root)
 
 
-def test_distill_end_to_end_offline_with_teacher_cache(tmp_path, monkeypatch):
+def test_distill_end_to_end_offline_with_teacher_cache(tmp_path, monkeypatch, capsys):
     data = tiny_fashion_idx(tmp_path)
     out = tmp_path / "run"
     args = ["--dataset_dir", data, "--output_dir", str(out), *TINY]
     metrics = distill.main(args)
+    assert "Tap pairs (teacher -> student" in capsys.readouterr().out  # the plan, before training
     assert set(metrics) == {"student_accuracy", "teacher_accuracy", "kd_student_accuracy", "alone_student_accuracy"}
     files = set(os.listdir(out))
     assert {"config.json", "model.safetensors", "method_state.safetensors", "README.md", "srm_report.png",

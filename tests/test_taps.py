@@ -5,7 +5,7 @@ import torch
 from conftest import hf_resnet, small_net, timm_resnet
 
 from srm_hf import describe_taps, pair_taps
-from srm_hf.taps import dry_run, stage_taps
+from srm_hf.taps import dry_run, format_tap_plan, stage_taps
 
 
 def test_describe_taps():
@@ -39,3 +39,13 @@ def test_no_matching_size_is_a_clear_error():
     student = [t for t in stage_taps(dry_run(hf_resnet(), torch.randn(1, 3, 64, 64))[0], 4) if t.spatial]
     with pytest.raises(ValueError, match="layer_pairs"):
         pair_taps([t for t in teacher if t.spatial], student)
+
+
+def test_the_tap_plan_reads_as_lines_of_pairs():
+    x = torch.randn(2, 3, 32, 32)
+    pairs = pair_taps(stage_taps(dry_run(timm_resnet(), x)[0], 4), stage_taps(dry_run(hf_resnet(), x)[0], 4))
+    lines = format_tap_plan(pairs).splitlines()
+    assert len(lines) == len(pairs) and lines[0].split("->")[0].strip().startswith("layer1: ")
+    assert "resnet.encoder.stages.0" in lines[0] and "reduction 4" in lines[0]
+    assert format_tap_plan([]).startswith("no taps")
+
