@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   eval_dataset=splits.validation.with_transform(ImageTransform(student_pre, teacher_pre)),
                                   compute_metrics=compute_metrics)
     if trainer.tap_pairs:
-        print(f"Tap pairs (teacher -> student; set layer_pairs to choose others):\n{format_tap_plan(trainer.tap_pairs)}")
+        plan = format_tap_plan(trainer.tap_pairs)
+        print(f"Tap pairs (teacher -> student; set layer_pairs to choose others):\n{plan}")
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
     trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
     test = splits.test if splits.test is not None else splits.validation

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from transformers import TrainingArguments
 
+from .fused import KERNEL_CHOICES
 from .methods import METHOD_PREFIXES, check_method_fields, method_class
 from .stage_batches import parse_stage_batch_sizes
 
@@ -56,7 +57,7 @@ class DistillationConfig(TrainingArguments):
     srm_kernels: str = field(
         default="auto",
         metadata={"help": "SRM targets and loss: 'auto' (fused Triton kernels on CUDA, eager PyTorch elsewhere), "
-                          "'triton' or 'eager'.", "choices": ["auto", "triton", "eager"]},
+                          "'triton' or 'eager'.", "choices": list(KERNEL_CHOICES)},
     )
     srm_dictionary_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 1 (dictionary learning)."})
     srm_dictionary_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 1; overrides its epochs."})
@@ -174,8 +175,8 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"srm_sparsity_multiplier={self.srm_sparsity_multiplier} must be in (0, 1] (the paper uses 0.01-0.03)."
             )
-        if self.srm_kernels not in ("auto", "triton", "eager"):
-            raise ValueError(f"srm_kernels={self.srm_kernels!r} is not one of 'auto', 'triton' or 'eager'.")
+        if self.srm_kernels not in KERNEL_CHOICES:
+            raise ValueError(f"srm_kernels={self.srm_kernels!r} is not one of {KERNEL_CHOICES}.")
         for name in ("kd_alpha", "dkd_warmup_ratio", "reviewkd_warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")

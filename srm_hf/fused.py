@@ -8,22 +8,24 @@ Here each pixel's K values stay in registers:
     sparse_codes_fused(a, k)       a = Dᵀt + b  -> the sparse codes λ of `encode(t)`, differentiable (stage 1)
     srm_loss_fused(l, y, g, ...)   l = Pᵀs + c  -> the pixel CE and image BCE of `srm_loss`, forward and backward
 
-Both read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their strides, as
-pixels of K values. Per-image sums go through per-program partial buffers summed in a fixed order: the results
-do not depend on scheduling. `use_fused` picks the path: the kernels on CUDA tensors when Triton is installed
+All three read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their
+strides, as pixels of K values; the top k are chosen on a (the sigmoid is monotone), exactly as `top_k_mask`
+does. Per-image sums go through per-program partial buffers summed in a fixed order: the results do not depend on
+scheduling. `use_fused` picks the path: the kernels on CUDA tensors when Triton is installed
 (`srm_kernels="auto"`), always (`"triton"`; CPU tensors need `TRITON_INTERPRET=1`, slow, for tests) or never
 (`"eager"`). The kernels run in float32 whatever the input dtype.
 """
 
 import os
+from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:
     import triton
     import triton.language as tl
-    from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    from triton.errors import TritonError
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -53,72 +55,84 @@ def use_fused(kernels: str, tensor: torch.Tensor) -> bool:
     return True
 
 
-def pixel_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
-    """(x, N, S, stride of N, stride of K, stride of S): x seen as N images of S pixels with K values each."""
-    if x.dim() == 4:  # [N, K, H, W]: H and W must merge into one stride (true for contiguous and channels_last)
+class Pixels(NamedTuple):
+    """A tensor seen as `n` images of `pixels` pixels with `atoms` values each, and the strides to walk it."""
+
+    x: torch.Tensor
+    n: int
+    pixels: int
+    atoms: int
+    strides: tuple[int, int, int]  # of an image, an atom, a pixel
+
+
+def pixel_view(x: torch.Tensor) -> Pixels:
+    """Maps [N, K, H, W] (H and W merged into one stride: contiguous or channels_last, else copied), tokens [N, L, K]
+    and vectors [N, K] (one pixel per image)."""
+    if x.dim() == 4:
         if x.shape[2] > 1 and x.stride(2) != x.shape[3] * x.stride(3):
             x = x.contiguous()
-        s_stride = x.stride(3) if x.shape[3] > 1 else x.stride(2)
-        return x, x.shape[0], x.shape[2] * x.shape[3], x.stride(0), x.stride(1), s_stride
-    if x.dim() == 3:  # tokens [N, L, K]
-        return x, x.shape[0], x.shape[1], x.stride(0), x.stride(2), x.stride(1)
-    if x.dim() == 2:  # vectors [N, K]: one pixel per image
-        return x, x.shape[0], 1, x.stride(0), x.stride(1), 0
+        pixel_stride = x.stride(3) if x.shape[3] > 1 else x.stride(2)
+        return Pixels(x, x.shape[0], x.shape[2] * x.shape[3], x.shape[1], (x.stride(0), x.stride(1), pixel_stride))
+    if x.dim() == 3:
+        return Pixels(x, x.shape[0], x.shape[1], x.shape[2], (x.stride(0), x.stride(2), x.stride(1)))
+    if x.dim() == 2:
+        return Pixels(x, x.shape[0], 1, x.shape[1], (x.stride(0), x.stride(1), 0))
     raise ValueError(f"Expected maps [N, K, H, W], tokens [N, L, K] or vectors [N, K]; got {tuple(x.shape)}.")
 
 
-def _run(kernel, grid, *args, **meta) -> None:
-    """Launch a kernel; a GPU or Triton version it does not compile for stops the run with the way around."""
+def _run(kernel, view: Pixels, *args, **meta) -> None:
+    """Launch a kernel over `view` (programs: images × chunks of PIXELS_PER_PROGRAM pixels); a GPU or Triton version
+    it does not compile for stops the run with the way around."""
+    block_k = triton.next_power_of_2(view.atoms)
+    block_s = max(1, min(triton.next_power_of_2(view.pixels), PIXELS_PER_PROGRAM, 4096 // block_k))  # ~4k values
     try:
-        kernel[grid](*args, **meta)
-    except (CompilationError, OutOfResources) as e:
+        kernel[(view.n, num_chunks(view))](view.x, *args, view.pixels, view.atoms, *view.strides, **meta,
+                                       PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k,
+                                       num_warps=8 if block_k >= 1024 else 4)
+    except TritonError as e:  # CompilationError, OutOfResources, PTXASError
         raise RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(e).__name__}: "
                            f"{e}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.") from e
 
 
-def _launch(num_atoms: int, pixels: int) -> tuple[int, int, int]:
-    """(programs per image, block of pixels, block of atoms): about 4k values in flight per program."""
-    block_k = triton.next_power_of_2(num_atoms)
-    block_s = max(1, min(triton.next_power_of_2(pixels), PIXELS_PER_PROGRAM, 4096 // block_k))
-    return triton.cdiv(pixels, PIXELS_PER_PROGRAM), block_s, block_k
+def num_chunks(view: Pixels) -> int:
+    """Programs per image."""
+    return triton.cdiv(view.pixels, PIXELS_PER_PROGRAM)
 
 
 if triton is not None:
 
     @triton.jit
-    def _top_k(z, cols, num_active, BLOCK_K: tl.constexpr):
-        # z [BLOCK_S, BLOCK_K] -> z where an atom is among the k largest of its row, else 0; among equal values the
-        # lowest atom indices first (`top_k_mask`); padding must hold values below every real one
-        left, kept = z, tl.zeros_like(z)
+    def _sparse_codes(a, ok, num_active, BLOCK_K: tl.constexpr):
+        # a [BLOCK_S, BLOCK_K] float32 -> λ = sigmoid(a) where an atom is among the k largest a of its pixel, else 0:
+        # exactly k, the lowest atom indices first among equal values (`top_k_mask`); NaN wherever a pixel has one
+        cols = tl.arange(0, BLOCK_K)[None, :]
+        free, kept = ok, ok & (cols < 0)  # atoms still to choose from; atoms kept
         for _ in range(num_active):
-            top = tl.max(left, axis=1)
-            first = tl.min(tl.where(left == top[:, None], cols[None, :], BLOCK_K), axis=1)
-            take = cols[None, :] == first[:, None]
-            kept = tl.where(take, z, kept)
-            left = tl.where(take, -2.0, left)
-        return kept
+            top = tl.max(tl.where(free, a, -float("inf")), axis=1)[:, None]
+            first = tl.min(tl.where(free & (a == top), cols, BLOCK_K), axis=1)[:, None]
+            kept, free = kept | (cols == first), free & (cols != first)
+        nan = tl.max(tl.where(ok & (a != a), 1, 0), axis=1)[:, None] > 0  # tl.max skips NaN: keep it visible
+        return tl.where(nan, float("nan"), tl.where(kept, tl.sigmoid(a), 0.0))
 
     @triton.jit
-    def _codes_kernel(a_ptr, out_ptr, S, K, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
+    def _codes_kernel(a_ptr, out_ptr, num_active, o_n, o_k, o_s, S, K, s_n, s_k, s_s,
                       PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-        # λ = top-k of sigmoid(a) per pixel, written in the layout and dtype of `out`
+        # λ per pixel, written in the layout and dtype of `out`
         n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
         cols = tl.arange(0, BLOCK_K)
-        col_ok = cols < K
         for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
             rows = start + tl.arange(0, BLOCK_S)
-            ok = (rows < S)[:, None] & col_ok[None, :]
+            ok = (rows < S)[:, None] & (cols < K)[None, :]
             a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-            z = tl.where(ok, tl.sigmoid(a.to(tl.float32)), -1.0)
-            codes = _top_k(z, cols, num_active, BLOCK_K)
+            codes = _sparse_codes(a.to(tl.float32), ok, num_active, BLOCK_K)
             tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
                      codes.to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _targets_kernel(a_ptr, label_ptr, part_ptr, S, K, s_n, s_k, s_s, num_active, chunks,
+    def _targets_kernel(a_ptr, label_ptr, part_ptr, num_active, chunks, S, K, s_n, s_k, s_s,
                         PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program: PER_PROGRAM pixels of image n; z = sigmoid(a) per pixel, its first argmax, and the sum over
-        # its pixels of the k largest z (lowest atom indices first among equal values), as `top_k_mask` keeps them
+        # one program: PER_PROGRAM pixels of image n; per pixel the codes λ and their first argmax (the pixel label),
+        # and the sum of λ over the program's pixels (its part of the image label)
         n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
         cols = tl.arange(0, BLOCK_K)
         col_ok = cols < K
@@ -128,16 +142,16 @@ if triton is not None:
             row_ok = rows < S
             ok = row_ok[:, None] & col_ok[None, :]
             a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-            z = tl.where(ok, tl.sigmoid(a.to(tl.float32)), -1.0)  # padding below every sigmoid value
-            best = tl.max(z, axis=1)
-            label = tl.min(tl.where(z == best[:, None], cols[None, :], BLOCK_K), axis=1)
+            codes = _sparse_codes(a.to(tl.float32), ok, num_active, BLOCK_K)
+            best = tl.max(tl.where(ok, codes, -1.0), axis=1)
+            label = tl.min(tl.where(ok & (codes == best[:, None]), cols[None, :], BLOCK_K), axis=1)
+            label = tl.where(label < K, label, 0)  # a pixel of NaN codes: NaN image labels say so, not the label
             tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=row_ok)
-            kept = _top_k(z, cols, num_active, BLOCK_K)
-            total += tl.sum(tl.where(row_ok[:, None], kept, 0.0), axis=0)
+            total += tl.sum(tl.where(ok, codes, 0.0), axis=0)
         tl.store(part_ptr + (n * chunks + chunk) * K + cols, total, mask=col_ok)
 
     @triton.jit
-    def _loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, S, K, s_n, s_k, s_s, chunks,
+    def _loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, S, K, s_n, s_k, s_s,
                              CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_K: tl.constexpr):
         # per pixel: p = sigmoid(l), CE(x, y) with x = p (paper) or l; sums over the program's pixels of the CE and of p
@@ -164,8 +178,8 @@ if triton is not None:
         tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total, mask=col_ok)
 
     @triton.jit
-    def _loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_p_ptr, out_ptr, S, K, s_n, s_k, s_s, o_n, o_k, o_s,
-                              ce_scale, p_scale, CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr,
+    def _loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_p_ptr, out_ptr, o_n, o_k, o_s, ce_scale, p_scale,
+                              S, K, s_n, s_k, s_s, CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr,
                               BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
         # dL/dl = g_ce·ce_scale·(softmax(x) - onehot(y))·dx/dl + g_p[n]·p_scale·p(1-p), recomputed from l
         n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
@@ -193,86 +207,71 @@ if triton is not None:
 
 @torch.no_grad()
 def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`srm_targets(codes)` for codes = top-k of sigmoid(`activation_logits`), where `activation_logits` is the
-    coder's projection Dᵀt + b ([N, K, H, W], [N, L, K] or [N, K]): (pixel labels [N, H, W] / [N, L] / [N] long,
-    image labels [N, K] float32)."""
-    a, n, pixels, s_n, s_k, s_s = pixel_view(activation_logits)
-    num_atoms = activation_logits.shape[1 if a.dim() == 4 else -1]
-    chunks, block_s, block_k = _launch(num_atoms, pixels)
-    labels = torch.empty(n, pixels, dtype=torch.long, device=a.device)
-    partial = torch.empty(n, chunks, num_atoms, dtype=torch.float32, device=a.device)
-    _run(_targets_kernel, (n, chunks), a, labels, partial, pixels, num_atoms, s_n, s_k, s_s, num_active, chunks,
-                                 PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
-    spatial = activation_logits.shape[2:] if a.dim() == 4 else activation_logits.shape[1:-1]
-    return labels.view(n, *spatial), partial.sum(dim=1) / pixels
+    """`srm_targets(SparseCoder.encode(t))` from the coder's projection a = Dᵀt + b ([N, K, H, W], [N, L, K] or
+    [N, K]): (pixel labels [N, H, W] / [N, L] / [N] long, image labels [N, K] float32)."""
+    view = pixel_view(activation_logits)
+    labels = torch.empty(view.n, view.pixels, dtype=torch.long, device=view.x.device)
+    partial = torch.empty(view.n, num_chunks(view), view.atoms, dtype=torch.float32, device=view.x.device)
+    _run(_targets_kernel, view, labels, partial, num_active, num_chunks(view))
+    spatial = activation_logits.shape[2:] if activation_logits.dim() == 4 else activation_logits.shape[1:-1]
+    return labels.view(view.n, *spatial), partial.sum(dim=1) / view.pixels
 
 
 class _SparseCodes(torch.autograd.Function):
-    """λ = top-k of sigmoid(a), the mask without gradient. Backward needs λ alone: dλ/da = λ(1-λ) where an atom is
-    kept (there λ = z) and 0 elsewhere (there λ = 0)."""
+    """λ = sigmoid(a) at the top k of a, the mask without gradient. Backward needs λ alone: dλ/da = λ(1-λ) where an
+    atom is kept (there λ = sigmoid(a)) and 0 elsewhere (there λ = 0)."""
 
     @staticmethod
     def forward(ctx, activation_logits, num_active):
-        a, n, pixels, s_n, s_k, s_s = pixel_view(activation_logits)
-        num_atoms = a.shape[1 if a.dim() == 4 else -1]
-        codes = torch.empty_like(a)
-        o_n, o_k, o_s = pixel_view(codes)[3:]
-        chunks, block_s, block_k = _launch(num_atoms, pixels)
-        _run(_codes_kernel, (n, chunks), a, codes, pixels, num_atoms, s_n, s_k, s_s, o_n, o_k, o_s, num_active,
-                                   PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k)
+        view = pixel_view(activation_logits)
+        codes = torch.empty_like(view.x)  # the layout of `a` (dense), its strides passed on
+        _run(_codes_kernel, view, codes, num_active, *pixel_view(codes).strides)
         ctx.save_for_backward(codes)
         return codes
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_codes):
         codes, = ctx.saved_tensors
         return grad_codes * codes * (1 - codes), None
 
 
 def sparse_codes_fused(activation_logits: torch.Tensor, num_active: int) -> torch.Tensor:
-    """`SparseCoder.encode` after the projection: λ = sigmoid(a) ⊙ 1[top k], as `top_k_mask` keeps them (exactly k,
-    lowest atom indices first among equal values), in the layout and dtype of `a`; differentiable in `a`."""
+    """`SparseCoder.encode` after the projection a: λ = sigmoid(a) ⊙ 1[a among the k largest] (`top_k_mask`: exactly
+    k, the lowest atom indices first among equal values), in the layout and dtype of `a`; differentiable in `a`."""
     return _SparseCodes.apply(activation_logits, num_active)
 
 
-class _FusedPixelImage(torch.autograd.Function):
+class _PixelCEAndImagePred(torch.autograd.Function):
     """(mean pixel CE, per-image mean of sigmoid(l) [N, K]) from head logits l, with a backward kernel that
     recomputes everything from l: only l and the labels are kept for backward."""
 
     @staticmethod
     def forward(ctx, logits, labels, ce_on_sigmoid):
-        view, n, pixels, s_n, s_k, s_s = pixel_view(logits)
-        num_atoms = logits.shape[1 if logits.dim() == 4 else -1]
-        chunks, block_s, block_k = _launch(num_atoms, pixels)
-        labels = labels.reshape(n, pixels).contiguous()
-        ce = torch.empty(n, chunks, dtype=torch.float32, device=logits.device)
-        p_sum = torch.empty(n, chunks, num_atoms, dtype=torch.float32, device=logits.device)
-        _run(_loss_forward_kernel, (n, chunks), view, labels, ce, p_sum, pixels, num_atoms, s_n, s_k, s_s, chunks,
-                                          CE_ON_SIGMOID=ce_on_sigmoid, PER_PROGRAM=PIXELS_PER_PROGRAM,
-                                          BLOCK_S=block_s, BLOCK_K=block_k)
-        ctx.save_for_backward(view, labels)
+        view = pixel_view(logits)
+        labels = labels.reshape(view.n, view.pixels).contiguous()
+        ce = torch.empty(view.n, num_chunks(view), dtype=torch.float32, device=logits.device)
+        p_sum = torch.empty(view.n, num_chunks(view), view.atoms, dtype=torch.float32, device=logits.device)
+        _run(_loss_forward_kernel, view, labels, ce, p_sum, num_chunks(view), CE_ON_SIGMOID=ce_on_sigmoid)
+        ctx.save_for_backward(view.x, labels)
         ctx.ce_on_sigmoid = ce_on_sigmoid
-        return ce.sum() / (n * pixels), p_sum.sum(dim=1) / pixels
+        return ce.sum() / (view.n * view.pixels), p_sum.sum(dim=1) / view.pixels
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_ce, grad_image):
-        view, labels = ctx.saved_tensors
-        _, n, pixels, s_n, s_k, s_s = pixel_view(view)
-        num_atoms = view.shape[1 if view.dim() == 4 else -1]
-        grad_ce = torch.zeros((), device=view.device) if grad_ce is None else grad_ce.float().reshape(())
-        grad_image = (torch.zeros(n, num_atoms, device=view.device) if grad_image is None
+        logits, labels = ctx.saved_tensors
+        view = pixel_view(logits)
+        grad_ce = torch.zeros((), device=logits.device) if grad_ce is None else grad_ce.float().reshape(())
+        grad_image = (torch.zeros(view.n, view.atoms, device=logits.device) if grad_image is None
                       else grad_image.float().contiguous())
-        out = torch.empty_like(view)  # the same strides as `view` (dense)
-        o_n, o_k, o_s = pixel_view(out)[3:]
-        chunks, block_s, block_k = _launch(num_atoms, pixels)
-        _run(_loss_backward_kernel, (n, chunks), view, labels, grad_ce, grad_image, out, pixels, num_atoms, s_n, s_k,
-                                           s_s, o_n, o_k, o_s, 1.0 / (n * pixels), 1.0 / pixels,
-                                           CE_ON_SIGMOID=ctx.ce_on_sigmoid, PER_PROGRAM=PIXELS_PER_PROGRAM,
-                                           BLOCK_S=block_s, BLOCK_K=block_k)
+        out = torch.empty_like(logits)  # the layout of the logits (dense), its strides passed on
+        _run(_loss_backward_kernel, view, labels, grad_ce, grad_image, out, *pixel_view(out).strides,
+             1.0 / (view.n * view.pixels), 1.0 / view.pixels, CE_ON_SIGMOID=ctx.ce_on_sigmoid)
         return out, None, None
 
 
 def pixel_ce_and_image_pred(head_logits: torch.Tensor, pixel_labels: torch.Tensor,
                             ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over pixels of CE(x, y), x = sigmoid(l) or l; mean over pixels of sigmoid(l) [N, K]), both float32."""
-    return _FusedPixelImage.apply(head_logits, pixel_labels, ce_on_sigmoid)
+    return _PixelCEAndImagePred.apply(head_logits, pixel_labels, ce_on_sigmoid)

@@ -71,8 +71,10 @@ def top_k_mask(z: torch.Tensor, k: int, dim: int) -> torch.Tensor:
 class SparseCoder(nn.Module):
     """Dictionary `D [C, K]` with one scalar bias `b`, learnt over one teacher tap.
 
-    encode: z = sigmoid(Dᵀ t + b) per pixel, then hard top-k: λ = z ⊙ 1[z ≥ z_(k)] with exactly k kept, the
-            lowest atom indices first among equal values (`top_k_mask`; the mask carries no gradient).
+    encode: a = Dᵀ t + b and z = sigmoid(a) per pixel, then hard top-k: λ = z ⊙ 1[a ≥ a_(k)] with exactly k kept,
+            the lowest atom indices first among equal values (`top_k_mask`; the mask carries no gradient). The
+            sigmoid is monotone, so ranking a is ranking z, but it is exact: float rounding can make a saturated
+            sigmoid tie where a does not, and the fused kernels' sigmoid may differ from torch's by an ulp.
     decode: t̂ = D λ (tied weights).
     """
 
@@ -99,8 +101,8 @@ class SparseCoder(nn.Module):
             from .fused import sparse_codes_fused
 
             return sparse_codes_fused(project(x, self.dictionary, self.bias), self.num_active)
-        z = self.activations(x)
-        return z * top_k_mask(z, self.num_active, channel_dim(z))  # no gradient through the mask
+        a = project(x, self.dictionary, self.bias)
+        return torch.sigmoid(a) * top_k_mask(a, self.num_active, channel_dim(a))  # no gradient through the mask
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """t̂ = D λ: codes with K channels -> reconstruction with C channels, same layout."""
@@ -237,7 +239,7 @@ def srm_loss_fused(
 
 
 def image_bce(image_pred: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:
-    """BCE(ḡ, g) over [N, K], on probabilities, written out so it is safe under autocast; ḡ clamped to stay finite."""
+    """BCE(ḡ, g) over [N, K] on probabilities, written out so that it is safe under autocast; ḡ clamped (finite)."""
     image_pred = image_pred.float().clamp(1e-7, 1 - 1e-7)
     target = image_labels.float()
     return -(target * image_pred.log() + (1 - target) * (1 - image_pred).log()).mean()

@@ -18,6 +18,8 @@ LAYOUTS = {  # name -> (shape of a [N, K, ...] / [N, L, K] / [N, K] tensor, chan
     "maps, channels last": ((3, 10, 5, 6), 1),
     "tokens": ((3, 7, 10), -1),
     "vectors": ((4, 10), -1),
+    "maps of 289 pixels": ((2, 40, 17, 17), 1),  # several programs per image, several blocks per program
+    "tokens, K a power of two": ((2, 5, 8), -1),  # no padded atoms
 }
 
 
@@ -26,8 +28,8 @@ def layout(name: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def eager_targets(a: torch.Tensor, k: int, dim: int):
-    z = torch.sigmoid(a.float())
-    return srm_targets(z * top_k_mask(z, k, dim))
+    """`SparseCoder.targets` after the projection a: the k largest a kept, their sigmoid the codes."""
+    return srm_targets(torch.sigmoid(a.float()) * top_k_mask(a.float(), k, dim))
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -56,6 +58,29 @@ def test_fused_targets_break_ties_like_the_eager_path(name):
         want_pixel, want_image = eager_targets(a, k, dim)
         assert torch.equal(pixel, want_pixel) and bool((pixel < half).all())  # the first of each equal pair
         torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [3, 10])  # 10: every atom kept
+def test_fused_targets_agree_where_the_sigmoid_saturates(k):
+    """z = 1.0 for every atom of some pixels (a ≈ 30 ± 5) while a differs: both paths choose the kept set on a."""
+    a = (30 + 5 * torch.randn(2, 10, 4, 4, generator=torch.Generator().manual_seed(0))).to(DEVICE)
+    assert bool((torch.sigmoid(a) == 1).all(dim=1).any())
+    pixel, image = srm_targets_fused(a, k)
+    want_pixel, want_image = eager_targets(a, k, 1)
+    assert torch.equal(pixel, want_pixel)
+    torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
+
+
+def test_a_nan_feature_makes_its_image_labels_and_the_loss_nan_as_in_eager():
+    a = torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    a[1, 2, 0, 1] = float("nan")
+    pixel, image = srm_targets_fused(a, 2)
+    assert bool(image[0].isfinite().all()) and bool(image[1].isnan().all())
+    assert int(pixel.min()) >= 0 and int(pixel.max()) < 6  # still valid class indices
+    logits = torch.randn(2, 6, 3, 3).to(DEVICE)
+    logits[0, 1, 1, 1] = float("nan")
+    loss = srm_loss_fused(logits, pixel, image.nan_to_num(0.5))
+    assert bool(loss["pixel"].isnan()) and bool(loss["image"].isnan())
 
 
 def test_a_coder_gives_the_same_targets_fused_and_eager():
@@ -106,9 +131,10 @@ def test_fused_loss_reads_strided_tokens_and_low_precision_logits():
 
 
 def test_the_kernel_choice_is_automatic_and_can_be_forced(monkeypatch):
-    cpu, = torch.zeros(1),
+    cpu = torch.zeros(1)
     assert not use_fused("auto", cpu) and not use_fused("eager", cpu)
-    assert use_fused("triton", cpu)  # under TRITON_INTERPRET=1
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert use_fused("triton", cpu)
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1.*srm_kernels='auto'"):
         use_fused("triton", cpu)
@@ -116,8 +142,8 @@ def test_the_kernel_choice_is_automatic_and_can_be_forced(monkeypatch):
         use_fused("fast", cpu)
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
-                    reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU runs need TRITON_INTERPRET=1 (conftest "
+                    "sets it where there is no GPU); tests/test_gpu.py runs the kernels on CUDA")
 @pytest.mark.parametrize("mode", ["paper", "joint"])
 def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
     runs = {}
@@ -141,7 +167,8 @@ def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name):
     torch.manual_seed(0)
     coder = SparseCoder(channels, shape[dim], num_active=3).to(DEVICE)
     with torch.no_grad():
-        coder.dictionary[:, 5:] = coder.dictionary[:, :5]  # duplicated atoms: ties at every pixel
+        half = coder.num_atoms // 2
+        coder.dictionary[:, half:2 * half] = coder.dictionary[:, :half]  # duplicated atoms: ties at every pixel
     x = layout(name, torch.randn(x_shape).to(DEVICE))
     results = []
     for fused in (False, True):
@@ -161,7 +188,7 @@ def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name):
 def test_a_kernel_that_does_not_compile_names_the_eager_switch():
     from triton.runtime.errors import OutOfResources
 
-    from srm_hf.fused import _run
+    from srm_hf.fused import _run, pixel_view
 
     class Kernel:
         fn = srm_targets_fused
@@ -172,4 +199,4 @@ def test_a_kernel_that_does_not_compile_names_the_eager_switch():
             return launch
 
     with pytest.raises(RuntimeError, match="srm_targets_fused does not compile.*srm_kernels='eager'"):
-        _run(Kernel(), (1, 1))
+        _run(Kernel(), pixel_view(torch.zeros(2, 4)))

@@ -130,7 +130,8 @@ def variants(trainer, batch, autocast):
         "dictionary step": stage("dictionary"),
     }
     if use_fused("auto", batch["pixel_values"]):  # the Triton kernels, side by side with eager (CUDA only)
-        fns.update({"SRM joint step, fused": stage("joint", "triton"), "SRM stage-2 step, fused": stage("srm", "triton")})
+        fns["SRM joint step, fused"] = stage("joint", "triton")
+        fns["SRM stage-2 step, fused"] = stage("srm", "triton")
     return fns
 
 

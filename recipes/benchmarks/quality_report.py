@@ -116,8 +116,9 @@ def ablation_section(out_dir: str) -> list[str]:
         lines.append(
             f"- {size} img/class, {budget} KD steps: the student alone {mean(ALONE) - mean(best):+.2f} against the "
             f"best distiller ({best}); SRM's stages then labels only (no teacher in the last stage) "
-            f"{mean(SRM_CE) - mean(ALONE):+.2f} against the student alone; SRM then KD {mean(SRM_KD) - mean(SRM_CE):+.2f}"
-            f" against SRM then labels only; DKD instead of KD after SRM {mean(SRM_DKD) - mean(SRM_KD):+.2f}.")
+            f"{mean(SRM_CE) - mean(ALONE):+.2f} against the student alone; SRM then KD "
+            f"{mean(SRM_KD) - mean(SRM_CE):+.2f} against SRM then labels only; DKD instead of KD after SRM "
+            f"{mean(SRM_DKD) - mean(SRM_KD):+.2f}.")
     return lines
 
 

@@ -44,7 +44,6 @@ from srm_hf.metrics import make_compute_metrics  # noqa: E402
 from srm_hf.transforms import ImageTransform, preprocessing_for  # noqa: E402
 
 
-
 class SRMThenDKD(SRM):
     """SRM's dictionary and SRM stages, then DKD (β 2, the benchmark's choice) instead of KD as the last stage."""
 

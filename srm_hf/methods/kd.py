@@ -49,7 +49,8 @@ class KD(Method):
         return [kd_stage(self.alpha)]
 
     def loss(self, stage, student, teacher, labels):
-        return kd_terms(student.logits, teacher.logits if teacher else None, labels, self.alpha, self.temperature, self.label_smoothing)
+        teacher_logits = teacher.logits if teacher is not None else None  # None: α = 0, the teacher does not run
+        return kd_terms(student.logits, teacher_logits, labels, self.alpha, self.temperature, self.label_smoothing)
 
     def describe(self) -> dict:
         return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}

@@ -11,7 +11,6 @@ SRM loss of one tap (e.g. weight taps differently).
 
 import json
 import os
-from functools import partial
 
 import torch
 import torch.nn as nn
@@ -99,8 +98,9 @@ class SRM(Method):
                                for k, t in teacher.features.items())}
         terms = {}
         if stage.name in ("kd", "joint"):
-            terms.update(kd_terms(student.logits, teacher.logits if teacher else None, labels, self.kd_alpha, self.kd_temperature,
-                         self.label_smoothing))
+            teacher_logits = teacher.logits if teacher is not None else None  # None: α = 0 in the KD stage
+            terms.update(kd_terms(student.logits, teacher_logits, labels, self.kd_alpha, self.kd_temperature,
+                                  self.label_smoothing))
         if stage.name in ("srm", "joint"):
             weight = self.weight if stage.name == "joint" else 1.0
             targets = self.targets(teacher.features)
@@ -121,10 +121,10 @@ class SRM(Method):
                  image_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """SRM loss of one tap: {"pixel": weighted CE, "image": weighted BCE}. Fused kernels on CUDA (`srm_kernels`);
         the eager loss is recomputed in backward. Either way no K-channel sigmoid / softmax map is kept for backward."""
-        loss = srm_loss_fused if use_fused(self.kernels, head_logits) else partial(checkpoint, srm_loss,
-                                                                                    use_reentrant=False)
-        return loss(head_logits, pixel_labels, image_labels, self.pixel_weight, self.image_weight,
-                    self.pixel_ce_on_sigmoid)
+        args = (head_logits, pixel_labels, image_labels, self.pixel_weight, self.image_weight, self.pixel_ce_on_sigmoid)
+        if use_fused(self.kernels, head_logits):
+            return srm_loss_fused(*args)
+        return checkpoint(srm_loss, *args, use_reentrant=False)
 
     @torch.no_grad()
     def targets(self, teacher_features: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
