@@ -55,9 +55,9 @@ class DistillationConfig(TrainingArguments):
     )
     srm_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SRM loss in the joint stage."})
     srm_kernels: str = field(
-        default="auto",
-        metadata={"help": "SRM targets and loss: 'auto' (fused Triton kernels on CUDA, eager PyTorch elsewhere), "
-                          "'triton' or 'eager'.", "choices": list(KERNEL_CHOICES)},
+        default="eager",  # 'auto' becomes the default once tests/test_gpu.py has passed on a GPU with the kernels
+        metadata={"help": "SRM targets, codes and loss: 'eager' (PyTorch), 'auto' (fused Triton kernels on CUDA, "
+                          "eager elsewhere) or 'triton'.", "choices": list(KERNEL_CHOICES)},
     )
     srm_dictionary_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 1 (dictionary learning)."})
     srm_dictionary_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 1; overrides its epochs."})
