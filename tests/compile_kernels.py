@@ -1,0 +1,34 @@
+"""Compiles every fused SRM kernel (srm_hf.fused) for an NVIDIA H100 (sm_90) with Triton's own compiler and ptxas,
+no GPU needed, at the widest and narrowest atom blocks; prints one line per cubin. Run by tests/test_fused.py in a
+process without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from srm_hf import fused
+
+STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32"}
+OUT_STRIDES = {"o_n": "i32", "o_k": "i32", "o_s": "i32"}
+KERNELS = {  # name -> (signature before the shared stride arguments, constexprs other than the blocks)
+    "_targets_kernel": ({"a_ptr": "*bf16", "label_ptr": "*i64", "part_ptr": "*fp32", "num_active": "i32",
+                         "chunks": "i32"}, {}),
+    "_codes_kernel": ({"a_ptr": "*bf16", "out_ptr": "*bf16", "num_active": "i32", **OUT_STRIDES}, {}),
+    "_loss_forward_kernel": ({"l_ptr": "*bf16", "y_ptr": "*i64", "ce_ptr": "*fp32", "p_ptr": "*fp32",
+                              "chunks": "i32"}, {"CE_ON_SIGMOID": True}),
+    "_loss_backward_kernel": ({"l_ptr": "*fp32", "y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_p_ptr": "*fp32",
+                               "out_ptr": "*fp32", **OUT_STRIDES, "ce_scale": "fp32", "p_scale": "fp32"},
+                              {"CE_ON_SIGMOID": False}),
+}
+
+if __name__ == "__main__":
+    for name, (signature, constexprs) in KERNELS.items():
+        kernel = getattr(fused, name)
+        for block_k in (16, 2048):
+            meta = {**constexprs, "PER_PROGRAM": fused.PIXELS_PER_PROGRAM, "BLOCK_S": max(1, 4096 // block_k),
+                    "BLOCK_K": block_k}
+            source = ASTSource(fn=kernel, signature={**signature, **STRIDES, **{k: "constexpr" for k in meta}},
+                               constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": 8 if block_k >= 1024 else 4})
+            print(name, block_k, "cubin bytes", len(compiled.asm["cubin"]))
