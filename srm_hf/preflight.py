@@ -113,8 +113,8 @@ def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples:
 
 
 def check_training(trainer) -> None:
-    """The trainer's checks before `train()`: the output folder (main process), the last batch, and views keyed by
-    epoch that persistent loader workers would freeze."""
+    """The trainer's checks before `train()`: the output folder (main process), labels for stages that train on them
+    alone, the last batch, and views keyed by epoch that persistent loader workers would freeze."""
     from transformers.trainer_utils import has_length
 
     args, dataset = trainer.args, trainer.train_dataset
@@ -125,7 +125,15 @@ def check_training(trainer) -> None:
         raise ValueError("Persistent loader workers keep the epoch they started with, so the training set's random "
                          "views (set_epoch) would repeat: set dataloader_persistent_workers=False.")
     if has_length(dataset) and len(dataset) > 0:
-        example = trainer.data_collator([dataset[0]])["pixel_values"].to(args.device)
+        batch = trainer.data_collator([dataset[0]])
+        labels_only = [s.name for s in trainer.method.stages() if s.runs_student and not s.uses_teacher]
+        if labels_only and batch.get("labels") is None:
+            raise ValueError(
+                f"Stage {labels_only} of method {trainer.method.name!r} trains on the class labels alone (the teacher "
+                "does not run there), but the training batches have no 'labels': give the dataset a label column"
+                + (", or set kd_alpha > 0." if "kd" in labels_only else ".")
+            )
+        example = batch["pixel_values"].to(args.device)
         for batch_size in {args.per_device_train_batch_size, *(args.stage_batch_sizes or {}).values()}:
             check_last_batch(trainer.distill_model.student, example, len(dataset), batch_size, args.world_size,
                              args.dataloader_drop_last)

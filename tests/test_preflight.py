@@ -101,6 +101,19 @@ def test_a_last_batch_of_one_is_refused_where_batchnorm_would_train_on_it(tmp_pa
                  srm_dictionary_max_steps=1, srm_max_steps=1).train()
 
 
+class Unlabelled(PatternDataset):
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i]}
+
+
+@pytest.mark.parametrize("method, extra, fix", [("alone", {}, "label column."), ("srm", {"kd_alpha": 0.0}, "kd_alpha > 0")])
+def test_a_stage_that_learns_from_labels_alone_needs_labels_before_any_step(tmp_path, method, extra, fix):
+    trainer = make_trainer(tmp_path, method=method, train_dataset=Unlabelled(32), **extra)
+    with pytest.raises(ValueError, match=f"trains on the class labels alone.*no 'labels'.*{fix}"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
 def test_an_oversized_image_is_named(tmp_path):
     make_image_folder(tmp_path / "data")
     Image.new("L", (300, 200)).save(tmp_path / "data" / "owl" / "big.png")
