@@ -151,6 +151,20 @@ if triton is not None:
         tl.store(part_ptr + (n * chunks + chunk) * K + cols, total, mask=col_ok)
 
     @triton.jit
+    def _head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID: tl.constexpr, BLOCK_S: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        # BLOCK_S pixels from `start` of image n: (pixel indices, mask, p = sigmoid(l), the CE input x = p or l with
+        # padded atoms at -inf (padded pixels stay finite), labels y)
+        rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
+        logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+        logit = logit.to(tl.float32)
+        p = tl.sigmoid(logit)
+        x = tl.where((cols < K)[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))
+        y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
+        return rows, ok, p, x, y
+
+    @triton.jit
     def _loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, S, K, s_n, s_k, s_s,
                              CE_ON_SIGMOID: tl.constexpr, PER_PROGRAM: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_K: tl.constexpr):
@@ -161,16 +175,11 @@ if triton is not None:
         ce_total = tl.zeros([BLOCK_S], dtype=tl.float32)
         p_total = tl.zeros([BLOCK_K], dtype=tl.float32)
         for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
-            rows = start + tl.arange(0, BLOCK_S)
+            rows, ok, p, x, y = _head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID, BLOCK_S,
+                                            BLOCK_K)
             row_ok = rows < S
-            ok = row_ok[:, None] & col_ok[None, :]
-            logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-            logit = logit.to(tl.float32)
-            p = tl.sigmoid(logit)
-            x = tl.where(col_ok[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))  # padded rows: finite
             top = tl.max(x, axis=1)
             lse = top + tl.log(tl.sum(tl.exp(x - top[:, None]), axis=1))
-            y = tl.load(y_ptr + n * S + rows, mask=row_ok, other=0)
             x_y = tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
             ce_total += tl.where(row_ok, lse - x_y, 0.0)
             p_total += tl.sum(tl.where(ok, p, 0.0), axis=0)
@@ -188,16 +197,10 @@ if triton is not None:
         g_ce = tl.load(g_ce_ptr) * ce_scale  # a device scalar: no host sync
         g_p = tl.load(g_p_ptr + n * K + cols, mask=col_ok, other=0.0) * p_scale
         for start in range(chunk * PER_PROGRAM, tl.minimum((chunk + 1) * PER_PROGRAM, S), BLOCK_S):
-            rows = start + tl.arange(0, BLOCK_S)
-            row_ok = rows < S
-            ok = row_ok[:, None] & col_ok[None, :]
-            logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-            logit = logit.to(tl.float32)
-            p = tl.sigmoid(logit)
-            x = tl.where(col_ok[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))  # padded rows: finite
+            rows, ok, p, x, y = _head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID, BLOCK_S,
+                                            BLOCK_K)
             e = tl.exp(x - tl.max(x, axis=1)[:, None])
             softmax = e / tl.sum(e, axis=1)[:, None]
-            y = tl.load(y_ptr + n * S + rows, mask=row_ok, other=0)
             d_x = (softmax - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * g_ce
             slope = p * (1.0 - p)
             grad = (d_x * slope if CE_ON_SIGMOID else d_x) + g_p[None, :] * slope
