@@ -115,7 +115,7 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
                 changed = [k for k in wanted if cached.get(k) != wanted[k]]
                 print(f"Retraining the cached teacher in {name}: its {changed} differ from this run's.")
             train_teacher(teacher_args, data_args, config, name)
-    kwargs = parse_kwargs(model_args.teacher_model_kwargs)
+    kwargs = parse_kwargs(model_args.teacher_model_kwargs, "teacher_model_kwargs")
     if model_args.teacher_revision:
         kwargs["revision"] = model_args.teacher_revision
     teacher = load_image_classifier(name, **kwargs)
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     teacher_name, teacher = get_teacher(config, model_args, teacher_args, data_args, splits)
     student = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
                                     id2label=splits.id2label, pretrained=model_args.student_pretrained,
-                                    **parse_kwargs(model_args.student_model_kwargs))
+                                    **parse_kwargs(model_args.student_model_kwargs, "student_model_kwargs"))
     # the comparison runs start from these same weights: a paired comparison, not several random inits
     initial = copy.deepcopy(student) if compared(script_args) else None
     processor = load_image_processor(model_args.student_model_name_or_path)

@@ -71,9 +71,10 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
     that ran it and its validation and test metrics (`teacher_recipe.json`), and return its folder."""
     full_data = dataclasses.replace(data_args, max_train_samples_per_class=None)
     splits = load_image_splits(full_data)
+    architecture_kwargs = parse_kwargs(teacher_args.teacher_architecture_kwargs, "teacher_architecture_kwargs")
     model = load_image_classifier(teacher_args.teacher_architecture, num_labels=len(splits.label_names),
                                   id2label=splits.id2label, pretrained=teacher_args.teacher_pretrained,
-                                  **parse_kwargs(teacher_args.teacher_architecture_kwargs))
+                                  **architecture_kwargs)
     pre = preprocessing_for(model, load_image_processor(teacher_args.teacher_architecture))
     trainer = Trainer(
         model=for_trainer(model),

@@ -86,16 +86,20 @@ def _check_type(action, key: str, value, path: str) -> None:
                              "of the option's type (see --help).")
 
 
-def parse_kwargs(value) -> dict:
-    """A `*_kwargs` option: a JSON object on the command line or a mapping in YAML."""
+def parse_kwargs(value, name: str = "", example: str = '{"drop_rate": 0.1}') -> dict:
+    """A mapping option (`*_kwargs`, `stage_batch_sizes`): a JSON object on the command line or a mapping in YAML.
+    `name` and `example` go into the error."""
     if value is None or value == "":
         return {}
     if isinstance(value, dict):
         return value
+    option = f"{name}: " if name else ""
+    if not isinstance(value, str):
+        raise ValueError(f"{option}expected a mapping or a JSON object such as '{example}', got {value!r}.")
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError as e:
-        raise ValueError(f"Expected a JSON object such as '{{\"drop_rate\": 0.1}}', got {value!r}: {e}") from e
+        raise ValueError(f"{option}expected a JSON object such as '{example}', got {value!r}: {e}") from e
     if not isinstance(parsed, dict):
-        raise ValueError(f"Expected a JSON object, got {value!r}.")
+        raise ValueError(f"{option}expected a JSON object such as '{example}', got {value!r}.")
     return parsed

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from transformers import TrainingArguments
 
-from .fused import KERNEL_CHOICES
+from .fused import KERNEL_CHOICES, triton_available
 from .methods import METHOD_PREFIXES, check_method_fields, method_class
 from .stage_batches import parse_stage_batch_sizes
 
@@ -177,6 +177,9 @@ class DistillationConfig(TrainingArguments):
             )
         if self.srm_kernels not in KERNEL_CHOICES:
             raise ValueError(f"srm_kernels={self.srm_kernels!r} is not one of {KERNEL_CHOICES}.")
+        if self.srm_kernels == "triton" and not triton_available():
+            raise ValueError("srm_kernels='triton' needs the `triton` package (it comes with CUDA builds of torch): "
+                             "install it, or set srm_kernels='auto'.")
         for name in ("kd_alpha", "dkd_warmup_ratio", "reviewkd_warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")

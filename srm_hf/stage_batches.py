@@ -10,27 +10,19 @@ its own batch size. On an `AugmentedDataset` the pass number reaches the random 
 so every pass sees new views.
 """
 
-import json
 import math
 
 import numpy as np
 import torch
 
+from .argparser import parse_kwargs
 from .stages import StagePlan, stage_steps
 
 
 def parse_stage_batch_sizes(value, stage_names: list[str] | None = None) -> dict[str, int]:
     """`stage_batch_sizes` as given (a mapping, or its JSON text) -> {stage name: batch size}, checked (the names
     too, when the method's `stage_names` are given)."""
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"stage_batch_sizes={value!r} is not JSON such as '{{\"dictionary\": 512}}': {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"stage_batch_sizes must map stage names to batch sizes, got {value!r}.")
+    value = parse_kwargs(value, "stage_batch_sizes", '{"dictionary": 512}')
     unknown = [k for k in value if stage_names is not None and k not in stage_names]
     if unknown:
         raise ValueError(f"stage_batch_sizes names {unknown}, which are not stages of this method: {stage_names}.")
