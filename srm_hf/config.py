@@ -114,6 +114,12 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "torch.compile the student's forward (after its taps are hooked); uses torch_compile_backend."},
     )
+    compile_teacher: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the teacher's forward (after its taps are hooked), with torch_compile_backend "
+                          "and torch_compile_mode; on a GPU, mode 'reduce-overhead' replays it as one CUDA graph, for "
+                          "small models whose steps are bound by kernel launches."},
+    )
     max_nonfinite_steps: int = field(
         default=10,
         metadata={"help": "Consecutive optimizer steps with a NaN/inf gradient that are skipped before training stops."},
@@ -140,14 +146,14 @@ class DistillationConfig(TrainingArguments):
         if self.preset == "reference":
             self._apply_reference_preset()
         super().__post_init__()
-        # One compile switch: compile_student compiles the student with torch_compile_backend / torch_compile_mode
+        # Compile switches per model: compile_student / compile_teacher use torch_compile_backend / torch_compile_mode
         # (which make TrainingArguments turn torch_compile on, for a second compilation of the whole module).
-        if self.compile_student:
+        if self.compile_student or self.compile_teacher:
             self.torch_compile = False
         elif self.torch_compile:
             raise ValueError("torch_compile (also implied by torch_compile_backend / torch_compile_mode) would compile "
-                             "the whole distillation module: set compile_student=True instead, with the same backend "
-                             "and mode, to compile the student.")
+                             "the whole distillation module: set compile_student=True and/or compile_teacher=True "
+                             "instead, with the same backend and mode.")
         self._check()
 
     def _apply_reference_preset(self):

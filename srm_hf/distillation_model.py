@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .forward import eval_mode, model_logits
+from .forward import eval_mode, hook_guards, model_logits
 from .hooks import FeatureHooks
 from .loading import load_image_classifier
 from .methods import Features, Method
@@ -58,6 +58,7 @@ class DistillationModel(nn.Module):
         super().__init__()
         self.student = student
         self.method = method
+        self.compiled = False  # whether the student runs compiled (`compile_student`)
         self.pairs = list(pairs)
         self.provenance: dict = {}  # the teacher and data it was built for (`from_models`), checked on resume
         method.build(self.pairs)
@@ -130,6 +131,11 @@ class DistillationModel(nn.Module):
                              "has no checkpointing of its own for these settings (transformers or timm, every layer, "
                              "no offload): turn it off.")
 
+    def compile_student(self, backend: str, mode: str | None = None) -> None:
+        """`torch.compile` the student in place, after its taps are hooked: state-dict keys and hooks stay."""
+        self.student.compile(backend=backend, mode=mode)
+        self.compiled = True
+
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """The name transformers < 5.24 calls."""
         self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
@@ -142,7 +148,8 @@ class DistillationModel(nn.Module):
         `teacher_pixel_values` is accepted so that the Trainer keeps that column; it is unused here."""
         student = None
         if stage is None or stage.spec.runs_student:
-            logits = model_logits(self.student(pixel_values))
+            with hook_guards(self.compiled):
+                logits = model_logits(self.student(pixel_values))
             student = Features(logits, self._student_features())
             if stage is None:
                 return DistillationOutput(logits=logits)

@@ -4,7 +4,7 @@ timm models and plain modules return a logits tensor, transformers models a `Mod
 DataParallel and `torch.compile` wrap the module that owns the parameters and the hooks.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -56,3 +56,12 @@ def eval_mode(model: nn.Module):
             yield model
     finally:
         model.train(was_training)
+
+
+def hook_guards(compiled: bool):
+    """The context to call a model compiled in place whose submodules carry forward hooks (taps) in.
+
+    By default Dynamo installs no guards on (empty) module hook dicts, so code compiled for one instance of a model
+    class without hooks is reused for another instance with hooks, whose taps then capture nothing (e.g. a KD run,
+    then an SRM run, in one process; pytorch/pytorch#117758). With the guards on, each is compiled for its hooks."""
+    return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if compiled else nullcontext()

@@ -115,6 +115,40 @@ def test_compiled_student_keeps_its_taps(tmp_path):
     torch._dynamo.reset()
 
 
+def test_a_compiled_teacher_gives_the_same_targets_and_run(tmp_path):
+    """compile_teacher: the teacher runs compiled, its taps still feed the SRM targets, and the run equals an
+    uncompiled one (aot_eager traces the same arithmetic)."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    runs = {}
+    for compiled in (False, True):
+        counters.clear()
+        trainer = make_trainer(tmp_path / str(compiled), srm_mode="joint", compile_teacher=compiled,
+                               torch_compile_backend="aot_eager" if compiled else None, srm_dictionary_max_steps=2,
+                               max_steps=4)
+        trainer.train()
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled
+        assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
+        runs[compiled] = snapshot(trainer.distill_model)
+    for name, value in runs[False].items():
+        torch.testing.assert_close(runs[True][name], value, rtol=1e-4, atol=1e-6, msg=name)
+    torch._dynamo.reset()
+
+
+def test_compiled_models_keep_their_taps_after_a_run_without_taps_in_the_same_process(tmp_path):
+    """A KD run compiles student and teacher without hooks; an SRM run then compiles new instances of the same
+    classes with hooks: Dynamo must not reuse the hook-less code for them (their taps would capture nothing)."""
+    torch._dynamo.reset()
+    compiled = dict(compile_student=True, compile_teacher=True, torch_compile_backend="aot_eager")
+    make_trainer(tmp_path / "kd", method="kd", max_steps=2, **compiled).train()
+    trainer = make_trainer(tmp_path / "srm", srm_mode="joint", srm_dictionary_max_steps=1, max_steps=2, **compiled)
+    before = snapshot(trainer.distill_model)
+    trainer.train()
+    assert changed(before, snapshot(trainer.distill_model), "method.heads.")  # both sides' taps fed the SRM loss
+    torch._dynamo.reset()
+
+
 def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path):
     """One NaN in one student feature map: the step is skipped and the BatchNorm statistics it wrote are undone."""
     from conftest import PatternDataset, hf_resnet, make_config, timm_resnet

@@ -46,13 +46,15 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         raise ValueError(f"DKD needs at least 2 classes to split target and non-target knowledge; got {num_classes}.")
     z_s = student_logits.float() / temperature  # [N, C]
     z_t = teacher_logits.float() / temperature  # [N, C]
-    target = F.one_hot(labels.long(), num_classes).bool()  # [N, C], True at the label
-    z_s_other = z_s[~target].view(n, num_classes - 1)  # [N, C-1], the non-target logits in class order
-    z_t_other = z_t[~target].view(n, num_classes - 1)  # [N, C-1]
+    # Gathered rather than masked: a boolean index has a data-dependent size, which makes the host wait for the GPU.
+    target = labels.long().view(n, 1)  # [N, 1]
+    columns = torch.arange(num_classes - 1, device=z_s.device).expand(n, -1)  # [N, C-1]
+    other = columns + (columns >= target)  # [N, C-1], every class but the label, in class order
+    z_s_other, z_t_other = z_s.gather(1, other), z_t.gather(1, other)  # [N, C-1]
 
     def binary_log_probs(z: torch.Tensor, z_other: torch.Tensor) -> torch.Tensor:
         log_total = torch.logsumexp(z, dim=1, keepdim=True)  # [N, 1]
-        log_p_target = z[target].view(n, 1) - log_total  # [N, 1]
+        log_p_target = z.gather(1, target) - log_total  # [N, 1]
         log_p_rest = torch.logsumexp(z_other, dim=1, keepdim=True) - log_total  # [N, 1]
         return torch.cat([log_p_target, log_p_rest], dim=1)  # [N, 2]
 

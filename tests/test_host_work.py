@@ -1,0 +1,112 @@
+"""The host's work per training step: waits for the device, and `recipes/benchmarks/host_overhead.py`.
+
+A training step makes the host wait for the device only where it must.
+
+On a GPU every `.item()`, `bool(tensor)` or data-dependent shape stops the host from queueing the next kernels;
+small models, whose steps are bound by kernel launches, pay it in full. The waits are counted here on the CPU, at
+the dispatcher: the ops that copy a value to the host (`_local_scalar_dense`) or whose output shape depends on the
+data. The plain `transformers.Trainer` makes its own (its NaN-loss filter); DistillationTrainer may add exactly one
+per optimizer step, the non-finite gradient check that decides whether the step is taken.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import PatternDataset, hf_resnet, make_trainer
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+HOST_WAITS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim",
+              "aten.unique_consecutive", "aten.repeat_interleave"}
+
+
+class HostWaits(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket._qualified_op_name.replace("::", ".")
+        boolean_index = name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []) or [])
+        if name in HOST_WAITS or boolean_index:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class CountPerStep(TrainerCallback):
+    """Host waits from each optimizer step's start to its end (logging, saving and evaluation come after)."""
+
+    def __init__(self):
+        self.per_step: list[list[str]] = []
+        self.mode = None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.mode = HostWaits().__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.mode.__exit__(None, None, None)
+        self.per_step.append(self.mode.ops)
+
+
+class StudentWithLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.student = hf_resnet()
+
+    def forward(self, pixel_values, labels):
+        logits = self.student(pixel_values).logits
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def plain_trainer_waits(tmp_path) -> list[str]:
+    counter = CountPerStep()
+    args = TrainingArguments(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=8, max_steps=4,
+                             logging_steps=100, save_strategy="no", report_to="none", use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    Trainer(model=StudentWithLoss(), args=args, train_dataset=PatternDataset(32), callbacks=[counter]).train()
+    assert len({tuple(ops) for ops in counter.per_step}) == 1, counter.per_step
+    return counter.per_step[0]
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("alone", {}), ("kd", {}), ("srm", {}), ("srm", {"srm_mode": "joint"}), ("fitnet", {"fitnet_max_steps": 4}),
+    ("at", {}), ("dkd", {}), ("reviewkd", {}),
+])
+def test_each_step_of_every_method_waits_for_the_device_once_more_than_the_plain_trainer(tmp_path, method, extra):
+    plain = plain_trainer_waits(tmp_path)
+    counter = CountPerStep()
+    trainer = make_trainer(tmp_path, method=method, logging_steps=100, callbacks=[counter], **extra)
+    trainer.train()
+    assert len(counter.per_step) == trainer.plan.total_steps  # every step of every stage
+    for step, ops in enumerate(counter.per_step, 1):
+        stage = trainer.plan.stage_at(step - 1).name
+        assert sorted(ops) == sorted(plain + ["aten._local_scalar_dense"]), (stage, step, ops, plain)
+
+
+def test_the_counter_sees_the_waits_it_looks_for():
+    x = torch.randn(6)
+    with HostWaits() as mode:
+        float(x.sum()), bool(x[0] > 0), x.nonzero(), x[x > 0], x.masked_select(x > 0)
+    assert mode.ops == ["aten._local_scalar_dense"] * 2 + ["aten.nonzero", "aten.index", "aten.masked_select"]
+
+
+def test_the_host_overhead_benchmark_times_every_run_and_writes_its_table(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "benchmarks"))
+    import host_overhead
+
+    out = tmp_path / "host.md"
+    host_overhead.main(["--steps", "9", "--warmup", "3", "--repeats", "1", "--out", str(out)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.read_text().splitlines()
+            if line.startswith("| ") and "ms per step" not in line}
+    expected = ["bare loop, alone", "bare loop, KD", "Trainer alone", "Trainer KD"] + [
+        f"Trainer SRM paper: {stage} stage" for stage in ("dictionary", "SRM", "KD")]
+    assert list(rows) == expected
+    assert all(float(cells[0]) > 0 for cells in rows.values())
+    assert rows["Trainer KD"][2].strip(" |").startswith(("+", "-"))  # the Trainer's addition over the bare loop
+    with pytest.raises(SystemExit):
+        host_overhead.main(["--steps", "3", "--warmup", "3"])  # nothing left to time
