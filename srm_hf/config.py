@@ -116,9 +116,7 @@ class DistillationConfig(TrainingArguments):
     )
     compile_teacher: bool = field(
         default=False,
-        metadata={"help": "torch.compile the teacher's forward (after its taps are hooked), with torch_compile_backend "
-                          "and torch_compile_mode; on a GPU, mode 'reduce-overhead' replays it as one CUDA graph, for "
-                          "small models whose steps are bound by kernel launches."},
+        metadata={"help": "torch.compile the teacher's forward like compile_student ('reduce-overhead': CUDA graphs)."},
     )
     max_nonfinite_steps: int = field(
         default=10,

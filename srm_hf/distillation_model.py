@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .forward import eval_mode, hook_guards, model_logits
+from .forward import compile_in_place, eval_mode, hook_guards, model_logits
 from .hooks import FeatureHooks
 from .loading import load_image_classifier
 from .methods import Features, Method
@@ -131,9 +131,9 @@ class DistillationModel(nn.Module):
                              "has no checkpointing of its own for these settings (transformers or timm, every layer, "
                              "no offload): turn it off.")
 
-    def compile_student(self, backend: str, mode: str | None = None) -> None:
-        """`torch.compile` the student in place, after its taps are hooked: state-dict keys and hooks stay."""
-        self.student.compile(backend=backend, mode=mode)
+    def compile_student(self, args) -> None:
+        """`torch.compile` the student in place, after its taps are hooked (`compile_in_place`)."""
+        compile_in_place(self.student, args)
         self.compiled = True
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:

@@ -58,6 +58,12 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def compile_in_place(model: nn.Module, args) -> None:
+    """`torch.compile` a model in place (state-dict keys and hooks stay) with the run's torch_compile_backend (default
+    inductor) and torch_compile_mode: `compile_student` and `compile_teacher`. Attach the hooks first."""
+    model.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
+
+
 def hook_guards(compiled: bool):
     """The context to call a model compiled in place whose submodules carry forward hooks (taps) in.
 

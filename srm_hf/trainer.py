@@ -22,7 +22,7 @@ from .callbacks import StageCallback
 from .checkpoint import load_distillation_model, resolve_resume, save_distillation_model
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
-from .forward import hook_guards, model_logits
+from .forward import compile_in_place, hook_guards, model_logits
 from .hooks import FeatureHooks
 from .hub import HubMixin
 from .losses import classification_loss
@@ -58,7 +58,7 @@ class DistillationTrainer(HubMixin, Trainer):
         distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
                                                                data_collator or default_data_collator)
         if args.compile_student:
-            distill_model.compile_student(args.torch_compile_backend or "inductor", args.torch_compile_mode)
+            distill_model.compile_student(args)
 
         super().__init__(model=distill_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
@@ -68,8 +68,8 @@ class DistillationTrainer(HubMixin, Trainer):
         self.teacher = prepare_teacher(teacher, self.accelerator, self.args, deepspeed=self.is_deepspeed_enabled)
         pairs = distill_model.pairs
         self.teacher_hooks = FeatureHooks(self.teacher, {p.key: p.teacher.path for p in pairs}) if pairs else None
-        if args.compile_teacher:  # in place, after its taps are hooked, like the student
-            self.teacher.compile(backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
+        if args.compile_teacher:
+            compile_in_place(self.teacher, args)
         self.plan: StagePlan | None = None
         self.stages_done: set[str] = set()  # stages run on their own by `train_stages`, left out of later plans
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import timm
 from conftest import PatternDataset, hf_resnet, make_trainer, timm_resnet
 from PIL import Image
@@ -99,6 +100,20 @@ def test_a_last_batch_of_one_is_refused_where_batchnorm_would_train_on_it(tmp_pa
     assert trainer.state.global_step == 0
     make_trainer(tmp_path, train_dataset=PatternDataset(17), dataloader_drop_last=True, max_steps=1,
                  srm_dictionary_max_steps=1, srm_max_steps=1).train()
+
+
+def test_the_last_batch_check_runs_a_compiled_student_eagerly(tmp_path):
+    """Its one-image forward adds BatchNorm hooks for a moment: compiling a graph with them would leave it behind."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = make_trainer(tmp_path, train_dataset=PatternDataset(17), compile_student=True,
+                           torch_compile_backend="aot_eager")
+    with pytest.raises(ValueError, match="17 examples.*holds one example"):
+        trainer.train()
+    assert counters["stats"]["unique_graphs"] == 0
+    torch._dynamo.reset()
 
 
 class Unlabelled(PatternDataset):

@@ -86,7 +86,7 @@ def build(args):
 
 
 def variants(trainer, batch, autocast):
-    model, teacher, student = trainer.model, trainer.teacher, trainer.distill_model.student
+    model, teacher = trainer.model, trainer.teacher
     model.train()
 
     def step(loss):

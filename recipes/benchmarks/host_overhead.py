@@ -5,7 +5,7 @@ arithmetic. Tiny inputs make the arithmetic negligible on the CPU too, so what i
 work: the CPU run measures what the Trainer and srm_hf add on the host, anywhere.
 
 Pair: ResNet-18 (widths 24-192) teacher, ResNet-10t (widths 8-64) student, 1 channel, 10 classes. Rows:
-  bare loop, alone / KD   DataLoader -> forward -> CE (+ KL to the teacher's logits) -> backward -> clip -> the
+  bare loop, alone / KD   DataLoader -> forward -> CE (+ KD as srm_hf computes it) -> backward -> clip -> the
                           Trainer's default optimizer
   Trainer alone / KD      DistillationTrainer, method 'alone' / 'kd'
   Trainer SRM paper       dictionary, SRM and KD stages, a third of the steps each
@@ -14,14 +14,14 @@ Each row times steps `--warmup`+1 to `--steps` (start-up left out; SRM: each sta
 median of `--repeats` runs, runs interleaved.
 
     python recipes/benchmarks/host_overhead.py                     # CPU, 8 px, batch 2: results/host_overhead.md
-    python recipes/benchmarks/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --compile_teacher --out /tmp/ho.md
+    python recipes/benchmarks/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --compile_teacher \
+        --out /tmp/host_overhead_cuda.md
 """
 
 import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +30,8 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+
+from bench_report import write_report  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
 
@@ -115,8 +117,9 @@ def bare_loop(args, name: str, kd: bool) -> dict[str, float]:
             if kd:
                 with torch.no_grad():
                     teacher_logits = teacher(x).float()
-                loss = 0.5 * loss + 0.5 * F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1),
-                                                   reduction="batchmean", log_target=True)
+                kl = F.kl_div(F.log_softmax(logits / 4, -1), F.log_softmax(teacher_logits / 4, -1),
+                              reduction="batchmean", log_target=True)
+                loss = 0.5 * loss + 0.5 * 16 * kl  # srm_hf's KD defaults: α 0.5, T 4, the T² factor
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
@@ -146,7 +149,8 @@ def trainer_run(args, name: str, method: str, compile_teacher: bool = False) -> 
     return clock.ms_per_step
 
 
-RUNS = {"bare loop, alone": lambda a, n: bare_loop(a, n, kd=False), "bare loop, KD": lambda a, n: bare_loop(a, n, kd=True),
+RUNS = {"bare loop, alone": lambda a, n: bare_loop(a, n, kd=False),
+        "bare loop, KD": lambda a, n: bare_loop(a, n, kd=True),
         "Trainer alone": lambda a, n: trainer_run(a, n, "alone"), "Trainer KD": lambda a, n: trainer_run(a, n, "kd"),
         "Trainer SRM paper": lambda a, n: trainer_run(a, n, "srm")}
 COMPILED = {"Trainer KD, teacher compiled": lambda a, n: trainer_run(a, n, "kd", compile_teacher=True),
@@ -184,8 +188,8 @@ def main(argv=None) -> None:
     lines = [
         "# Host time per optimizer step", "",
         f"{device}, {'bf16 autocast' if args.bf16 else 'fp32'}, {args.size}x{args.size} px, batch {args.batch}; "
-        f"steps {args.warmup + 1}-{args.steps} of each run timed (SRM: the last {args.steps // 3 - args.warmup // 3} steps "
-        f"of each stage), median of {args.repeats} interleaved runs.", "",
+        f"steps {args.warmup + 1}-{args.steps} of each run timed (SRM: the last "
+        f"{args.steps // 3 - args.warmup // 3} steps of each stage), median of {args.repeats} interleaved runs.", "",
         "| run | ms per step | vs bare loop, alone | added by the Trainer and srm_hf (ms) |", "|---|---|---|---|",
     ]
     bare = {"Trainer alone": "bare loop, alone", "Trainer KD": "bare loop, KD",
@@ -193,11 +197,7 @@ def main(argv=None) -> None:
     for name, value in median.items():
         added = f"{value - median[bare[name]]:+.2f}" if name in bare else ""
         lines.append(f"| {name} | {value:.2f} | {value / median['bare loop, alone']:.2f}x | {added} |")
-    lines += ["", "Command: `python recipes/benchmarks/host_overhead.py " + " ".join(sys.argv[1:]) + "`", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    write_report(args.out, lines, "host_overhead.py", argv)
 
 
 if __name__ == "__main__":

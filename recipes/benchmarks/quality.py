@@ -39,7 +39,8 @@ go_offline_if_hub_unreachable()
 
 import torch  # noqa: E402
 from compute import first_batch, stage_step_seconds  # noqa: E402
-from quality_report import commit, write_results  # noqa: E402
+from bench_report import commit  # noqa: E402
+from quality_report import write_results  # noqa: E402
 from run_cache import Missing, Runs  # noqa: E402
 from transformers import set_seed  # noqa: E402
 

@@ -4,7 +4,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -30,17 +29,6 @@ def versions() -> str:
     names = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
              "accelerate": accelerate.__version__, "datasets": datasets.__version__, "timm": timm.__version__}
     return ", ".join(f"{k} {v}" for k, v in names.items())
-
-
-def commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "?"
-    except OSError:
-        return "?"
 
 
 def at_equal_compute(row: dict) -> list[float]:

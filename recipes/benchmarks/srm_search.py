@@ -31,7 +31,7 @@ go_offline_if_hub_unreachable()
 from compute import first_batch, stage_step_seconds  # noqa: E402
 from distill import SHIPPED_TEACHER  # noqa: E402
 from quality import Preprocessed, student_model  # noqa: E402
-from quality_report import commit  # noqa: E402
+from bench_report import commit  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from srm_hf import SRM, DistillationConfig, DistillationTrainer  # noqa: E402
