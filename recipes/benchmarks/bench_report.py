@@ -11,8 +11,9 @@ def commit(path: str | None = None) -> str:
     here = os.path.dirname(os.path.abspath(path or __file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude)recipes/benchmarks/results"],  # results are what a run writes
+                               cwd=here, capture_output=True, text=True).stdout.strip()
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "") if out.returncode == 0 else "?"
     except OSError:
         return "?"
