@@ -20,6 +20,7 @@ from srm_hf import DistillationConfig  # noqa: E402
 
 NUM_LABELS = 4
 IMAGE_SIZE = 32
+HANG_GUARD_S = 3 * 3600  # subprocesses' time limit: only a hung one reaches it, not a slow one on a busy machine
 
 
 class PatternDataset(torch.utils.data.Dataset):

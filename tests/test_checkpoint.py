@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-from conftest import hf_resnet, make_trainer, timm_resnet
+from conftest import HANG_GUARD_S, hf_resnet, make_trainer, timm_resnet
 from transformers import AutoModelForImageClassification
 
 
@@ -51,7 +51,7 @@ def test_saved_timm_student_reloads_with_plain_timm_in_a_fresh_process(tmp_path)
         "assert not any(k.startswith('srm_hf') for k in sys.modules)\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=HANG_GUARD_S)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), student_logits(trainer, x))
     # and in this process too
     reloaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 
 from srm_hf.checkpoint import COMPLETE_NAME, resolve_resume
@@ -18,7 +19,7 @@ SCRIPT = Path(__file__).resolve().parent / "checkpoint_run.py"
 def run(out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(SCRIPT), str(out), *extra], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=HANG_GUARD_S)
 
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import HANG_GUARD_S
 
 HERE = Path(__file__).resolve().parent
 
@@ -22,7 +23,8 @@ def launch(out: Path, mode: str, processes: int, batch: int) -> list[dict]:
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--main_process_port", "0", str(HERE / "distributed_run.py")]
-    done = subprocess.run(cmd + [str(out), mode, str(batch)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd + [str(out), mode, str(batch)], env=env, capture_output=True, text=True,
+                          timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import make_trainer
+from conftest import HANG_GUARD_S, make_trainer
 
 from srm_hf.fused import srm_targets_fused, triton_available, use_fused
 from srm_hf.srm import SparseCoder, srm_loss, srm_loss_fused, srm_targets, top_k_mask
@@ -208,7 +208,7 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
     """Triton's compiler and ptxas, for sm_90, without a GPU: what the interpreter accepts must also compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "compile_kernels.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
     assert len(lines) == 8 and all(int(line.split()[-1]) > 0 for line in lines)
