@@ -153,3 +153,12 @@ def test_stage_names_shown_in_the_progress_bar(tmp_path, capsys):
     trainer.train()
     err = capsys.readouterr().err
     assert "stage 3/3: kd" in err
+
+
+def test_a_teacher_that_user_code_switched_to_training_runs_in_eval_mode(tmp_path):
+    trainer = make_trainer(tmp_path, method="kd", max_steps=2)
+    trainer.teacher.train()
+    before = snapshot(trainer.teacher)
+    trainer.train()
+    assert not trainer.teacher.training
+    assert not changed(before, snapshot(trainer.teacher))  # its BatchNorm statistics untouched
