@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks of the fused SRM kernels and of the per-step costs, on a CUDA machine with srm_hf's dependencies,
+# from the repository root, in three parts that can run as separate calls; the reports land in OUT_DIR.
+#
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests   # tests/test_fused.py, tests/test_gpu.py (not FSDP/DeepSpeed)
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large   # cost.py at 224 px / batch 128 and 112 px / batch 16
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small   # cost.py at 28 px, srm_ops.py, host_overhead.py
+set -uo pipefail
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small}
+part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small}
+mkdir -p "$out"
+B=recipes/benchmarks
+export HF_HUB_OFFLINE=1
+nvidia-smi -L
+case $part in
+  tests)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_gpu.py -k "not fsdp and not deepspeed" ;;
+  large)
+    python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 20 --warmup 3 --out "$out/cost_224.md"
+    python3 $B/cost.py --device cuda --bf16 --batch 16 --size 112 --steps 30 --warmup 5 --out "$out/cost_112.md" ;;
+  small)
+    python3 $B/cost.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t --steps 30 \
+        --warmup 5 --out "$out/cost_28.md"
+    python3 $B/srm_ops.py | tee "$out/srm_ops.txt"
+    python3 $B/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --repeats 2 --compile_teacher \
+        --out "$out/host_overhead_28.md" ;;
+  *)
+    echo "unknown part $part: tests, large or small" >&2; exit 2 ;;
+esac
