@@ -36,9 +36,11 @@ STAGES = {s.name: s for mode in ("paper", "joint") for s in SRM(mode=mode).stage
 
 
 class Batches(torch.utils.data.Dataset):
-    def __init__(self, n, size, classes):
+    """n random images (fixed seed) with random labels."""
+
+    def __init__(self, n, size, classes, channels=3):
         g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.x = torch.randn(n, channels, size, size, generator=g)
         self.y = torch.randint(0, classes, (n,), generator=g)
 
     def __len__(self):

@@ -32,6 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from bench_report import write_report  # noqa: E402
+from cost import Batches  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
 
@@ -39,17 +40,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CLASSES = 10
 
 
-class Images(torch.utils.data.Dataset):
-    def __init__(self, n: int, size: int):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(n, 1, size, size, generator=g)
-        self.y = torch.randint(0, CLASSES, (n,), generator=g)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
+def images(args) -> Batches:
+    """One-channel random images, enough for every step of a run."""
+    return Batches(args.batch * args.steps, args.size, CLASSES, channels=1)
 
 
 def pair():
@@ -104,7 +97,7 @@ def bare_loop(args, name: str, kd: bool) -> dict[str, float]:
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(  # the Trainer's default: fused AdamW
         TrainingArguments("/tmp/host_overhead", use_cpu=args.device == "cpu"), student)
     optimizer = optimizer_cls(student.parameters(), **optimizer_kwargs)
-    loader = torch.utils.data.DataLoader(Images(args.batch * args.steps, args.size), batch_size=args.batch,
+    loader = torch.utils.data.DataLoader(images(args), batch_size=args.batch,
                                          shuffle=True)
     clock = Clock(args.device, {name: (args.warmup + 1, args.steps)})
     autocast = torch.autocast(args.device, torch.bfloat16, enabled=args.bf16)
@@ -144,7 +137,7 @@ def trainer_run(args, name: str, method: str, compile_teacher: bool = False) -> 
                                 dataloader_num_workers=0, **compiled)
     clock = Clock(args.device, windows)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, callbacks=[ClockCallback(clock)],
-                                  train_dataset=Images(args.batch * args.steps, args.size))
+                                  train_dataset=images(args))
     trainer.train()
     return clock.ms_per_step
 

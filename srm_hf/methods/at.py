@@ -45,8 +45,7 @@ class AT(Method):
         return [StageSpec("at")]
 
     def loss(self, stage, student, teacher, labels):
-        terms = kd_terms(student.logits, teacher.logits, labels, self.kd_alpha, self.kd_temperature,
-                         self.label_smoothing)
+        terms = kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature, self.label_smoothing)
         maps = [k for k, t in teacher.features.items() if t.dim() > 2]  # attention needs a spatial map
         terms["at"] = self.beta / 2 * sum((at_loss(student.features[k], teacher.features[k]) for k in maps),
                                           student.logits.new_zeros((), dtype=torch.float32))

@@ -66,9 +66,7 @@ class FitNet(Method):
         if stage.name == "hint":
             return {"mse": sum(fitnet_loss(self.regressors[k](student.features[k]), t)
                                for k, t in teacher.features.items())}
-        teacher_logits = teacher.logits if teacher is not None else None  # None: α = 0, the teacher does not run
-        return kd_terms(student.logits, teacher_logits, labels, self.kd_alpha, self.kd_temperature,
-                        self.label_smoothing)
+        return kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature, self.label_smoothing)
 
     def describe(self) -> dict:
         return {"name": self.name, "kd_alpha": self.kd_alpha, "kd_temperature": self.kd_temperature}

@@ -8,7 +8,7 @@
 import torch
 
 from ..losses import classification_loss, kd_loss
-from .base import Method, StageSpec
+from .base import Features, Method, StageSpec
 
 
 def kd_stage(alpha: float) -> StageSpec:
@@ -16,19 +16,19 @@ def kd_stage(alpha: float) -> StageSpec:
     return StageSpec("kd", uses_teacher=alpha > 0)
 
 
-def kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, labels: torch.Tensor | None,
+def kd_terms(student_logits: torch.Tensor, teacher: Features | None, labels: torch.Tensor | None,
              alpha: float, temperature: float, label_smoothing: float = 0.0) -> dict[str, torch.Tensor]:
     """{"kd": α·T²·KL, "ce": (1-α)·CE (label-smoothed if asked)}; KD alone when there are no labels, CE alone
-    (no teacher logits needed) when α = 0."""
+    when α = 0, where the teacher did not run (`teacher` is None)."""
     if alpha == 0:
         if labels is None:
             raise ValueError("kd_alpha=0 trains the KD stage on the class labels alone, but the batch has no "
                              "'labels' column: give the dataset labels, or set kd_alpha > 0.")
         return {"ce": classification_loss(student_logits, labels, label_smoothing)}
     if labels is None:
-        return {"kd": kd_loss(student_logits, teacher_logits, temperature)}
+        return {"kd": kd_loss(student_logits, teacher.logits, temperature)}
     return {
-        "kd": alpha * kd_loss(student_logits, teacher_logits, temperature),
+        "kd": alpha * kd_loss(student_logits, teacher.logits, temperature),
         "ce": (1 - alpha) * classification_loss(student_logits, labels, label_smoothing),
     }
 
@@ -49,8 +49,7 @@ class KD(Method):
         return [kd_stage(self.alpha)]
 
     def loss(self, stage, student, teacher, labels):
-        teacher_logits = teacher.logits if teacher is not None else None  # None: α = 0, the teacher does not run
-        return kd_terms(student.logits, teacher_logits, labels, self.alpha, self.temperature, self.label_smoothing)
+        return kd_terms(student.logits, teacher, labels, self.alpha, self.temperature, self.label_smoothing)
 
     def describe(self) -> dict:
         return {"name": self.name, "alpha": self.alpha, "temperature": self.temperature}

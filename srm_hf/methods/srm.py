@@ -98,8 +98,7 @@ class SRM(Method):
                                for k, t in teacher.features.items())}
         terms = {}
         if stage.name in ("kd", "joint"):
-            teacher_logits = teacher.logits if teacher is not None else None  # None: α = 0 in the KD stage
-            terms.update(kd_terms(student.logits, teacher_logits, labels, self.kd_alpha, self.kd_temperature,
+            terms.update(kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature,
                                   self.label_smoothing))
         if stage.name in ("srm", "joint"):
             weight = self.weight if stage.name == "joint" else 1.0
