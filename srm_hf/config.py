@@ -143,10 +143,14 @@ class DistillationConfig(TrainingArguments):
             self.fp16 = launched == "fp16" and not self.bf16
         if self.preset == "reference":
             self._apply_reference_preset()
+        asked_torch_compile = self.torch_compile  # before TrainingArguments infers it from the backend / mode
         super().__post_init__()
         # Compile switches per model: compile_student / compile_teacher use torch_compile_backend / torch_compile_mode
         # (which make TrainingArguments turn torch_compile on, for a second compilation of the whole module).
         if self.compile_student or self.compile_teacher:
+            if asked_torch_compile and not self.compile_student:
+                raise ValueError("torch_compile=True asks for the trained model compiled, but compile_teacher alone "
+                                 "compiles the teacher: add compile_student=True, or drop torch_compile.")
             self.torch_compile = False
         elif self.torch_compile:
             raise ValueError("torch_compile (also implied by torch_compile_backend / torch_compile_mode) would compile "

@@ -121,3 +121,7 @@ def test_one_compile_switch(tmp_path):
     for setting in ({"torch_compile": True}, {"torch_compile_backend": "inductor"}):
         with pytest.raises(ValueError, match="compile_student=True"):
             make_config(tmp_path, **setting)
+    teacher_only = make_config(tmp_path, compile_teacher=True, torch_compile_mode="reduce-overhead")
+    assert teacher_only.compile_teacher and not teacher_only.torch_compile and not teacher_only.compile_student
+    with pytest.raises(ValueError, match="compile_teacher alone compiles the teacher: add compile_student=True"):
+        make_config(tmp_path, compile_teacher=True, torch_compile=True)  # the student is not silently left out
