@@ -88,10 +88,15 @@ def _run(kernel, view: Pixels, *args, **meta) -> None:
     try:
         kernel[(view.n, num_chunks(view))](view.x, *args, view.pixels, view.atoms, *view.strides, **meta,
                                        PER_PROGRAM=PIXELS_PER_PROGRAM, BLOCK_S=block_s, BLOCK_K=block_k,
-                                       num_warps=8 if block_k >= 1024 else 4)
+                                       num_warps=num_warps(block_k))
     except TritonError as e:  # CompilationError, OutOfResources, PTXASError
         raise RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(e).__name__}: "
                            f"{e}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.") from e
+
+
+def num_warps(block_k: int) -> int:
+    """Warps per program: 8 for the widest dictionaries (K > 512 atoms), else 4."""
+    return 8 if block_k >= 1024 else 4
 
 
 def num_chunks(view: Pixels) -> int:

@@ -30,5 +30,5 @@ if __name__ == "__main__":
             source = ASTSource(fn=kernel, signature={**signature, **STRIDES, **{k: "constexpr" for k in meta}},
                                constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": 8 if block_k >= 1024 else 4})
+                                      options={"num_warps": fused.num_warps(block_k)})
             print(name, block_k, "cubin bytes", len(compiled.asm["cubin"]))

@@ -134,6 +134,7 @@ def variants(trainer, batch, autocast):
     if use_fused("auto", batch["pixel_values"]):  # the Triton kernels, side by side with eager (CUDA only)
         fns["SRM joint step, fused"] = stage("joint", "triton")
         fns["SRM stage-2 step, fused"] = stage("srm", "triton")
+        fns["dictionary step, fused"] = stage("dictionary", "triton")
     return fns
 
 
@@ -207,7 +208,7 @@ def report(args, trainer, times, mem) -> str:
         lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{mem[name] / 2**20:.1f} | {mem[name] / max(floor_mem, 1):.3f} |")
     lines += ["", "| step | median time (ms) | vs teacher forward |", "|---|---|---|"]
-    for name in ("teacher forward", "dictionary step"):
+    for name in (n for n in ("teacher forward", "dictionary step", "dictionary step, fused") if n in times):
         ratio, lo, hi = paired_ratio(times, name, "teacher forward")
         lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] |")
     lines += ["", f"Command: `python {' '.join(sys.argv)}`", ""]

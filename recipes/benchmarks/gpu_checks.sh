@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the fused SRM kernels and of the per-step costs, on a CUDA machine with srm_hf's dependencies,
-# from the repository root, in three parts that can run as separate calls; the reports land in OUT_DIR.
+# from the repository root, in parts that can run as separate calls; the reports land in OUT_DIR.
 #
-#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests   # tests/test_fused.py, tests/test_gpu.py (not FSDP/DeepSpeed)
-#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large   # cost.py at 224 px / batch 128 and 112 px / batch 16
-#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small   # cost.py at 28 px, srm_ops.py, host_overhead.py
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests     # tests/test_fused.py, tests/test_gpu.py (not FSDP/DeepSpeed)
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large     # cost.py at 224 px / batch 128 and 112 px / batch 16
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR pipeline  # small_model_pipeline.py (FASHION_MNIST_DIR: IDX files)
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR sweep     # srm_ops.py --sweep: the fused kernels' launch settings
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small}
-part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep}
+part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep}
 mkdir -p "$out"
 B=recipes/benchmarks
 export HF_HUB_OFFLINE=1
@@ -24,6 +26,10 @@ case $part in
     python3 $B/srm_ops.py | tee "$out/srm_ops.txt"
     python3 $B/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --repeats 2 --compile_teacher \
         --out "$out/host_overhead_28.md" ;;
+  pipeline)
+    python3 $B/small_model_pipeline.py --workers 8 --repeats 2 --steps 300 --out "$out/small_model_pipeline.md" ;;
+  sweep)
+    python3 $B/srm_ops.py --sweep | tee "$out/srm_ops_sweep.txt" ;;
   *)
-    echo "unknown part $part: tests, large or small" >&2; exit 2 ;;
+    echo "unknown part $part: tests, large, small, pipeline or sweep" >&2; exit 2 ;;
 esac

@@ -3,16 +3,19 @@ channels first (as srm_hf computes them) against channels last, `torch.topk` aga
 `torch.compile`, and srm_hf's fused Triton kernels (targets in bf16 here). Needs CUDA:
 
     python recipes/benchmarks/srm_ops.py
+    python recipes/benchmarks/srm_ops.py --sweep   # the fused kernels' launch settings instead
 
 Prints the forward + backward milliseconds per step and the peak memory above the inputs, for inputs in the
 default and in `channels_last` memory format. Results and reading: results/cost.md.
 """
 
+import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
+from srm_hf import fused as fused_module
 from srm_hf.fused import srm_targets_fused
 from srm_hf.srm import srm_loss_fused
 
@@ -99,7 +102,27 @@ def bench(fn, memory_format, steps: int = 30, warmup: int = 5) -> tuple[float, f
     return (time.perf_counter() - start) / steps * 1000, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def sweep():
+    """The fused variant under other launch settings: pixels per program, and warps per program (default: by K)."""
+    default_pixels, default_warps = fused_module.PIXELS_PER_PROGRAM, fused_module.num_warps
+    settings = [(pixels, None) for pixels in (64, 128, 256, 512, 1024)] + [(default_pixels, w) for w in (2, 4, 8, 16)]
+    try:
+        for pixels, warps in settings:
+            fused_module.PIXELS_PER_PROGRAM = pixels
+            fused_module.num_warps = default_warps if warps is None else (lambda block_k, w=warps: w)
+            for layout, memory_format in (("default", torch.contiguous_format), ("channels_last", torch.channels_last)):
+                ms, mib = bench(fused, memory_format)
+                print(f"fused: {pixels:5d} pixels per program, warps {warps or 'by K':5}, inputs {layout:14s} "
+                      f"{ms:7.2f} ms  peak {mib:7.1f} MiB", flush=True)
+    finally:
+        fused_module.PIXELS_PER_PROGRAM, fused_module.num_warps = default_pixels, default_warps
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sweep", action="store_true", help="Time the fused kernels' launch settings instead.")
+    if parser.parse_args().sweep:
+        return sweep()
     torch.manual_seed(0)
     variants = {"channels first (srm_hf)": channels_first, "channels last": channels_last,
                 "channels last, sort": channels_last_sort, "channels last, compiled": torch.compile(channels_last),
