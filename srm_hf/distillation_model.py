@@ -146,6 +146,8 @@ class DistillationModel(nn.Module):
         """Without `stage` (evaluation, inference): the student's logits. With the running stage: the method's loss
         terms for this batch, given the teacher's `Features` (None in stages without the teacher).
         `teacher_pixel_values` is accepted so that the Trainer keeps that column; it is unused here."""
+        if stage is not None and teacher is not None:
+            self.method.prepare_teacher(stage, teacher)
         student = None
         if stage is None or stage.spec.runs_student:
             with hook_guards(self.compiled):

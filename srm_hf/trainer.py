@@ -15,6 +15,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn as nn
+from accelerate.utils import TorchDynamoPlugin
 from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 
@@ -223,6 +224,14 @@ class DistillationTrainer(HubMixin, Trainer):
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient
         return grad_norm
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        """No whole-module compile by Accelerate: compile_student / compile_teacher compile each model in place; the
+        backend / mode they use must not reach Accelerate's dynamo plugin, which would compile the wrapped module."""
+        args = super()._build_accelerator_args(**kwargs)
+        if self.args.compile_student or self.args.compile_teacher:
+            args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return args
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The student alone in its library's format, and the method's modules beside it (`srm_hf.checkpoint`)."""

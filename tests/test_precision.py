@@ -119,6 +119,7 @@ def test_a_compiled_teacher_gives_the_same_targets_and_run(tmp_path):
     """compile_teacher: the teacher runs compiled, its taps still feed the SRM targets, and the run equals an
     uncompiled one (aot_eager traces the same arithmetic)."""
     torch._dynamo.reset()
+    from accelerate.utils import is_compiled_module
     from torch._dynamo.utils import counters
 
     runs = {}
@@ -129,6 +130,7 @@ def test_a_compiled_teacher_gives_the_same_targets_and_run(tmp_path):
                                max_steps=4)
         trainer.train()
         assert (counters["stats"]["unique_graphs"] > 0) == compiled
+        assert not is_compiled_module(trainer.model_wrapped)  # the models in place; Accelerate compiles no wrapper
         assert not trainer.teacher.training and not any(p.requires_grad for p in trainer.teacher.parameters())
         runs[compiled] = snapshot(trainer.distill_model)
     for name, value in runs[False].items():

@@ -15,6 +15,7 @@ from srm_hf import DistillationTrainer
 # name -> the parameters (after self) that our override takes and forwards
 OVERRIDDEN_INTERNALS = {
     "_get_grad_norm": ["model", "grad_norm"],
+    "_build_accelerator_args": ["kwargs"],
     "_save": ["output_dir", "state_dict"],
     "_load_from_checkpoint": ["resume_from_checkpoint", "model"],
     "_load_best_model": [],

@@ -48,6 +48,7 @@ class Features:
 
     logits: torch.Tensor | None  # [N, num_labels]
     features: dict[str, torch.Tensor] = field(default_factory=dict)  # [N, C, H, W], [N, L, C] or [N, C]
+    targets: dict = field(default_factory=dict)  # what `Method.prepare_teacher` derived from the features, by key
 
 
 class Method(nn.Module):
@@ -87,6 +88,11 @@ class Method(nn.Module):
     def group_options(self, group: str) -> dict:
         """Optimizer options for the parameter group of a child module (e.g. its own learning rate)."""
         return {}
+
+    def prepare_teacher(self, stage, teacher: Features) -> None:
+        """Called with the teacher's outputs before the student runs: a method may reduce them in place to what
+        `loss` needs (e.g. labels in `teacher.targets`, dropping `teacher.features`), so that the teacher's maps are
+        freed before the student's activations are stored. Default: nothing."""
 
     def loss(self, stage, student: Features | None, teacher: Features | None,
              labels: torch.Tensor | None) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from ..checkpoint import read_matching, save_safetensors
 from ..fused import use_fused
 from ..srm import (SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss,
                    srm_loss_fused)
-from .base import Method, StageSpec, check_stage_length
+from .base import Features, Method, StageSpec, check_stage_length
 from .kd import kd_stage, kd_terms
 
 MODES = ("paper", "joint")
@@ -102,12 +102,20 @@ class SRM(Method):
                                   self.label_smoothing))
         if stage.name in ("srm", "joint"):
             weight = self.weight if stage.name == "joint" else 1.0
-            targets = self.targets(teacher.features)
+            targets = teacher.targets or self.targets(teacher.features)
             for pair in self.pairs:
                 head_logits = self.head_logits(pair, student.features[pair.key])
                 for name, value in self.tap_loss(pair, head_logits, *targets[pair.key]).items():
                     terms[name] = terms[name] + weight * value if name in terms else weight * value
         return terms
+
+    def prepare_teacher(self, stage, teacher: Features) -> None:
+        """The labels replace the teacher's maps before the student runs (their float32 projections then never sit
+        beside the student's activations); the KD stage drops the maps, which it does not read."""
+        if stage.name in ("srm", "joint"):
+            teacher.targets = self.targets(teacher.features)
+        if stage.name in ("kd", "srm", "joint"):
+            teacher.features = {}
 
     def head_logits(self, pair, feature: torch.Tensor) -> torch.Tensor:
         """The student head's logits for one tap, on the teacher's grid: [N, K, H, W], [N, L, K] or [N, K]."""
