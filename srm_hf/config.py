@@ -55,7 +55,7 @@ class DistillationConfig(TrainingArguments):
     )
     srm_weight: float = field(default=1.0, metadata={"help": "λ: weight of the SRM loss in the joint stage."})
     srm_kernels: str = field(
-        default="eager",  # 'auto' becomes the default once tests/test_gpu.py has passed on a GPU with the kernels
+        default="auto",
         metadata={"help": "SRM targets, codes and loss: 'eager' (PyTorch), 'auto' (fused Triton kernels on CUDA, "
                           "eager elsewhere) or 'triton'.", "choices": list(KERNEL_CHOICES)},
     )

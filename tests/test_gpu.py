@@ -60,7 +60,10 @@ def test_student_compiled_by_inductor_on_cuda(tmp_path):
 
 def test_a_teacher_replayed_as_cuda_graphs_gives_the_srm_run_an_eager_teacher_gives(tmp_path):
     """compile_teacher with mode 'reduce-overhead': the taps read CUDA-graph output buffers that the next replay
-    overwrites, so the targets must be taken before it. The loss terms follow the eager teacher's run."""
+    overwrites, so the targets must be taken before it. The loss terms follow the eager teacher's run: to 1e-3 up to
+    the first joint step (labels from another batch would miss by far more), to 1e-2 after it, where Inductor's
+    arithmetic (not the eager teacher's, bit for bit) has moved the students apart (2.2e-3 at the fifth step on an
+    H100)."""
     from srm_hf import DistillationTrainer
 
     terms = {}
@@ -73,9 +76,11 @@ def test_a_teacher_replayed_as_cuda_graphs_gives_the_srm_run_an_eager_teacher_gi
                                       train_dataset=PatternDataset(32))
         trainer.train()
         assert finite_logs(trainer)
-        terms[compiled] = [v for e in trainer.state.log_history for k, v in sorted(e.items()) if "/" in k]
+        terms[compiled] = [[v for k, v in sorted(e.items()) if "/" in k] for e in trainer.state.log_history]
     assert len(terms[True]) == len(terms[False]) > 0
-    torch.testing.assert_close(terms[True], terms[False], rtol=1e-3, atol=1e-5)
+    first_joint = next(i for i, e in enumerate(trainer.state.log_history) if any(k.startswith("joint/") for k in e))
+    torch.testing.assert_close(terms[True][:first_joint + 1], terms[False][:first_joint + 1], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(terms[True], terms[False], rtol=1e-2, atol=1e-5)
     torch._dynamo.reset()
 
 

@@ -38,7 +38,7 @@ class SRM(Method):
                  pixel_ce_on_sigmoid: bool = True, weight: float = 1.0, kd_alpha: float = 0.5,
                  kd_temperature: float = 4.0, dictionary_epochs: float = 1.0, dictionary_max_steps: int = -1,
                  dictionary_learning_rate: float = 1e-3, dictionary_path: str | None = None,
-                 srm_epochs: float = 1.0, srm_max_steps: int = -1, kernels: str = "eager"):
+                 srm_epochs: float = 1.0, srm_max_steps: int = -1, kernels: str = "auto"):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"srm_mode={mode!r} is not one of {MODES}: use 'paper' (three stages) or 'joint'.")
