@@ -129,3 +129,51 @@ def test_a_kd_stage_with_alpha_zero_trains_on_labels_without_running_the_teacher
     assert len(calls) == trainer.state.global_step - kd_steps  # the earlier stages only
     logged = {k for e in trainer.state.log_history for k in e if k.startswith("kd/")}
     assert logged == {"kd/ce"}
+
+
+class PooledTargets(FeatureMSE):
+    """FeatureMSE that keeps only the teacher's pooled maps, in `prepare_teacher`, and records when it ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def prepare_teacher(self, stage, teacher):
+        self.calls.append("prepare_teacher")
+        teacher.targets = {k: t.mean(dim=(2, 3)) if t.dim() == 4 else t for k, t in teacher.features.items()}
+        teacher.features = {}
+
+    def loss(self, stage, student, teacher, labels):
+        assert not teacher.features  # reduced before the loss
+        pooled = {k: s.mean(dim=(2, 3)) if s.dim() == 4 else s for k, s in student.features.items()}
+        return {"mse": sum(F.mse_loss(pooled[k][:, :t.shape[1]], t[:, :pooled[k].shape[1]])
+                           for k, t in teacher.targets.items())}
+
+
+def test_prepare_teacher_runs_before_the_student_in_every_step(tmp_path):
+    method = PooledTargets()
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method,
+                                  args=make_config(tmp_path, method="kd", max_steps=3), train_dataset=PatternDataset(32))
+    trainer.distill_model.student.register_forward_pre_hook(lambda *_: method.calls.append("student"))
+    trainer.train()
+    assert method.calls == ["prepare_teacher", "student"] * 3
+
+
+def test_srm_labels_taken_before_the_student_equal_those_taken_in_the_loss(tmp_path):
+    """SRM's `prepare_teacher` replaces the teacher's maps by the labels; the loss terms are those of the maps."""
+    from srm_hf.methods import Features
+
+    trainer = make_trainer(tmp_path, srm_mode="joint", srm_dictionary_max_steps=1, max_steps=1)
+    trainer.train()
+    model, stage = trainer.distill_model, trainer.plan.stages[-1]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        teacher = trainer.teacher_forward(batch)
+        late = Features(teacher.logits, dict(teacher.features))
+        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], stage=stage, teacher=teacher)
+        assert not teacher.features and set(teacher.targets) == set(late.features)
+        model.student(batch["pixel_values"])  # the same student maps again (same weights, same batch)
+        student = Features(out.logits, model.student_hooks.pop())
+        want = model.method.loss(stage, student, late, batch["labels"])
+    for name, value in want.items():
+        torch.testing.assert_close(out.terms[name], value, rtol=1e-6, atol=1e-7, msg=name)

@@ -20,7 +20,8 @@ knowing its name:
     DistillationTrainer(model=student, teacher_model=teacher, method=FeatureMSE(), args=..., train_dataset=...)
 
 `loss` runs inside the trained module's forward (so DDP sees every parameter it uses) and returns named terms: the
-trainer sums them into the loss and logs each as `<stage>/<term>`.
+trainer sums them into the loss and logs each as `<stage>/<term>`. `prepare_teacher`, called in the same forward
+before the student runs, may reduce the teacher's outputs first (SRM turns its maps into labels there).
 """
 
 from dataclasses import dataclass, field
