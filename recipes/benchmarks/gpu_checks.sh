@@ -7,9 +7,11 @@
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR pipeline  # small_model_pipeline.py (FASHION_MNIST_DIR: IDX files)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR sweep     # srm_ops.py --sweep: the fused kernels' launch settings
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR profile   # torch.profiler tables at 224 px / batch 128: the floor,
+#                                                           # the fused joint and dictionary steps, a teacher forward
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep}
-part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep|profile}
+part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep|profile}
 mkdir -p "$out"
 B=recipes/benchmarks
 export HF_HUB_OFFLINE=1
@@ -30,6 +32,12 @@ case $part in
     python3 $B/small_model_pipeline.py --workers 8 --repeats 2 --steps 300 --out "$out/small_model_pipeline.md" ;;
   sweep)
     python3 $B/srm_ops.py --sweep | tee "$out/srm_ops_sweep.txt" ;;
+  profile)
+    for step in "floor: student step + teacher forward" "SRM joint step, fused" "dictionary step, fused" \
+                "teacher forward"; do
+      python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 3 --warmup 3 --profile "$step" \
+          > "$out/profile_$(echo "$step" | cut -d: -f1 | tr -c 'a-zA-Z0-9\n' _).txt"
+    done ;;
   *)
-    echo "unknown part $part: tests, large, small, pipeline or sweep" >&2; exit 2 ;;
+    echo "unknown part $part: tests, large, small, pipeline, sweep or profile" >&2; exit 2 ;;
 esac
