@@ -141,6 +141,11 @@ class DistillationConfig(TrainingArguments):
             self.bf16 = launched == "bf16" and not self.fp16
         if self.fp16 is None:
             self.fp16 = launched == "fp16" and not self.bf16
+        dynamo = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no")
+        if dynamo.lower() != "no":
+            raise ValueError(f"The launch config's dynamo_backend={dynamo} would compile the whole distillation "
+                             "module: launch with --dynamo_backend no (or set it in `accelerate config`) and use "
+                             f"--compile_student / --compile_teacher with --torch_compile_backend {dynamo.lower()}.")
         if self.preset == "reference":
             self._apply_reference_preset()
         asked_torch_compile = self.torch_compile  # before TrainingArguments infers it from the backend / mode

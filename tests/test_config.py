@@ -106,6 +106,14 @@ def test_explicit_settings_win_over_the_launch_config(tmp_path, monkeypatch):
     assert make_config(tmp_path, use_cpu=None).use_cpu is False
 
 
+def test_a_launch_config_that_compiles_the_whole_module_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")  # `accelerate launch --dynamo_backend inductor`
+    with pytest.raises(ValueError, match="dynamo_backend=INDUCTOR.*--compile_student / --compile_teacher"):
+        make_config(tmp_path, compile_student=True)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    assert make_config(tmp_path).torch_compile is False
+
+
 def test_the_same_run_for_another_method(tmp_path):
     srm = make_config(tmp_path, srm_codeword_multiplier=3.0, kd_alpha=0.9, learning_rate=0.05)
     kd = srm.for_method("kd", max_steps=7)
