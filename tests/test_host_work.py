@@ -63,11 +63,11 @@ class StudentWithLoss(nn.Module):
         return {"loss": F.cross_entropy(logits, labels), "logits": logits}
 
 
-def plain_trainer_waits(tmp_path) -> list[str]:
+def plain_trainer_waits(tmp_path, **options) -> list[str]:
     counter = CountPerStep()
     args = TrainingArguments(output_dir=str(tmp_path / "plain"), per_device_train_batch_size=8, max_steps=4,
                              logging_steps=100, save_strategy="no", report_to="none", use_cpu=True,
-                             dataloader_num_workers=0, disable_tqdm=True)
+                             dataloader_num_workers=0, disable_tqdm=True, **options)
     Trainer(model=StudentWithLoss(), args=args, train_dataset=PatternDataset(32), callbacks=[counter]).train()
     assert len({tuple(ops) for ops in counter.per_step}) == 1, counter.per_step
     return counter.per_step[0]
@@ -88,6 +88,14 @@ def test_each_step_of_every_method_waits_for_the_device_once_more_than_the_plain
         assert sorted(ops) == sorted(plain + ["aten._local_scalar_dense"]), (stage, step, ops, plain)
 
 
+def test_without_the_nan_loss_filter_the_non_finite_check_is_the_one_wait_per_step(tmp_path):
+    """logging_nan_inf_filter=False takes the plain Trainer's own wait away (host_overhead.py --no_nan_filter)."""
+    assert plain_trainer_waits(tmp_path, logging_nan_inf_filter=False) == []
+    counter = CountPerStep()
+    make_trainer(tmp_path, method="kd", logging_steps=100, callbacks=[counter], logging_nan_inf_filter=False).train()
+    assert counter.per_step == [["aten._local_scalar_dense"]] * 4
+
+
 def test_the_counter_sees_the_waits_it_looks_for():
     x = torch.randn(6)
     with HostWaits() as mode:
@@ -100,13 +108,15 @@ def test_the_host_overhead_benchmark_times_every_run_and_writes_its_table(tmp_pa
     import host_overhead
 
     out = tmp_path / "host.md"
-    host_overhead.main(["--steps", "9", "--warmup", "3", "--repeats", "1", "--out", str(out)])
+    host_overhead.main(["--steps", "9", "--warmup", "3", "--repeats", "1", "--no_nan_filter", "--out", str(out)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.read_text().splitlines()
             if line.startswith("| ") and "ms per step" not in line}
     expected = ["bare loop, alone", "bare loop, KD", "Trainer alone", "Trainer KD"] + [
-        f"Trainer SRM paper: {stage} stage" for stage in ("dictionary", "SRM", "KD")]
+        f"Trainer SRM paper: {stage} stage" for stage in ("dictionary", "SRM", "KD")] + [
+        "Trainer alone, no NaN-loss filter", "Trainer KD, no NaN-loss filter"]
     assert list(rows) == expected
     assert all(float(cells[0]) > 0 for cells in rows.values())
-    assert rows["Trainer KD"][2].strip(" |").startswith(("+", "-"))  # the Trainer's addition over the bare loop
+    for row in ("Trainer KD", "Trainer KD, no NaN-loss filter"):  # the Trainer's addition over the bare loop
+        assert rows[row][2].strip(" |").startswith(("+", "-"))
     with pytest.raises(SystemExit):
         host_overhead.main(["--steps", "3", "--warmup", "3"])  # nothing left to time

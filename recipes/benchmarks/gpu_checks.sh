@@ -27,7 +27,7 @@ case $part in
         --warmup 5 --out "$out/cost_28.md"
     python3 $B/srm_ops.py | tee "$out/srm_ops.txt"
     python3 $B/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --repeats 2 --compile_teacher \
-        --out "$out/host_overhead_28.md" ;;
+        --no_nan_filter --out "$out/host_overhead_28.md" ;;
   pipeline)
     python3 $B/small_model_pipeline.py --workers 8 --repeats 2 --steps 300 --out "$out/small_model_pipeline.md" ;;
   sweep)

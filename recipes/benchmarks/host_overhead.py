@@ -10,6 +10,8 @@ Pair: ResNet-18 (widths 24-192) teacher, ResNet-10t (widths 8-64) student, 1 cha
   Trainer alone / KD      DistillationTrainer, method 'alone' / 'kd'
   Trainer SRM paper       dictionary, SRM and KD stages, a third of the steps each
   ..., teacher compiled   with `--compile_teacher`: compile_teacher=True, torch_compile_mode `--compile_mode`
+  ..., no NaN-loss filter  with `--no_nan_filter`: logging_nan_inf_filter=False (the plain Trainer's own wait for
+                          the device, once per step, to keep NaN losses out of the logged average)
 Each row times steps `--warmup`+1 to `--steps` (start-up left out; SRM: each stage after a third of the warm-up),
 median of `--repeats` runs, runs interleaved.
 
@@ -121,7 +123,7 @@ def bare_loop(args, name: str, kd: bool) -> dict[str, float]:
     return clock.ms_per_step
 
 
-def trainer_run(args, name: str, method: str, compile_teacher: bool = False) -> dict[str, float]:
+def trainer_run(args, name: str, method: str, compile_teacher: bool = False, **extra) -> dict[str, float]:
     teacher, student = pair()
     if method == "srm":  # a third of the steps per stage, each stage timed after its own warm-up
         third = args.steps // 3
@@ -134,7 +136,7 @@ def trainer_run(args, name: str, method: str, compile_teacher: bool = False) -> 
     config = DistillationConfig(output_dir="/tmp/host_overhead", method=method, max_steps=args.steps, **steps,
                                 per_device_train_batch_size=args.batch, bf16=args.bf16, use_cpu=args.device == "cpu",
                                 report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=50,
-                                dataloader_num_workers=0, **compiled)
+                                dataloader_num_workers=0, **compiled, **extra)
     clock = Clock(args.device, windows)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, callbacks=[ClockCallback(clock)],
                                   train_dataset=images(args))
@@ -148,6 +150,10 @@ RUNS = {"bare loop, alone": lambda a, n: bare_loop(a, n, kd=False),
         "Trainer SRM paper": lambda a, n: trainer_run(a, n, "srm")}
 COMPILED = {"Trainer KD, teacher compiled": lambda a, n: trainer_run(a, n, "kd", compile_teacher=True),
             "Trainer SRM paper, teacher compiled": lambda a, n: trainer_run(a, n, "srm", compile_teacher=True)}
+NO_NAN_FILTER = {
+    "Trainer alone, no NaN-loss filter": lambda a, n: trainer_run(a, n, "alone", logging_nan_inf_filter=False),
+    "Trainer KD, no NaN-loss filter": lambda a, n: trainer_run(a, n, "kd", logging_nan_inf_filter=False),
+}
 
 
 def main(argv=None) -> None:
@@ -162,6 +168,8 @@ def main(argv=None) -> None:
     parser.add_argument("--compile_teacher", action="store_true",
                         help="Add KD and SRM runs with compile_teacher=True (torch_compile_mode --compile_mode).")
     parser.add_argument("--compile_mode", default="reduce-overhead")
+    parser.add_argument("--no_nan_filter", action="store_true",
+                        help="Add alone and KD runs with logging_nan_inf_filter=False.")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "host_overhead.md"))
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -170,7 +178,8 @@ def main(argv=None) -> None:
         parser.error("--device cuda: no CUDA device here.")
     ms: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved: a slow spell of the machine hits every row alike
-        for name, run in (RUNS | COMPILED if args.compile_teacher else RUNS).items():
+        runs = RUNS | (COMPILED if args.compile_teacher else {}) | (NO_NAN_FILTER if args.no_nan_filter else {})
+        for name, run in runs.items():
             for row, value in run(args, name).items():
                 ms.setdefault(row, []).append(value)
                 print(f"{row}: {value:.2f} ms/step", flush=True)
@@ -186,7 +195,8 @@ def main(argv=None) -> None:
         "| run | ms per step | vs bare loop, alone | added by the Trainer and srm_hf (ms) |", "|---|---|---|---|",
     ]
     bare = {"Trainer alone": "bare loop, alone", "Trainer KD": "bare loop, KD",
-            "Trainer SRM paper: KD stage": "bare loop, KD", "Trainer KD, teacher compiled": "bare loop, KD"}
+            "Trainer SRM paper: KD stage": "bare loop, KD", "Trainer KD, teacher compiled": "bare loop, KD",
+            "Trainer alone, no NaN-loss filter": "bare loop, alone", "Trainer KD, no NaN-loss filter": "bare loop, KD"}
     for name, value in median.items():
         added = f"{value - median[bare[name]]:+.2f}" if name in bare else ""
         lines.append(f"| {name} | {value:.2f} | {value / median['bare loop, alone']:.2f}x | {added} |")
