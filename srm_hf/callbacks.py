@@ -28,9 +28,13 @@ class StageCallback(TrainerCallback):
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
             logger.info(f"Tap pairs (teacher -> student):\n{format_tap_plan(self.trainer.tap_pairs)}")
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.nonfinite.settle()  # the last steps' outcomes, read from the device
+
     def on_step_end(self, args, state, control, **kwargs):
         """The student is judged only in the last stage (before it, its classifier is frozen or untrained): no
         evaluation earlier, so early stopping and best-model selection see the final stage alone."""
+        self.trainer.nonfinite.step_done(getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer))
         plan = self.trainer.plan
         stage = plan.stage_at(state.global_step - 1)
         if args.stage_batch_sizes:  # one loader runs the whole plan (one Trainer epoch): each stage's passes end

@@ -1,16 +1,31 @@
 """Skipping optimizer steps whose gradient is NaN/inf without a trace, and stopping when too many come in a row.
 
 A forward pass writes BatchNorm running statistics before the gradient is known: `snapshot` copies every buffer
-at the start of each optimizer step and `restore` puts them back when the step is skipped.
+at the start of each optimizer step, and a skipped step gets them back.
+
+Two ways to skip, chosen per step by `skip_if_nonfinite`:
+- on the device, without the host waiting for the gradient norm, for optimizers that take a `found_inf` tensor
+  (torch's fused Adam/AdamW/SGD/Adagrad, the Trainer's default `adamw_torch_fused`): the optimizer leaves
+  parameters and state as they were where `found_inf` is 1, the buffers are selected on the device, and the
+  outcome is read once the device has produced it (counted, warned about and checked at a later step, at logging
+  and at the end of training);
+- on the host otherwise: the norm is read, and a skipped step drops the gradients and puts the buffers back.
 """
 
 import math
+from collections import deque
 
 import torch
 import torch.nn as nn
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer, grad_norm) -> bool:
+    """Whether `optimizer` can skip a step by itself from a device flag (what `torch.amp.GradScaler` relies on)."""
+    return (isinstance(grad_norm, torch.Tensor) and grad_norm.device.type in ("cpu", "cuda")
+            and getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 class NonFiniteGuard:
@@ -20,6 +35,7 @@ class NonFiniteGuard:
         self.skipped = 0  # over the whole run, logged as `nonfinite_steps_skipped`
         self._buffers: list[torch.Tensor] | None = None
         self._backup: list[torch.Tensor] = []
+        self._pending: deque = deque()  # (finite flag on the host, event or None, stage name, step), oldest first
 
     def snapshot(self, model: nn.Module) -> None:
         """Copy the model's buffers (BatchNorm statistics and counters), to put back if this step is skipped."""
@@ -29,19 +45,73 @@ class NonFiniteGuard:
         elif self._buffers:
             torch._foreach_copy_(self._backup, self._buffers)
 
-    def restore(self) -> None:
-        if self._buffers:
+    def skip_if_nonfinite(self, grad_norm, optimizer, model: nn.Module, stage_name: str, step: int) -> None:
+        """Make the optimizer step at `step` (1-based) a no-op, buffers included, if `grad_norm` is not finite."""
+        if skips_on_device(optimizer, grad_norm):
+            finite = torch.isfinite(grad_norm)
+            optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
+            self._select_buffers(finite)
+            self._watch(finite, stage_name, step)
+        elif not self._count(math.isfinite(float(grad_norm)), stage_name, step):
             with torch.no_grad():
-                torch._foreach_copy_(self._buffers, self._backup)
+                torch._foreach_copy_(self._buffers or [], self._backup)
+            for p in model.parameters():
+                p.grad = None  # optimizers skip parameters without a gradient
 
-    def step_is_finite(self, grad_norm: float, stage_name: str, step: int) -> bool:
-        """Whether the step at `step` (1-based) may be taken; raises after `max_in_a_row` skipped steps in a row."""
-        if math.isfinite(grad_norm):
+    def step_done(self, optimizer) -> None:
+        """After the optimizer step: its `found_inf` goes, so that no later step reads it."""
+        if hasattr(optimizer, "found_inf"):
+            del optimizer.found_inf
+
+    def settle(self) -> None:
+        """Wait for the outcome of every step taken so far (before logging the count, and at the end)."""
+        self._read(wait=True)
+
+    # ---- internals --------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _select_buffers(self, finite: torch.Tensor) -> None:
+        """buffers = buffers where the step is finite, else the snapshot: one `where` per dtype, NaN-safe."""
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, b in enumerate(self._buffers or []):
+            groups.setdefault(b.dtype, []).append(i)
+        for indices in groups.values():
+            now = [self._buffers[i] for i in indices]
+            kept = torch.where(finite, torch.cat([b.reshape(-1) for b in now]),
+                               torch.cat([self._backup[i].reshape(-1) for i in indices]))
+            torch._foreach_copy_(now, [v.view_as(b) for v, b in zip(kept.split([b.numel() for b in now]), now)])
+
+    def _watch(self, finite: torch.Tensor, stage_name: str, step: int) -> None:
+        """Queue the step's flag for reading without waiting: a pinned copy and an event on CUDA."""
+        event = None
+        if finite.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(finite, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            finite = host
+        self._pending.append((finite, event, stage_name, step))
+        self._read(wait=False)
+
+    def _read(self, wait: bool) -> None:
+        while self._pending:
+            flag, event, stage_name, step = self._pending[0]
+            if event is not None:
+                if not wait and not event.query():
+                    return
+                event.synchronize()
+            self._pending.popleft()
+            self._count(bool(flag.numpy()), stage_name, step)  # host memory: no device wait
+
+    def _count(self, finite: bool, stage_name: str, step: int) -> bool:
+        """Record one step's outcome; raises after `max_in_a_row` skipped steps in a row."""
+        if finite:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
         self.skipped += 1
         if self.in_a_row > self.max_in_a_row:
+            self._pending.clear()
             raise FloatingPointError(
                 f"{self.in_a_row} optimizer steps in a row had NaN/inf gradients (stage '{stage_name}', step {step}). "
                 "Lower the learning rate, use bf16 rather than fp16, or check the inputs for NaNs; the last "

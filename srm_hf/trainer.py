@@ -201,6 +201,7 @@ class DistillationTrainer(HubMixin, Trainer):
         if self.plan is not None and any(k.startswith("eval_") for k in logs):
             logs["stage"] = self.plan.stage_at(step).index
         if "loss" in logs and self.plan is not None:
+            self.nonfinite.settle()  # every step's outcome counted before `nonfinite_steps_skipped` is logged
             for name, values in self._metrics.items():
                 logs[name] = self.accelerator.reduce(torch.stack(values).to(self.args.device).mean(), "mean").item()
             self._metrics.clear()
@@ -218,11 +219,9 @@ class DistillationTrainer(HubMixin, Trainer):
         grad_norm = super()._get_grad_norm(model, grad_norm)
         if self.accelerator.scaler is not None or grad_norm is None:
             return grad_norm
-        stage = self.plan.stage_at(self.state.global_step)
-        if not self.nonfinite.step_is_finite(float(grad_norm), stage.name, self.state.global_step + 1):
-            self.nonfinite.restore()  # the forward's BatchNorm statistics go too
-            for p in model.parameters():
-                p.grad = None  # optimizers skip parameters without a gradient
+        stage, optimizer = self.plan.stage_at(self.state.global_step), getattr(self.optimizer, "optimizer", None)
+        self.nonfinite.skip_if_nonfinite(grad_norm, optimizer or self.optimizer, model, stage.name,
+                                         self.state.global_step + 1)  # BatchNorm statistics included
         return grad_norm
 
     def _build_accelerator_args(self, **kwargs) -> dict:

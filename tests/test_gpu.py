@@ -142,3 +142,17 @@ def test_fused_kernels_equal_eager_at_resnet18_tap_sizes(channels, size, k):
         want_grad, = torch.autograd.grad(sum(want.values()), logits)
         got_grad, = torch.autograd.grad(sum(got.values()), logits)
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
+    """On CUDA the fused AdamW skips the NaN step from a device flag that the host reads back later, without
+    waiting: the count, the untouched parameters and the stop after too many in a row are those of the CPU runs."""
+    from test_precision import nan_trainer
+
+    trainer = nan_trainer(tmp_path / "skip", use_cpu=False, bf16=True)
+    trainer.train()
+    skipped = [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "nonfinite_steps_skipped" in e]
+    assert skipped == [0, 0, 0, 0, 1, 1]
+    assert all(torch.isfinite(p).all() for p in trainer.distill_model.parameters())
+    with pytest.raises(FloatingPointError, match="stage 'joint', step 5"):
+        nan_trainer(tmp_path / "stop", use_cpu=False, max_nonfinite_steps=0).train()

@@ -79,8 +79,12 @@ def nan_trainer(tmp_path, **config):
                                args=args, method=NaNAtStep.from_config(args))
 
 
-def test_a_nonfinite_step_is_skipped_and_logged(tmp_path):
-    trainer = nan_trainer(tmp_path)
+SKIP_PATHS = pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])  # skipped on the device / host
+
+
+@SKIP_PATHS
+def test_a_nonfinite_step_is_skipped_and_logged(tmp_path, optim):
+    trainer = nan_trainer(tmp_path, optim=optim)
     states = {}
     trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, args, state, control, **kw: states.__setitem__(
@@ -93,8 +97,9 @@ def test_a_nonfinite_step_is_skipped_and_logged(tmp_path):
     assert skipped == [0, 0, 0, 0, 1, 1]
 
 
-def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path):
-    trainer = nan_trainer(tmp_path, max_nonfinite_steps=0)
+@SKIP_PATHS
+def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, optim):
+    trainer = nan_trainer(tmp_path, max_nonfinite_steps=0, optim=optim)
     with pytest.raises(FloatingPointError, match="NaN/inf gradients.*stage 'joint', step 5.*learning rate"):
         trainer.train()
 
@@ -151,13 +156,14 @@ def test_compiled_models_keep_their_taps_after_a_run_without_taps_in_the_same_pr
     torch._dynamo.reset()
 
 
-def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path):
+@SKIP_PATHS
+def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path, optim):
     """One NaN in one student feature map: the step is skipped and the BatchNorm statistics it wrote are undone."""
     from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
 
     from srm_hf import SRM
 
-    args = make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=2, max_steps=4)
+    args = make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=2, max_steps=4, optim=optim)
     trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
                                   args=args, method=SRM.from_config(args))
     calls = []

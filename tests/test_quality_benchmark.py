@@ -12,8 +12,17 @@ import quality  # noqa: E402
 import quality_report  # noqa: E402
 
 
-def test_quick_benchmark_runs_every_method_pair_at_equal_measured_compute(tmp_path):
+def test_quick_benchmark_runs_every_method_pair_at_equal_measured_compute(tmp_path, monkeypatch):
     out, work = tmp_path / "results", tmp_path / "work"
+    measure = quality.Cell.step_seconds
+
+    def alone_clearly_cheaper(self, methods):  # the real timings, with the student alone made a quarter of SRM's
+        seconds = measure(self, methods)  # fastest stage: on a busy machine they can come within half a step,
+        fastest = min(seconds["SRM paper"].values())  # and the lengthened runs would not be exercised
+        seconds["alone"] = {stage: min(value, fastest / 4) for stage, value in seconds["alone"].items()}
+        return seconds
+
+    monkeypatch.setattr(quality.Cell, "step_seconds", alone_clearly_cheaper)
     rows = quality.main(["--quick", "--out_dir", str(out), "--work_dir", str(work)])
     assert {(r["pair"], r["method"]) for r in rows} == {(p, m) for p in quality.PAIRS for m in quality.METHODS}
     for r in rows:
@@ -28,7 +37,7 @@ def test_quick_benchmark_runs_every_method_pair_at_equal_measured_compute(tmp_pa
         else:  # as costly as SRM paper, within half a last-stage step
             assert abs(r["srm_cost_seconds"] - r["cost_seconds"]) < list(r["seconds_per_step"].values())[-1]
     alone = next(r for r in rows if r["method"] == "alone")
-    assert alone["equal_compute_test"] is not None  # no teacher forward: always cheaper than SRM paper
+    assert alone["equal_compute_test"] is not None  # cheaper than SRM paper: lengthened to its cost
     table = (out / "quality_quick.md").read_text()
     assert table.count("\n| ResNet-18 → ") == len(rows) and "## At equal measured compute" in table
     assert table.count("best SRM") == len(quality.PAIRS)
