@@ -71,13 +71,13 @@ class NonFiniteGuard:
 
     @torch.no_grad()
     def _select_buffers(self, finite: torch.Tensor) -> None:
-        """buffers = buffers where the step is finite, else the snapshot: one `where` per dtype, NaN-safe."""
-        groups: dict[torch.dtype, list[int]] = {}
+        """buffers = buffers where the step is finite, else the snapshot: one `where` per dtype and device, NaN-safe."""
+        groups: dict[tuple, list[int]] = {}
         for i, b in enumerate(self._buffers or []):
-            groups.setdefault(b.dtype, []).append(i)
-        for indices in groups.values():
+            groups.setdefault((b.dtype, b.device), []).append(i)
+        for (_, device), indices in groups.items():
             now = [self._buffers[i] for i in indices]
-            kept = torch.where(finite, torch.cat([b.reshape(-1) for b in now]),
+            kept = torch.where(finite.to(device), torch.cat([b.reshape(-1) for b in now]),
                                torch.cat([self._backup[i].reshape(-1) for i in indices]))
             torch._foreach_copy_(now, [v.view_as(b) for v, b in zip(kept.split([b.numel() for b in now]), now)])
 
