@@ -24,6 +24,7 @@ class StageCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._current = None
+        self.trainer.nonfinite.forget()
         if state.is_world_process_zero:
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
             logger.info(f"Tap pairs (teacher -> student):\n{format_tap_plan(self.trainer.tap_pairs)}")

@@ -4,11 +4,11 @@ A forward pass writes BatchNorm running statistics before the gradient is known:
 at the start of each optimizer step, and a skipped step gets them back.
 
 Two ways to skip, chosen per step by `skip_if_nonfinite`:
-- on the device, without the host waiting for the gradient norm, for optimizers that take a `found_inf` tensor
-  (torch's fused Adam/AdamW/SGD/Adagrad, the Trainer's default `adamw_torch_fused`): the optimizer leaves
-  parameters and state as they were where `found_inf` is 1, the buffers are selected on the device, and the
-  outcome is read once the device has produced it (counted, warned about and checked at a later step, at logging
-  and at the end of training);
+- on the device, without the host waiting for the gradient norm, for torch's fused Adam, AdamW and Adagrad (the
+  Trainer's default `adamw_torch_fused`), whose step takes a `found_inf` tensor and then leaves parameters and
+  state as they were, with every parameter on the norm's device: the buffers are selected on the device, and the
+  outcome is read one step later on CUDA (counted, warned about and checked at the same step on every rank), at
+  once on the CPU, and at every log and at the end of training;
 - on the host otherwise: the norm is read, and a skipped step drops the gradients and puts the buffers back.
 """
 
@@ -22,10 +22,17 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+# fused SGD is left out: a first step skipped leaves its momentum buffers uninitialised
+SKIPS_ON_DEVICE = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adagrad)
+
+
 def skips_on_device(optimizer: torch.optim.Optimizer, grad_norm) -> bool:
-    """Whether `optimizer` can skip a step by itself from a device flag (what `torch.amp.GradScaler` relies on)."""
-    return (isinstance(grad_norm, torch.Tensor) and grad_norm.device.type in ("cpu", "cuda")
-            and getattr(optimizer, "_step_supports_amp_scaling", False))
+    """Whether `optimizer` can skip a step by itself from a device flag, as `torch.amp.GradScaler` has it do: a
+    fused torch Adam/AdamW/Adagrad (`_step_supports_amp_scaling`) whose parameters are all on `grad_norm`'s device
+    (a plain tensor, not a DTensor)."""
+    return (type(grad_norm) is torch.Tensor and grad_norm.device.type in ("cpu", "cuda")
+            and isinstance(optimizer, SKIPS_ON_DEVICE) and getattr(optimizer, "_step_supports_amp_scaling", False)
+            and all(p.device == grad_norm.device for g in optimizer.param_groups for p in g["params"]))
 
 
 class NonFiniteGuard:
@@ -49,9 +56,9 @@ class NonFiniteGuard:
         """Make the optimizer step at `step` (1-based) a no-op, buffers included, if `grad_norm` is not finite."""
         if skips_on_device(optimizer, grad_norm):
             finite = torch.isfinite(grad_norm)
-            optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
+            self._watch(finite, stage_name, step)  # may raise for an earlier step: before found_inf is set
             self._select_buffers(finite)
-            self._watch(finite, stage_name, step)
+            optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
         elif not self._count(math.isfinite(float(grad_norm)), stage_name, step):
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers or [], self._backup)
@@ -64,8 +71,15 @@ class NonFiniteGuard:
             del optimizer.found_inf
 
     def settle(self) -> None:
-        """Wait for the outcome of every step taken so far (before logging the count, and at the end)."""
-        self._read(wait=True)
+        """Count the outcome of every step taken so far, waiting for the device (before a log, at the end)."""
+        while self._pending:
+            flag, event, stage_name, step = self._pending.popleft()
+            event.synchronize()
+            self._count(bool(flag.numpy()), stage_name, step)  # pinned host memory: no further wait
+
+    def forget(self) -> None:
+        """At the start of training: outcomes left pending by an interrupted run are not this run's."""
+        self._pending.clear()
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -82,26 +96,18 @@ class NonFiniteGuard:
             torch._foreach_copy_(now, [v.view_as(b) for v, b in zip(kept.split([b.numel() for b in now]), now)])
 
     def _watch(self, finite: torch.Tensor, stage_name: str, step: int) -> None:
-        """Queue the step's flag for reading without waiting: a pinned copy and an event on CUDA."""
-        event = None
-        if finite.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(finite, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            finite = host
-        self._pending.append((finite, event, stage_name, step))
-        self._read(wait=False)
-
-    def _read(self, wait: bool) -> None:
-        while self._pending:
-            flag, event, stage_name, step = self._pending[0]
-            if event is not None:
-                if not wait and not event.query():
-                    return
-                event.synchronize()
-            self._pending.popleft()
-            self._count(bool(flag.numpy()), stage_name, step)  # host memory: no device wait
+        """Count the previous step's outcome (on CUDA, long computed by now: the device is still busy with this
+        step's queued work), then queue this step's flag as a pinned copy and an event; on the CPU, count it now."""
+        self.settle()
+        if finite.device.type != "cuda":
+            self._count(bool(finite.numpy()), stage_name, step)  # host memory: no dispatcher call
+            return
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        stream = torch.cuda.current_stream(finite.device)
+        host.copy_(finite, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        self._pending.append((host, event, stage_name, step))
 
     def _count(self, finite: bool, stage_name: str, step: int) -> bool:
         """Record one step's outcome; raises after `max_in_a_row` skipped steps in a row."""

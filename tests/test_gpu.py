@@ -156,3 +156,10 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.distill_model.parameters())
     with pytest.raises(FloatingPointError, match="stage 'joint', step 5"):
         nan_trainer(tmp_path / "stop", use_cpu=False, max_nonfinite_steps=0).train()
+    # no log in between: each outcome is read one step later, the last ones at the end of training
+    quiet = dict(use_cpu=False, logging_steps=100, logging_nan_inf_filter=False)
+    trainer = nan_trainer(tmp_path / "quiet", **quiet)
+    trainer.train()
+    assert trainer.nonfinite.skipped == 1
+    with pytest.raises(FloatingPointError, match="stage 'joint', step 5"):
+        nan_trainer(tmp_path / "quiet stop", max_nonfinite_steps=0, **quiet).train()

@@ -82,9 +82,24 @@ def nan_trainer(tmp_path, **config):
 SKIP_PATHS = pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])  # skipped on the device / host
 
 
+def test_the_skip_runs_on_the_device_for_fused_adam_alone():
+    from srm_hf.nonfinite import skips_on_device
+
+    params, norm = [torch.nn.Parameter(torch.ones(3))], torch.tensor(1.0)
+    assert skips_on_device(torch.optim.AdamW(params, fused=True), norm)
+    assert skips_on_device(torch.optim.Adagrad(params, fused=True), norm)
+    assert not skips_on_device(torch.optim.AdamW(params), norm)  # no found_inf: the host reads the norm
+    assert not skips_on_device(torch.optim.SGD(params, lr=0.1, momentum=0.9, fused=True), norm)  # see nonfinite.py
+    assert not skips_on_device(torch.optim.AdamW(params, fused=True), 1.0)  # DeepSpeed's norm is a float
+
+
 @SKIP_PATHS
 def test_a_nonfinite_step_is_skipped_and_logged(tmp_path, optim):
     trainer = nan_trainer(tmp_path, optim=optim)
+    on_device = []  # whether the optimizer was handed a found_inf flag, per step
+    trainer.add_callback(type("Flag", (__import__("transformers").TrainerCallback,), {
+        "on_pre_optimizer_step": lambda self, args, state, control, **kw: on_device.append(
+            hasattr(trainer.optimizer.optimizer, "found_inf"))})())
     states = {}
     trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, args, state, control, **kw: states.__setitem__(
@@ -95,6 +110,8 @@ def test_a_nonfinite_step_is_skipped_and_logged(tmp_path, optim):
     assert all(torch.isfinite(v).all() for v in states[6].values() if v.is_floating_point())
     skipped = [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "nonfinite_steps_skipped" in e]
     assert skipped == [0, 0, 0, 0, 1, 1]
+    assert on_device == [optim == "adamw_torch_fused"] * 6
+    assert not hasattr(trainer.optimizer.optimizer, "found_inf")  # removed after each step
 
 
 @SKIP_PATHS
