@@ -35,7 +35,7 @@ class StageCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         """The student is judged only in the last stage (before it, its classifier is frozen or untrained): no
         evaluation earlier, so early stopping and best-model selection see the final stage alone."""
-        self.trainer.nonfinite.step_done(getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer))
+        self.trainer.nonfinite.step_done()
         plan = self.trainer.plan
         stage = plan.stage_at(state.global_step - 1)
         if args.stage_batch_sizes:  # one loader runs the whole plan (one Trainer epoch): each stage's passes end

@@ -13,7 +13,6 @@ Two ways to skip, chosen per step by `skip_if_nonfinite`:
 """
 
 import math
-from collections import deque
 
 import torch
 import torch.nn as nn
@@ -40,74 +39,76 @@ class NonFiniteGuard:
         self.max_in_a_row = max_in_a_row
         self.in_a_row = 0
         self.skipped = 0  # over the whole run, logged as `nonfinite_steps_skipped`
-        self._buffers: list[torch.Tensor] | None = None
-        self._backup: list[torch.Tensor] = []
-        self._pending: deque = deque()  # (finite flag on the host, event or None, stage name, step), oldest first
+        self._groups: list[tuple[list[torch.Tensor], torch.Tensor]] | None = None  # buffers of one dtype and device
+        self._optimizer = None  # the optimizer last judged, and whether it skips on the device
+        self._on_device = False
+        self._pending = None  # the last step's (flag in pinned memory, event, stage name, step) on CUDA
 
     def snapshot(self, model: nn.Module) -> None:
-        """Copy the model's buffers (BatchNorm statistics and counters), to put back if this step is skipped."""
-        if self._buffers is None:
-            self._buffers = list(model.buffers())
-            self._backup = [b.detach().clone() for b in self._buffers]
-        elif self._buffers:
-            torch._foreach_copy_(self._backup, self._buffers)
+        """Copy the model's buffers (BatchNorm statistics and counters), to put back if this step is skipped: one
+        flat copy per dtype and device."""
+        if self._groups is None:
+            groups: dict[tuple, list[torch.Tensor]] = {}
+            for b in model.buffers():
+                groups.setdefault((b.dtype, b.device), []).append(b)
+            self._groups = [(bufs, torch.cat([b.detach().reshape(-1) for b in bufs])) for bufs in groups.values()]
+        else:
+            for bufs, backup in self._groups:
+                torch.cat([b.detach().reshape(-1) for b in bufs], out=backup)
 
     def skip_if_nonfinite(self, grad_norm, optimizer, model: nn.Module, stage_name: str, step: int) -> None:
         """Make the optimizer step at `step` (1-based) a no-op, buffers included, if `grad_norm` is not finite."""
-        if skips_on_device(optimizer, grad_norm):
+        if optimizer is not self._optimizer:
+            self._optimizer, self._on_device = optimizer, skips_on_device(optimizer, grad_norm)
+        if self._on_device:
             finite = torch.isfinite(grad_norm)
             self._watch(finite, stage_name, step)  # may raise for an earlier step: before found_inf is set
-            self._select_buffers(finite)
+            self._put_back(finite)
             optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
         elif not self._count(math.isfinite(float(grad_norm)), stage_name, step):
-            with torch.no_grad():
-                torch._foreach_copy_(self._buffers or [], self._backup)
+            self._put_back(None)
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient
 
-    def step_done(self, optimizer) -> None:
+    def step_done(self) -> None:
         """After the optimizer step: its `found_inf` goes, so that no later step reads it."""
-        if hasattr(optimizer, "found_inf"):
-            del optimizer.found_inf
+        if hasattr(self._optimizer, "found_inf"):
+            del self._optimizer.found_inf
 
     def settle(self) -> None:
-        """Count the outcome of every step taken so far, waiting for the device (before a log, at the end)."""
-        while self._pending:
-            flag, event, stage_name, step = self._pending.popleft()
+        """Count the last step's outcome, waiting for the device if it is pending (before a log, at the end)."""
+        if self._pending is not None:
+            (flag, event, stage_name, step), self._pending = self._pending, None
             event.synchronize()
             self._count(bool(flag.numpy()), stage_name, step)  # pinned host memory: no further wait
 
     def forget(self) -> None:
-        """At the start of training: outcomes left pending by an interrupted run are not this run's."""
-        self._pending.clear()
+        """At the start of training: an outcome left pending by an interrupted run is not this run's."""
+        self._pending = None
 
     # ---- internals --------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _select_buffers(self, finite: torch.Tensor) -> None:
-        """buffers = buffers where the step is finite, else the snapshot: one `where` per dtype and device, NaN-safe."""
-        groups: dict[tuple, list[int]] = {}
-        for i, b in enumerate(self._buffers or []):
-            groups.setdefault((b.dtype, b.device), []).append(i)
-        for (_, device), indices in groups.items():
-            now = [self._buffers[i] for i in indices]
-            kept = torch.where(finite.to(device), torch.cat([b.reshape(-1) for b in now]),
-                               torch.cat([self._backup[i].reshape(-1) for i in indices]))
-            torch._foreach_copy_(now, [v.view_as(b) for v, b in zip(kept.split([b.numel() for b in now]), now)])
+    def _put_back(self, finite: torch.Tensor | None) -> None:
+        """The snapshot back into the buffers: always (`finite` None), or where the step is not finite, selected on
+        the device (NaN-safe)."""
+        for bufs, backup in self._groups or []:
+            kept = backup if finite is None else torch.where(finite.to(backup.device),
+                                                             torch.cat([b.reshape(-1) for b in bufs]), backup)
+            torch._foreach_copy_(bufs, [v.view_as(b) for v, b in zip(kept.split([b.numel() for b in bufs]), bufs)])
 
     def _watch(self, finite: torch.Tensor, stage_name: str, step: int) -> None:
         """Count the previous step's outcome (on CUDA, long computed by now: the device is still busy with this
-        step's queued work), then queue this step's flag as a pinned copy and an event; on the CPU, count it now."""
+        step's queued work), then keep this step's flag as a pinned copy and an event; on the CPU, count it now."""
         self.settle()
         if finite.device.type != "cuda":
             self._count(bool(finite.numpy()), stage_name, step)  # host memory: no dispatcher call
             return
         host = torch.empty((), dtype=torch.bool, pin_memory=True)
-        stream = torch.cuda.current_stream(finite.device)
         host.copy_(finite, non_blocking=True)
         event = torch.cuda.Event()
-        event.record(stream)
-        self._pending.append((host, event, stage_name, step))
+        event.record(torch.cuda.current_stream(finite.device))
+        self._pending = (host, event, stage_name, step)
 
     def _count(self, finite: bool, stage_name: str, step: int) -> bool:
         """Record one step's outcome; raises after `max_in_a_row` skipped steps in a row."""
@@ -117,7 +118,7 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.skipped += 1
         if self.in_a_row > self.max_in_a_row:
-            self._pending.clear()
+            self._pending = None
             raise FloatingPointError(
                 f"{self.in_a_row} optimizer steps in a row had NaN/inf gradients (stage '{stage_name}', step {step}). "
                 "Lower the learning rate, use bf16 rather than fp16, or check the inputs for NaNs; the last "

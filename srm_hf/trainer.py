@@ -221,16 +221,13 @@ class DistillationTrainer(HubMixin, Trainer):
             return grad_norm
         stage, optimizer = self.plan.stage_at(self.state.global_step), getattr(self.optimizer, "optimizer", None)
         self.nonfinite.skip_if_nonfinite(grad_norm, optimizer or self.optimizer, model, stage.name,
-                                         self.state.global_step + 1)  # BatchNorm statistics included
+                                         self.state.global_step + 1)  # the torch optimizer inside Accelerate's
         return grad_norm
 
     def _build_accelerator_args(self, **kwargs) -> dict:
-        """No whole-module compile by Accelerate: compile_student / compile_teacher compile each model in place; the
-        backend / mode they use must not reach Accelerate's dynamo plugin, which would compile the wrapped module."""
-        args = super()._build_accelerator_args(**kwargs)
-        if self.args.compile_student or self.args.compile_teacher:
-            args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
-        return args
+        """No whole-module compile by Accelerate: compile_student / compile_teacher compile each model in place (the
+        config refuses the other ways to ask), and the backend / mode they use must not reach the dynamo plugin."""
+        return {**super()._build_accelerator_args(**kwargs), "dynamo_plugin": TorchDynamoPlugin(backend="no")}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """The student alone in its library's format, and the method's modules beside it (`srm_hf.checkpoint`)."""
