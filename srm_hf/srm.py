@@ -42,14 +42,16 @@ def channel_dim(x: torch.Tensor) -> int:
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Per pixel: xᵀ W (+ b), with W [C_in, C_out] and a scalar b; keeps the layout of x."""
+    """Per pixel: xᵀ W (+ b), with W [C_in, C_out] and a scalar b; keeps the layout of x. The bias goes into the
+    convolution or matmul (one kernel, and its gradient summed there) rather than a separate pass over the output."""
     weight = weight.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype).expand(weight.shape[1])  # the scalar, once per output channel: [C_out]
     if x.dim() == 4:
-        out = F.conv2d(x, weight.t()[:, :, None, None])  # 1×1 conv: [N, C_in, H, W] -> [N, C_out, H, W]
-    else:
-        channel_dim(x)
-        out = x @ weight  # [..., C_in] -> [..., C_out]
-    return out if bias is None else out + bias.to(x.dtype)
+        kernel = weight.t().view(weight.shape[1], weight.shape[0], 1, 1)  # [C_out, C_in, 1, 1]
+        return F.conv2d(x, kernel, bias)  # 1×1 conv: [N, C_in, H, W] -> [N, C_out, H, W]
+    channel_dim(x)
+    return F.linear(x, weight.t(), bias)  # [..., C_in] -> [..., C_out]
 
 
 def _init_projection(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -226,16 +228,14 @@ def srm_loss_fused(
     pixel_ce_on_sigmoid: bool = True,
 ) -> dict[str, torch.Tensor]:
     """`srm_loss` through the Triton kernels of `srm_hf.fused` (CUDA, or TRITON_INTERPRET=1): the same terms, with
-    no K-channel map kept or materialised in float32; only [N, K] image predictions leave the kernels."""
-    from .fused import pixel_ce_and_image_pred
+    no K-channel map kept or materialised in float32 (only [N, K] image predictions leave the kernels), and both
+    terms, weights included, one autograd node."""
+    from .fused import srm_tap_loss_fused
 
-    ce, image_pred = pixel_ce_and_image_pred(head_logits, pixel_labels, pixel_ce_on_sigmoid)
-    out = {}
-    if pixel_weight:
-        out["pixel"] = pixel_weight * ce
-    if image_weight:
-        out["image"] = image_weight * image_bce(image_pred, image_labels)
-    return out
+    pixel, image = srm_tap_loss_fused(head_logits, pixel_labels, image_labels, pixel_weight, image_weight,
+                                      pixel_ce_on_sigmoid)
+    return {name: value for name, value, weight in (("pixel", pixel, pixel_weight), ("image", image, image_weight))
+            if weight}
 
 
 def image_bce(image_pred: torch.Tensor, image_labels: torch.Tensor) -> torch.Tensor:

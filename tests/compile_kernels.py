@@ -6,29 +6,35 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from srm_hf import fused
+from srm_hf import fused, fused_kernels
 
-STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32"}
+STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32", "per_program": "i32"}
 OUT_STRIDES = {"o_n": "i32", "o_k": "i32", "o_s": "i32"}
 KERNELS = {  # name -> (signature before the shared stride arguments, constexprs other than the blocks)
-    "_targets_kernel": ({"a_ptr": "*bf16", "label_ptr": "*i64", "part_ptr": "*fp32", "num_active": "i32",
-                         "chunks": "i32"}, {}),
-    "_codes_kernel": ({"a_ptr": "*bf16", "out_ptr": "*bf16", "num_active": "i32", **OUT_STRIDES}, {}),
-    "_loss_forward_kernel": ({"l_ptr": "*bf16", "y_ptr": "*i64", "ce_ptr": "*fp32", "p_ptr": "*fp32",
-                              "chunks": "i32"}, {"CE_ON_SIGMOID": True}),
-    "_loss_backward_kernel": ({"l_ptr": "*fp32", "y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_p_ptr": "*fp32",
-                               "out_ptr": "*fp32", **OUT_STRIDES, "ce_scale": "fp32", "p_scale": "fp32"},
-                              {"CE_ON_SIGMOID": False}),
+    "targets_kernel": ({"a_ptr": "*bf16", "label_ptr": "*i64", "part_ptr": "*fp32", "num_active": "i32",
+                        "chunks": "i32", "scale": "fp32"}, {}),
+    "codes_kernel": ({"a_ptr": "*bf16", "out_ptr": "*bf16", "num_active": "i32", **OUT_STRIDES}, {}),
+    "loss_forward_kernel": ({"l_ptr": "*bf16", "y_ptr": "*i64", "ce_ptr": "*fp32", "p_ptr": "*fp32",
+                             "chunks": "i32", "ce_scale": "fp32", "p_scale": "fp32"}, {"CE_ON_SIGMOID": True}),
+    "loss_backward_kernel": ({"l_ptr": "*fp32", "y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32",
+                              "d_img_ptr": "*fp32", "out_ptr": "*fp32", **OUT_STRIDES, "ce_scale": "fp32",
+                              "p_scale": "fp32"}, {"CE_ON_SIGMOID": False}),
 }
 
 if __name__ == "__main__":
     for name, (signature, constexprs) in KERNELS.items():
-        kernel = getattr(fused, name)
+        kernel = getattr(fused_kernels, name)
         for block_k in (16, 2048):
-            meta = {**constexprs, "PER_PROGRAM": fused.PIXELS_PER_PROGRAM, "BLOCK_S": max(1, 4096 // block_k),
-                    "BLOCK_K": block_k}
+            meta = {**constexprs, "BLOCK_S": max(1, 4096 // block_k), "BLOCK_K": block_k}
             source = ASTSource(fn=kernel, signature={**signature, **STRIDES, **{k: "constexpr" for k in meta}},
                                constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": fused.num_warps(block_k)})
             print(name, block_k, "cubin bytes", len(compiled.asm["cubin"]))
+    # the elementwise gradient of the sparse codes (stage 1's backward), bf16 codes and gradients
+    kernel, meta = fused_kernels.codes_grad_kernel, {"BLOCK": fused.ELEMENTS_PER_PROGRAM}
+    source = ASTSource(fn=kernel, signature={"g_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i64",
+                                             "BLOCK": "constexpr"},
+                       constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    print("codes_grad_kernel", "cubin bytes", len(compiled.asm["cubin"]))

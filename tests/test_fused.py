@@ -113,6 +113,53 @@ def test_fused_loss_and_gradient_equal_the_eager_ones(name, on_sigmoid, weights)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("min_programs", [1, 1024])
+def test_the_launch_plan_does_not_change_the_results(monkeypatch, min_programs):
+    """Long runs of pixels per program (several blocks each, partial sums across blocks) and the short runs that
+    small maps get (one block per program, many partial sums per image) give the eager targets, loss and gradient."""
+    from srm_hf import fused
+
+    monkeypatch.setattr(fused, "MIN_PROGRAMS", min_programs)
+    g = torch.Generator().manual_seed(4)
+    a, logits = (torch.randn(2, 40, 23, 23, generator=g).to(DEVICE) for _ in range(2))
+    plan = fused.launch_for(fused.pixel_view(a))
+    assert (plan.per_program, plan.chunks) == ((256, 3) if min_programs == 1 else (64, 9))
+    pixel, image = srm_targets_fused(a, 3)
+    want_pixel, want_image = eager_targets(a, 3, 1)
+    assert torch.equal(pixel, want_pixel)
+    torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
+    logits.requires_grad_()
+    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    want_grad, = torch.autograd.grad(sum(want.values()), logits)
+    got_grad, = torch.autograd.grad(sum(got.values()), logits)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_small_maps_get_enough_programs_and_large_maps_long_runs():
+    from srm_hf.fused import MIN_PROGRAMS, PIXELS_PER_PROGRAM, launch_for, pixel_view
+
+    def programs(shape):
+        plan = launch_for(pixel_view(torch.empty(shape, device="meta")))
+        return shape[0] * plan.chunks, plan.per_program
+
+    assert programs((128, 1024, 7, 7)) == (128 * 13, 4)  # ResNet layer4 at 224 px: was one program per image
+    assert programs((16, 512, 7, 7)) == (16 * 7, 8)  # as many as one block per program gives
+    assert programs((128, 128, 56, 56)) == (128 * 13, PIXELS_PER_PROGRAM)  # layer1: long runs, few partial sums
+    assert programs((128, 256, 28, 28))[0] >= MIN_PROGRAMS
+
+
+def test_the_fused_loss_of_a_tap_is_one_autograd_node():
+    """Both terms, weights, the per-image mean and the BCE in one node: no chain of small ops per tap to launch."""
+    logits = torch.randn(2, 10, 5, 6, device=DEVICE, requires_grad=True)
+    pixel, image = eager_targets(torch.randn(2, 10, 5, 6, device=DEVICE), 2, 1)
+    got = srm_loss_fused(logits, pixel, image, 0.5, 2.0)
+    node = got["pixel"].grad_fn
+    assert node is got["image"].grad_fn
+    assert [type(f).__name__ for f, _ in node.next_functions if f is not None] == ["AccumulateGrad"]
+
+
 def test_fused_loss_reads_strided_tokens_and_low_precision_logits():
     """A token slice (class token dropped) is read through its strides; bf16 logits are upcast inside the kernel
     and the gradient comes back in bf16."""
@@ -187,10 +234,25 @@ def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name):
     torch.testing.assert_close(f_grad_b, grad_b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("grad_layout", ["same as the codes", "another"])
+def test_the_codes_gradient_kernel_reads_any_gradient_layout(grad_layout):
+    from srm_hf.fused import sparse_codes_fused
+
+    a = torch.randn(2, 12, 5, 6, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 12, 5, 6, device=DEVICE)
+    grad = grad.to(memory_format=torch.channels_last) if grad_layout == "same as the codes" else grad
+    codes = sparse_codes_fused(a, 3)
+    got, = torch.autograd.grad(codes, a, grad)
+    mask = top_k_mask(a.detach(), 3, 1)
+    want, = torch.autograd.grad(torch.sigmoid(a) * mask, a, grad)
+    assert got.stride() == a.stride()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_a_kernel_that_does_not_compile_names_the_eager_switch():
     from triton.runtime.errors import OutOfResources
 
-    from srm_hf.fused import _run, pixel_view
+    from srm_hf.fused import _run, launch_for, pixel_view
 
     class Kernel:
         fn = srm_targets_fused
@@ -201,7 +263,8 @@ def test_a_kernel_that_does_not_compile_names_the_eager_switch():
             return launch
 
     with pytest.raises(RuntimeError, match="srm_targets_fused does not compile.*srm_kernels='eager'"):
-        _run(Kernel(), pixel_view(torch.zeros(2, 4)))
+        view = pixel_view(torch.zeros(2, 4))
+        _run(Kernel(), view, launch_for(view))
 
 
 def test_every_kernel_compiles_for_a_cuda_gpu():
@@ -211,4 +274,4 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 8 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 9 and all(int(line.split()[-1]) > 0 for line in lines)

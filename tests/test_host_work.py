@@ -8,8 +8,12 @@ the dispatcher: the ops that copy a value to the host (`_local_scalar_dense`) or
 data. The plain `transformers.Trainer` makes its own (its NaN-loss filter, `logging_nan_inf_filter`);
 DistillationTrainer adds none with the default fused AdamW, whose step is skipped on the device when the gradient is
 not finite, and one with other optimizers (the non-finite gradient check reads the norm).
+
+The host's other cost is the number of operators it dispatches per step: the fused SRM step keeps to a budget per
+tap (`recipes/benchmarks/ops_per_step.py`).
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,6 +24,8 @@ import torch.nn.functional as F
 from conftest import PatternDataset, hf_resnet, make_trainer
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from srm_hf.fused import triton_available
 
 HOST_WAITS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten._unique2", "aten.unique_dim",
               "aten.unique_consecutive", "aten.repeat_interleave"}
@@ -131,3 +137,22 @@ def test_the_host_overhead_benchmark_times_every_run_and_writes_its_table(tmp_pa
         assert rows[row][2].strip(" |").startswith(("+", "-"))
     with pytest.raises(SystemExit):
         host_overhead.main(["--steps", "3", "--warmup", "3"])  # nothing left to time
+
+
+@pytest.mark.skipif(not triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the fused steps on the CPU need Triton and TRITON_INTERPRET=1 (conftest sets it)")
+def test_the_fused_srm_step_stays_within_its_operator_budget(tmp_path):
+    """`recipes/benchmarks/ops_per_step.py`: operators dispatched per step, what a fast GPU's host pays for. The fused
+    SRM step (4 taps here) dispatches fewer than the eager one and at most 60 per tap beyond a KD step: the heads,
+    the teacher's projections, one autograd node per tap's loss. A per-tap chain of small ops fails this."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "benchmarks"))
+    import ops_per_step
+
+    out = tmp_path / "ops.md"
+    counts = {name: sum(ops.values()) for name, ops in ops_per_step.main(["--fused", "--out", str(out)]).items()}
+    assert "| SRM joint step, fused |" in out.read_text()
+    taps = 4  # layer1-3 and the pooled vector of ResNet-18 → ResNet-10t at 28 px
+    for stage in ("joint", "stage-2"):
+        assert counts[f"SRM {stage} step, fused"] < counts[f"SRM {stage} step"]
+    assert counts["SRM joint step, fused"] - counts["KD step"] <= 60 * taps
+    assert counts["dictionary step, fused"] < counts["dictionary step"]

@@ -87,7 +87,8 @@ def build(args):
     return trainer, batch
 
 
-def variants(trainer, batch, autocast):
+def variants(trainer, batch, autocast, fused=None):
+    """The steps to time, by name; SRM's steps also through the Triton kernels when `fused` (default: on CUDA)."""
     model, teacher = trainer.model, trainer.teacher
     model.train()
 
@@ -131,7 +132,7 @@ def variants(trainer, batch, autocast):
         "teacher forward": teacher_forward,
         "dictionary step": stage("dictionary"),
     }
-    if use_fused("auto", batch["pixel_values"]):  # the Triton kernels, side by side with eager (CUDA only)
+    if use_fused("auto", batch["pixel_values"]) if fused is None else fused:  # the kernels beside the eager maths
         fns["SRM joint step, fused"] = stage("joint", "triton")
         fns["SRM stage-2 step, fused"] = stage("srm", "triton")
         fns["dictionary step, fused"] = stage("dictionary", "triton")
@@ -215,12 +216,17 @@ def report(args, trainer, times, mem) -> str:
     return "\n".join(lines)
 
 
+def add_pair_arguments(p: argparse.ArgumentParser, teacher="resnet34", student="resnet18", batch=16, size=112):
+    """The timm pair, batch and input size that `build` reads."""
+    p.add_argument("--teacher", default=teacher)
+    p.add_argument("--student", default=student)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--size", type=int, default=size)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="resnet34")
-    p.add_argument("--student", default="resnet18")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, default=112)
+    add_pair_arguments(p)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -101,12 +101,14 @@ class SRM(Method):
             terms.update(kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature,
                                   self.label_smoothing))
         if stage.name in ("srm", "joint"):
-            weight = self.weight if stage.name == "joint" else 1.0
             targets = teacher.targets or self.targets(teacher.features)
+            srm_terms = {}  # Σ_taps, per term
             for pair in self.pairs:
                 head_logits = self.head_logits(pair, student.features[pair.key])
                 for name, value in self.tap_loss(pair, head_logits, *targets[pair.key]).items():
-                    terms[name] = terms[name] + weight * value if name in terms else weight * value
+                    srm_terms[name] = srm_terms[name] + value if name in srm_terms else value
+            weight = self.weight if stage.name == "joint" else 1.0
+            terms.update({name: weight * value for name, value in srm_terms.items()} if weight != 1.0 else srm_terms)
         return terms
 
     def prepare_teacher(self, stage, teacher: Features) -> None:

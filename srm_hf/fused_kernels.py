@@ -1,0 +1,132 @@
+"""The Triton kernels behind `srm_hf.fused` (which launches them and documents the maths): per pixel, its K values
+held in registers as one row of a [BLOCK_S pixels, BLOCK_K atoms] block, atoms padded to a power of two.
+
+Every kernel over pixels runs one program per (image n, chunk of `per_program` pixels) and reads its input through
+the strides of an image (s_n), an atom (s_k) and a pixel (s_s); outputs with a layout of their own take (o_n, o_k, o_s).
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def sparse_codes(a, ok, num_active, BLOCK_K: tl.constexpr):
+    # a [BLOCK_S, BLOCK_K] float32 -> λ = sigmoid(a) where an atom is among the k largest a of its pixel, else 0:
+    # exactly k, the lowest atom indices first among equal values (`top_k_mask`); NaN wherever a pixel has one
+    cols = tl.arange(0, BLOCK_K)[None, :]
+    free, kept = ok, ok & (cols < 0)  # atoms still to choose from; atoms kept
+    for _ in range(num_active):
+        top = tl.max(tl.where(free, a, -float("inf")), axis=1)[:, None]
+        first = tl.min(tl.where(free & (a == top), cols, BLOCK_K), axis=1)[:, None]
+        kept, free = kept | (cols == first), free & (cols != first)
+    nan = tl.max(tl.where(ok & (a != a), 1, 0), axis=1)[:, None] > 0  # tl.max skips NaN: keep it visible
+    return tl.where(nan, float("nan"), tl.where(kept, tl.sigmoid(a), 0.0))
+
+
+@triton.jit
+def codes_kernel(a_ptr, out_ptr, num_active, o_n, o_k, o_s, S, K, s_n, s_k, s_s, per_program,
+                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    # λ per pixel, written in the layout and dtype of `out`
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    cols = tl.arange(0, BLOCK_K)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows = start + tl.arange(0, BLOCK_S)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
+        a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+        codes = sparse_codes(a.to(tl.float32), ok, num_active, BLOCK_K)
+        tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
+                 codes.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def targets_kernel(a_ptr, label_ptr, part_ptr, num_active, chunks, scale, S, K, s_n, s_k, s_s, per_program,
+                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program: per_program pixels of image n; per pixel the codes λ and their first argmax (the pixel label),
+    # and scale × the sum of λ over the program's pixels (its part of the image label, scale = 1/S)
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows = start + tl.arange(0, BLOCK_S)
+        row_ok = rows < S
+        ok = row_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+        codes = sparse_codes(a.to(tl.float32), ok, num_active, BLOCK_K)
+        best = tl.max(tl.where(ok, codes, -1.0), axis=1)
+        label = tl.min(tl.where(ok & (codes == best[:, None]), cols[None, :], BLOCK_K), axis=1)
+        label = tl.where(label < K, label, 0)  # a pixel of NaN codes: NaN image labels say so, not the label
+        tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=row_ok)
+        total += tl.sum(tl.where(ok, codes, 0.0), axis=0)
+    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=col_ok)
+
+
+@triton.jit
+def head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID: tl.constexpr, BLOCK_S: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    # BLOCK_S pixels from `start` of image n: (pixel indices, mask, p = sigmoid(l), the CE input x = p or l with
+    # padded atoms at -inf (padded pixels stay finite), labels y)
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    ok = (rows < S)[:, None] & (cols < K)[None, :]
+    logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+    logit = logit.to(tl.float32)
+    p = tl.sigmoid(logit)
+    x = tl.where((cols < K)[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))
+    y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
+    return rows, ok, p, x, y
+
+
+@triton.jit
+def loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, S, K, s_n, s_k, s_s, per_program,
+                        CE_ON_SIGMOID: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    # per pixel: p = sigmoid(l), CE(x, y) with x = p (paper) or l; sums over the program's pixels of the CE and of p,
+    # times ce_scale and p_scale (the means' and the term's factors)
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    ce_total = tl.zeros([BLOCK_S], dtype=tl.float32)
+    p_total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, ok, p, x, y = head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID, BLOCK_S,
+                                       BLOCK_K)
+        row_ok = rows < S
+        top = tl.max(x, axis=1)
+        lse = top + tl.log(tl.sum(tl.exp(x - top[:, None]), axis=1))
+        x_y = tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+        ce_total += tl.where(row_ok, lse - x_y, 0.0)
+        p_total += tl.sum(tl.where(ok, p, 0.0), axis=0)
+    tl.store(ce_ptr + n * chunks + chunk, tl.sum(ce_total, axis=0) * ce_scale)
+    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total * p_scale, mask=col_ok)
+
+
+@triton.jit
+def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, o_n, o_k, o_s, ce_scale, p_scale,
+                         S, K, s_n, s_k, s_s, per_program, CE_ON_SIGMOID: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    # dL/dl = g_ce·ce_scale·(softmax(x) - onehot(y))·dx/dl + g_img·d_img[n]·p_scale·p(1-p), recomputed from l;
+    # g_ce and g_img are the gradients of the two terms (device scalars: no host sync), d_img [N, K] dBCE/dḡ
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    g_ce = tl.load(g_ce_ptr).to(tl.float32) * ce_scale
+    g_p = tl.load(d_img_ptr + n * K + cols, mask=col_ok, other=0.0) * (tl.load(g_img_ptr).to(tl.float32) * p_scale)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, ok, p, x, y = head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID, BLOCK_S,
+                                       BLOCK_K)
+        e = tl.exp(x - tl.max(x, axis=1)[:, None])
+        softmax = e / tl.sum(e, axis=1)[:, None]
+        d_x = (softmax - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * g_ce
+        slope = p * (1.0 - p)
+        grad = (d_x * slope if CE_ON_SIGMOID else d_x) + g_p[None, :] * slope
+        tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
+                 grad.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def codes_grad_kernel(g_ptr, c_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    # dL/da = dL/dλ · λ(1-λ), one pass over dense tensors of the same strides (0 where an atom was not kept)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    g = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (g * c * (1.0 - c)).to(out_ptr.dtype.element_ty), mask=ok)
