@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from srm_hf import fused as fused_module
 from srm_hf.fused import srm_targets_fused
-from srm_hf.srm import srm_loss_fused
+from srm_hf.srm import project, srm_loss_fused
 
 BATCH = 128
 TAPS = [(64, 56, 2), (128, 28, 5), (256, 14, 10), (512, 7, 20)]  # (C, H = W, k); K = 2C
@@ -63,10 +63,10 @@ def channels_last(xt, xs, D, b, P, c, k, select=topk):
 
 
 def fused(xt, xs, D, b, P, c, k):
-    """The same through srm_hf's Triton kernels (`srm_hf.fused`): projections by cuBLAS, the rest in the kernels."""
+    """The same through srm_hf's Triton kernels (`srm_hf.fused`): projections by cuDNN (`srm_hf.srm.project`, bias
+    inside), the rest in the kernels."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        a = F.conv2d(xt, D.t()[:, :, None, None].to(xt.dtype)) + b
-        h = F.conv2d(xs, P.t()[:, :, None, None].to(xs.dtype)) + c
+        a, h = project(xt, D, b), project(xs, P, c)
     pixel, image = srm_targets_fused(a, k)
     return sum(srm_loss_fused(h, pixel, image).values())
 
@@ -103,19 +103,22 @@ def bench(fn, memory_format, steps: int = 30, warmup: int = 5) -> tuple[float, f
 
 
 def sweep():
-    """The fused variant under other launch settings: pixels per program, and warps per program (default: by K)."""
-    default_pixels, default_warps = fused_module.PIXELS_PER_PROGRAM, fused_module.num_warps
-    settings = [(pixels, None) for pixels in (64, 128, 256, 512, 1024)] + [(default_pixels, w) for w in (2, 4, 8, 16)]
+    """The fused variant under other launch settings: the most pixels per program and the fewest programs per launch
+    (`srm_hf.fused.launch_for`), and warps per program (default: by K)."""
+    defaults = fused_module.PIXELS_PER_PROGRAM, fused_module.MIN_PROGRAMS, fused_module.num_warps
+    settings = ([(pixels, defaults[1], None) for pixels in (64, 128, 256, 512, 1024)]
+                + [(defaults[0], programs, None) for programs in (1, 256, 4096)]
+                + [(defaults[0], defaults[1], w) for w in (2, 4, 8, 16)])
     try:
-        for pixels, warps in settings:
-            fused_module.PIXELS_PER_PROGRAM = pixels
-            fused_module.num_warps = default_warps if warps is None else (lambda block_k, w=warps: w)
+        for pixels, programs, warps in settings:
+            fused_module.PIXELS_PER_PROGRAM, fused_module.MIN_PROGRAMS = pixels, programs
+            fused_module.num_warps = defaults[2] if warps is None else (lambda block_k, w=warps: w)
             for layout, memory_format in (("default", torch.contiguous_format), ("channels_last", torch.channels_last)):
                 ms, mib = bench(fused, memory_format)
-                print(f"fused: {pixels:5d} pixels per program, warps {warps or 'by K':5}, inputs {layout:14s} "
-                      f"{ms:7.2f} ms  peak {mib:7.1f} MiB", flush=True)
+                print(f"fused: at most {pixels:5d} pixels per program, at least {programs:5d} programs, warps "
+                      f"{warps or 'by K':5}, inputs {layout:14s} {ms:7.2f} ms  peak {mib:7.1f} MiB", flush=True)
     finally:
-        fused_module.PIXELS_PER_PROGRAM, fused_module.num_warps = default_pixels, default_warps
+        fused_module.PIXELS_PER_PROGRAM, fused_module.MIN_PROGRAMS, fused_module.num_warps = defaults
 
 
 def main():
