@@ -42,16 +42,20 @@ def channel_dim(x: torch.Tensor) -> int:
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Per pixel: xᵀ W (+ b), with W [C_in, C_out] and a scalar b; keeps the layout of x. The bias goes into the
-    convolution or matmul (one kernel, and its gradient summed there) rather than a separate pass over the output."""
-    weight = weight.to(x.dtype)
+    """Per pixel: xᵀ W (+ b), with W [C_in, C_out] and a scalar b; keeps the layout of x."""
+    return apply_per_pixel(x, weight.t(), bias)
+
+
+def apply_per_pixel(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Per pixel: M x (+ b), with M [C_out, C_in] (as `nn.Linear` holds it) and a scalar b; keeps the layout of x.
+    The bias goes into the convolution or matmul (one kernel, its gradient summed there), not a pass of its own."""
+    matrix = matrix.to(x.dtype)
     if bias is not None:
-        bias = bias.to(x.dtype).expand(weight.shape[1])  # the scalar, once per output channel: [C_out]
-    if x.dim() == 4:
-        kernel = weight.t().view(weight.shape[1], weight.shape[0], 1, 1)  # [C_out, C_in, 1, 1]
-        return F.conv2d(x, kernel, bias)  # 1×1 conv: [N, C_in, H, W] -> [N, C_out, H, W]
+        bias = bias.to(x.dtype).expand(matrix.shape[0])  # the scalar, once per output channel: [C_out]
+    if x.dim() == 4:  # 1×1 conv: [N, C_in, H, W] -> [N, C_out, H, W]
+        return F.conv2d(x, matrix.view(*matrix.shape, 1, 1), bias)
     channel_dim(x)
-    return F.linear(x, weight.t(), bias)  # [..., C_in] -> [..., C_out]
+    return F.linear(x, matrix, bias)  # [..., C_in] -> [..., C_out]
 
 
 def _init_projection(weight: torch.Tensor, bias: torch.Tensor) -> None:
@@ -108,7 +112,7 @@ class SparseCoder(nn.Module):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """t̂ = D λ: codes with K channels -> reconstruction with C channels, same layout."""
-        return project(codes, self.dictionary.t())
+        return apply_per_pixel(codes, self.dictionary)  # D [C, K] is already (out, in): no transpose
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (codes, reconstruction)."""
