@@ -34,7 +34,7 @@ except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewher
     triton = None
 
 KERNEL_CHOICES = ("auto", "triton", "eager")
-PIXELS_PER_PROGRAM = 256  # at most this many pixels of one image per program (summed before a partial is written)
+PIXELS_PER_PROGRAM = 256  # at most this many pixels of one image per program (a power of two: runs tile by blocks)
 MIN_PROGRAMS = 1024  # runs of pixels are halved (down to one block) until a launch has at least this many programs
 ELEMENTS_PER_PROGRAM = 4096  # elementwise kernels
 EPS = 1e-7  # ḡ is clamped to [EPS, 1 - EPS] before the BCE's logarithms, as in `srm_hf.srm.image_bce`
@@ -118,14 +118,21 @@ def _run(kernel, view: Pixels, launch: Launch, *args, **meta) -> None:
                                         **meta, BLOCK_S=launch.block_s, BLOCK_K=launch.block_k,
                                         num_warps=launch.warps)
     except TritonError as e:  # CompilationError, OutOfResources, PTXASError
-        raise RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(e).__name__}: "
-                           f"{e}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.") from e
+        raise _does_not_compile(kernel, e) from e
+
+
+def _does_not_compile(kernel, error: Exception) -> RuntimeError:
+    return RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(error).__name__}: "
+                        f"{error}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.")
 
 
 def _run_elementwise(kernel, *tensors: torch.Tensor) -> None:
     """Launch an elementwise kernel over dense tensors of one shape and strides, walked as flat memory."""
     numel = tensors[0].numel()
-    kernel[(triton.cdiv(numel, ELEMENTS_PER_PROGRAM),)](*tensors, numel, BLOCK=ELEMENTS_PER_PROGRAM)
+    try:
+        kernel[(triton.cdiv(numel, ELEMENTS_PER_PROGRAM),)](*tensors, numel, BLOCK=ELEMENTS_PER_PROGRAM)
+    except TritonError as e:
+        raise _does_not_compile(kernel, e) from e
 
 
 def num_warps(block_k: int) -> int:
@@ -200,9 +207,10 @@ class _SRMTapLoss(torch.autograd.Function):
         complement = 1 - clamped
         bce = torch.lerp(complement.log(), clamped.log(), target).mean()  # -BCE: mean of g log ḡ + (1-g) log(1-ḡ)
         # d BCE / d ḡ = (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (as torch's clamp does); / (N·K) in backward
-        d_image = ((clamped - target) / (clamped * complement)).masked_fill_(image_pred != clamped, 0.0)
+        d_image = ((clamped - target) / (clamped * complement)).masked_fill_(image_pred != clamped, 0.0).contiguous()
         ctx.save_for_backward(view.x, labels, d_image)
-        ctx.scales, ctx.ce_on_sigmoid = (ce_scale, image_weight / (d_image.numel() * view.pixels)), ce_on_sigmoid
+        ctx.scales = ce_scale, image_weight / (d_image.numel() * view.pixels)
+        ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
         return ce.sum(), bce * -image_weight
 
     @staticmethod
@@ -212,7 +220,7 @@ class _SRMTapLoss(torch.autograd.Function):
         view = pixel_view(logits)
         out = torch.empty_like(logits)  # the layout of the logits (dense), its strides passed on
         _run(loss_backward_kernel, view, launch_for(view), labels, grad_pixel, grad_image, d_image, out,
-             *pixel_view(out).strides, *ctx.scales, CE_ON_SIGMOID=ctx.ce_on_sigmoid)
+             *pixel_view(out).strides, *ctx.scales, **ctx.meta)
         return out, None, None, None, None, None
 
 

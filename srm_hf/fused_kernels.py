@@ -101,10 +101,11 @@ def loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, 
 
 @triton.jit
 def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, o_n, o_k, o_s, ce_scale, p_scale,
-                         S, K, s_n, s_k, s_s, per_program, CE_ON_SIGMOID: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+                         S, K, s_n, s_k, s_s, per_program, CE_ON_SIGMOID: tl.constexpr, PIXEL_TERM: tl.constexpr,
+                         IMAGE_TERM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     # dL/dl = g_ce·ce_scale·(softmax(x) - onehot(y))·dx/dl + g_img·d_img[n]·p_scale·p(1-p), recomputed from l;
-    # g_ce and g_img are the gradients of the two terms (device scalars: no host sync), d_img [N, K] dBCE/dḡ
+    # g_ce and g_img are the gradients of the two terms (device scalars: no host sync), d_img [N, K] dBCE/dḡ.
+    # A term of weight 0 is left out, as the eager loss leaves it out (0 × a NaN label would still be NaN)
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     cols = tl.arange(0, BLOCK_K)
     col_ok = cols < K
@@ -117,7 +118,11 @@ def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, 
         softmax = e / tl.sum(e, axis=1)[:, None]
         d_x = (softmax - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * g_ce
         slope = p * (1.0 - p)
-        grad = (d_x * slope if CE_ON_SIGMOID else d_x) + g_p[None, :] * slope
+        grad = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+        if PIXEL_TERM:
+            grad += d_x * slope if CE_ON_SIGMOID else d_x
+        if IMAGE_TERM:
+            grad += g_p[None, :] * slope
         tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
                  grad.to(out_ptr.dtype.element_ty), mask=ok)
 

@@ -48,7 +48,8 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def apply_per_pixel(x: torch.Tensor, matrix: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Per pixel: M x (+ b), with M [C_out, C_in] (as `nn.Linear` holds it) and a scalar b; keeps the layout of x.
-    The bias goes into the convolution or matmul (one kernel, its gradient summed there), not a pass of its own."""
+    The bias goes into the convolution or matmul (one kernel, its gradient summed there), not a pass of its own; under
+    autocast the output has the autocast dtype, bias included."""
     matrix = matrix.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype).expand(matrix.shape[0])  # the scalar, once per output channel: [C_out]

@@ -18,7 +18,7 @@ KERNELS = {  # name -> (signature before the shared stride arguments, constexprs
                              "chunks": "i32", "ce_scale": "fp32", "p_scale": "fp32"}, {"CE_ON_SIGMOID": True}),
     "loss_backward_kernel": ({"l_ptr": "*fp32", "y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32",
                               "d_img_ptr": "*fp32", "out_ptr": "*fp32", **OUT_STRIDES, "ce_scale": "fp32",
-                              "p_scale": "fp32"}, {"CE_ON_SIGMOID": False}),
+                              "p_scale": "fp32"}, {"CE_ON_SIGMOID": False, "PIXEL_TERM": True, "IMAGE_TERM": True}),
 }
 
 if __name__ == "__main__":

@@ -107,9 +107,48 @@ def test_fused_loss_and_gradient_equal_the_eager_ones(name, on_sigmoid, weights)
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    outer = {"pixel": 3.0, "image": -2.0}  # gradients of the terms other than 1, as a weighted sum of them gives
+    want_grad, = torch.autograd.grad(sum(outer[k] * v for k, v in want.items()), logits)
+    got_grad, = torch.autograd.grad(sum(outer[k] * v for k, v in got.items()), logits)
+    assert got_grad.shape == logits.shape and got_grad.stride() == logits.stride()
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_loss_where_the_image_prediction_saturates():
+    """Atoms whose sigmoid is 1 or 0 at every pixel: ḡ is clamped, and the clamp stops their image gradient."""
+    g = torch.Generator().manual_seed(5)
+    logits = 2 * torch.randn(2, 10, 4, 5, generator=g)
+    logits[:, :3], logits[:, 3:5] = 40.0, -120.0  # sigmoid: 1.0 and 0.0 in float32
+    logits = logits.to(DEVICE).requires_grad_()
+    pixel, image = eager_targets(torch.randn(2, 10, 4, 5, generator=g).to(DEVICE), 2, 1)
+    image[:, 3] = 0.5  # a label the saturated prediction cannot reach: a large gradient, were it not clamped
+    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    want_grad, = torch.autograd.grad(want["image"], logits)
+    got_grad, = torch.autograd.grad(got["image"], logits)
+    assert want_grad[:, :5].abs().max() == 0  # the eager clamp's zero gradient
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("left_out", ["image", "pixel"])
+def test_a_term_of_weight_zero_is_left_out_of_the_gradient(left_out):
+    """As in the eager loss, a term of weight 0 adds nothing, not 0 × NaN: a NaN image label (or an infinite
+    logit under the raw-logit CE) in a term that is switched off leaves the gradient finite."""
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 10, 3, 4, generator=g)
+    pixel, image = eager_targets(torch.randn(2, 10, 3, 4, generator=g), 2, 1)
+    if left_out == "image":
+        image[0, 1], weights, on_sigmoid = float("nan"), (1.0, 0.0), True
+    else:
+        logits[0, 1, 0, 0], weights, on_sigmoid = float("inf"), (0.0, 1.0), False
+    logits = logits.to(DEVICE).requires_grad_()
+    pixel, image = pixel.to(DEVICE), image.to(DEVICE)
+    want = srm_loss(logits, pixel, image, *weights, pixel_ce_on_sigmoid=on_sigmoid)
+    got = srm_loss_fused(logits, pixel, image, *weights, pixel_ce_on_sigmoid=on_sigmoid)
     want_grad, = torch.autograd.grad(sum(want.values()), logits)
     got_grad, = torch.autograd.grad(sum(got.values()), logits)
-    assert got_grad.shape == logits.shape and got_grad.stride() == logits.stride()
+    assert want_grad.isfinite().all() and got_grad.isfinite().all()
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
 
 

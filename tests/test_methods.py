@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from conftest import PatternDataset, changed, hf_resnet, make_config, make_trainer, snapshot, timm_resnet
 
 from srm_hf import DistillationTrainer, Method, StageSpec
+from srm_hf.methods import SRM
 
 
 class FeatureMSE(Method):
@@ -177,3 +178,42 @@ def test_srm_labels_taken_before_the_student_equal_those_taken_in_the_loss(tmp_p
         want = model.method.loss(stage, student, late, batch["labels"])
     for name, value in want.items():
         torch.testing.assert_close(out.terms[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+class TapWeightedSRM(SRM):
+    """`tap_loss` overridden, as the method's docstring offers: the deepest tap counts twice, and each tap adds a term
+    named like one of KD's."""
+
+    def tap_loss(self, pair, head_logits, pixel_labels, image_labels):
+        terms = super().tap_loss(pair, head_logits, pixel_labels, image_labels)
+        scale = 2.0 if pair is self.pairs[-1] else 1.0
+        return {**{k: scale * v for k, v in terms.items()}, "ce": head_logits.float().pow(2).mean()}
+
+
+def test_an_overridden_tap_loss_adds_its_terms_to_the_joint_stage(tmp_path):
+    """Per term: the sum over taps of what `tap_loss` returns, times `srm_weight`, added to a KD term of that name."""
+    from srm_hf.methods import Features
+    from srm_hf.methods.kd import kd_terms
+
+    method = TapWeightedSRM(mode="joint", weight=0.5, dictionary_max_steps=1)
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method,
+                                  args=make_config(tmp_path, srm_mode="joint", max_steps=1),
+                                  train_dataset=PatternDataset(32))
+    trainer.train()
+    model, stage = trainer.distill_model, trainer.plan.stages[-1]
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
+    with torch.no_grad():
+        teacher = trainer.teacher_forward(batch)
+        out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], stage=stage, teacher=teacher)
+        model.student(batch["pixel_values"])  # the same student maps again (same weights, same batch)
+        student = Features(out.logits, model.student_hooks.pop())
+        kd = kd_terms(out.logits, teacher, batch["labels"], method.kd_alpha, method.kd_temperature,
+                      method.label_smoothing)
+        per_tap = [method.tap_loss(p, method.head_logits(p, student.features[p.key]), *teacher.targets[p.key])
+                   for p in method.pairs]
+    assert stage.name == "joint" and len(per_tap) > 1
+    for name in ("pixel", "image"):
+        torch.testing.assert_close(out.terms[name], 0.5 * sum(t[name] for t in per_tap), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.terms["kd"], kd["kd"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.terms["ce"], kd["ce"] + 0.5 * sum(t["ce"] for t in per_tap), rtol=1e-6,
+                               atol=1e-7)

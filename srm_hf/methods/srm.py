@@ -108,7 +108,9 @@ class SRM(Method):
                 for name, value in self.tap_loss(pair, head_logits, *targets[pair.key]).items():
                     srm_terms[name] = srm_terms[name] + value if name in srm_terms else value
             weight = self.weight if stage.name == "joint" else 1.0
-            terms.update({name: weight * value for name, value in srm_terms.items()} if weight != 1.0 else srm_terms)
+            for name, value in srm_terms.items():
+                value = weight * value if weight != 1.0 else value
+                terms[name] = terms[name] + value if name in terms else value
         return terms
 
     def prepare_teacher(self, stage, teacher: Features) -> None:
@@ -129,7 +131,9 @@ class SRM(Method):
     def tap_loss(self, pair, head_logits: torch.Tensor, pixel_labels: torch.Tensor,
                  image_labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """SRM loss of one tap: {"pixel": weighted CE, "image": weighted BCE}. Fused kernels on CUDA (`srm_kernels`);
-        the eager loss is recomputed in backward. Either way no K-channel sigmoid / softmax map is kept for backward."""
+        the eager loss is recomputed in backward. Either way no K-channel sigmoid / softmax map is kept for backward.
+        An override may return other terms: each name is summed over taps, scaled by `srm_weight` in the joint stage
+        and added to a KD term of the same name."""
         args = (head_logits, pixel_labels, image_labels, self.pixel_weight, self.image_weight, self.pixel_ce_on_sigmoid)
         if use_fused(self.kernels, head_logits):
             return srm_loss_fused(*args)
