@@ -29,7 +29,7 @@ try:
     from triton.errors import TritonError
 
     from .fused_kernels import (codes_grad_kernel, codes_kernel, loss_backward_kernel, loss_forward_kernel,
-                                targets_kernel)
+                                squared_error_grad_kernel, squared_error_kernel, targets_kernel)
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -126,11 +126,11 @@ def _does_not_compile(kernel, error: Exception) -> RuntimeError:
                         f"{error}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.")
 
 
-def _run_elementwise(kernel, *tensors: torch.Tensor) -> None:
-    """Launch an elementwise kernel over dense tensors of one shape and strides, walked as flat memory."""
-    numel = tensors[0].numel()
+def _run_elementwise(kernel, numel: int, *args) -> None:
+    """Launch an elementwise kernel over `numel` elements of dense tensors of one shape and strides, walked as flat
+    memory, ELEMENTS_PER_PROGRAM per program."""
     try:
-        kernel[(triton.cdiv(numel, ELEMENTS_PER_PROGRAM),)](*tensors, numel, BLOCK=ELEMENTS_PER_PROGRAM)
+        kernel[(triton.cdiv(numel, ELEMENTS_PER_PROGRAM),)](*args, numel, BLOCK=ELEMENTS_PER_PROGRAM)
     except TritonError as e:
         raise _does_not_compile(kernel, e) from e
 
@@ -172,7 +172,7 @@ class _SparseCodes(torch.autograd.Function):
         if grad_codes.stride() != codes.stride():  # the kernel walks both as one dense run of memory
             grad_codes = torch.empty_like(codes).copy_(grad_codes)
         out = torch.empty_like(codes)
-        _run_elementwise(codes_grad_kernel, grad_codes, codes, out)
+        _run_elementwise(codes_grad_kernel, codes.numel(), grad_codes, codes, out)
         return out, None
 
 
@@ -229,3 +229,35 @@ def srm_tap_loss_fused(head_logits: torch.Tensor, pixel_labels: torch.Tensor, im
                        ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_pixel · mean pixel CE, w_image · image BCE) of one tap, float32 scalars: `srm_hf.srm.srm_loss`'s terms."""
     return _SRMTapLoss.apply(head_logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid)
+
+
+class _MeanSquaredError(torch.autograd.Function):
+    """MSE(a, b) = mean (a - b)², differentiable in `a`, both read in their own dtype (bf16 under autocast) and never
+    cast to float32 in memory: one pass forward, one backward writing the gradient in a's dtype."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        partial = torch.empty(triton.cdiv(a.numel(), ELEMENTS_PER_PROGRAM), dtype=torch.float32, device=a.device)
+        _run_elementwise(squared_error_kernel, a.numel(), a, b, partial, 1.0 / a.numel())
+        ctx.save_for_backward(a, b)
+        return partial.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        out = torch.empty_like(a)
+        _run_elementwise(squared_error_grad_kernel, a.numel(), grad, a, b, out, 2.0 / a.numel())
+        return out, None
+
+
+def mse_fused(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    """`srm_hf.srm.dictionary_loss` in two kernels, or None where they do not apply: the two tensors must share one
+    dense layout (contiguous, or both channels_last), and only the reconstruction may need a gradient."""
+    formats = (torch.contiguous_format, torch.channels_last) if features.dim() == 4 else (torch.contiguous_format,)
+    same_dense_layout = reconstruction.shape == features.shape and reconstruction.stride() == features.stride() and \
+        any(reconstruction.is_contiguous(memory_format=f) for f in formats)
+    if not same_dense_layout or features.requires_grad:
+        return None
+    return _MeanSquaredError.apply(reconstruction, features)
+

@@ -135,3 +135,22 @@ def codes_grad_kernel(g_ptr, c_ptr, out_ptr, numel, BLOCK: tl.constexpr):
     g = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     c = tl.load(c_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + offsets, (g * c * (1.0 - c)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def squared_error_kernel(a_ptr, b_ptr, part_ptr, scale, numel, BLOCK: tl.constexpr):
+    # scale × Σ (a - b)² over one program's BLOCK elements, in float32: its part of MSE(a, b), scale = 1 / numel
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(d * d, axis=0) * scale)
+
+
+@triton.jit
+def squared_error_grad_kernel(g_ptr, a_ptr, b_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr):
+    # d MSE(a, b) / da = g · scale · (a - b), scale = 2 / numel, g the loss's gradient (a device scalar)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    tl.store(out_ptr + offsets, (d * g).to(out_ptr.dtype.element_ty), mask=ok)

@@ -184,8 +184,15 @@ def resize_like(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 # ---- losses ---------------------------------------------------------------------------------------------------
 
 
-def dictionary_loss(features: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-    """Stage 1: MSE(T, T̂), the mean over all N·C·H·W entries. No ℓ1 term: sparsity comes from top-k alone."""
+def dictionary_loss(features: torch.Tensor, reconstruction: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    """Stage 1: MSE(T, T̂), the mean over all N·C·H·W entries, in float32. No ℓ1 term: sparsity comes from top-k
+    alone. `fused=True` reads both in their own dtype in a Triton kernel (`srm_hf.fused.mse_fused`) where it can."""
+    if fused:
+        from .fused import mse_fused
+
+        loss = mse_fused(reconstruction, features)
+        if loss is not None:
+            return loss
     return F.mse_loss(reconstruction.float(), features.float())
 
 

@@ -38,3 +38,13 @@ if __name__ == "__main__":
                        constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     print("codes_grad_kernel", "cubin bytes", len(compiled.asm["cubin"]))
+    # stage 1's MSE, forward and backward, on bf16 maps
+    for name, signature in (("squared_error_kernel", {"a_ptr": "*bf16", "b_ptr": "*bf16", "part_ptr": "*fp32",
+                                                      "scale": "fp32"}),
+                            ("squared_error_grad_kernel", {"g_ptr": "*fp32", "a_ptr": "*bf16", "b_ptr": "*bf16",
+                                                           "out_ptr": "*bf16", "scale": "fp32"})):
+        kernel = getattr(fused_kernels, name)
+        source = ASTSource(fn=kernel, signature={**signature, "numel": "i64", "BLOCK": "constexpr"},
+                           constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print(name, "cubin bytes", len(compiled.asm["cubin"]))

@@ -288,6 +288,36 @@ def test_the_codes_gradient_kernel_reads_any_gradient_layout(grad_layout):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", [*LAYOUTS, "maps in bf16"])
+def test_the_fused_dictionary_loss_equals_the_eager_one(name):
+    """Stage 1's MSE(T, T̂) read in place (bf16 too): the same value and gradient in T̂ as the float32 `F.mse_loss`."""
+    from srm_hf.srm import dictionary_loss
+
+    shape, _ = LAYOUTS.get(name, LAYOUTS["maps"])
+    g = torch.Generator().manual_seed(7)
+    features = layout(name, torch.randn(shape, generator=g).to(DEVICE))
+    reconstruction = layout(name, torch.randn(shape, generator=g).to(DEVICE))
+    if name == "maps in bf16":
+        features, reconstruction = features.bfloat16(), reconstruction.bfloat16()
+    reconstruction.requires_grad_()
+    want, got = dictionary_loss(features, reconstruction), dictionary_loss(features, reconstruction, fused=True)
+    assert got.grad_fn is not None and "MeanSquaredError" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    (want_grad,), (got_grad,) = (torch.autograd.grad(3.0 * loss, reconstruction) for loss in (want, got))
+    assert got_grad.dtype == reconstruction.dtype and got_grad.stride() == reconstruction.stride()
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5 if name != "maps in bf16" else 1e-2, atol=1e-7)
+
+
+def test_the_fused_dictionary_loss_falls_back_where_layouts_differ():
+    from srm_hf.srm import dictionary_loss
+
+    features = torch.randn(2, 6, 3, 4, device=DEVICE)
+    reconstruction = torch.randn(2, 6, 3, 4, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    got = dictionary_loss(features, reconstruction, fused=True)
+    assert "MeanSquaredError" not in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, dictionary_loss(features, reconstruction))
+
+
 def test_a_kernel_that_does_not_compile_names_the_eager_switch():
     from triton.runtime.errors import OutOfResources
 
@@ -313,4 +343,4 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 9 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 11 and all(int(line.split()[-1]) > 0 for line in lines)

@@ -86,7 +86,8 @@ def count_step(fn, launches: KernelLaunches) -> collections.Counter:
 def report(args, counts: dict[str, collections.Counter]) -> str:
     floor = sum(counts["floor: student step + teacher forward"].values())
     teacher = sum(counts["teacher forward"].values())
-    lines = [f"Pair `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, fp32, "
+    precision = "bf16 autocast" if args.bf16 else "fp32"
+    lines = [f"Pair `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, {precision}, "
              f"torch {torch.__version__}.", "",
              "| step | operators dispatched | of which fused-kernel launches | vs floor | vs teacher forward |",
              "|---|---|---|---|---|"]
@@ -103,6 +104,8 @@ def main(argv=None):
     cost.add_pair_arguments(p, teacher="resnet18", student="resnet10t", batch=2, size=28)
     p.add_argument("--fused", action="store_true", help="Also count SRM's steps through the Triton kernels "
                    "(needs TRITON_INTERPRET=1: the count runs on the CPU).")
+    p.add_argument("--bf16", action="store_true", help="Under bf16 autocast (on the CPU), as GPU runs train: the "
+                   "casts it adds are counted.")
     p.add_argument("--details", action="store_true", help="Print the operators of every step by name.")
     p.add_argument("--out", default=None, help="Markdown file to append the table to (default: print only).")
     args = p.parse_args(argv)
@@ -111,8 +114,9 @@ def main(argv=None):
     if args.fused and os.environ.get("TRITON_INTERPRET") != "1":
         p.error("--fused counts on the CPU, through Triton's interpreter: set TRITON_INTERPRET=1 in the environment.")
     torch.manual_seed(0)
-    trainer, batch = cost.build(argparse.Namespace(**vars(args), device="cpu", bf16=False))
-    steps = cost.variants(trainer, batch, nullcontext, fused=args.fused)
+    trainer, batch = cost.build(argparse.Namespace(**{**vars(args), "device": "cpu", "bf16": False}))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.bf16 else nullcontext
+    steps = cost.variants(trainer, batch, autocast, fused=args.fused)
     with KernelLaunches() as launches:
         counts = {name: count_step(fn, launches) for name, fn in steps.items()}
     if args.details:

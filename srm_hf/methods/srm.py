@@ -94,8 +94,11 @@ class SRM(Method):
 
     def loss(self, stage, student, teacher, labels):
         if stage.name == "dictionary":  # Σ_taps MSE(T, T̂)
-            return {"mse": sum(dictionary_loss(t, self.coders[k](t, use_fused(self.kernels, t))[1])
-                               for k, t in teacher.features.items())}
+            mse = 0.0
+            for key, features in teacher.features.items():
+                fused = use_fused(self.kernels, features)
+                mse = mse + dictionary_loss(features, self.coders[key](features, fused)[1], fused)
+            return {"mse": mse}
         terms = {}
         if stage.name in ("kd", "joint"):
             terms.update(kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature,
