@@ -232,8 +232,9 @@ def srm_tap_loss_fused(head_logits: torch.Tensor, pixel_labels: torch.Tensor, im
 
 
 class _MeanSquaredError(torch.autograd.Function):
-    """MSE(a, b) = mean (a - b)², differentiable in `a`, both read in their own dtype (bf16 under autocast) and never
-    cast to float32 in memory: one pass forward, one backward writing the gradient in a's dtype."""
+    """MSE(a, b) = mean (a - b)², differentiable in `a` (once: no double backward), both read in their own dtype
+    (bf16 under autocast) and never cast to float32 in memory: one pass forward, one backward writing the gradient
+    in a's dtype."""
 
     @staticmethod
     def forward(ctx, a, b):
@@ -252,12 +253,13 @@ class _MeanSquaredError(torch.autograd.Function):
 
 
 def mse_fused(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
-    """`srm_hf.srm.dictionary_loss` in two kernels, or None where they do not apply: the two tensors must share one
-    dense layout (contiguous, or both channels_last), and only the reconstruction may need a gradient."""
+    """`srm_hf.srm.dictionary_loss` in two kernels, or None where they do not apply: Triton is needed, the two tensors
+    must share one dense layout (contiguous, or both channels_last) and hold elements, and only the reconstruction
+    may need a gradient."""
     formats = (torch.contiguous_format, torch.channels_last) if features.dim() == 4 else (torch.contiguous_format,)
     same_dense_layout = reconstruction.shape == features.shape and reconstruction.stride() == features.stride() and \
         any(reconstruction.is_contiguous(memory_format=f) for f in formats)
-    if not same_dense_layout or features.requires_grad:
+    if triton is None or not same_dense_layout or features.requires_grad or features.numel() == 0:
         return None
     return _MeanSquaredError.apply(reconstruction, features)
 
