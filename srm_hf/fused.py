@@ -209,7 +209,7 @@ class _SRMTapLoss(torch.autograd.Function):
         # d BCE / d ḡ = (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (as torch's clamp does); / (N·K) in backward
         d_image = ((clamped - target) / (clamped * complement)).masked_fill_(image_pred != clamped, 0.0).contiguous()
         ctx.save_for_backward(view.x, labels, d_image)
-        ctx.scales = ce_scale, image_weight / (d_image.numel() * view.pixels)
+        ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
         return ce.sum(), bce * -image_weight
 
@@ -219,7 +219,7 @@ class _SRMTapLoss(torch.autograd.Function):
         logits, labels, d_image = ctx.saved_tensors
         view = pixel_view(logits)
         out = torch.empty_like(logits)  # the layout of the logits (dense), its strides passed on
-        _run(loss_backward_kernel, view, launch_for(view), labels, grad_pixel, grad_image, d_image, out,
+        _run(loss_backward_kernel, view, ctx.launch, labels, grad_pixel, grad_image, d_image, out,
              *pixel_view(out).strides, *ctx.scales, **ctx.meta)
         return out, None, None, None, None, None
 

@@ -24,16 +24,22 @@ def sparse_codes(a, ok, num_active, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def load_block(ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    # BLOCK_S pixels from `start` of image n, in float32: (pixel indices, atom indices, mask, values; 0 outside)
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    ok = (rows < S)[:, None] & (cols < K)[None, :]
+    values = tl.load(ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
+    return rows, cols, ok, values.to(tl.float32)
+
+
+@triton.jit
 def codes_kernel(a_ptr, out_ptr, num_active, o_n, o_k, o_s, S, K, s_n, s_k, s_s, per_program,
-                  BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     # λ per pixel, written in the layout and dtype of `out`
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
-    cols = tl.arange(0, BLOCK_K)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
-        rows = start + tl.arange(0, BLOCK_S)
-        ok = (rows < S)[:, None] & (cols < K)[None, :]
-        a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-        codes = sparse_codes(a.to(tl.float32), ok, num_active, BLOCK_K)
+        rows, cols, ok, a = load_block(a_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
+        codes = sparse_codes(a, ok, num_active, BLOCK_K)
         tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
                  codes.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -48,15 +54,12 @@ def targets_kernel(a_ptr, label_ptr, part_ptr, num_active, chunks, scale, S, K, 
     col_ok = cols < K
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
-        rows = start + tl.arange(0, BLOCK_S)
-        row_ok = rows < S
-        ok = row_ok[:, None] & col_ok[None, :]
-        a = tl.load(a_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-        codes = sparse_codes(a.to(tl.float32), ok, num_active, BLOCK_K)
+        rows, cols, ok, a = load_block(a_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
+        codes = sparse_codes(a, ok, num_active, BLOCK_K)
         best = tl.max(tl.where(ok, codes, -1.0), axis=1)
         label = tl.min(tl.where(ok & (codes == best[:, None]), cols[None, :], BLOCK_K), axis=1)
         label = tl.where(label < K, label, 0)  # a pixel of NaN codes: NaN image labels say so, not the label
-        tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=row_ok)
+        tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=rows < S)
         total += tl.sum(tl.where(ok, codes, 0.0), axis=0)
     tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=col_ok)
 
@@ -66,10 +69,7 @@ def head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID: tl.co
                BLOCK_K: tl.constexpr):
     # BLOCK_S pixels from `start` of image n: (pixel indices, mask, p = sigmoid(l), the CE input x = p or l with
     # padded atoms at -inf (padded pixels stay finite), labels y)
-    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
-    ok = (rows < S)[:, None] & (cols < K)[None, :]
-    logit = tl.load(l_ptr + n * s_n + rows[:, None] * s_s + cols[None, :] * s_k, mask=ok, other=0.0)
-    logit = logit.to(tl.float32)
+    rows, cols, ok, logit = load_block(l_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
     p = tl.sigmoid(logit)
     x = tl.where((cols < K)[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))
     y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)

@@ -28,6 +28,13 @@ DICTIONARY_NAME = "srm_dictionary.safetensors"  # the dictionaries alone, for `s
 TARGETS = ("both", "pixel", "image")
 
 
+def add_terms(terms: dict[str, torch.Tensor], new: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+    """terms[name] += weight × new[name] for every new term (a weight of 1 adds no multiplication)."""
+    for name, value in new.items():
+        value = weight * value if weight != 1.0 else value
+        terms[name] = terms[name] + value if name in terms else value
+
+
 class SRM(Method):
     name = "srm"
     uses_taps = True
@@ -108,12 +115,8 @@ class SRM(Method):
             srm_terms = {}  # Σ_taps, per term
             for pair in self.pairs:
                 head_logits = self.head_logits(pair, student.features[pair.key])
-                for name, value in self.tap_loss(pair, head_logits, *targets[pair.key]).items():
-                    srm_terms[name] = srm_terms[name] + value if name in srm_terms else value
-            weight = self.weight if stage.name == "joint" else 1.0
-            for name, value in srm_terms.items():
-                value = weight * value if weight != 1.0 else value
-                terms[name] = terms[name] + value if name in terms else value
+                add_terms(srm_terms, self.tap_loss(pair, head_logits, *targets[pair.key]))
+            add_terms(terms, srm_terms, self.weight if stage.name == "joint" else 1.0)
         return terms
 
     def prepare_teacher(self, stage, teacher: Features) -> None:
