@@ -43,7 +43,8 @@ class OpCount(TorchDispatchMode):
 
 class KernelLaunches:
     """Counts each launch of a fused kernel as one operator and pauses `count` while the kernel runs (under
-    TRITON_INTERPRET the interpreter dispatches torch operators of its own)."""
+    TRITON_INTERPRET the interpreter dispatches torch operators of its own). Wraps the launchers that the imported
+    srm_hf has, so that an older checkout on PYTHONPATH is counted the same way."""
 
     def __init__(self):
         self.count, self.saved = None, {}
@@ -61,7 +62,7 @@ class KernelLaunches:
         return counted
 
     def __enter__(self):
-        for name in ("_run", "_run_elementwise"):
+        for name in (n for n in ("_run", "_run_elementwise") if hasattr(fused, n)):
             self.saved[name] = getattr(fused, name)
             setattr(fused, name, self.wrap(self.saved[name]))
         return self
