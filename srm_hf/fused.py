@@ -28,8 +28,8 @@ try:
     import triton
     from triton.errors import TritonError
 
-    from .fused_kernels import (codes_grad_kernel, codes_kernel, loss_backward_kernel, loss_forward_kernel,
-                                squared_error_grad_kernel, squared_error_kernel, targets_kernel)
+    from .fused_kernels import (codes_grad_kernel, codes_kernel, image_term_kernel, loss_backward_kernel,
+                                loss_forward_kernel, squared_error_grad_kernel, squared_error_kernel, targets_kernel)
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -135,6 +135,14 @@ def _run_elementwise(kernel, numel: int, *args) -> None:
         raise _does_not_compile(kernel, e) from e
 
 
+def _run_per_image(kernel, images: int, *args, **meta) -> None:
+    """Launch a kernel with one program per image."""
+    try:
+        kernel[(images,)](*args, **meta)
+    except TritonError as e:
+        raise _does_not_compile(kernel, e) from e
+
+
 def num_warps(block_k: int) -> int:
     """Warps per program: 8 for the widest dictionaries (K > 512 atoms), else 4."""
     return 8 if block_k >= 1024 else 4
@@ -188,9 +196,10 @@ class _SRMTapLoss(torch.autograd.Function):
         pixel = w_pixel · mean over pixels of CE(x, y),  x = sigmoid(l) (paper) or l
         image = w_image · BCE(ḡ, g),  ḡ = mean over pixels of sigmoid(l), clamped to [1e-7, 1 - 1e-7] as `image_bce`
 
-    The forward kernel leaves only per-program sums of the CE and of sigmoid(l); the [N, K] BCE and its derivative
-    in ḡ are written out here, and the backward kernel recomputes everything else from l: l, the labels and that
-    [N, K] derivative are all that is kept."""
+    The forward kernel leaves only per-program sums of the CE and of sigmoid(l); a second kernel, one program per
+    image, sums them into both terms and writes the BCE's [N, K] derivative in ḡ (in place of a dozen [N, K]
+    operators: what a small model's step waits for is the host launching them). The backward kernel recomputes
+    everything else from l: l, the labels and that [N, K] derivative are all that is kept."""
 
     @staticmethod
     def forward(ctx, logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid):
@@ -202,16 +211,17 @@ class _SRMTapLoss(torch.autograd.Function):
         ce_scale = pixel_weight / (view.n * view.pixels)  # the pixel term: w_pixel × the mean over all pixels
         _run(loss_forward_kernel, view, launch, labels, ce, p_sum, launch.chunks, ce_scale, 1.0 / view.pixels,
              CE_ON_SIGMOID=ce_on_sigmoid)
-        image_pred = p_sum.sum(dim=1)  # ḡ [N, K]
-        clamped, target = image_pred.clamp(EPS, 1 - EPS), image_labels.float()
-        complement = 1 - clamped
-        bce = torch.lerp(complement.log(), clamped.log(), target).mean()  # -BCE: mean of g log ḡ + (1-g) log(1-ḡ)
-        # d BCE / d ḡ = (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (as torch's clamp does); / (N·K) in backward
-        d_image = ((clamped - target) / (clamped * complement)).masked_fill_(image_pred != clamped, 0.0).contiguous()
+        # per image: the CE partials summed, ḡ [N, K] from the p partials, its BCE and dBCE/dḡ (/ (N·K) in backward)
+        d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=logits.device)
+        per_image = torch.empty(2, view.n, dtype=torch.float32, device=logits.device)  # (pixel, image) terms
+        _run_per_image(image_term_kernel, view.n, ce, p_sum, image_labels.contiguous(), d_image, per_image, view.n,
+                       launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
+                       BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128), BLOCK_K=min(launch.block_k, 1024))
         ctx.save_for_backward(view.x, labels, d_image)
         ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
-        return ce.sum(), bce * -image_weight
+        pixel, image = per_image.sum(dim=1)
+        return pixel, image
 
     @staticmethod
     @once_differentiable

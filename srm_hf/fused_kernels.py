@@ -100,6 +100,33 @@ def loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, 
 
 
 @triton.jit
+def image_term_kernel(ce_ptr, p_ptr, g_ptr, d_ptr, out_ptr, N, chunks, K, eps, image_scale, BLOCK_C: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    # one program per image n, after `loss_forward_kernel`: out[0, n] = Σ of its CE partials (scaled there), and
+    # out[1, n] = image_scale × Σ_K g log ḡ + (1-g) log(1-ḡ), ḡ = Σ of its p partials clamped to [eps, 1 - eps];
+    # d_ptr [N, K] gets dBCE/dḡ up to 1/(N·K): (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (a NaN too, as torch)
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    ce = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, chunks, BLOCK_C):
+        ce += tl.load(ce_ptr + n * chunks + start + c, mask=start + c < chunks, other=0.0)
+    bce = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        ok = cols < K
+        pred = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for chunk in range(chunks):
+            pred += tl.load(p_ptr + (n * chunks + chunk) * K + cols, mask=ok, other=0.0)
+        clamped = tl.where(pred < eps, eps, tl.where(pred > 1.0 - eps, 1.0 - eps, pred))  # NaN stays NaN
+        target = tl.load(g_ptr + n * K + cols, mask=ok, other=0.0).to(tl.float32)
+        bce += tl.where(ok, target * tl.log(clamped) + (1.0 - target) * tl.log(1.0 - clamped), 0.0)
+        d = tl.where(pred == clamped, (clamped - target) / (clamped * (1.0 - clamped)), 0.0)
+        tl.store(d_ptr + n * K + cols, d, mask=ok)
+    tl.store(out_ptr + n, tl.sum(ce, axis=0))
+    tl.store(out_ptr + N + n, tl.sum(bce, axis=0) * image_scale)
+
+
+@triton.jit
 def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, o_n, o_k, o_s, ce_scale, p_scale,
                          S, K, s_n, s_k, s_s, per_program, CE_ON_SIGMOID: tl.constexpr, PIXEL_TERM: tl.constexpr,
                          IMAGE_TERM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):

@@ -31,6 +31,16 @@ if __name__ == "__main__":
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": fused.num_warps(block_k)})
             print(name, block_k, "cubin bytes", len(compiled.asm["cubin"]))
+    # the loss's per-image finish (pixel term, image BCE and its derivative), at the widest and narrowest blocks
+    kernel = fused_kernels.image_term_kernel
+    for block_k in (16, 1024):
+        meta = {"BLOCK_C": 16, "BLOCK_K": block_k}
+        signature = {"ce_ptr": "*fp32", "p_ptr": "*fp32", "g_ptr": "*fp32", "d_ptr": "*fp32", "out_ptr": "*fp32",
+                     "N": "i32", "chunks": "i32", "K": "i32", "eps": "fp32", "image_scale": "fp32"}
+        source = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in meta}},
+                           constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print("image_term_kernel", block_k, "cubin bytes", len(compiled.asm["cubin"]))
     # the elementwise gradient of the sparse codes (stage 1's backward), bf16 codes and gradients
     kernel, meta = fused_kernels.codes_grad_kernel, {"BLOCK": fused.ELEMENTS_PER_PROGRAM}
     source = ASTSource(fn=kernel, signature={"g_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i64",

@@ -176,6 +176,25 @@ def test_the_launch_plan_does_not_change_the_results(monkeypatch, min_programs):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 12, 12), (3, 1100)])
+def test_the_per_image_sums_walk_many_chunks_and_wide_dictionaries(monkeypatch, shape):
+    """The kernel that finishes a tap's loss per image reads its partial sums in blocks of at most 128 programs and
+    1,024 atoms: 144 programs per image (one pixel each), and 1,100 atoms, take two blocks."""
+    from srm_hf import fused
+
+    monkeypatch.setattr(fused, "PIXELS_PER_PROGRAM", 1)
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(shape, generator=g).to(DEVICE).requires_grad_()
+    assert fused.launch_for(fused.pixel_view(logits)).chunks == (144 if len(shape) == 4 else 1)
+    pixel, image = eager_targets(torch.randn(shape, generator=g).to(DEVICE), 2, 1 if len(shape) == 4 else -1)
+    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    want_grad, = torch.autograd.grad(sum(want.values()), logits)
+    got_grad, = torch.autograd.grad(sum(got.values()), logits)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_small_maps_get_enough_programs_and_large_maps_long_runs():
     from srm_hf.fused import MIN_PROGRAMS, PIXELS_PER_PROGRAM, launch_for, pixel_view
 
@@ -357,4 +376,4 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 11 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 13 and all(int(line.split()[-1]) > 0 for line in lines)

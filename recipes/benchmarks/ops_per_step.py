@@ -62,7 +62,7 @@ class KernelLaunches:
         return counted
 
     def __enter__(self):
-        for name in (n for n in ("_run", "_run_elementwise") if hasattr(fused, n)):
+        for name in (n for n in ("_run", "_run_elementwise", "_run_per_image") if hasattr(fused, n)):
             self.saved[name] = getattr(fused, name)
             setattr(fused, name, self.wrap(self.saved[name]))
         return self

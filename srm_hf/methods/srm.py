@@ -101,11 +101,11 @@ class SRM(Method):
 
     def loss(self, stage, student, teacher, labels):
         if stage.name == "dictionary":  # Σ_taps MSE(T, T̂)
-            mse = 0.0
+            terms = {}
             for key, features in teacher.features.items():
                 fused = use_fused(self.kernels, features)
-                mse = mse + dictionary_loss(features, self.coders[key](features, fused)[1], fused)
-            return {"mse": mse}
+                add_terms(terms, {"mse": dictionary_loss(features, self.coders[key](features, fused)[1], fused)})
+            return terms
         terms = {}
         if stage.name in ("kd", "joint"):
             terms.update(kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature,
