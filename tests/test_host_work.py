@@ -156,3 +156,21 @@ def test_the_fused_srm_step_stays_within_its_operator_budget(tmp_path):
         assert counts[f"SRM {stage} step, fused"] < counts[f"SRM {stage} step"]
     assert counts["SRM joint step, fused"] - counts["KD step"] <= 40 * taps  # 45 before the per-image kernel
     assert counts["dictionary step, fused"] < counts["dictionary step"]
+
+
+def test_the_graph_step_benchmark_runs_every_step_eagerly_on_the_cpu(tmp_path):
+    """`recipes/benchmarks/graph_step.py`: on the CPU the eager steps run, through the capturable optimizer that the
+    graphs use, and the table says that the graph columns need CUDA (the captures run in the GPU checks)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "benchmarks"))
+    import graph_step
+
+    out = tmp_path / "graphs.md"
+    times = graph_step.main(["--steps", "2", "--warmup", "1", "--size", "32", "--batch", "2", "--teacher", "resnet18",
+                             "--student", "resnet10t", "--out", str(out)])
+    assert list(times) == ["floor: student step + teacher forward", "KD step", "SRM joint step", "SRM stage-2 step",
+                           "teacher forward", "dictionary step"]
+    text = out.read_text()
+    assert "graphs need CUDA" in text and text.count("| — | — |") == 6
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):  # before any model is built
+            graph_step.main(["--device", "cuda"])

@@ -5,13 +5,14 @@
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests     # tests/test_fused.py, tests/test_gpu.py (not FSDP/DeepSpeed)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large     # cost.py at 224 px / batch 128 and 112 px / batch 16
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR graphs    # graph_step.py: eager and CUDA-graph steps, small batches
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR pipeline  # small_model_pipeline.py (FASHION_MNIST_DIR: IDX files)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR sweep     # srm_ops.py --sweep: the fused kernels' launch settings
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR profile   # torch.profiler tables at 224 px / batch 128: the floor,
 #                                                           # the fused joint and dictionary steps, a teacher forward
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep|profile}
-part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|pipeline|sweep|profile}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile}
+part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile}
 mkdir -p "$out"
 B=recipes/benchmarks
 export HF_HUB_OFFLINE=1
@@ -28,6 +29,10 @@ case $part in
     python3 $B/srm_ops.py | tee "$out/srm_ops.txt"
     python3 $B/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --repeats 2 --compile_teacher \
         --no_nan_filter --out "$out/host_overhead_28.md" ;;
+  graphs)
+    python3 $B/graph_step.py --device cuda --bf16 --batch 16 --size 112 --out "$out/graph_step_112.md"
+    python3 $B/graph_step.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t \
+        --out "$out/graph_step_28.md" ;;
   pipeline)
     python3 $B/small_model_pipeline.py --workers 8 --repeats 2 --steps 300 --out "$out/small_model_pipeline.md" ;;
   sweep)
@@ -39,5 +44,5 @@ case $part in
           > "$out/profile_$(echo "$step" | cut -d: -f1 | tr -c 'a-zA-Z0-9\n' _).txt"
     done ;;
   *)
-    echo "unknown part $part: tests, large, small, pipeline, sweep or profile" >&2; exit 2 ;;
+    echo "unknown part $part: tests, large, small, graphs, pipeline, sweep or profile" >&2; exit 2 ;;
 esac
