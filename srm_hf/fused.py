@@ -154,11 +154,11 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
     [N, K]): (pixel labels [N, H, W] / [N, L] / [N] long, image labels [N, K] float32)."""
     view = pixel_view(activation_logits)
     launch = launch_for(view)
-    labels = torch.empty(view.n, view.pixels, dtype=torch.long, device=view.x.device)
+    spatial = activation_logits.shape[2:] if activation_logits.dim() == 4 else activation_logits.shape[1:-1]
+    labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
     partial = torch.empty(view.n, launch.chunks, view.atoms, dtype=torch.float32, device=view.x.device)
     _run(targets_kernel, view, launch, labels, partial, num_active, launch.chunks, 1.0 / view.pixels)
-    spatial = activation_logits.shape[2:] if activation_logits.dim() == 4 else activation_logits.shape[1:-1]
-    return labels.view(view.n, *spatial), partial.sum(dim=1)
+    return labels, partial.sum(dim=1)
 
 
 class _SparseCodes(torch.autograd.Function):
@@ -205,7 +205,11 @@ class _SRMTapLoss(torch.autograd.Function):
     def forward(ctx, logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid):
         view = pixel_view(logits)
         launch = launch_for(view)
-        labels = pixel_labels.reshape(view.n, view.pixels).contiguous()
+        if pixel_labels.numel() != view.n * view.pixels:  # the kernels read them flat, one per pixel
+            raise ValueError(f"pixel_labels {tuple(pixel_labels.shape)} do not give one label per pixel of the head's "
+                             f"logits {tuple(logits.shape)}: pass the teacher's labels for the tap these logits "
+                             "predict, on the same grid (`allow_resize` resizes the head's map).")
+        labels = pixel_labels if pixel_labels.is_contiguous() else pixel_labels.contiguous()
         ce = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=logits.device)
         p_sum = torch.empty(view.n, launch.chunks, view.atoms, dtype=torch.float32, device=logits.device)
         ce_scale = pixel_weight / (view.n * view.pixels)  # the pixel term: w_pixel × the mean over all pixels

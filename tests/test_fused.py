@@ -195,6 +195,13 @@ def test_the_per_image_sums_walk_many_chunks_and_wide_dictionaries(monkeypatch, 
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
 
 
+def test_pixel_labels_that_do_not_fit_the_logits_are_refused_before_a_kernel_reads_them():
+    logits = torch.randn(2, 10, 5, 6, device=DEVICE, requires_grad=True)
+    pixel, image = eager_targets(torch.randn(2, 10, 5, 5, device=DEVICE), 2, 1)  # a 5×5 grid for 5×6 logits
+    with pytest.raises(ValueError, match=r"pixel_labels \(2, 5, 5\) do not give one label per pixel"):
+        srm_loss_fused(logits, pixel, image)
+
+
 def test_small_maps_get_enough_programs_and_large_maps_long_runs():
     from srm_hf.fused import MIN_PROGRAMS, PIXELS_PER_PROGRAM, launch_for, pixel_view
 
