@@ -217,15 +217,14 @@ class _SRMTapLoss(torch.autograd.Function):
              CE_ON_SIGMOID=ce_on_sigmoid)
         # per image: the CE partials summed, ḡ [N, K] from the p partials, its BCE and dBCE/dḡ (/ (N·K) in backward)
         d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=logits.device)
-        per_image = torch.empty(2, view.n, dtype=torch.float32, device=logits.device)  # (pixel, image) terms
-        _run_per_image(image_term_kernel, view.n, ce, p_sum, image_labels.contiguous(), d_image, per_image, view.n,
-                       launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
+        pixel, image = (torch.empty(view.n, dtype=torch.float32, device=logits.device) for _ in range(2))
+        _run_per_image(image_term_kernel, view.n, ce, p_sum, image_labels_for(image_labels, view), d_image, pixel,
+                       image, launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
                        BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128), BLOCK_K=min(launch.block_k, 1024))
         ctx.save_for_backward(view.x, labels, d_image)
         ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
-        pixel, image = per_image.sum(dim=1)
-        return pixel, image
+        return pixel.sum(), image.sum()  # two tensors of their own, not views: callers may change them in place
 
     @staticmethod
     @once_differentiable
@@ -236,6 +235,19 @@ class _SRMTapLoss(torch.autograd.Function):
         _run(loss_backward_kernel, view, ctx.launch, labels, grad_pixel, grad_image, d_image, out,
              *pixel_view(out).strides, *ctx.scales, **ctx.meta)
         return out, None, None, None, None, None
+
+
+def image_labels_for(image_labels: torch.Tensor, view: Pixels) -> torch.Tensor:
+    """The image labels as a dense [N, K] tensor (broadcast as the eager BCE broadcasts them), for a kernel that reads
+    them flat; labels of another size are refused before a kernel reads past them."""
+    if image_labels.shape != (view.n, view.atoms):
+        try:
+            image_labels = image_labels.expand(view.n, view.atoms)
+        except RuntimeError:
+            raise ValueError(f"image_labels {tuple(image_labels.shape)} do not give one label per atom of each image "
+                             f"({view.n} images × {view.atoms} atoms): pass the teacher's labels for the tap these "
+                             "logits predict.") from None
+    return image_labels.contiguous()
 
 
 def srm_tap_loss_fused(head_logits: torch.Tensor, pixel_labels: torch.Tensor, image_labels: torch.Tensor,

@@ -100,10 +100,10 @@ def loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, 
 
 
 @triton.jit
-def image_term_kernel(ce_ptr, p_ptr, g_ptr, d_ptr, out_ptr, N, chunks, K, eps, image_scale, BLOCK_C: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
-    # one program per image n, after `loss_forward_kernel`: out[0, n] = Σ of its CE partials (scaled there), and
-    # out[1, n] = image_scale × Σ_K g log ḡ + (1-g) log(1-ḡ), ḡ = Σ of its p partials clamped to [eps, 1 - eps];
+def image_term_kernel(ce_ptr, p_ptr, g_ptr, d_ptr, pixel_ptr, image_ptr, chunks, K, eps, image_scale,
+                      BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program per image n, after `loss_forward_kernel`: pixel[n] = Σ of its CE partials (scaled there), and
+    # image[n] = image_scale × Σ_K g log ḡ + (1-g) log(1-ḡ), ḡ = Σ of its p partials clamped to [eps, 1 - eps];
     # d_ptr [N, K] gets dBCE/dḡ up to 1/(N·K): (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (a NaN too, as torch)
     n = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_C)
@@ -122,8 +122,8 @@ def image_term_kernel(ce_ptr, p_ptr, g_ptr, d_ptr, out_ptr, N, chunks, K, eps, i
         bce += tl.where(ok, target * tl.log(clamped) + (1.0 - target) * tl.log(1.0 - clamped), 0.0)
         d = tl.where(pred == clamped, (clamped - target) / (clamped * (1.0 - clamped)), 0.0)
         tl.store(d_ptr + n * K + cols, d, mask=ok)
-    tl.store(out_ptr + n, tl.sum(ce, axis=0))
-    tl.store(out_ptr + N + n, tl.sum(bce, axis=0) * image_scale)
+    tl.store(pixel_ptr + n, tl.sum(ce, axis=0))
+    tl.store(image_ptr + n, tl.sum(bce, axis=0) * image_scale)
 
 
 @triton.jit

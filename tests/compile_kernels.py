@@ -33,10 +33,10 @@ if __name__ == "__main__":
             print(name, block_k, "cubin bytes", len(compiled.asm["cubin"]))
     # the loss's per-image finish (pixel term, image BCE and its derivative), at the widest and narrowest blocks
     kernel = fused_kernels.image_term_kernel
-    for block_k in (16, 1024):
-        meta = {"BLOCK_C": 16, "BLOCK_K": block_k}
-        signature = {"ce_ptr": "*fp32", "p_ptr": "*fp32", "g_ptr": "*fp32", "d_ptr": "*fp32", "out_ptr": "*fp32",
-                     "N": "i32", "chunks": "i32", "K": "i32", "eps": "fp32", "image_scale": "fp32"}
+    for block_c, block_k in ((1, 16), (128, 1024)):  # one program per image (pooled taps) ... the widest blocks
+        meta = {"BLOCK_C": block_c, "BLOCK_K": block_k}
+        signature = {"ce_ptr": "*fp32", "p_ptr": "*fp32", "g_ptr": "*fp32", "d_ptr": "*fp32", "pixel_ptr": "*fp32",
+                     "image_ptr": "*fp32", "chunks": "i32", "K": "i32", "eps": "fp32", "image_scale": "fp32"}
         source = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in meta}},
                            constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})

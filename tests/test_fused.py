@@ -202,6 +202,29 @@ def test_pixel_labels_that_do_not_fit_the_logits_are_refused_before_a_kernel_rea
         srm_loss_fused(logits, pixel, image)
 
 
+def test_image_labels_broadcast_as_in_eager_and_other_sizes_are_refused():
+    logits = torch.randn(2, 8, 3, 3, device=DEVICE, requires_grad=True)
+    pixel, image = eager_targets(torch.randn(2, 8, 3, 3, device=DEVICE), 2, 1)
+    one_row = image[:1]  # [1, K]: both images compared with the first one's labels
+    want, got = srm_loss(logits, pixel, one_row)["image"], srm_loss_fused(logits, pixel, one_row)["image"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match=r"image_labels \(2, 4\) do not give one label per atom"):
+        srm_loss_fused(logits, pixel, image[:, :4])
+
+
+def test_the_fused_terms_can_be_changed_in_place_like_the_eager_ones():
+    """An overridden `tap_loss` may scale a term in place: the terms are tensors of their own, not views."""
+    logits = torch.randn(2, 8, 3, 3, device=DEVICE, requires_grad=True)
+    pixel, image = eager_targets(torch.randn(2, 8, 3, 3, device=DEVICE), 2, 1)
+    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
+    for terms in (want, got):
+        terms["pixel"] *= 3.0
+        terms["image"] += 1.0
+    want_grad, = torch.autograd.grad(sum(want.values()), logits)
+    got_grad, = torch.autograd.grad(sum(got.values()), logits)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
 def test_small_maps_get_enough_programs_and_large_maps_long_runs():
     from srm_hf.fused import MIN_PROGRAMS, PIXELS_PER_PROGRAM, launch_for, pixel_view
 

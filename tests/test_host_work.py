@@ -154,13 +154,14 @@ def test_the_fused_srm_step_stays_within_its_operator_budget(tmp_path):
     taps = 4  # layer1-3 and the pooled vector of ResNet-18 → ResNet-10t at 28 px
     for stage in ("joint", "stage-2"):
         assert counts[f"SRM {stage} step, fused"] < counts[f"SRM {stage} step"]
-    assert counts["SRM joint step, fused"] - counts["KD step"] <= 36 * taps  # 34 now, 45 before the per-image kernel
+    assert counts["SRM joint step, fused"] - counts["KD step"] <= 36 * taps  # 35 now, 45 before the per-image kernel
     assert counts["dictionary step, fused"] < counts["dictionary step"]
 
 
 def test_the_graph_step_benchmark_runs_every_step_eagerly_on_the_cpu(tmp_path):
-    """`recipes/benchmarks/graph_step.py`: on the CPU the eager steps run, through the capturable optimizer that the
-    graphs use, and the table says that the graph columns need CUDA (the captures run in the GPU checks)."""
+    """`recipes/benchmarks/graph_step.py` on the CPU: every eager step runs (with the optimizer swapped in and the batch
+    copied in first, as for the graphs) and the table says that the graph columns need CUDA. The captures themselves
+    run only on a GPU (`gpu_checks.sh graphs`): nothing here checks them."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "benchmarks"))
     import graph_step
 

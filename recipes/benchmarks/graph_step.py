@@ -1,21 +1,21 @@
 """What a CUDA graph makes of each training step: the steps of `cost.py`, eager and replayed from a captured graph.
 
-    python recipes/benchmarks/graph_step.py --device cuda --bf16 --batch 16 --size 112      # the issue's small batch
+    python recipes/benchmarks/graph_step.py --device cuda --bf16 --batch 16 --size 112      # the small-batch setting
     python recipes/benchmarks/graph_step.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 \
         --student resnet10t                                                                # the small-model pair
     python recipes/benchmarks/graph_step.py --steps 2 --warmup 1 --size 32 --batch 2     # CPU: eager steps only
 
-At small batches a GPU waits for the host to dispatch operators: on an H100 every kind of step took 25-33 µs per
-dispatched operator (results/ops_per_step.md), so there SRM's cost is its operator count. A CUDA graph replays a
+At small batches a GPU waits for the host to dispatch operators: on an H100 every kind of step took 24.7–33.3 µs per
+dispatched operator (results/ops_per_step.md), so there SRM's cost follows its operator count. A CUDA graph replays a
 whole step (forward, backward and optimizer) as one launch, whatever its count: this measures how close that brings
 SRM to the floor, before any of it is built into the trainer.
 
 Each step is captured once, after warm-up runs on a side stream, with what capture needs: a fused AdamW with
 `capturable=True` over the model's trainable parameters (in place of the Trainer's optimizer, for the eager steps
 too, so both run the same update) and autocast's weight cache off. Eager and replayed steps then run interleaved
-(`cost.measure`); every step, eager or replayed, first copies the batch into the input the graph was captured
-with, as a training loop would. The replayed SRM steps use the fused kernels (Triton launches are captured like
-any other). On the CPU only the eager steps run: CUDA graphs need a CUDA device.
+(`cost.measure`); every step, eager or replayed, first copies the batch (images and labels) into the tensors the
+graph was captured with, as a training loop would. The replayed SRM steps use the fused kernels (Triton launches
+are captured like any other). On the CPU only the eager steps run: CUDA graphs need a CUDA device.
 """
 
 import argparse
@@ -50,12 +50,13 @@ def captured(step, warmup: int = 3):
     return graph.replay
 
 
-def feeding(images: torch.Tensor, run):
-    """`run` after copying a fresh batch into `images` (the tensor the steps read, and the graph captured)."""
-    fresh = images.clone()
+def feeding(batch: dict, run):
+    """`run` after copying a fresh batch into `batch`'s tensors (those the steps read, and the graph captured)."""
+    fresh = {k: v.clone() for k, v in batch.items()}
 
     def step():
-        images.copy_(fresh)
+        for k, v in batch.items():
+            v.copy_(fresh[k])
         run()
     return step
 
@@ -73,9 +74,9 @@ def steps(args) -> dict:
     for name in STEPS:
         if name not in variants:  # the fused steps where Triton cannot run them (the CPU)
             name = name.removesuffix(", fused")
-        fns[name] = feeding(batch["pixel_values"], variants[name])
+        fns[name] = feeding(batch, variants[name])
         if cuda:
-            fns[f"{name}, graph"] = feeding(batch["pixel_values"], captured(variants[name]))
+            fns[f"{name}, graph"] = feeding(batch, captured(variants[name]))
     return trainer, fns
 
 
