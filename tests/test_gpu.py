@@ -13,7 +13,8 @@ import sys
 import pytest
 import timm
 import torch
-from conftest import HANG_GUARD_S, PatternDataset, changed, hf_resnet, make_config, snapshot, timm_resnet
+from conftest import (HANG_GUARD_S, PatternDataset, changed, hf_resnet, make_config, make_trainer, snapshot,
+                      timm_resnet)
 from test_precision import DtypeProbe
 from test_recipes import ROOT, TINY, tiny_fashion_idx
 
@@ -163,3 +164,55 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
     assert trainer.nonfinite.skipped == 1
     with pytest.raises(FloatingPointError, match="stage 'joint', step 5"):
         nan_trainer(tmp_path / "quiet stop", max_nonfinite_steps=0, **quiet).train()
+
+
+def test_a_fused_srm_step_captured_in_a_cuda_graph_replays_what_it_computes_eagerly(tmp_path):
+    """What `recipes/benchmarks/graph_step.py` relies on: an SRM joint step with the fused kernels (teacher forward,
+    labels, student, Triton loss, backward) captured once, then replayed on a new batch copied into the captured
+    inputs, gives the loss and gradients that the same step computes eagerly on that batch."""
+    from srm_hf.stages import StagePlan
+
+    def batch_of(seed):
+        data = PatternDataset(8, seed=seed)
+        return {k: torch.stack([data[i][k] for i in range(8)]).cuda() for k in ("pixel_values", "labels")}
+
+    trainer = make_trainer(tmp_path, use_cpu=False, bf16=True, srm_mode="joint", srm_dictionary_max_steps=1)
+    trainer.plan = StagePlan([(next(s for s in trainer.method.stages() if s.name == "joint"), 1)])
+    model = trainer.model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = batch_of(0)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: kernel compilation and lazy state outside the graph
+        for _ in range(2):
+            for p in params:
+                p.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for p in params:
+        p.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = step()
+    captured_grads = [p.grad for p in params]
+    for k, v in batch_of(1).items():  # a new batch, in the tensors the graph reads
+        batch[k].copy_(v)
+    for p in params:
+        p.grad = None
+    want = step().detach()
+    want_grads = [p.grad for p in params]
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured_loss.detach(), want, rtol=1e-3, atol=1e-5)
+    assert [g is None for g in captured_grads] == [g is None for g in want_grads]
+    assert any(g is not None for g in want_grads)
+    for got, expected in zip(captured_grads, want_grads):
+        if expected is not None:
+            torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-4)
