@@ -110,37 +110,26 @@ def launch_for(view: Pixels) -> Launch:
     return Launch(triton.cdiv(view.pixels, per_program), per_program, block_s, block_k, num_warps(block_k))
 
 
-def _run(kernel, view: Pixels, launch: Launch, *args, **meta) -> None:
-    """Launch a kernel over `view` as `launch` says; a GPU or Triton version it does not compile for stops the run
+def _launch(kernel, grid: tuple, *args, **meta) -> None:
+    """Every kernel launch goes through here: a GPU or Triton version the kernel does not compile for stops the run
     with the way around."""
     try:
-        kernel[(view.n, launch.chunks)](view.x, *args, view.pixels, view.atoms, *view.strides, launch.per_program,
-                                        **meta, BLOCK_S=launch.block_s, BLOCK_K=launch.block_k,
-                                        num_warps=launch.warps)
+        kernel[grid](*args, **meta)
     except TritonError as e:  # CompilationError, OutOfResources, PTXASError
-        raise _does_not_compile(kernel, e) from e
+        raise RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(e).__name__}: "
+                           f"{e}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.") from e
 
 
-def _does_not_compile(kernel, error: Exception) -> RuntimeError:
-    return RuntimeError(f"The fused SRM kernel {kernel.fn.__name__} does not compile here ({type(error).__name__}: "
-                        f"{error}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.")
+def _run(kernel, view: Pixels, launch: Launch, *args, **meta) -> None:
+    """Launch a kernel over `view` as `launch` says."""
+    _launch(kernel, (view.n, launch.chunks), view.x, *args, view.pixels, view.atoms, *view.strides, launch.per_program,
+            **meta, BLOCK_S=launch.block_s, BLOCK_K=launch.block_k, num_warps=launch.warps)
 
 
 def _run_elementwise(kernel, numel: int, *args) -> None:
     """Launch an elementwise kernel over `numel` elements of dense tensors of one shape and strides, walked as flat
     memory, ELEMENTS_PER_PROGRAM per program."""
-    try:
-        kernel[(triton.cdiv(numel, ELEMENTS_PER_PROGRAM),)](*args, numel, BLOCK=ELEMENTS_PER_PROGRAM)
-    except TritonError as e:
-        raise _does_not_compile(kernel, e) from e
-
-
-def _run_per_image(kernel, images: int, *args, **meta) -> None:
-    """Launch a kernel with one program per image."""
-    try:
-        kernel[(images,)](*args, **meta)
-    except TritonError as e:
-        raise _does_not_compile(kernel, e) from e
+    _launch(kernel, (triton.cdiv(numel, ELEMENTS_PER_PROGRAM),), *args, numel, BLOCK=ELEMENTS_PER_PROGRAM)
 
 
 def num_warps(block_k: int) -> int:
@@ -218,9 +207,9 @@ class _SRMTapLoss(torch.autograd.Function):
         # per image: the CE partials summed, ḡ [N, K] from the p partials, its BCE and dBCE/dḡ (/ (N·K) in backward)
         d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=logits.device)
         pixel, image = (torch.empty(view.n, dtype=torch.float32, device=logits.device) for _ in range(2))
-        _run_per_image(image_term_kernel, view.n, ce, p_sum, image_labels_for(image_labels, view), d_image, pixel,
-                       image, launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
-                       BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128), BLOCK_K=min(launch.block_k, 1024))
+        _launch(image_term_kernel, (view.n,), ce, p_sum, image_labels_for(image_labels, view), d_image, pixel, image,
+                launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
+                BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128), BLOCK_K=min(launch.block_k, 1024))
         ctx.save_for_backward(view.x, labels, d_image)
         ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))

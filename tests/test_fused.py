@@ -34,6 +34,16 @@ def eager_targets(a: torch.Tensor, k: int, dim: int):
     return srm_targets(torch.sigmoid(a.float()) * top_k_mask(a.float(), k, dim))
 
 
+def assert_fused_loss_equals_eager(logits: torch.Tensor, pixel: torch.Tensor, image: torch.Tensor) -> None:
+    """The fused terms equal the eager ones, and so does the gradient of their sum, to 1e-5 relative."""
+    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    want_grad, = torch.autograd.grad(sum(want.values()), logits)
+    got_grad, = torch.autograd.grad(sum(got.values()), logits)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 @pytest.mark.parametrize("k", [1, 3])
 def test_fused_targets_equal_the_eager_ones(name, k):
@@ -168,12 +178,7 @@ def test_the_launch_plan_does_not_change_the_results(monkeypatch, min_programs):
     assert torch.equal(pixel, want_pixel)
     torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
     logits.requires_grad_()
-    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
-    want_grad, = torch.autograd.grad(sum(want.values()), logits)
-    got_grad, = torch.autograd.grad(sum(got.values()), logits)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+    assert_fused_loss_equals_eager(logits, pixel, image)
 
 
 @pytest.mark.parametrize("shape", [(2, 6, 12, 12), (3, 1100)])
@@ -187,12 +192,7 @@ def test_the_per_image_sums_walk_many_chunks_and_wide_dictionaries(monkeypatch, 
     logits = torch.randn(shape, generator=g).to(DEVICE).requires_grad_()
     assert fused.launch_for(fused.pixel_view(logits)).chunks == (144 if len(shape) == 4 else 1)
     pixel, image = eager_targets(torch.randn(shape, generator=g).to(DEVICE), 2, 1 if len(shape) == 4 else -1)
-    want, got = srm_loss(logits, pixel, image), srm_loss_fused(logits, pixel, image)
-    for key in want:
-        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
-    want_grad, = torch.autograd.grad(sum(want.values()), logits)
-    got_grad, = torch.autograd.grad(sum(got.values()), logits)
-    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-8)
+    assert_fused_loss_equals_eager(logits, pixel, image)
 
 
 def test_pixel_labels_that_do_not_fit_the_logits_are_refused_before_a_kernel_reads_them():

@@ -216,6 +216,14 @@ def report(args, trainer, times, mem) -> str:
     return "\n".join(lines)
 
 
+def emit(text: str, out: str | None) -> None:
+    """Print a report, and append it to the markdown file `out` when one is given."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
 def add_pair_arguments(p: argparse.ArgumentParser, teacher="resnet34", student="resnet18", batch=16, size=112):
     """The timm pair, batch and input size that `build` reads."""
     p.add_argument("--teacher", default=teacher)
@@ -241,11 +249,7 @@ def main(argv=None):
     if args.profile:
         return profile(variants(trainer, batch, autocast)[args.profile], args.device, args.warmup, args.steps)
     times, mem = measure(variants(trainer, batch, autocast), args.steps, args.warmup, args.device)
-    text = report(args, trainer, times, mem)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(report(args, trainer, times, mem), args.out)
     return times, mem
 
 

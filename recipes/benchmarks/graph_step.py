@@ -116,11 +116,7 @@ def main(argv=None):
         p.error("--device cuda: no CUDA device is visible here.")
     trainer, fns = steps(args)
     times, _ = cost.measure(fns, args.steps, args.warmup, args.device)
-    text = report(args, trainer, times)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    cost.emit(report(args, trainer, times), args.out)
     return times
 
 

@@ -43,8 +43,8 @@ class OpCount(TorchDispatchMode):
 
 class KernelLaunches:
     """Counts each launch of a fused kernel as one operator and pauses `count` while the kernel runs (under
-    TRITON_INTERPRET the interpreter dispatches torch operators of its own). Wraps the launchers that the imported
-    srm_hf has, so that an older checkout on PYTHONPATH is counted the same way."""
+    TRITON_INTERPRET the interpreter dispatches torch operators of its own). Wraps `srm_hf.fused._launch`, which
+    every launch goes through, or in an older checkout on PYTHONPATH the launchers it had, counted the same way."""
 
     def __init__(self):
         self.count, self.saved = None, {}
@@ -62,7 +62,8 @@ class KernelLaunches:
         return counted
 
     def __enter__(self):
-        for name in (n for n in ("_run", "_run_elementwise", "_run_per_image") if hasattr(fused, n)):
+        names = ("_launch",) if hasattr(fused, "_launch") else ("_run", "_run_elementwise")
+        for name in (n for n in names if hasattr(fused, n)):
             self.saved[name] = getattr(fused, name)
             setattr(fused, name, self.wrap(self.saved[name]))
         return self
@@ -123,11 +124,7 @@ def main(argv=None):
     if args.details:
         for name, ops in counts.items():
             print(name, dict(ops.most_common()))
-    text = report(args, counts)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    cost.emit(report(args, counts), args.out)
     return counts
 
 
