@@ -10,9 +10,11 @@
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR sweep     # srm_ops.py --sweep: the fused kernels' launch settings
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR profile   # torch.profiler tables at 224 px / batch 128: the floor,
 #                                                           # the fused joint and dictionary steps, a teacher forward
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR quality   # fused_quality.py: SRM's quality runs eager and fused
+#                                                           # (FASHION_MNIST_DIR: IDX files)
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile}
-part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile|quality}
+part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile|quality}
 mkdir -p "$out"
 B=recipes/benchmarks
 export HF_HUB_OFFLINE=1
@@ -43,6 +45,10 @@ case $part in
       python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 3 --warmup 3 --profile "$step" \
           > "$out/profile_$(echo "$step" | cut -d: -f1 | tr -c 'a-zA-Z0-9\n' _).txt"
     done ;;
+  quality)
+    python3 $B/fused_quality.py --cells "ResNet-18 → ResNet-10t, 56 px (14×14 taps)|100" "ResNet-18 → ResNet-10t, 28 px|100" \
+        --methods "SRM paper" "SRM joint" --runs "$out/fused_quality_runs.jsonl" --out "$out/fused_quality.md" \
+        --work_dir /tmp/fused_quality ;;
   *)
-    echo "unknown part $part: tests, large, small, graphs, pipeline, sweep or profile" >&2; exit 2 ;;
+    echo "unknown part $part: tests, large, small, graphs, pipeline, sweep, profile or quality" >&2; exit 2 ;;
 esac
