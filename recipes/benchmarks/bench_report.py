@@ -1,6 +1,7 @@
 """Writing a benchmark's Markdown report: the lines, the code measured and the command that produced them."""
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -21,11 +22,14 @@ def commit(path: str | None = None) -> str:
 
 def write_report(path: str, lines: list[str], script: str, argv: list[str] | None = None) -> None:
     """Write `lines`, the srm_hf code measured (its checkout's commit: it may be another checkout on PYTHONPATH) and
-    the command line (`argv`, default the process's; with OMP_NUM_THREADS when set) to `path`, and print them."""
+    the command line (`argv`, default the process's, quoted; with OMP_NUM_THREADS and TRITON_INTERPRET when set) to
+    `path`, and print them."""
     import srm_hf
 
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = threads + " ".join([f"python recipes/benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)])
+    env = "".join(f"{name}={os.environ[name]} " for name in ("OMP_NUM_THREADS", "TRITON_INTERPRET")
+                  if name in os.environ)
+    args = sys.argv[1:] if argv is None else argv
+    command = " ".join([f"{env}python recipes/benchmarks/{script}", shlex.join(args)]).rstrip()
     text = "\n".join([*lines, "", f"Command: `{command}`; srm_hf at commit {commit(srm_hf.__file__)}.", ""])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
