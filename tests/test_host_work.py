@@ -175,3 +175,23 @@ def test_the_graph_step_benchmark_runs_every_step_eagerly_on_the_cpu(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):  # before any model is built
             graph_step.main(["--device", "cuda"])
+
+
+def test_the_launch_cost_benchmark_times_aten_operators_and_every_triton_row_runs(tmp_path):
+    """`recipes/benchmarks/launch_cost.py`: on the CPU the ATen rows are timed and the table says the Triton rows need
+    CUDA; every Triton row's call (only timed on a GPU) runs here through the interpreter, so that a GPU call does
+    not fail on its arguments."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "recipes" / "benchmarks"))
+    import launch_cost
+
+    out = tmp_path / "launch.md"
+    times = launch_cost.main(["--calls", "20", "--repeats", "2", "--out", str(out)])
+    assert list(times) == [row for row in launch_cost.operators("cpu", triton=False)]
+    assert all(row.startswith("ATen") and us > 0 for row, us in times.items())
+    assert "The Triton rows need CUDA" in out.read_text()
+    if triton_available() and os.environ.get("TRITON_INTERPRET") == "1":
+        rows = launch_cost.operators("cpu", triton=True)
+        triton_rows = [row for row in rows if not row.startswith("ATen")]
+        assert len(triton_rows) == 4
+        for row in triton_rows:
+            rows[row]()

@@ -4,7 +4,8 @@
 #
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests     # tests/test_fused.py, tests/test_gpu.py (not FSDP/DeepSpeed)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large     # cost.py at 224 px / batch 128 and 112 px / batch 16
-#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py,
+#                                                           # launch_cost.py
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR graphs    # graph_step.py: eager and CUDA-graph steps, small batches
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR pipeline  # small_model_pipeline.py (FASHION_MNIST_DIR: IDX files)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR sweep     # srm_ops.py --sweep: the fused kernels' launch settings
@@ -30,7 +31,8 @@ case $part in
         --warmup 5 --out "$out/cost_28.md"
     python3 $B/srm_ops.py | tee "$out/srm_ops.txt"
     python3 $B/host_overhead.py --device cuda --bf16 --size 28 --batch 64 --repeats 2 --compile_teacher \
-        --no_nan_filter --out "$out/host_overhead_28.md" ;;
+        --no_nan_filter --out "$out/host_overhead_28.md"
+    python3 $B/launch_cost.py --device cuda --out "$out/launch_cost.md" ;;
   graphs)
     python3 $B/graph_step.py --device cuda --bf16 --batch 16 --size 112 --out "$out/graph_step_112.md"
     python3 $B/graph_step.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t \
