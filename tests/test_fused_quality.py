@@ -34,8 +34,9 @@ def recorded_file(path: Path, seeds=(0,)) -> Path:
 def test_the_seeds_of_the_chosen_setting_are_trained_again_through_the_kernels(tmp_path, monkeypatch):
     recorded = recorded_file(tmp_path / "eager.jsonl", seeds=(0, 1))
     runs, out = tmp_path / "fused.jsonl", tmp_path / "fused_quality.md"
-    args = ["--quick", "--cells", f"{PAIR}|{SIZE}", "--methods", "SRM paper", "SRM joint", "--recorded_runs", str(recorded),
-            "--runs", str(runs), "--out", str(out), "--work_dir", str(tmp_path / "work")]
+    args = ["--quick", "--cells", f"{PAIR}|{SIZE}", "--methods", "SRM paper", "SRM joint",
+            "--recorded_runs", str(recorded), "--runs", str(runs), "--out", str(out),
+            "--work_dir", str(tmp_path / "work")]
     trained = []
     run = quality.Cell.run
 

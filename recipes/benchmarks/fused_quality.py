@@ -5,13 +5,13 @@
     python recipes/benchmarks/fused_quality.py --cells "ResNet-18 → ResNet-10t, 28 px|100" --methods "SRM joint"
 
 For each cell of `quality.py` (a pair and images per class) and SRM method, reads the method's finished runs at its
-own budget from `results/quality_runs.jsonl` (eager maths: that benchmark ran on the CPU), takes the setting its
-seeds ran with and trains the same runs again (setting, seeds, steps, data, teacher) with `srm_kernels="triton"`:
-the teacher's targets, the student's SRM loss and stage 1's codes and MSE through the Triton kernels. The kernels
-round differently from the eager maths (and the eager runs may come from an older commit: results/quality.md names
-it), which training amplifies as it would any change of summation order: the question is whether the test
-accuracies stay within the eager seeds' spread, not whether they are equal. Each finished run is appended to `--runs` (a restarted script skips
-it); the tables go to `--out`.
+own budget from `results/quality_runs.jsonl` (the recorded accuracies), takes the setting its seeds ran with and
+trains the same runs again with this commit (setting, seeds, steps, data, teacher), once with
+`srm_kernels="eager"` and once with `"triton"`: the teacher's targets, the student's SRM loss and stage 1's codes
+and MSE through the Triton kernels. The kernels round differently from the eager maths, which training amplifies as
+it would any change of summation order: the question is whether the fused accuracies stay within the eager seeds'
+spread, not whether they are equal. Each finished run is appended to `--runs` (a restarted script skips it); the
+tables go to `--out`.
 """
 
 import argparse
@@ -25,6 +25,7 @@ sys.path.insert(0, HERE)
 
 import quality  # noqa: E402  (goes offline when the Hub is unreachable, puts recipes/ on the path)
 from bench_report import write_report  # noqa: E402
+from quality_report import fmt  # noqa: E402
 from run_cache import Runs  # noqa: E402
 
 from srm_hf.data import DataArguments, load_image_splits  # noqa: E402
@@ -47,11 +48,6 @@ def recorded_runs(runs: Runs, pair_name: str, size: int, method: str) -> tuple[s
                          "recipes/benchmarks/quality.py first, or name a finished cell with --cells.")
     setting = max(by_setting, key=lambda s: len(by_setting[s]))  # the chosen setting has every seed
     return cell_key, json.loads(setting), dict(sorted(by_setting[setting].items()))
-
-
-def spread(values: list[float]) -> str:
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
 
 
 def parse_cell(p: argparse.ArgumentParser, text: str, budget) -> tuple[str, int]:
@@ -79,7 +75,7 @@ def compare(cell, cell_key: str, method: str, setting: dict, recorded: dict[int,
               f"{100 * acc['triton'][seed]:.2f} | {100 * (acc['triton'][seed] - acc['eager'][seed]):+.2f} |"
               for seed in recorded]
     means = {name: statistics.mean(values.values()) for name, values in acc.items()}
-    lines += ["| mean ± std | " + " | ".join(spread(list(acc[name].values())) for name in acc) +
+    lines += ["| mean ± std | " + " | ".join(fmt(list(acc[name].values())) for name in acc) +
               f" | {100 * (means['triton'] - means['eager']):+.2f} |", ""]
     return lines, acc
 

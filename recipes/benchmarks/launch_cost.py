@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+from bench_report import command_line  # noqa: E402
 from cost import emit  # noqa: E402
 from srm_hf import fused  # noqa: E402
 
@@ -89,8 +90,7 @@ def main(argv=None):
     if args.device == "cpu":
         lines += ["", "The Triton rows need CUDA (Triton's interpreter runs a kernel on the CPU instead of launching "
                   "it)."]
-    command = " ".join(["python recipes/benchmarks/launch_cost.py", *(sys.argv[1:] if argv is None else argv)])
-    lines += ["", f"Command: `{command}`", ""]
+    lines += ["", f"Command: `{command_line('launch_cost.py', argv)}`", ""]
     emit("\n".join(lines), args.out)
     return times
 
