@@ -4,12 +4,14 @@ The eager path (`srm_hf.srm`) builds, per tap, the sigmoid map, `torch.topk` ove
 codes, their argmax and mean, then the head's sigmoid, softmax and BCE maps, each a [N, K, H, W] tensor in float32.
 Here each pixel's K values stay in registers:
 
-    srm_targets_fused(a, k)        a = Dᵀt + b  -> (pixel labels, image labels), as `srm_targets(encode(t))`
-    sparse_codes_fused(a, k)       a = Dᵀt + b  -> the sparse codes λ of `encode(t)`, differentiable (stage 1)
-    srm_loss_fused(l, y, g, ...)   l = Pᵀs + c  -> the pixel CE and image BCE of `srm_loss`, forward and backward,
-                                                  one autograd node per tap
+    srm_targets_projected(t, D, b, k)  t          -> (pixel labels, image labels), as `srm_targets(encode(t))`,
+                                                     the projection a = Dᵀt + b inside the kernel (K ≤ 512)
+    srm_targets_fused(a, k)            a = Dᵀt + b -> the same from a projection made by torch (wider dictionaries)
+    srm_loss_fused(l, y, g, ...)       l = Pᵀs + c -> the pixel CE and image BCE of `srm_loss`, forward and backward,
+                                                     one autograd node per tap
+    (stage 1's codes and MSE: `srm_hf.fused_dictionary`)
 
-All three read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their
+All of them read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their
 strides, as pixels of K values; the top k are chosen on a (the sigmoid is monotone), exactly as `top_k_mask`
 does. A program walks a run of pixels of one image; runs are shortened for small maps and batches so that a launch
 has enough programs to fill a large GPU (`Launch`). Per-image sums go through per-program partial buffers summed in
@@ -28,8 +30,8 @@ try:
     import triton
     from triton.errors import TritonError
 
-    from .fused_kernels import (codes_grad_kernel, codes_kernel, image_term_kernel, loss_backward_kernel,
-                                loss_forward_kernel, squared_error_grad_kernel, squared_error_kernel, targets_kernel)
+    from .fused_kernels import (image_term_kernel, loss_backward_kernel, loss_forward_kernel,
+                                projected_targets_kernel, targets_kernel)
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -37,6 +39,8 @@ KERNEL_CHOICES = ("auto", "triton", "eager")
 PIXELS_PER_PROGRAM = 256  # at most this many pixels of one image per program (a power of two: runs tile by blocks)
 MIN_PROGRAMS = 1024  # runs of pixels are halved (down to one block) until a launch has at least this many programs
 ELEMENTS_PER_PROGRAM = 4096  # elementwise kernels
+DOT_MIN = 16  # the smallest side of a block that tl.dot multiplies
+PROJECTED_MAX_ATOMS = 512  # wider dictionaries are projected by torch before the targets kernel (shared memory)
 EPS = 1e-7  # ḡ is clamped to [EPS, 1 - EPS] before the BCE's logarithms, as in `srm_hf.srm.image_bce`
 
 
@@ -98,12 +102,13 @@ class Launch(NamedTuple):
     warps: int
 
 
-def launch_for(view: Pixels) -> Launch:
-    """A block holds about 4k values; a program walks up to PIXELS_PER_PROGRAM pixels, fewer when the launch would
-    otherwise have under MIN_PROGRAMS programs (late stages, small batches: one program per image left most of a
-    GPU idle). A function of the shape alone, so the summation order is too."""
-    block_k = triton.next_power_of_2(view.atoms)
-    block_s = max(1, min(triton.next_power_of_2(view.pixels), PIXELS_PER_PROGRAM, 4096 // block_k))
+def launch_for(view: Pixels, min_block: int = 1, block_values: int = 4096) -> Launch:
+    """A block holds about `block_values` values; a program walks up to PIXELS_PER_PROGRAM pixels, fewer when the
+    launch would otherwise have under MIN_PROGRAMS programs (late stages, small batches: one program per image left
+    most of a GPU idle). A function of the shape alone, so the summation order is too. `min_block`: the smallest
+    block side (DOT_MIN for a kernel that multiplies blocks)."""
+    block_k = max(min_block, triton.next_power_of_2(view.atoms))
+    block_s = max(min_block, min(triton.next_power_of_2(view.pixels), PIXELS_PER_PROGRAM, block_values // block_k))
     per_program = PIXELS_PER_PROGRAM  # a power of two, so a multiple of block_s
     while per_program > block_s and view.n * triton.cdiv(view.pixels, per_program) < MIN_PROGRAMS:
         per_program //= 2
@@ -150,33 +155,37 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
     return labels, partial.sum(dim=1)
 
 
-class _SparseCodes(torch.autograd.Function):
-    """λ = sigmoid(a) at the top k of a, the mask without gradient. Backward needs λ alone: dλ/da = λ(1-λ) where an
-    atom is kept (there λ = sigmoid(a)) and 0 elsewhere (there λ = 0)."""
-
-    @staticmethod
-    def forward(ctx, activation_logits, num_active):
-        view = pixel_view(activation_logits)
-        codes = torch.empty_like(view.x)  # the layout of `a` (dense), its strides passed on
-        _run(codes_kernel, view, launch_for(view), codes, num_active, *pixel_view(codes).strides)
-        ctx.save_for_backward(codes)
-        return codes
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_codes):
-        codes, = ctx.saved_tensors
-        if grad_codes.stride() != codes.stride():  # the kernel walks both as one dense run of memory
-            grad_codes = torch.empty_like(codes).copy_(grad_codes)
-        out = torch.empty_like(codes)
-        _run_elementwise(codes_grad_kernel, codes.numel(), grad_codes, codes, out)
-        return out, None
+def projected_launch(view: Pixels, atoms: int) -> Launch:
+    """The plan of `projected_targets_kernel` over features `view` for K = atoms: blocks half the other kernels' size,
+    8 warps from 256 atoms, channels DOT_MIN at a time; for sm_90 no register spills and under 40 kB of shared memory
+    with two stages, at any K it takes (tests/compile_kernels.py)."""
+    launch = launch_for(view._replace(atoms=atoms), min_block=DOT_MIN, block_values=2048)
+    return launch._replace(warps=8 if launch.block_k >= 256 else 4)
 
 
-def sparse_codes_fused(activation_logits: torch.Tensor, num_active: int) -> torch.Tensor:
-    """`SparseCoder.encode` after the projection a: λ = sigmoid(a) ⊙ 1[a among the k largest] (`top_k_mask`: exactly
-    k, the lowest atom indices first among equal values), in the layout and dtype of `a`; differentiable in `a`."""
-    return _SparseCodes.apply(activation_logits, num_active)
+@torch.no_grad()
+def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor,
+                          num_active: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`srm_targets_fused(a, k)` with the projection a = Dᵀt + b inside the kernel: the teacher's features t
+    ([N, C, H, W], [N, L, C] or [N, C]) read once in their own dtype, D [C, K] and the scalar b in float32, sums in
+    float32 (TF32 where torch's convolution or matmul would use it), and no K-channel map in memory. None where it
+    does not apply (no Triton; K > PROJECTED_MAX_ATOMS: project with torch and call `srm_targets_fused`)."""
+    channels, atoms = dictionary.shape
+    if triton is None or triton.next_power_of_2(atoms) > PROJECTED_MAX_ATOMS:
+        return None
+    view = pixel_view(features)
+    if view.atoms != channels:
+        raise ValueError(f"features {tuple(features.shape)} have {view.atoms} channels, the dictionary "
+                         f"{tuple(dictionary.shape)} {channels}: pass the tap this coder was built for.")
+    launch = projected_launch(view, atoms)
+    tf32 = torch.backends.cudnn.allow_tf32 if features.dim() == 4 else torch.backends.cuda.matmul.allow_tf32
+    spatial = features.shape[2:] if features.dim() == 4 else features.shape[1:-1]
+    labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
+    partial = torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=view.x.device)
+    _run(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active, launch.chunks,
+         1.0 / view.pixels, atoms, *dictionary.stride(), PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN,
+         num_stages=2)
+    return labels, partial.sum(dim=1)
 
 
 class _SRMTapLoss(torch.autograd.Function):
@@ -244,37 +253,3 @@ def srm_tap_loss_fused(head_logits: torch.Tensor, pixel_labels: torch.Tensor, im
                        ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(w_pixel · mean pixel CE, w_image · image BCE) of one tap, float32 scalars: `srm_hf.srm.srm_loss`'s terms."""
     return _SRMTapLoss.apply(head_logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid)
-
-
-class _MeanSquaredError(torch.autograd.Function):
-    """MSE(a, b) = mean (a - b)², differentiable in `a` (once: no double backward), both read in their own dtype
-    (bf16 under autocast) and never cast to float32 in memory: one pass forward, one backward writing the gradient
-    in a's dtype."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        partial = torch.empty(triton.cdiv(a.numel(), ELEMENTS_PER_PROGRAM), dtype=torch.float32, device=a.device)
-        _run_elementwise(squared_error_kernel, a.numel(), a, b, partial, 1.0 / a.numel())
-        ctx.save_for_backward(a, b)
-        return partial.sum()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        out = torch.empty_like(a)
-        _run_elementwise(squared_error_grad_kernel, a.numel(), grad, a, b, out, 2.0 / a.numel())
-        return out, None
-
-
-def mse_fused(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
-    """`srm_hf.srm.dictionary_loss` in two kernels, or None where they do not apply: Triton is needed, the two tensors
-    must share one dense layout (contiguous, or both channels_last) and hold elements, and only the reconstruction
-    may need a gradient."""
-    formats = (torch.contiguous_format, torch.channels_last) if features.dim() == 4 else (torch.contiguous_format,)
-    same_dense_layout = reconstruction.shape == features.shape and reconstruction.stride() == features.stride() and \
-        any(reconstruction.is_contiguous(memory_format=f) for f in formats)
-    if triton is None or not same_dense_layout or features.requires_grad or features.numel() == 0:
-        return None
-    return _MeanSquaredError.apply(reconstruction, features)
-

@@ -45,22 +45,52 @@ def codes_kernel(a_ptr, out_ptr, num_active, o_n, o_k, o_s, S, K, s_n, s_k, s_s,
 
 
 @triton.jit
+def label_pixels(a, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K: tl.constexpr):
+    # a block's codes λ from its projection a [BLOCK_S, BLOCK_K]: stores each pixel's first argmax (its label) and
+    # returns the sum of λ over the block's pixels [BLOCK_K]
+    codes = sparse_codes(a, ok, num_active, BLOCK_K)
+    best = tl.max(tl.where(ok, codes, -1.0), axis=1)
+    label = tl.min(tl.where(ok & (codes == best[:, None]), cols[None, :], BLOCK_K), axis=1)
+    label = tl.where(label < BLOCK_K, label, 0)  # a pixel of NaN codes: NaN image labels say so, not the label
+    tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=rows < S)
+    return tl.sum(tl.where(ok, codes, 0.0), axis=0)
+
+
+@triton.jit
 def targets_kernel(a_ptr, label_ptr, part_ptr, num_active, chunks, scale, S, K, s_n, s_k, s_s, per_program,
                    BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     # one program: per_program pixels of image n; per pixel the codes λ and their first argmax (the pixel label),
     # and scale × the sum of λ over the program's pixels (its part of the image label, scale = 1/S)
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
         rows, cols, ok, a = load_block(a_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
-        codes = sparse_codes(a, ok, num_active, BLOCK_K)
-        best = tl.max(tl.where(ok, codes, -1.0), axis=1)
-        label = tl.min(tl.where(ok & (codes == best[:, None]), cols[None, :], BLOCK_K), axis=1)
-        label = tl.where(label < K, label, 0)  # a pixel of NaN codes: NaN image labels say so, not the label
-        tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=rows < S)
-        total += tl.sum(tl.where(ok, codes, 0.0), axis=0)
+        total += label_pixels(a, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K)
+    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=cols < K)
+
+
+@triton.jit
+def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, part_ptr, num_active, chunks, scale, K, d_c, d_k, S, C,
+                             s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # targets_kernel from the teacher's features t [C values per pixel] and the coder's D [C, K] and scalar b: the
+    # projection a = Dᵀt + b is accumulated here in float32 (tl.dot, PRECISION as torch's convolution / matmul would
+    # use), block by block, so the K-channel map a never reaches memory and t is read once, in its own dtype
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols < K
+    bias = tl.load(b_ptr).to(tl.float32)  # a device scalar: no host sync
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, a = start + tl.arange(0, BLOCK_S), tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+        for c in range(0, C, BLOCK_C):
+            _, chans, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+            d_ok = (chans < C - c)[:, None] & col_ok[None, :]
+            d = tl.load(d_ptr + (c + chans[:, None]) * d_c + cols[None, :] * d_k, mask=d_ok, other=0.0)
+            a = tl.dot(t, d.to(tl.float32), a, input_precision=PRECISION)
+        ok = (rows < S)[:, None] & col_ok[None, :]
+        total += label_pixels(a + bias, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K)
     tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=col_ok)
 
 

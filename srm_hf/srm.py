@@ -105,7 +105,7 @@ class SparseCoder(nn.Module):
         """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel; `fused=True` computes
         the sigmoid and top-k in one Triton kernel (`srm_hf.fused`)."""
         if fused:
-            from .fused import sparse_codes_fused
+            from .fused_dictionary import sparse_codes_fused
 
             return sparse_codes_fused(project(x, self.dictionary, self.bias), self.num_active)
         a = project(x, self.dictionary, self.bias)
@@ -122,13 +122,17 @@ class SparseCoder(nn.Module):
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's labels for `x`: `srm_targets` of its sparse codes. `fused=True` computes the same labels
-        with the Triton kernel of `srm_hf.fused` (the pixel label is the first maximal atom in both)."""
+        """The teacher's labels for `x`, in float32 whatever its dtype: `srm_targets` of its sparse codes. `fused=True`
+        computes the same labels with the Triton kernels of `srm_hf.fused` (the pixel label is the first maximal atom
+        in both), the projection inside the kernel where the dictionary allows."""
         if fused:
-            from .fused import srm_targets_fused
+            from .fused import srm_targets_fused, srm_targets_projected
 
-            return srm_targets_fused(project(x, self.dictionary, self.bias), self.num_active)
-        return srm_targets(self.encode(x))
+            targets = srm_targets_projected(x, self.dictionary, self.bias, self.num_active)
+            if targets is not None:
+                return targets
+            return srm_targets_fused(project(x.float(), self.dictionary, self.bias), self.num_active)
+        return srm_targets(self.encode(x.float()))
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, num_atoms={self.num_atoms}, num_active={self.num_active}"
@@ -186,9 +190,10 @@ def resize_like(logits: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
 
 def dictionary_loss(features: torch.Tensor, reconstruction: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """Stage 1: MSE(T, T̂), the mean over all N·C·H·W entries, in float32. No ℓ1 term: sparsity comes from top-k
-    alone. `fused=True` reads both in their own dtype in a Triton kernel (`srm_hf.fused.mse_fused`) where it can."""
+    alone. `fused=True` reads both in their own dtype in a Triton kernel (`srm_hf.fused_dictionary.mse_fused`) where
+    it can."""
     if fused:
-        from .fused import mse_fused
+        from .fused_dictionary import mse_fused
 
         loss = mse_fused(reconstruction, features)
         if loss is not None:

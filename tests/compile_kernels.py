@@ -2,6 +2,9 @@
 no GPU needed, at the widest and narrowest atom blocks; prints one line per cubin. Run by tests/test_fused.py in a
 process without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
 
+import subprocess
+import tempfile
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -20,6 +23,21 @@ KERNELS = {  # name -> (signature before the shared stride arguments, constexprs
                               "d_img_ptr": "*fp32", "out_ptr": "*fp32", **OUT_STRIDES, "ce_scale": "fp32",
                               "p_scale": "fp32"}, {"CE_ON_SIGMOID": False, "PIXEL_TERM": True, "IMAGE_TERM": True}),
 }
+
+
+
+def registers_and_spills(compiled) -> tuple[int, int]:
+    """ptxas's register count and spill stores (bytes) for a compiled kernel's PTX."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/kernel.ptx", "w") as f:
+            f.write(compiled.asm["ptx"])
+        done = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f"{tmp}/kernel.ptx", "-o",
+                               f"{tmp}/kernel.o"], capture_output=True, text=True, check=True)
+    registers = int(done.stderr.split("Used ")[1].split(" registers")[0])
+    return registers, int(done.stderr.split(" bytes spill stores")[0].rsplit(" ", 1)[1])
+
 
 if __name__ == "__main__":
     for name, (signature, constexprs) in KERNELS.items():
@@ -58,3 +76,19 @@ if __name__ == "__main__":
                            constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         print(name, "cubin bytes", len(compiled.asm["cubin"]))
+    # the teacher's targets with the projection inside (tl.dot), bf16 features, float32 dictionary, at the launch
+    # plans srm_hf picks for the narrowest and widest dictionaries it projects in the kernel
+    kernel = fused_kernels.projected_targets_kernel
+    signature = {"t_ptr": "*bf16", "d_ptr": "*fp32", "b_ptr": "*fp32", "label_ptr": "*i64", "part_ptr": "*fp32",
+                 "num_active": "i32", "chunks": "i32", "scale": "fp32", "K": "i32", "d_c": "i32", "d_k": "i32",
+                 "S": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "s_s": "i32", "per_program": "i32"}
+    for atoms in (16, 128, fused.PROJECTED_MAX_ATOMS):
+        plan = fused.projected_launch(fused.Pixels(None, 128, 56 * 56, 64, (0, 0, 0)), atoms)
+        meta = {"PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN, "BLOCK_K": plan.block_k}
+        source = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in meta}},
+                           constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": plan.warps, "num_stages": 2})
+        registers, spills = registers_and_spills(compiled)
+        print("projected_targets_kernel", atoms, "shared", compiled.metadata.shared, "registers", registers,
+              "spill stores", spills, "cubin bytes", len(compiled.asm["cubin"]))

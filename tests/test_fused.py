@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S, make_trainer
 
-from srm_hf.fused import srm_targets_fused, triton_available, use_fused
-from srm_hf.srm import SparseCoder, srm_loss, srm_loss_fused, srm_targets, top_k_mask
+from srm_hf.fused import srm_targets_fused, srm_targets_projected, triton_available, use_fused
+from srm_hf.srm import SparseCoder, project, srm_loss, srm_loss_fused, srm_targets, top_k_mask
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (non-CUDA torch build)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,6 +102,95 @@ def test_a_coder_gives_the_same_targets_fused_and_eager():
     fused, eager = coder.targets(x, fused=True), coder.targets(x)
     assert torch.equal(fused[0], eager[0])
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=1e-7)
+
+
+PROJECTED = {  # name -> teacher features of C = 20 channels (not a multiple of the 16 a dot block takes)
+    "maps": (3, 20, 5, 6),
+    "maps, channels last": (3, 20, 5, 6),
+    "tokens": (3, 7, 20),
+    "vectors": (4, 20),
+    "maps of 289 pixels": (2, 20, 17, 17),
+}
+
+
+def integer_coder(channels: int, atoms: int, k: int, seed: int) -> SparseCoder:
+    """A coder whose projection Dᵀt + b of integer features is exact in float32, TF32 and any order of summation:
+    atoms of small integers / 8 (a of a few units: the sigmoid does not saturate), b = 0.5; atoms j and j + K/2
+    equal, so every pixel's largest value is tied."""
+    coder = SparseCoder(channels, atoms, k)
+    half = torch.randint(-2, 3, (channels, atoms // 2), generator=torch.Generator().manual_seed(seed)) / 8
+    with torch.no_grad():
+        coder.dictionary.copy_(torch.cat([half, half], dim=1))
+        coder.bias.fill_(0.5)
+    return coder.to(DEVICE)
+
+
+@pytest.mark.parametrize("name", PROJECTED)
+@pytest.mark.parametrize("atoms, k", [(40, 1), (40, 3), (300, 7)])  # 300 atoms: a block of 512, the widest
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_targets_projected_in_the_kernel_equal_the_eager_ones_ties_included(name, atoms, k, dtype):
+    coder = integer_coder(20, atoms, k, seed=atoms + k)
+    t = torch.randint(-3, 4, PROJECTED[name], generator=torch.Generator().manual_seed(k)).to(dtype)
+    t = layout(name, t).to(DEVICE)
+    pixel, image = srm_targets_projected(t, coder.dictionary, coder.bias, k)
+    want_pixel, want_image = coder.targets(t)  # eager: t in float32, torch's projection, top_k_mask
+    assert pixel.dtype == torch.long and pixel.shape == want_pixel.shape and torch.equal(pixel, want_pixel)
+    torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
+    assert bool((pixel < atoms // 2).all())  # the first of two equal atoms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_targets_projected_from_real_valued_features(dtype):
+    """Normal features and atoms: the labels equal the eager ones at every pixel whose decisive gaps (first to second
+    largest a, k-th to (k+1)-th) exceed float32 rounding, and images made only of such pixels get the same labels."""
+    g = torch.Generator().manual_seed(3)
+    coder = SparseCoder(48, 96, 3).to(DEVICE)
+    t = torch.randn(4, 48, 9, 9, generator=g).to(dtype).to(DEVICE)
+    pixel, image = srm_targets_projected(t, coder.dictionary, coder.bias, 3)
+    want_pixel, want_image = coder.targets(t)
+    a = project(t.double(), coder.dictionary.double(), coder.bias.double()).sort(dim=1, descending=True).values
+    decisive = ((a[:, 0] - a[:, 1]) > 1e-4) & ((a[:, 2] - a[:, 3]) > 1e-4)
+    assert bool(decisive.float().mean() > 0.95)
+    assert torch.equal(pixel[decisive], want_pixel[decisive])
+    whole = decisive.flatten(1).all(dim=1)
+    torch.testing.assert_close(image[whole], want_image[whole], rtol=1e-5, atol=1e-6)
+
+
+def test_wider_dictionaries_project_with_torch_first():
+    """K > 512 atoms would crowd the kernel's shared memory: the coder projects with torch, then the targets kernel."""
+    coder = integer_coder(20, 600, 5, seed=0)
+    t = torch.randint(-3, 4, (2, 20, 4, 4), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
+    assert srm_targets_projected(t, coder.dictionary, coder.bias, 5) is None
+    got, want = coder.targets(t, fused=True), coder.targets(t)
+    assert torch.equal(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-7)
+
+
+def test_the_projection_in_the_kernel_uses_tf32_where_torch_would(monkeypatch):
+    """cuDNN convolutions (maps) use TF32 by default, matmuls (tokens, vectors) only when allowed: the kernel's dot
+    follows the same switches."""
+    from srm_hf import fused
+
+    seen = []
+    launch = fused._launch
+    monkeypatch.setattr(fused, "_launch", lambda kernel, grid, *args, **meta: (seen.append(meta["PRECISION"]),
+                                                                               launch(kernel, grid, *args, **meta)))
+    coder = integer_coder(20, 40, 2, seed=0)
+    maps, tokens = torch.zeros(1, 20, 2, 2, device=DEVICE), torch.zeros(1, 3, 20, device=DEVICE)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 in ((True, False), (False, True)):
+            for t in (maps, tokens):
+                srm_targets_projected(t, coder.dictionary, coder.bias, 2)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == ["tf32", "ieee", "ieee", "tf32"]
+
+
+def test_features_that_do_not_fit_the_dictionary_are_refused():
+    coder = integer_coder(20, 40, 2, seed=0)
+    with pytest.raises(ValueError, match=r"features \(2, 24, 3, 3\) have 24 channels, the dictionary \(20, 40\) 20"):
+        srm_targets_projected(torch.zeros(2, 24, 3, 3, device=DEVICE), coder.dictionary, coder.bias, 2)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -324,7 +413,7 @@ def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name):
 
 @pytest.mark.parametrize("grad_layout", ["same as the codes", "another"])
 def test_the_codes_gradient_kernel_reads_any_gradient_layout(grad_layout):
-    from srm_hf.fused import sparse_codes_fused
+    from srm_hf.fused_dictionary import sparse_codes_fused
 
     a = torch.randn(2, 12, 5, 6, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn(2, 12, 5, 6, device=DEVICE)
@@ -406,4 +495,8 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 13 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 16 and all(int(line.split()[-1]) > 0 for line in lines)
+    projected = [line.split() for line in lines if line.startswith("projected_targets_kernel")]
+    assert len(projected) == 3  # the dot kernel: no register spills, under 40 kB of shared memory (any GPU since 2020)
+    assert all(words[words.index("spill") + 2] == "0" and int(words[words.index("shared") + 1]) < 40 * 1024
+               for words in projected)

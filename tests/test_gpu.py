@@ -145,6 +145,34 @@ def test_fused_kernels_equal_eager_at_resnet18_tap_sizes(channels, size, k):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("channels, size, k", [(64, 56, 2), (256, 14, 10)])  # K = 128 and 512, projected in-kernel
+@pytest.mark.parametrize("tf32", [True, False])
+def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k, tf32):
+    """bf16 post-ReLU features, as a bf16 teacher leaves them: the kernel's own projection gives torch's labels at
+    every pixel whose decisive gaps in a (float64) exceed the rounding of the precision in use (TF32 or IEEE float32,
+    torch's convolution and the kernel's dot alike); a pixel that may flip moves an image label by at most 1/S."""
+    from srm_hf.fused import srm_targets_projected
+    from srm_hf.srm import SparseCoder, project
+
+    torch.manual_seed(0)
+    coder = SparseCoder(channels, 2 * channels, k).cuda()
+    t = torch.randn(16, channels, size, size, device="cuda").relu().bfloat16()
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = tf32
+        pixel, image = srm_targets_projected(t, coder.dictionary, coder.bias, k)
+        want_pixel, want_image = coder.targets(t)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    a = project(t.double(), coder.dictionary.double(), coder.bias.double()).sort(dim=1, descending=True).values
+    tol = 1e-2 if tf32 else 1e-4  # TF32 keeps 10 bits of each input
+    decisive = ((a[:, 0] - a[:, 1]) > tol) & ((a[:, k - 1] - a[:, k]) > tol)
+    assert bool(decisive.float().mean() > 0.5)  # most pixels are compared
+    assert torch.equal(pixel[decisive], want_pixel[decisive])
+    may_flip = (~decisive).flatten(1).sum(dim=1, keepdim=True) / decisive[0].numel()
+    assert bool(((image - want_image).abs() <= may_flip + 1e-5).all())
+
+
 def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
     """On CUDA the fused AdamW skips the NaN step from a device flag that the host reads back later, without
     waiting: the count, the untouched parameters and the stop after too many in a row are those of the CPU runs."""

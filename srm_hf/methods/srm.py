@@ -151,7 +151,7 @@ class SRM(Method):
         whatever precision the teacher ran in."""
         device = next(self.coders.parameters()).device.type
         with torch.autocast(device_type=device, enabled=False):
-            return {k: self.coders[k].targets(v.float(), fused=use_fused(self.kernels, v))
+            return {k: self.coders[k].targets(v, fused=use_fused(self.kernels, v))
                     for k, v in teacher_features.items()}
 
     # ---- dictionary files ----------------------------------------------------------------------------------
