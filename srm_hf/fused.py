@@ -155,12 +155,30 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
     return labels, partial.sum(dim=1)
 
 
-def projected_launch(view: Pixels, atoms: int) -> Launch:
-    """The plan of `projected_targets_kernel` over features `view` for K = atoms: blocks half the other kernels' size,
-    8 warps from 256 atoms, channels DOT_MIN at a time; for sm_90 no register spills and under 40 kB of shared memory
-    with two stages, at any K it takes (tests/compile_kernels.py)."""
+def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
+                   max_atoms: int = PROJECTED_MAX_ATOMS) -> tuple[Pixels, Launch] | None:
+    """How a kernel that projects `features` by `dictionary` [C, K] itself walks them: (features' view, plan), or None
+    where such a kernel does not apply (no Triton; K > max_atoms: project with torch first). The blocks are half the
+    other kernels' size, 8 warps from 256 atoms, channels DOT_MIN at a time: for sm_90 no register spills and under
+    40 kB of shared memory with two stages, at any K it takes (tests/compile_kernels.py)."""
+    channels, atoms = dictionary.shape
+    if triton is None or triton.next_power_of_2(atoms) > max_atoms:
+        return None
+    view = pixel_view(features)
+    if view.atoms != channels:
+        raise ValueError(f"features {tuple(features.shape)} have {view.atoms} channels, the dictionary "
+                         f"{tuple(dictionary.shape)} {channels}: pass the tap this coder was built for.")
     launch = launch_for(view._replace(atoms=atoms), min_block=DOT_MIN, block_values=2048)
-    return launch._replace(warps=8 if launch.block_k >= 256 else 4)
+    return view, launch._replace(warps=8 if launch.block_k >= 256 else 4)
+
+
+def _run_projected(kernel, view: Pixels, launch: Launch, dictionary: torch.Tensor, *args, stages: int = 2) -> None:
+    """Launch a kernel that multiplies the pixels of `view` by D [C, K] itself: its arguments are (t, D, *args, K, D's
+    strides, then `_run`'s). Its dot multiplies in TF32 where torch's projection would: cuDNN convolutions (maps) by
+    default, matmuls (tokens, vectors) only when allowed."""
+    tf32 = torch.backends.cudnn.allow_tf32 if view.x.dim() == 4 else torch.backends.cuda.matmul.allow_tf32
+    _run(kernel, view, launch, dictionary, *args, dictionary.shape[1], *dictionary.stride(),
+         PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN, num_stages=stages)
 
 
 @torch.no_grad()
@@ -169,22 +187,16 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
     """`srm_targets_fused(a, k)` with the projection a = Dᵀt + b inside the kernel: the teacher's features t
     ([N, C, H, W], [N, L, C] or [N, C]) read once in their own dtype, D [C, K] and the scalar b in float32, sums in
     float32 (TF32 where torch's convolution or matmul would use it), and no K-channel map in memory. None where it
-    does not apply (no Triton; K > PROJECTED_MAX_ATOMS: project with torch and call `srm_targets_fused`)."""
-    channels, atoms = dictionary.shape
-    if triton is None or triton.next_power_of_2(atoms) > PROJECTED_MAX_ATOMS:
+    does not apply (`projected_plan`)."""
+    plan = projected_plan(features, dictionary)
+    if plan is None:
         return None
-    view = pixel_view(features)
-    if view.atoms != channels:
-        raise ValueError(f"features {tuple(features.shape)} have {view.atoms} channels, the dictionary "
-                         f"{tuple(dictionary.shape)} {channels}: pass the tap this coder was built for.")
-    launch = projected_launch(view, atoms)
-    tf32 = torch.backends.cudnn.allow_tf32 if features.dim() == 4 else torch.backends.cuda.matmul.allow_tf32
+    view, launch = plan
     spatial = features.shape[2:] if features.dim() == 4 else features.shape[1:-1]
     labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
-    partial = torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=view.x.device)
-    _run(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active, launch.chunks,
-         1.0 / view.pixels, atoms, *dictionary.stride(), PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN,
-         num_stages=2)
+    partial = torch.empty(view.n, launch.chunks, dictionary.shape[1], dtype=torch.float32, device=view.x.device)
+    _run_projected(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active,
+                   launch.chunks, 1.0 / view.pixels)
     return labels, partial.sum(dim=1)
 
 

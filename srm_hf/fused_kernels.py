@@ -33,18 +33,6 @@ def load_block(ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def codes_kernel(a_ptr, out_ptr, num_active, o_n, o_k, o_s, S, K, s_n, s_k, s_s, per_program,
-                 BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    # λ per pixel, written in the layout and dtype of `out`
-    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
-    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
-        rows, cols, ok, a = load_block(a_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
-        codes = sparse_codes(a, ok, num_active, BLOCK_K)
-        tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
-                 codes.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
 def label_pixels(a, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K: tl.constexpr):
     # a block's codes λ from its projection a [BLOCK_S, BLOCK_K]: stores each pixel's first argmax (its label) and
     # returns the sum of λ over the block's pixels [BLOCK_K]
@@ -71,27 +59,37 @@ def targets_kernel(a_ptr, label_ptr, part_ptr, num_active, chunks, scale, S, K, 
 
 
 @triton.jit
+def project_block(t_ptr, d_ptr, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, PRECISION: tl.constexpr,
+                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Dᵀt for BLOCK_S pixels from `start` of image n: t read in its own dtype, BLOCK_C channels at a time, D [C, K]
+    # through its strides, sums in float32 (tl.dot, PRECISION as torch's convolution / matmul would use); returns
+    # (pixel indices, atom indices, Dᵀt [BLOCK_S, BLOCK_K], 0 beyond K and S)
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    a = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+    for c in range(0, C, BLOCK_C):
+        _, chans, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+        d_ok = (chans < C - c)[:, None] & (cols < K)[None, :]
+        d = tl.load(d_ptr + (c + chans[:, None]) * d_c + cols[None, :] * d_k, mask=d_ok, other=0.0)
+        a = tl.dot(t, d.to(tl.float32), a, input_precision=PRECISION)
+    return rows, cols, a
+
+
+@triton.jit
 def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, part_ptr, num_active, chunks, scale, K, d_c, d_k, S, C,
                              s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    # targets_kernel from the teacher's features t [C values per pixel] and the coder's D [C, K] and scalar b: the
-    # projection a = Dᵀt + b is accumulated here in float32 (tl.dot, PRECISION as torch's convolution / matmul would
-    # use), block by block, so the K-channel map a never reaches memory and t is read once, in its own dtype
+    # targets_kernel from the teacher's features t [C values per pixel], the coder's D [C, K] and scalar b: the
+    # projection a = Dᵀt + b is made here (project_block), so the K-channel map a never reaches memory
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
-    cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
     bias = tl.load(b_ptr).to(tl.float32)  # a device scalar: no host sync
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
-        rows, a = start + tl.arange(0, BLOCK_S), tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
-        for c in range(0, C, BLOCK_C):
-            _, chans, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
-            d_ok = (chans < C - c)[:, None] & col_ok[None, :]
-            d = tl.load(d_ptr + (c + chans[:, None]) * d_c + cols[None, :] * d_k, mask=d_ok, other=0.0)
-            a = tl.dot(t, d.to(tl.float32), a, input_precision=PRECISION)
-        ok = (rows < S)[:, None] & col_ok[None, :]
+        rows, cols, a = project_block(t_ptr, d_ptr, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, PRECISION, BLOCK_S,
+                                      BLOCK_C, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
         total += label_pixels(a + bias, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K)
-    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=col_ok)
+    cols = tl.arange(0, BLOCK_K)
+    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=cols < K)
 
 
 @triton.jit
@@ -182,32 +180,3 @@ def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, 
             grad += g_p[None, :] * slope
         tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
                  grad.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def codes_grad_kernel(g_ptr, c_ptr, out_ptr, numel, BLOCK: tl.constexpr):
-    # dL/da = dL/dλ · λ(1-λ), one pass over dense tensors of the same strides (0 where an atom was not kept)
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < numel
-    g = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    c = tl.load(c_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offsets, (g * c * (1.0 - c)).to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def squared_error_kernel(a_ptr, b_ptr, part_ptr, scale, numel, BLOCK: tl.constexpr):
-    # scale × Σ (a - b)² over one program's BLOCK elements, in float32: its part of MSE(a, b), scale = 1 / numel
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < numel
-    d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(d * d, axis=0) * scale)
-
-
-@triton.jit
-def squared_error_grad_kernel(g_ptr, a_ptr, b_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr):
-    # d MSE(a, b) / da = g · scale · (a - b), scale = 2 / numel, g the loss's gradient (a device scalar)
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offsets < numel
-    d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
-    g = tl.load(g_ptr).to(tl.float32) * scale
-    tl.store(out_ptr + offsets, (d * g).to(out_ptr.dtype.element_ty), mask=ok)

@@ -103,10 +103,14 @@ class SparseCoder(nn.Module):
 
     def encode(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel; `fused=True` computes
-        the sigmoid and top-k in one Triton kernel (`srm_hf.fused`)."""
+        the sigmoid and top-k in one Triton kernel (`srm_hf.fused_dictionary`), the projection too where the
+        dictionary allows."""
         if fused:
-            from .fused_dictionary import sparse_codes_fused
+            from .fused_dictionary import sparse_codes_fused, sparse_codes_projected
 
+            codes = sparse_codes_projected(x, self.dictionary, self.bias, self.num_active)
+            if codes is not None:
+                return codes
             return sparse_codes_fused(project(x, self.dictionary, self.bias), self.num_active)
         a = project(x, self.dictionary, self.bias)
         return torch.sigmoid(a) * top_k_mask(a, self.num_active, channel_dim(a))  # no gradient through the mask
@@ -119,6 +123,17 @@ class SparseCoder(nn.Module):
         """Returns (codes, reconstruction)."""
         codes = self.encode(x, fused)
         return codes, self.decode(codes)
+
+    def reconstruction_loss(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Stage 1's loss over this tap: `dictionary_loss(x, self(x)[1])`. `fused=True` runs it through the Triton
+        kernels of `srm_hf.fused_dictionary`, encode, decode and MSE in one where the dictionary allows."""
+        if fused:
+            from .fused_dictionary import dictionary_loss_projected
+
+            loss = dictionary_loss_projected(x, self.dictionary, self.bias, self.num_active)
+            if loss is not None:
+                return loss
+        return dictionary_loss(x, self(x, fused)[1], fused)
 
     @torch.no_grad()
     def targets(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,11 +5,12 @@ process without TRITON_INTERPRET (under it the kernels are interpreted, not comp
 import subprocess
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from srm_hf import fused, fused_kernels
+from srm_hf import fused, fused_dictionary, fused_dictionary_kernels, fused_kernels
 
 STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32", "per_program": "i32"}
 OUT_STRIDES = {"o_n": "i32", "o_k": "i32", "o_s": "i32"}
@@ -24,6 +25,11 @@ KERNELS = {  # name -> (signature before the shared stride arguments, constexprs
                               "p_scale": "fp32"}, {"CE_ON_SIGMOID": False, "PIXEL_TERM": True, "IMAGE_TERM": True}),
 }
 
+
+
+def kernel_named(name: str):
+    """A kernel of `srm_hf.fused_kernels` or `srm_hf.fused_dictionary_kernels` (stage 1)."""
+    return getattr(fused_kernels, name, None) or getattr(fused_dictionary_kernels, name)
 
 
 def registers_and_spills(compiled) -> tuple[int, int]:
@@ -41,7 +47,7 @@ def registers_and_spills(compiled) -> tuple[int, int]:
 
 if __name__ == "__main__":
     for name, (signature, constexprs) in KERNELS.items():
-        kernel = getattr(fused_kernels, name)
+        kernel = kernel_named(name)
         for block_k in (16, 2048):
             meta = {**constexprs, "BLOCK_S": max(1, 4096 // block_k), "BLOCK_K": block_k}
             source = ASTSource(fn=kernel, signature={**signature, **STRIDES, **{k: "constexpr" for k in meta}},
@@ -60,7 +66,7 @@ if __name__ == "__main__":
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         print("image_term_kernel", block_k, "cubin bytes", len(compiled.asm["cubin"]))
     # the elementwise gradient of the sparse codes (stage 1's backward), bf16 codes and gradients
-    kernel, meta = fused_kernels.codes_grad_kernel, {"BLOCK": fused.ELEMENTS_PER_PROGRAM}
+    kernel, meta = fused_dictionary_kernels.codes_grad_kernel, {"BLOCK": fused.ELEMENTS_PER_PROGRAM}
     source = ASTSource(fn=kernel, signature={"g_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i64",
                                              "BLOCK": "constexpr"},
                        constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
@@ -71,24 +77,36 @@ if __name__ == "__main__":
                                                       "scale": "fp32"}),
                             ("squared_error_grad_kernel", {"g_ptr": "*fp32", "a_ptr": "*bf16", "b_ptr": "*bf16",
                                                            "out_ptr": "*bf16", "scale": "fp32"})):
-        kernel = getattr(fused_kernels, name)
+        kernel = kernel_named(name)
         source = ASTSource(fn=kernel, signature={**signature, "numel": "i64", "BLOCK": "constexpr"},
                            constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         print(name, "cubin bytes", len(compiled.asm["cubin"]))
-    # the teacher's targets with the projection inside (tl.dot), bf16 features, float32 dictionary, at the launch
-    # plans srm_hf picks for the narrowest and widest dictionaries it projects in the kernel
-    kernel = fused_kernels.projected_targets_kernel
-    signature = {"t_ptr": "*bf16", "d_ptr": "*fp32", "b_ptr": "*fp32", "label_ptr": "*i64", "part_ptr": "*fp32",
-                 "num_active": "i32", "chunks": "i32", "scale": "fp32", "K": "i32", "d_c": "i32", "d_k": "i32",
-                 "S": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "s_s": "i32", "per_program": "i32"}
-    for atoms in (16, 128, fused.PROJECTED_MAX_ATOMS):
-        plan = fused.projected_launch(fused.Pixels(None, 128, 56 * 56, 64, (0, 0, 0)), atoms)
-        meta = {"PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN, "BLOCK_K": plan.block_k}
-        source = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in meta}},
-                           constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": plan.warps, "num_stages": 2})
-        registers, spills = registers_and_spills(compiled)
-        print("projected_targets_kernel", atoms, "shared", compiled.metadata.shared, "registers", registers,
-              "spill stores", spills, "cubin bytes", len(compiled.asm["cubin"]))
+    # the kernels that project the features themselves (tl.dot): the teacher's targets, stage 1's codes and stage 1
+    # whole (forward, backward); bf16 features, float32 dictionary, at the plans srm_hf picks for the narrowest, a
+    # typical and the widest dictionaries they take
+    head = {"t_ptr": "*bf16", "d_ptr": "*fp32"}
+    tail = {"K": "i32", "d_c": "i32", "d_k": "i32", "S": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "s_s": "i32",
+            "per_program": "i32"}
+    projected = {"projected_targets_kernel": {"b_ptr": "*fp32", "label_ptr": "*i64", "part_ptr": "*fp32", "num_active": "i32",
+                                              "chunks": "i32", "scale": "fp32"},
+                 "projected_codes_kernel": {"b_ptr": "*fp32", "out_ptr": "*bf16", "num_active": "i32", **OUT_STRIDES},
+                 "dictionary_forward_kernel": {"b_ptr": "*fp32", "codes_ptr": "*bf16", "part_ptr": "*fp32", "num_active": "i32",
+                                               "chunks": "i32", "scale": "fp32"},
+                 "dictionary_backward_kernel": {"codes_ptr": "*bf16", "g_ptr": "*fp32", "x_ptr": "*bf16",
+                                                "y_ptr": "*bf16", "db_ptr": "*fp32", "chunks": "i32", "scale": "fp32"}}
+    for name, own in projected.items():
+        kernel = kernel_named(name)
+        stage_one = name.startswith("dictionary_")
+        for atoms in (16, 128, fused_dictionary.DICTIONARY_MAX_ATOMS if stage_one else fused.PROJECTED_MAX_ATOMS):
+            features, dictionary = torch.empty(128, 64, 56, 56, device="meta"), torch.empty(64, atoms, device="meta")
+            _, plan = (fused_dictionary.dictionary_plan if stage_one else fused.projected_plan)(features, dictionary)
+            stages = fused_dictionary.STAGES[name.split("_")[1]] if stage_one else 2
+            meta = {"PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN, "BLOCK_K": plan.block_k}
+            source = ASTSource(fn=kernel, signature={**head, **own, **tail, **{k: "constexpr" for k in meta}},
+                               constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                                      options={"num_warps": plan.warps, "num_stages": stages})
+            registers, spills = registers_and_spills(compiled)
+            print(name, atoms, "shared", compiled.metadata.shared, "registers", registers, "spill stores", spills,
+                  "cubin bytes", len(compiled.asm["cubin"]))

@@ -173,6 +173,38 @@ def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k
     assert bool(((image - want_image).abs() <= may_flip + 1e-5).all())
 
 
+@pytest.mark.parametrize("channels, size", [(64, 56), (128, 28)])  # K = 128 and 256: stage 1 in two kernels
+def test_stage_one_in_two_kernels_at_resnet18_tap_sizes(channels, size):
+    """Stage 1's loss and dictionary gradients from the two compiled kernels and one matmul: those of the eager coder
+    in IEEE float32 (TF32 off on both sides) to 1e-4 relative (codes may differ at near ties), and under bf16
+    autocast from bf16 maps within bf16's rounding."""
+    from srm_hf.fused_dictionary import dictionary_loss_projected
+    from srm_hf.srm import SparseCoder, dictionary_loss
+
+    torch.manual_seed(0)
+    coder = SparseCoder(channels, 2 * channels, max(1, channels // 50)).cuda()
+    t = torch.randn(16, channels, size, size, device="cuda").relu()
+
+    def loss_and_grads(fused, features):
+        loss = dictionary_loss_projected(features, coder.dictionary, coder.bias, coder.num_active) if fused else \
+            dictionary_loss(features, coder(features)[1])
+        return (loss, *torch.autograd.grad(loss, [coder.dictionary, coder.bias]))
+
+    saved = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = False
+        want, got = loss_and_grads(False, t), loss_and_grads(True, t)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = loss_and_grads(True, t.bfloat16())
+    want = loss_and_grads(False, t.bfloat16().float())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=3e-2, atol=1e-4)
+
+
 def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
     """On CUDA the fused AdamW skips the NaN step from a device flag that the host reads back later, without
     waiting: the count, the untouched parameters and the stop after too many in a row are those of the CPU runs."""

@@ -56,7 +56,7 @@ def operators(device: str, triton: bool) -> dict[str, Callable]:
         "ATen `mm` (64 × 64)": lambda: torch.mm(m, m),
     }
     if triton:
-        from srm_hf.fused_kernels import codes_grad_kernel
+        from srm_hf.fused_dictionary_kernels import codes_grad_kernel
 
         logits = torch.randn(2, 8, 4, 4, device=device)  # 2 images, K = 8 atoms, 16 pixels
         labels, image = torch.zeros(2, 4, 4, dtype=torch.long, device=device), torch.rand(2, 8, device=device)

@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
+import bench_report  # noqa: E402
 import cost  # noqa: E402
 from srm_hf import fused  # noqa: E402
 
@@ -97,7 +98,7 @@ def report(args, counts: dict[str, collections.Counter]) -> str:
         total = sum(ops.values())
         launches = sum(v for k, v in ops.items() if k.startswith("triton: "))
         lines.append(f"| {name} | {total} | {launches} | {total - floor:+d} | {total - teacher:+d} |")
-    lines += ["", f"Command: `python {' '.join(sys.argv)}`", ""]
+    lines += ["", f"Command: `{bench_report.command_line('ops_per_step.py')}`", ""]
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import read_matching, save_safetensors
 from ..fused import use_fused
-from ..srm import (SparseCoder, SRMHead, dictionary_loss, num_active_for, num_atoms_for, resize_like, srm_loss,
+from ..srm import (SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like, srm_loss,
                    srm_loss_fused)
 from .base import Features, Method, StageSpec, check_stage_length
 from .kd import kd_stage, kd_terms
@@ -104,7 +104,7 @@ class SRM(Method):
             terms = {}
             for key, features in teacher.features.items():
                 fused = use_fused(self.kernels, features)
-                add_terms(terms, {"mse": dictionary_loss(features, self.coders[key](features, fused)[1], fused)})
+                add_terms(terms, {"mse": self.coders[key].reconstruction_loss(features, fused)})
             return terms
         terms = {}
         if stage.name in ("kd", "joint"):

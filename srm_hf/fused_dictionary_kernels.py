@@ -1,0 +1,134 @@
+"""The Triton kernels of stage 1 (the dictionary step) behind `srm_hf.fused_dictionary`, which launches them and
+documents the maths: the sparse codes (from a projection, or projecting the features themselves), the codes'
+gradient and the MSE as elementwise passes, and the whole of stage 1 for one tap in one forward and one backward
+kernel over pixels; built on the blocks of `srm_hf.fused_kernels` (the same layouts and strides).
+"""
+
+import triton
+import triton.language as tl
+
+from .fused_kernels import load_block, project_block, sparse_codes
+
+
+@triton.jit
+def codes_kernel(a_ptr, out_ptr, num_active, o_n, o_k, o_s, S, K, s_n, s_k, s_s, per_program,
+                 BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+    # λ per pixel, written in the layout and dtype of `out`
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, cols, ok, a = load_block(a_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
+        codes = sparse_codes(a, ok, num_active, BLOCK_K)
+        tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
+                 codes.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def projected_codes_kernel(t_ptr, d_ptr, b_ptr, out_ptr, num_active, o_n, o_k, o_s, K, d_c, d_k, S, C, s_n, s_c, s_s,
+                           per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    # codes_kernel from the features t, D and b (project_block): λ per pixel, written in the layout and dtype of out
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    bias = tl.load(b_ptr).to(tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, cols, a = project_block(t_ptr, d_ptr, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, PRECISION, BLOCK_S,
+                                      BLOCK_C, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
+        codes = sparse_codes(a + bias, ok, num_active, BLOCK_K)
+        tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
+                 codes.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def codes_grad_kernel(g_ptr, c_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    # dL/da = dL/dλ · λ(1-λ), one pass over dense tensors of the same strides (0 where an atom was not kept)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    g = tl.load(g_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (g * c * (1.0 - c)).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def squared_error_kernel(a_ptr, b_ptr, part_ptr, scale, numel, BLOCK: tl.constexpr):
+    # scale × Σ (a - b)² over one program's BLOCK elements, in float32: its part of MSE(a, b), scale = 1 / numel
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(d * d, axis=0) * scale)
+
+
+@triton.jit
+def squared_error_grad_kernel(g_ptr, a_ptr, b_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr):
+    # d MSE(a, b) / da = g · scale · (a - b), scale = 2 / numel, g the loss's gradient (a device scalar)
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < numel
+    d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    tl.store(out_ptr + offsets, (d * g).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def reconstruct_block(codes, d_ptr, c, C, K, d_c, d_k, PRECISION: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    # t̂ = D λ for channels c .. c + BLOCK_C of a block's codes λ [BLOCK_S, BLOCK_K]: (channel indices, the D block
+    # [BLOCK_C, BLOCK_K] read, t̂ [BLOCK_S, BLOCK_C]); 0 beyond C
+    chans, cols = c + tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_K)
+    d_ok = (chans < C)[:, None] & (cols < K)[None, :]
+    d = tl.load(d_ptr + chans[:, None] * d_c + cols[None, :] * d_k, mask=d_ok, other=0.0).to(tl.float32)
+    return chans, d, tl.dot(codes, tl.trans(d), input_precision=PRECISION)
+
+
+@triton.jit
+def dictionary_forward_kernel(t_ptr, d_ptr, b_ptr, codes_ptr, part_ptr, num_active, chunks, scale, K, d_c, d_k, S, C,
+                              s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # stage 1 of one tap, forward, per program: λ = codes of a = Dᵀt + b (project_block, sparse_codes), written
+    # pixel-major [N·S, K] in codes_ptr's dtype; then t̂ = D λ from λ as written, and scale × Σ (t̂ - t)² over the
+    # program's pixels into part_ptr[n, chunk] (scale = 1 / (N·C·S): its part of the MSE)
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    bias = tl.load(b_ptr).to(tl.float32)
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, cols, a = project_block(t_ptr, d_ptr, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, PRECISION, BLOCK_S,
+                                      BLOCK_C, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
+        codes = sparse_codes(a + bias, ok, num_active, BLOCK_K).to(codes_ptr.dtype.element_ty)
+        tl.store(codes_ptr + (n * S + rows[:, None]) * K + cols[None, :], codes, mask=ok)
+        codes = codes.to(tl.float32)
+        for c in range(0, C, BLOCK_C):
+            _, _, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+            _, _, rebuilt = reconstruct_block(codes, d_ptr, c, C, K, d_c, d_k, PRECISION, BLOCK_C, BLOCK_K)
+            total += (rebuilt - t) * (rebuilt - t)  # 0 outside the map: both are
+    tl.store(part_ptr + n * chunks + chunk, tl.sum(tl.sum(total, axis=1), axis=0) * scale)
+
+
+@triton.jit
+def dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr, db_ptr, chunks, scale, K, d_c, d_k, S, C,
+                               s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # stage 1 of one tap, backward, per program, from t and the λ the forward wrote: with e = g·scale·(t̂ - t)
+    # (scale = 2 / (N·C·S), g the loss's gradient, a device scalar), dL/dλ = Dᵀe and dL/da = dL/dλ · λ(1-λ).
+    # Writes, pixel-major, the two halves of X [2, N·S, C] (e, then t) and the second half of Y [2, N·S, K]
+    # (dL/da; the first holds λ), so that dL/dD = Xᵀ Y (decoder and encoder at once), and Σ dL/da per program
+    # into db_ptr[n, chunk] (dL/db)
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    pixels = tl.num_programs(0).to(tl.int64) * S  # N·S: where the second halves of X and Y start
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
+        at = (n * S + rows)[:, None]  # pixel-major row of each pixel
+        codes = tl.load(codes_ptr + at * K + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        d_codes = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+        for c in range(0, C, BLOCK_C):
+            _, _, t_ok, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+            chans, d, rebuilt = reconstruct_block(codes, d_ptr, c, C, K, d_c, d_k, PRECISION, BLOCK_C, BLOCK_K)
+            e = (rebuilt - t) * g
+            tl.store(x_ptr + at * C + chans[None, :], e.to(x_ptr.dtype.element_ty), mask=t_ok)
+            tl.store(x_ptr + (pixels + at) * C + chans[None, :], t.to(x_ptr.dtype.element_ty), mask=t_ok)
+            d_codes = tl.dot(e, d, d_codes, input_precision=PRECISION)
+        d_a = d_codes * codes * (1.0 - codes)  # 0 where an atom was not kept (λ = 0)
+        tl.store(y_ptr + (pixels + at) * K + cols[None, :], d_a.to(y_ptr.dtype.element_ty), mask=ok)
+        db += tl.sum(tl.where(ok, d_a, 0.0), axis=0)
+    tl.store(db_ptr + n * chunks + chunk, tl.sum(db, axis=0))
