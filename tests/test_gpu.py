@@ -202,7 +202,7 @@ def test_stage_one_in_two_kernels_at_resnet18_tap_sizes(channels, size):
         got = loss_and_grads(True, t.bfloat16())
     want = loss_and_grads(False, t.bfloat16().float())
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=3e-2, atol=1e-4)
+        torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
 
 
 def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
