@@ -1,4 +1,5 @@
-"""Fused SRM kernels (Triton): the teacher's targets and the student's SRM loss without K-channel float32 maps.
+"""Fused SRM kernels (Triton): the teacher's targets, the student's SRM loss and stage 1 without K-channel float32
+maps; this module launches them and computes the targets.
 
 The eager path (`srm_hf.srm`) builds, per tap, the sigmoid map, `torch.topk` over K channels, a mask, the sparse
 codes, their argmax and mean, then the head's sigmoid, softmax and BCE maps, each a [N, K, H, W] tensor in float32.
@@ -7,9 +8,7 @@ Here each pixel's K values stay in registers:
     srm_targets_projected(t, D, b, k)  t          -> (pixel labels, image labels), as `srm_targets(encode(t))`,
                                                      the projection a = Dᵀt + b inside the kernel (K ≤ 512)
     srm_targets_fused(a, k)            a = Dᵀt + b -> the same from a projection made by torch (wider dictionaries)
-    srm_loss_fused(l, y, g, ...)       l = Pᵀs + c -> the pixel CE and image BCE of `srm_loss`, forward and backward,
-                                                     one autograd node per tap
-    (stage 1's codes and MSE: `srm_hf.fused_dictionary`)
+    (the student's loss: `srm_hf.fused_loss`; stage 1: `srm_hf.fused_dictionary`)
 
 All of them read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their
 strides, as pixels of K values; the top k are chosen on a (the sigmoid is monotone), exactly as `top_k_mask`
@@ -24,14 +23,12 @@ import os
 from typing import NamedTuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 try:
     import triton
     from triton.errors import TritonError
 
-    from .fused_kernels import (image_term_kernel, loss_backward_kernel, loss_forward_kernel,
-                                projected_targets_kernel, targets_kernel)
+    from .fused_kernels import projected_targets_kernel, targets_kernel
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -172,13 +169,20 @@ def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
     return view, launch._replace(warps=8 if launch.block_k >= 256 else 4)
 
 
-def _run_projected(kernel, view: Pixels, launch: Launch, dictionary: torch.Tensor, *args, stages: int = 2) -> None:
+def projection_dtype(features: torch.Tensor) -> torch.dtype:
+    """The dtype torch's projection of `features` would have: autocast's where it is on, else the features'."""
+    device = features.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+
+
+def _run_projected(kernel, view: Pixels, launch: Launch, dictionary: torch.Tensor, *args, stages: int = 2,
+                   **meta) -> None:
     """Launch a kernel that multiplies the pixels of `view` by D [C, K] itself: its arguments are (t, D, *args, K, D's
     strides, then `_run`'s). Its dot multiplies in TF32 where torch's projection would: cuDNN convolutions (maps) by
     default, matmuls (tokens, vectors) only when allowed."""
     tf32 = torch.backends.cudnn.allow_tf32 if view.x.dim() == 4 else torch.backends.cuda.matmul.allow_tf32
     _run(kernel, view, launch, dictionary, *args, dictionary.shape[1], *dictionary.stride(),
-         PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN, num_stages=stages)
+         **meta, PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN, num_stages=stages)
 
 
 @torch.no_grad()
@@ -198,70 +202,3 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
     _run_projected(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active,
                    launch.chunks, 1.0 / view.pixels)
     return labels, partial.sum(dim=1)
-
-
-class _SRMTapLoss(torch.autograd.Function):
-    """One tap's SRM terms from the head logits l, as one autograd node:
-
-        pixel = w_pixel · mean over pixels of CE(x, y),  x = sigmoid(l) (paper) or l
-        image = w_image · BCE(ḡ, g),  ḡ = mean over pixels of sigmoid(l), clamped to [1e-7, 1 - 1e-7] as `image_bce`
-
-    The forward kernel leaves only per-program sums of the CE and of sigmoid(l); a second kernel, one program per
-    image, sums them into both terms and writes the BCE's [N, K] derivative in ḡ (in place of a dozen [N, K]
-    operators: what a small model's step waits for is the host launching them). The backward kernel recomputes
-    everything else from l: l, the labels and that [N, K] derivative are all that is kept."""
-
-    @staticmethod
-    def forward(ctx, logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid):
-        view = pixel_view(logits)
-        launch = launch_for(view)
-        if pixel_labels.numel() != view.n * view.pixels:  # the kernels read them flat, one per pixel
-            raise ValueError(f"pixel_labels {tuple(pixel_labels.shape)} do not give one label per pixel of the head's "
-                             f"logits {tuple(logits.shape)}: pass the teacher's labels for the tap these logits "
-                             "predict, on the same grid (`allow_resize` resizes the head's map).")
-        labels = pixel_labels if pixel_labels.is_contiguous() else pixel_labels.contiguous()
-        ce = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=logits.device)
-        p_sum = torch.empty(view.n, launch.chunks, view.atoms, dtype=torch.float32, device=logits.device)
-        ce_scale = pixel_weight / (view.n * view.pixels)  # the pixel term: w_pixel × the mean over all pixels
-        _run(loss_forward_kernel, view, launch, labels, ce, p_sum, launch.chunks, ce_scale, 1.0 / view.pixels,
-             CE_ON_SIGMOID=ce_on_sigmoid)
-        # per image: the CE partials summed, ḡ [N, K] from the p partials, its BCE and dBCE/dḡ (/ (N·K) in backward)
-        d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=logits.device)
-        pixel, image = (torch.empty(view.n, dtype=torch.float32, device=logits.device) for _ in range(2))
-        _launch(image_term_kernel, (view.n,), ce, p_sum, image_labels_for(image_labels, view), d_image, pixel, image,
-                launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
-                BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128), BLOCK_K=min(launch.block_k, 1024))
-        ctx.save_for_backward(view.x, labels, d_image)
-        ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
-        ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
-        return pixel.sum(), image.sum()  # two tensors of their own, not views: callers may change them in place
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_pixel, grad_image):
-        logits, labels, d_image = ctx.saved_tensors
-        view = pixel_view(logits)
-        out = torch.empty_like(logits)  # the layout of the logits (dense), its strides passed on
-        _run(loss_backward_kernel, view, ctx.launch, labels, grad_pixel, grad_image, d_image, out,
-             *pixel_view(out).strides, *ctx.scales, **ctx.meta)
-        return out, None, None, None, None, None
-
-
-def image_labels_for(image_labels: torch.Tensor, view: Pixels) -> torch.Tensor:
-    """The image labels as a dense [N, K] tensor (broadcast as the eager BCE broadcasts them), for a kernel that reads
-    them flat; labels of another size are refused before a kernel reads past them."""
-    if image_labels.shape != (view.n, view.atoms):
-        try:
-            image_labels = image_labels.expand(view.n, view.atoms)
-        except RuntimeError:
-            raise ValueError(f"image_labels {tuple(image_labels.shape)} do not give one label per atom of each image "
-                             f"({view.n} images × {view.atoms} atoms): pass the teacher's labels for the tap these "
-                             "logits predict.") from None
-    return image_labels.contiguous()
-
-
-def srm_tap_loss_fused(head_logits: torch.Tensor, pixel_labels: torch.Tensor, image_labels: torch.Tensor,
-                       pixel_weight: float, image_weight: float,
-                       ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w_pixel · mean pixel CE, w_image · image BCE) of one tap, float32 scalars: `srm_hf.srm.srm_loss`'s terms."""
-    return _SRMTapLoss.apply(head_logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid)

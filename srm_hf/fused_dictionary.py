@@ -13,7 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, _run, _run_elementwise, _run_projected, launch_for,
-                    pixel_view, projected_plan, triton)
+                    pixel_view, projected_plan, projection_dtype, triton)
 from .srm import apply_per_pixel
 
 DICTIONARY_MAX_ATOMS = 256  # stage 1 in two kernels up to this K (wider: the codes kernel, torch's convolutions)
@@ -101,12 +101,6 @@ class _ProjectedCodes(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = grad_a.sum(dtype=torch.float32).reshape(1).to(ctx.bias_dtype)
         return grad_t, grad_d, grad_b, None, None
-
-
-def projection_dtype(features: torch.Tensor) -> torch.dtype:
-    """The dtype torch's projection of `features` would have: autocast's where it is on, else the features'."""
-    device = features.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
 
 
 def sparse_codes_projected(features: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor,

@@ -93,15 +93,39 @@ def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, part_ptr, num_activ
 
 
 @triton.jit
-def head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID: tl.constexpr, BLOCK_S: tl.constexpr,
-               BLOCK_K: tl.constexpr):
-    # BLOCK_S pixels from `start` of image n: (pixel indices, mask, p = sigmoid(l), the CE input x = p or l with
-    # padded atoms at -inf (padded pixels stay finite), labels y)
-    rows, cols, ok, logit = load_block(l_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
+def head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID: tl.constexpr):
+    # a block of head logits l [BLOCK_S, BLOCK_K] of image n: (p = sigmoid(l), the CE input x = p or l with padded
+    # atoms at -inf (padded pixels stay finite), the pixels' labels y)
     p = tl.sigmoid(logit)
     x = tl.where((cols < K)[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))
     y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
-    return rows, ok, p, x, y
+    return p, x, y
+
+
+@triton.jit
+def loss_sums(p, x, y, rows, cols, S, K):
+    # a block's CE(x, y) per pixel [BLOCK_S] (0 on padding) and its Σ p over pixels [BLOCK_K]
+    top = tl.max(x, axis=1)
+    lse = top + tl.log(tl.sum(tl.exp(x - top[:, None]), axis=1))
+    x_y = tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
+    ok = (rows < S)[:, None] & (cols < K)[None, :]
+    return tl.where(rows < S, lse - x_y, 0.0), tl.sum(tl.where(ok, p, 0.0), axis=0)
+
+
+@triton.jit
+def logits_gradient(p, x, y, cols, g_ce, g_p, CE_ON_SIGMOID: tl.constexpr, PIXEL_TERM: tl.constexpr,
+                    IMAGE_TERM: tl.constexpr):
+    # dL/dl = g_ce·(softmax(x) - onehot(y))·dx/dl + g_p·p(1-p) for a block (g_p [BLOCK_K]: the image term's factor
+    # per atom); a term of weight 0 is left out, as the eager loss leaves it out (0 × a NaN label would be NaN)
+    e = tl.exp(x - tl.max(x, axis=1)[:, None])
+    d_x = (e / tl.sum(e, axis=1)[:, None] - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * g_ce
+    slope = p * (1.0 - p)
+    grad = tl.zeros_like(p)
+    if PIXEL_TERM:
+        grad += d_x * slope if CE_ON_SIGMOID else d_x
+    if IMAGE_TERM:
+        grad += g_p[None, :] * slope
+    return grad
 
 
 @triton.jit
@@ -111,20 +135,33 @@ def loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, 
     # times ce_scale and p_scale (the means' and the term's factors)
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
-    ce_total = tl.zeros([BLOCK_S], dtype=tl.float32)
-    p_total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ce_total, p_total = tl.zeros([BLOCK_S], dtype=tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
-        rows, ok, p, x, y = head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID, BLOCK_S,
-                                       BLOCK_K)
-        row_ok = rows < S
-        top = tl.max(x, axis=1)
-        lse = top + tl.log(tl.sum(tl.exp(x - top[:, None]), axis=1))
-        x_y = tl.sum(tl.where(cols[None, :] == y[:, None], x, 0.0), axis=1)
-        ce_total += tl.where(row_ok, lse - x_y, 0.0)
-        p_total += tl.sum(tl.where(ok, p, 0.0), axis=0)
+        rows, cols, ok, logit = load_block(l_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
+        ce, p_sum = loss_sums(*head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID), rows, cols, S, K)
+        ce_total, p_total = ce_total + ce, p_total + p_sum
     tl.store(ce_ptr + n * chunks + chunk, tl.sum(ce_total, axis=0) * ce_scale)
-    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total * p_scale, mask=col_ok)
+    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total * p_scale, mask=cols < K)
+
+
+@triton.jit
+def projected_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, K, w_c, w_k,
+                                  S, C, s_n, s_c, s_s, per_program, CE_ON_SIGMOID: tl.constexpr,
+                                  PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                                  BLOCK_K: tl.constexpr):
+    # loss_forward_kernel from the student's features s and the head's P [C, K] and scalar c: l = Pᵀs + c made here
+    # (project_block), so the head's K-channel logits never reach memory
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    bias = tl.load(b_ptr).to(tl.float32)
+    ce_total, p_total = tl.zeros([BLOCK_S], dtype=tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, cols, logit = project_block(s_ptr, w_ptr, n, start, S, C, K, s_n, s_c, s_s, w_c, w_k, PRECISION,
+                                          BLOCK_S, BLOCK_C, BLOCK_K)
+        ce, p_sum = loss_sums(*head_terms(logit + bias, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID), rows, cols, S, K)
+        ce_total, p_total = ce_total + ce, p_total + p_sum
+    cols = tl.arange(0, BLOCK_K)
+    tl.store(ce_ptr + n * chunks + chunk, tl.sum(ce_total, axis=0) * ce_scale)
+    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total * p_scale, mask=cols < K)
 
 
 @triton.jit
@@ -158,25 +195,51 @@ def image_term_kernel(ce_ptr, p_ptr, g_ptr, d_ptr, pixel_ptr, image_ptr, chunks,
 def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, o_n, o_k, o_s, ce_scale, p_scale,
                          S, K, s_n, s_k, s_s, per_program, CE_ON_SIGMOID: tl.constexpr, PIXEL_TERM: tl.constexpr,
                          IMAGE_TERM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
-    # dL/dl = g_ce·ce_scale·(softmax(x) - onehot(y))·dx/dl + g_img·d_img[n]·p_scale·p(1-p), recomputed from l;
-    # g_ce and g_img are the gradients of the two terms (device scalars: no host sync), d_img [N, K] dBCE/dḡ.
-    # A term of weight 0 is left out, as the eager loss leaves it out (0 × a NaN label would still be NaN)
+    # dL/dl (logits_gradient), recomputed from l; g_ce and g_img are the gradients of the two terms (device scalars:
+    # no host sync), d_img [N, K] dBCE/dḡ
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     cols = tl.arange(0, BLOCK_K)
-    col_ok = cols < K
     g_ce = tl.load(g_ce_ptr).to(tl.float32) * ce_scale
-    g_p = tl.load(d_img_ptr + n * K + cols, mask=col_ok, other=0.0) * (tl.load(g_img_ptr).to(tl.float32) * p_scale)
+    g_p = tl.load(d_img_ptr + n * K + cols, mask=cols < K, other=0.0) * (tl.load(g_img_ptr).to(tl.float32) * p_scale)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
-        rows, ok, p, x, y = head_block(l_ptr, y_ptr, n, start, S, K, s_n, s_k, s_s, CE_ON_SIGMOID, BLOCK_S,
-                                       BLOCK_K)
-        e = tl.exp(x - tl.max(x, axis=1)[:, None])
-        softmax = e / tl.sum(e, axis=1)[:, None]
-        d_x = (softmax - tl.where(cols[None, :] == y[:, None], 1.0, 0.0)) * g_ce
-        slope = p * (1.0 - p)
-        grad = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
-        if PIXEL_TERM:
-            grad += d_x * slope if CE_ON_SIGMOID else d_x
-        if IMAGE_TERM:
-            grad += g_p[None, :] * slope
+        rows, cols, ok, logit = load_block(l_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
+        p, x, y = head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID)
+        grad = logits_gradient(p, x, y, cols, g_ce, g_p, CE_ON_SIGMOID, PIXEL_TERM, IMAGE_TERM)
         tl.store(out_ptr + n * o_n + rows[:, None] * o_s + cols[None, :] * o_k,
                  grad.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def projected_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, ds_ptr, x_ptr, dl_ptr,
+                                   db_ptr, o_n, o_c, o_s, chunks, ce_scale, p_scale, K, w_c, w_k, S, C, s_n, s_c, s_s,
+                                   per_program, CE_ON_SIGMOID: tl.constexpr, PIXEL_TERM: tl.constexpr,
+                                   IMAGE_TERM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
+                                   BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # loss_backward_kernel through the head l = Pᵀs + c, recomputed here: dL/ds = P dL/dl written in the layout of
+    # ds (o_n, o_c, o_s), and pixel-major a copy of s into x [N·S, C] and dL/dl into dl [N·S, K], so that one matmul
+    # gives dL/dP = Σ s dL/dlᵀ; Σ dL/dl per program into db_ptr[n, chunk] (dL/dc)
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    bias = tl.load(b_ptr).to(tl.float32)
+    cols = tl.arange(0, BLOCK_K)
+    g_ce = tl.load(g_ce_ptr).to(tl.float32) * ce_scale
+    g_p = tl.load(d_img_ptr + n * K + cols, mask=cols < K, other=0.0) * (tl.load(g_img_ptr).to(tl.float32) * p_scale)
+    db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
+        rows, cols, logit = project_block(s_ptr, w_ptr, n, start, S, C, K, s_n, s_c, s_s, w_c, w_k, PRECISION,
+                                          BLOCK_S, BLOCK_C, BLOCK_K)
+        p, x, y = head_terms(logit + bias, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID)
+        grad = logits_gradient(p, x, y, cols, g_ce, g_p, CE_ON_SIGMOID, PIXEL_TERM, IMAGE_TERM)
+        ok = (rows < S)[:, None] & (cols < K)[None, :]
+        grad = tl.where(ok, grad, 0.0)
+        at = (n * S + rows)[:, None]  # pixel-major row of each pixel
+        tl.store(dl_ptr + at * K + cols[None, :], grad.to(dl_ptr.dtype.element_ty), mask=ok)
+        db += tl.sum(grad, axis=0)
+        for c in range(0, C, BLOCK_C):
+            _, chans, s_ok, s = load_block(s_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+            w_ok = (chans < C - c)[:, None] & (cols < K)[None, :]
+            w = tl.load(w_ptr + (c + chans[:, None]) * w_c + cols[None, :] * w_k, mask=w_ok, other=0.0)
+            d_s = tl.dot(grad, tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            tl.store(ds_ptr + n * o_n + rows[:, None] * o_s + (c + chans[None, :]) * o_c,
+                     d_s.to(ds_ptr.dtype.element_ty), mask=s_ok)
+            tl.store(x_ptr + at * C + c + chans[None, :], s.to(x_ptr.dtype.element_ty), mask=s_ok)
+    tl.store(db_ptr + n * chunks + chunk, tl.sum(db, axis=0))

@@ -259,14 +259,29 @@ def srm_loss_fused(
     image_weight: float = 1.0,
     pixel_ce_on_sigmoid: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """`srm_loss` through the Triton kernels of `srm_hf.fused` (CUDA, or TRITON_INTERPRET=1): the same terms, with
+    """`srm_loss` through the Triton kernels of `srm_hf.fused_loss` (CUDA, or TRITON_INTERPRET=1): the same terms, with
     no K-channel map kept or materialised in float32 (only [N, K] image predictions leave the kernels), and both
     terms, weights included, one autograd node."""
-    from .fused import srm_tap_loss_fused
+    from .fused_loss import srm_tap_loss_fused
 
     pixel, image = srm_tap_loss_fused(head_logits, pixel_labels, image_labels, pixel_weight, image_weight,
                                       pixel_ce_on_sigmoid)
     return {name: value for name, value, weight in (("pixel", pixel, pixel_weight), ("image", image, image_weight))
+            if weight}
+
+
+def srm_loss_projected(features: torch.Tensor, head: SRMHead, pixel_labels: torch.Tensor,
+                       image_labels: torch.Tensor, pixel_weight: float = 1.0, image_weight: float = 1.0,
+                       pixel_ce_on_sigmoid: bool = True) -> dict[str, torch.Tensor] | None:
+    """`srm_loss_fused(head(features), ...)` with the head's projection inside the kernels (`srm_hf.fused_loss`): the
+    head's logits are never in memory. None where that does not apply (more than 256 atoms)."""
+    from .fused_loss import srm_tap_loss_projected
+
+    terms = srm_tap_loss_projected(features, head.weight, head.bias, pixel_labels, image_labels, pixel_weight,
+                                   image_weight, pixel_ce_on_sigmoid)
+    if terms is None:
+        return None
+    return {name: value for name, value, weight in zip(("pixel", "image"), terms, (pixel_weight, image_weight))
             if weight}
 
 

@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from srm_hf import fused, fused_dictionary, fused_dictionary_kernels, fused_kernels
+from srm_hf import fused, fused_dictionary, fused_dictionary_kernels, fused_kernels, fused_loss
 
 STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32", "per_program": "i32"}
 OUT_STRIDES = {"o_n": "i32", "o_k": "i32", "o_s": "i32"}
@@ -82,28 +82,41 @@ if __name__ == "__main__":
                            constexprs={(kernel.arg_names.index("BLOCK"),): meta["BLOCK"]})
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         print(name, "cubin bytes", len(compiled.asm["cubin"]))
-    # the kernels that project the features themselves (tl.dot): the teacher's targets, stage 1's codes and stage 1
-    # whole (forward, backward); bf16 features, float32 dictionary, at the plans srm_hf picks for the narrowest, a
-    # typical and the widest dictionaries they take
-    head = {"t_ptr": "*bf16", "d_ptr": "*fp32"}
-    tail = {"K": "i32", "d_c": "i32", "d_k": "i32", "S": "i32", "C": "i32", "s_n": "i32", "s_c": "i32", "s_s": "i32",
-            "per_program": "i32"}
-    projected = {"projected_targets_kernel": {"b_ptr": "*fp32", "label_ptr": "*i64", "part_ptr": "*fp32", "num_active": "i32",
-                                              "chunks": "i32", "scale": "fp32"},
-                 "projected_codes_kernel": {"b_ptr": "*fp32", "out_ptr": "*bf16", "num_active": "i32", **OUT_STRIDES},
-                 "dictionary_forward_kernel": {"b_ptr": "*fp32", "codes_ptr": "*bf16", "part_ptr": "*fp32", "num_active": "i32",
-                                               "chunks": "i32", "scale": "fp32"},
+    # the kernels that project the features themselves (tl.dot): the teacher's targets, stage 1's codes, stage 1
+    # whole and the student's loss through its head (forward, backward); bf16 features, float32 dictionary or head,
+    # at the plans srm_hf picks for the narrowest, a typical and the widest dictionaries they take
+    common = {"t_ptr": "*bf16", "s_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+              **{name: "i32" for name in ("K", "d_c", "d_k", "w_c", "w_k", "S", "C", "s_n", "s_c", "s_s",
+                                          "per_program", "chunks", "num_active", *OUT_STRIDES, "o_c")},
+              **{name: "fp32" for name in ("scale", "ce_scale", "p_scale")}}
+    projected = {"projected_targets_kernel": {"label_ptr": "*i64", "part_ptr": "*fp32"},
+                 "projected_codes_kernel": {"out_ptr": "*bf16"},
+                 "dictionary_forward_kernel": {"codes_ptr": "*bf16", "part_ptr": "*fp32"},
                  "dictionary_backward_kernel": {"codes_ptr": "*bf16", "g_ptr": "*fp32", "x_ptr": "*bf16",
-                                                "y_ptr": "*bf16", "db_ptr": "*fp32", "chunks": "i32", "scale": "fp32"}}
+                                                "y_ptr": "*bf16", "db_ptr": "*fp32"},
+                 "projected_loss_forward_kernel": {"y_ptr": "*i64", "ce_ptr": "*fp32", "p_ptr": "*fp32"},
+                 "projected_loss_backward_kernel": {"y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32",
+                                                    "d_img_ptr": "*fp32", "ds_ptr": "*bf16", "x_ptr": "*bf16",
+                                                    "dl_ptr": "*bf16", "db_ptr": "*fp32"}}
+    loss_meta = {"projected_loss_forward_kernel": {"CE_ON_SIGMOID": True},
+                 "projected_loss_backward_kernel": {"CE_ON_SIGMOID": True, "PIXEL_TERM": True, "IMAGE_TERM": True}}
     for name, own in projected.items():
         kernel = kernel_named(name)
         stage_one = name.startswith("dictionary_")
-        for atoms in (16, 128, fused_dictionary.DICTIONARY_MAX_ATOMS if stage_one else fused.PROJECTED_MAX_ATOMS):
+        widest = fused_dictionary.DICTIONARY_MAX_ATOMS if stage_one else \
+            fused_loss.LOSS_MAX_ATOMS if "_loss_" in name else fused.PROJECTED_MAX_ATOMS
+        for atoms in (16, 128, widest):
             features, dictionary = torch.empty(128, 64, 56, 56, device="meta"), torch.empty(64, atoms, device="meta")
-            _, plan = (fused_dictionary.dictionary_plan if stage_one else fused.projected_plan)(features, dictionary)
+            if stage_one:
+                _, plan = fused_dictionary.dictionary_plan(features, dictionary)
+            else:
+                _, plan = fused.projected_plan(features, dictionary, widest)
             stages = fused_dictionary.STAGES[name.split("_")[1]] if stage_one else 2
-            meta = {"PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN, "BLOCK_K": plan.block_k}
-            source = ASTSource(fn=kernel, signature={**head, **own, **tail, **{k: "constexpr" for k in meta}},
+            meta = {**loss_meta.get(name, {}), "PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN,
+                    "BLOCK_K": plan.block_k}
+            signature = {name: "constexpr" if name in meta else own.get(name) or common[name]
+                         for name in kernel.arg_names}
+            source = ASTSource(fn=kernel, signature=signature,
                                constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": plan.warps, "num_stages": stages})

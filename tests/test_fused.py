@@ -384,6 +384,82 @@ def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
         torch.testing.assert_close(runs["triton"][1][key], value, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", PROJECTED)
+@pytest.mark.parametrize("on_sigmoid", [True, False])
+@pytest.mark.parametrize("weights, atoms", [((1.0, 1.0), 40), ((0.5, 0.0), 40), ((0.0, 2.0), 40), ((0.7, 1.3), 200)])
+def test_the_loss_through_the_head_in_the_kernels_equals_the_eager_one(name, on_sigmoid, weights, atoms):
+    """`srm_loss_projected`: the head's logits Pᵀs + c made inside the loss kernels give `srm_loss(head(s))`'s terms,
+    and the same gradients in s, P and c, to 1e-5 relative (200 atoms: a block of 256, the widest it takes)."""
+    from srm_hf.srm import SRMHead, srm_loss_projected
+
+    g = torch.Generator().manual_seed(atoms)
+    head = SRMHead(20, atoms).to(DEVICE)
+    shape = PROJECTED[name]
+    a = torch.randn(*((shape[0], atoms, *shape[2:]) if len(shape) == 4 else (*shape[:-1], atoms)), generator=g)
+    pixel, image = eager_targets(a.to(DEVICE), 3, 1 if len(shape) == 4 else -1)
+    features = layout(name, torch.randn(shape, generator=g)).to(DEVICE)
+    results = []
+    for projected in (False, True):
+        s = features.clone().requires_grad_()
+        head.zero_grad()
+        terms = srm_loss_projected(s, head, pixel, image, *weights, on_sigmoid) if projected else \
+            srm_loss(head(s), pixel, image, *weights, on_sigmoid)
+        (1.5 * sum(terms.values())).backward()
+        results.append((terms, s.grad, head.weight.grad.clone(), head.bias.grad.clone()))
+    (want, *want_grads), (got, *got_grads) = results
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-7)
+    assert got_grads[0].stride() == features.stride()
+    for g_got, g_want in zip(got_grads, want_grads):  # s, P, c
+        torch.testing.assert_close(g_got, g_want, rtol=1e-5, atol=1e-7)
+
+
+def test_the_loss_through_the_head_from_bf16_features_under_autocast():
+    """bf16 student features under autocast: the gradient in s comes in bf16 (the features' dtype), those in P and c in
+    float32, all near the eager bf16 path's (which rounds the logits to bf16 and this path does not)."""
+    from srm_hf.srm import SRMHead, srm_loss_projected
+
+    torch.manual_seed(3)
+    head = SRMHead(24, 48).to(DEVICE)
+    pixel, image = eager_targets(torch.randn(4, 48, 6, 6, device=DEVICE), 2, 1)
+    features = torch.randn(4, 24, 6, 6, device=DEVICE).bfloat16()
+    results = []
+    for projected in (False, True):
+        s = features.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            terms = srm_loss_projected(s, head, pixel, image) if projected else srm_loss(head(s), pixel, image)
+        results.append(torch.autograd.grad(sum(terms.values()), [s, head.weight, head.bias]))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=2e-3)
+
+
+def test_the_srm_method_takes_the_head_into_the_kernels_unless_its_extension_points_are_overridden(tmp_path):
+    """The fused SRM loss of a tap goes through `projected_tap_loss` (no head logits in memory); a subclass that
+    overrides `head_logits` or `tap_loss` has them called instead, and wider heads, other grids and the eager choice
+    go the usual way."""
+    from srm_hf.methods.srm import SRM
+
+    class Probe(SRM):
+        def head_logits(self, pair, feature):
+            return super().head_logits(pair, feature)
+
+    for method_class, kernels, projected in ((SRM, "triton", True), (Probe, "triton", False), (SRM, "eager", False)):
+        trainer = make_trainer(tmp_path / kernels, srm_mode="joint", srm_kernels=kernels, max_steps=1)
+        method = trainer.method
+        if method_class is Probe:
+            method.__class__ = Probe
+        pair = method.pairs[0]
+        feature = torch.randn(2, pair.student.channels, *pair.teacher.spatial, device=DEVICE)
+        labels = eager_targets(torch.randn(2, method.heads[pair.key].num_atoms, *pair.teacher.spatial,
+                                           device=DEVICE), 2, 1)
+        assert (method.projected_tap_loss(pair, feature, *labels) is not None) is projected
+    smaller = torch.randn(2, pair.student.channels, *(s - 1 for s in pair.teacher.spatial), device=DEVICE)
+    trainer = make_trainer(tmp_path / "resized", srm_mode="joint", srm_kernels="triton", max_steps=1)
+    assert trainer.method.projected_tap_loss(trainer.method.pairs[0], smaller, *labels) is None  # resized: eager
+
+
 @pytest.mark.parametrize("name", LAYOUTS)
 @pytest.mark.parametrize("projected", [True, False], ids=["projection in the kernel", "projection by torch"])
 def test_fused_codes_and_dictionary_gradients_equal_the_eager_ones(name, projected, monkeypatch):
@@ -579,8 +655,8 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 25 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 31 and all(int(line.split()[-1]) > 0 for line in lines)
     projected = [line.split() for line in lines if line.startswith(("projected_", "dictionary_"))]
-    assert len(projected) == 12  # the dot kernels: no register spills, under 40 kB of shared memory (GPUs since 2020)
+    assert len(projected) == 18  # the dot kernels: no register spills, under 40 kB of shared memory (GPUs since 2020)
     assert all(words[words.index("spill") + 2] == "0" and int(words[words.index("shared") + 1]) < 40 * 1024
                for words in projected)

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from bench_report import command_line  # noqa: E402
 from cost import emit  # noqa: E402
-from srm_hf import fused  # noqa: E402
+from srm_hf import fused, fused_loss  # noqa: E402
 
 
 def per_call_us(fn, calls: int, repeats: int, device: str) -> float:
@@ -67,7 +67,7 @@ def operators(device: str, triton: bool) -> dict[str, Callable]:
                 codes_grad_kernel, 1024, x, y, out),
             "srm_hf `srm_targets_fused` (1 launch, 2 `empty`, 1 `sum`)": lambda: fused.srm_targets_fused(logits, 2),
             "srm_hf `srm_tap_loss_fused`, forward (2 launches, 5 `empty`, 2 `sum`)":
-                lambda: fused.srm_tap_loss_fused(logits, labels, image, 1.0, 1.0, True),
+                lambda: fused_loss.srm_tap_loss_fused(logits, labels, image, 1.0, 1.0, True),
         }
     return rows
 

@@ -18,8 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import read_matching, save_safetensors
 from ..fused import use_fused
-from ..srm import (SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like, srm_loss,
-                   srm_loss_fused)
+from ..srm import (SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like, srm_loss, srm_loss_fused,
+                   srm_loss_projected)
 from .base import Features, Method, StageSpec, check_stage_length
 from .kd import kd_stage, kd_terms
 
@@ -114,8 +114,11 @@ class SRM(Method):
             targets = teacher.targets or self.targets(teacher.features)
             srm_terms = {}  # Σ_taps, per term
             for pair in self.pairs:
-                head_logits = self.head_logits(pair, student.features[pair.key])
-                add_terms(srm_terms, self.tap_loss(pair, head_logits, *targets[pair.key]))
+                feature = student.features[pair.key]
+                tap_terms = self.projected_tap_loss(pair, feature, *targets[pair.key])
+                if tap_terms is None:
+                    tap_terms = self.tap_loss(pair, self.head_logits(pair, feature), *targets[pair.key])
+                add_terms(srm_terms, tap_terms)
             add_terms(terms, srm_terms, self.weight if stage.name == "joint" else 1.0)
         return terms
 
@@ -144,6 +147,21 @@ class SRM(Method):
         if use_fused(self.kernels, head_logits):
             return srm_loss_fused(*args)
         return checkpoint(srm_loss, *args, use_reentrant=False)
+
+    def projected_tap_loss(self, pair, feature: torch.Tensor, pixel_labels: torch.Tensor,
+                           image_labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """`tap_loss(pair, head_logits(pair, feature), ...)` with the head's projection inside the fused loss kernels
+        (`srm_hf.fused_loss`: no logits in memory), or None where that path does not apply: the eager maths chosen
+        (`srm_kernels`), `head_logits` or `tap_loss` overridden (they run instead), head logits that need class
+        tokens dropped or a resize onto the teacher's grid, more than 256 atoms."""
+        if not use_fused(self.kernels, feature) or type(self).head_logits is not SRM.head_logits or \
+                type(self).tap_loss is not SRM.tap_loss:
+            return None
+        grid = tuple(feature.shape[2:]) if feature.dim() == 4 else tuple(feature.shape[1:-1])
+        if grid != tuple(pair.teacher.spatial):
+            return None
+        return srm_loss_projected(feature, self.heads[pair.key], pixel_labels, image_labels, self.pixel_weight,
+                                  self.image_weight, self.pixel_ce_on_sigmoid)
 
     @torch.no_grad()
     def targets(self, teacher_features: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,0 +1,164 @@
+"""The student's SRM loss of one tap through the Triton kernels of `srm_hf.fused_kernels`, forward and backward, as one
+autograd node, with no K-channel float32 map:
+
+    srm_tap_loss_projected(s, P, c, y, g, ...)  s           -> (pixel CE, image BCE) of `srm_loss`, the head's
+                                                               logits l = Pᵀs + c made in the kernels (K ≤ 256)
+    srm_tap_loss_fused(l, y, g, ...)            l = Pᵀs + c -> the same from logits made by torch
+
+Both read maps, tokens and vectors through their strides as `srm_hf.fused` describes, and sum per image through
+partial buffers in a fixed order.
+"""
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import fused
+from .fused import (EPS, Launch, Pixels, _run, _run_projected, launch_for, pixel_view, projected_plan,
+                    projection_dtype, triton)
+
+LOSS_MAX_ATOMS = 256  # the head's projection inside the loss kernels up to this K (sm_90: no spills, < 40 kB shared)
+
+if triton is not None:
+    from .fused_kernels import (image_term_kernel, loss_backward_kernel, loss_forward_kernel,
+                                projected_loss_backward_kernel, projected_loss_forward_kernel)
+
+
+class _SRMTapLoss(torch.autograd.Function):
+    """One tap's SRM terms from the head logits l, as one autograd node:
+
+        pixel = w_pixel · mean over pixels of CE(x, y),  x = sigmoid(l) (paper) or l
+        image = w_image · BCE(ḡ, g),  ḡ = mean over pixels of sigmoid(l), clamped to [1e-7, 1 - 1e-7] as `image_bce`
+
+    The forward kernel leaves only per-program sums of the CE and of sigmoid(l); a second kernel, one program per
+    image, sums them into both terms and writes the BCE's [N, K] derivative in ḡ (in place of a dozen [N, K]
+    operators: what a small model's step waits for is the host launching them). The backward kernel recomputes
+    everything else from l: l, the labels and that [N, K] derivative are all that is kept."""
+
+    @staticmethod
+    def forward(ctx, logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid):
+        view = pixel_view(logits)
+        launch = launch_for(view)
+        labels = pixel_labels_for(pixel_labels, view, f"the head's logits {tuple(logits.shape)}")
+        ce, p_sum, ce_scale = loss_buffers(view, launch, view.atoms, pixel_weight)
+        _run(loss_forward_kernel, view, launch, labels, ce, p_sum, launch.chunks, ce_scale, 1.0 / view.pixels,
+             CE_ON_SIGMOID=ce_on_sigmoid)
+        pixel, image, d_image = image_terms(ce, p_sum, image_labels, view, launch, image_weight)
+        ctx.save_for_backward(view.x, labels, d_image)
+        ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
+        ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
+        return pixel.sum(), image.sum()  # two tensors of their own, not views: callers may change them in place
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pixel, grad_image):
+        logits, labels, d_image = ctx.saved_tensors
+        view = pixel_view(logits)
+        out = torch.empty_like(logits)  # the layout of the logits (dense), its strides passed on
+        _run(loss_backward_kernel, view, ctx.launch, labels, grad_pixel, grad_image, d_image, out,
+             *pixel_view(out).strides, *ctx.scales, **ctx.meta)
+        return out, None, None, None, None, None
+
+
+class _ProjectedTapLoss(torch.autograd.Function):
+    """`_SRMTapLoss` from the student's features s and the head's P [C, K] and scalar c: the logits l = Pᵀs + c are
+    made inside both kernels and never stored (s, not l, is kept for backward). Backward recomputes l, writes dL/ds in
+    the layout of s, and lays a copy of s and dL/dl out pixel-major so that one matmul gives dL/dP, in the dtype
+    torch's projection would have had (autocast's, else the features'); dL/dc from per-program sums."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid,
+                plan):
+        view, launch = plan
+        atoms = weight.shape[1]
+        labels = pixel_labels_for(pixel_labels, view, f"the head's logits from features {tuple(features.shape)}")
+        ce, p_sum, ce_scale = loss_buffers(view, launch, atoms, pixel_weight)
+        _run_projected(projected_loss_forward_kernel, view, launch, weight, bias, labels, ce, p_sum, launch.chunks,
+                       ce_scale, 1.0 / view.pixels, CE_ON_SIGMOID=ce_on_sigmoid)
+        pixel, image, d_image = image_terms(ce, p_sum, image_labels, view._replace(atoms=atoms), launch, image_weight)
+        ctx.save_for_backward(view.x, weight, bias, labels, d_image)
+        ctx.plan, ctx.dtype = plan, projection_dtype(features)
+        ctx.scales = ce_scale, image_weight / (d_image.numel() * view.pixels)
+        ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
+        return pixel.sum(), image.sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_pixel, grad_image):
+        features, weight, bias, labels, d_image = ctx.saved_tensors
+        view, launch = ctx.plan
+        view = view._replace(x=features)
+        pixels, (channels, atoms) = view.n * view.pixels, weight.shape
+        grad_features = torch.empty_like(features)  # the layout of the features (dense), its strides passed on
+        copy, grad_logits = (torch.empty(pixels, width, dtype=ctx.dtype, device=features.device)
+                             for width in (channels, atoms))
+        grad_bias = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
+        _run_projected(projected_loss_backward_kernel, view, launch, weight, bias, labels, grad_pixel, grad_image,
+                       d_image, grad_features, copy, grad_logits, grad_bias, *pixel_view(grad_features).strides,
+                       launch.chunks, *ctx.scales, **ctx.meta)
+        grad_weight = (copy.t() @ grad_logits).to(weight.dtype)  # Σ over pixels of s dL/dlᵀ: [C, K]
+        return (grad_features, grad_weight, grad_bias.sum().reshape(1).to(bias.dtype), *(None,) * 6)
+
+
+def pixel_labels_for(pixel_labels: torch.Tensor, view: Pixels, what: str) -> torch.Tensor:
+    """The pixel labels as the kernels read them (flat, one per pixel), or a ValueError before a kernel reads past
+    them."""
+    if pixel_labels.numel() != view.n * view.pixels:
+        raise ValueError(f"pixel_labels {tuple(pixel_labels.shape)} do not give one label per pixel of {what}: pass "
+                         "the teacher's labels for the tap these logits predict, on the same grid (`allow_resize` "
+                         "resizes the head's map).")
+    return pixel_labels if pixel_labels.is_contiguous() else pixel_labels.contiguous()
+
+
+def loss_buffers(view: Pixels, launch: Launch, atoms: int, pixel_weight: float):
+    """The forward kernel's per-program sums (CE [N, chunks], p [N, chunks, K]) and the CE's scale (w_pixel × the
+    mean over all pixels)."""
+    ce = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=view.x.device)
+    p_sum = torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=view.x.device)
+    return ce, p_sum, pixel_weight / (view.n * view.pixels)
+
+
+def image_terms(ce: torch.Tensor, p_sum: torch.Tensor, image_labels: torch.Tensor, view: Pixels, launch: Launch,
+                image_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per image (one program each): the CE partials summed, ḡ [N, K] from the p partials, its BCE and dBCE/dḡ
+    (/ (N·K) in backward): (pixel terms [N], image terms [N], dBCE/dḡ [N, K])."""
+    d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=ce.device)
+    pixel, image = (torch.empty(view.n, dtype=torch.float32, device=ce.device) for _ in range(2))
+    # through the module's name: every launch goes through `fused._launch`, where ops_per_step.py counts it
+    fused._launch(image_term_kernel, (view.n,), ce, p_sum, image_labels_for(image_labels, view), d_image, pixel,
+                  image, launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
+                  BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128),
+                  BLOCK_K=min(triton.next_power_of_2(view.atoms), 1024))
+    return pixel, image, d_image
+
+
+def image_labels_for(image_labels: torch.Tensor, view: Pixels) -> torch.Tensor:
+    """The image labels as a dense [N, K] tensor (broadcast as the eager BCE broadcasts them), for a kernel that reads
+    them flat; labels of another size are refused before a kernel reads past them."""
+    if image_labels.shape != (view.n, view.atoms):
+        try:
+            image_labels = image_labels.expand(view.n, view.atoms)
+        except RuntimeError:
+            raise ValueError(f"image_labels {tuple(image_labels.shape)} do not give one label per atom of each image "
+                             f"({view.n} images × {view.atoms} atoms): pass the teacher's labels for the tap these "
+                             "logits predict.") from None
+    return image_labels.contiguous()
+
+
+def srm_tap_loss_fused(head_logits: torch.Tensor, pixel_labels: torch.Tensor, image_labels: torch.Tensor,
+                       pixel_weight: float, image_weight: float,
+                       ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w_pixel · mean pixel CE, w_image · image BCE) of one tap, float32 scalars: `srm_hf.srm.srm_loss`'s terms."""
+    return _SRMTapLoss.apply(head_logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid)
+
+
+def srm_tap_loss_projected(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                           pixel_labels: torch.Tensor, image_labels: torch.Tensor, pixel_weight: float,
+                           image_weight: float, ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`srm_tap_loss_fused(Pᵀs + c, ...)` of an `SRMHead` (P = weight [C, K], c = bias) with the projection inside the
+    kernels: float32 sums (TF32 where torch's projection would use it), no logits in memory; None where it does not
+    apply (K > LOSS_MAX_ATOMS)."""
+    plan = projected_plan(features, weight, LOSS_MAX_ATOMS)
+    if plan is None:
+        return None
+    return _ProjectedTapLoss.apply(features, weight, bias, pixel_labels, image_labels, pixel_weight, image_weight,
+                                   ce_on_sigmoid, plan)
