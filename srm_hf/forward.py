@@ -71,3 +71,9 @@ def hook_guards(compiled: bool):
     class without hooks is reused for another instance with hooks, whose taps then capture nothing (e.g. a KD run,
     then an SRM run, in one process; pytorch/pytorch#117758). With the guards on, each is compiled for its hooks."""
     return torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if compiled else nullcontext()
+
+
+def runs_as_written(module: nn.Module, cls: type) -> bool:
+    """Whether `module` is exactly `cls` with no forward hooks, so that a fused path reading its parameters directly
+    computes what calling it would: a subclass, a hook or a wrapper (FSDP's) runs code of its own."""
+    return type(module) is cls and not (module._forward_hooks or module._forward_pre_hooks)

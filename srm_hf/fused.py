@@ -75,7 +75,15 @@ class Pixels(NamedTuple):
 
 def pixel_view(x: torch.Tensor) -> Pixels:
     """Maps [N, K, H, W] (H and W merged into one stride: contiguous or channels_last, else copied), tokens [N, L, K]
-    and vectors [N, K] (one pixel per image)."""
+    and vectors [N, K] (one pixel per image). A layout whose offsets within one image pass 2³¹ (the batch not
+    outermost, e.g. [L, N, K] transposed) is copied, so that the kernels' offsets within an image stay 32-bit."""
+    view = _pixels(x)
+    if (view.pixels - 1) * view.strides[2] + (view.atoms - 1) * view.strides[1] >= 2**31:
+        view = _pixels(x.contiguous())
+    return view
+
+
+def _pixels(x: torch.Tensor) -> Pixels:
     if x.dim() == 4:
         if x.shape[2] > 1 and x.stride(2) != x.shape[3] * x.stride(3):
             x = x.contiguous()
@@ -112,7 +120,7 @@ def launch_for(view: Pixels, min_block: int = 1, block_values: int = 4096) -> La
     return Launch(triton.cdiv(view.pixels, per_program), per_program, block_s, block_k, num_warps(block_k))
 
 
-def _launch(kernel, grid: tuple, *args, **meta) -> None:
+def launch_kernel(kernel, grid: tuple, *args, **meta) -> None:
     """Every kernel launch goes through here: a GPU or Triton version the kernel does not compile for stops the run
     with the way around."""
     try:
@@ -122,16 +130,16 @@ def _launch(kernel, grid: tuple, *args, **meta) -> None:
                            f"{e}). Set srm_kernels='eager' (--srm_kernels eager) to use the PyTorch path.") from e
 
 
-def _run(kernel, view: Pixels, launch: Launch, *args, **meta) -> None:
+def run_pixels(kernel, view: Pixels, launch: Launch, *args, **meta) -> None:
     """Launch a kernel over `view` as `launch` says."""
-    _launch(kernel, (view.n, launch.chunks), view.x, *args, view.pixels, view.atoms, *view.strides, launch.per_program,
-            **meta, BLOCK_S=launch.block_s, BLOCK_K=launch.block_k, num_warps=launch.warps)
+    launch_kernel(kernel, (view.n, launch.chunks), view.x, *args, view.pixels, view.atoms, *view.strides,
+                  launch.per_program, **meta, BLOCK_S=launch.block_s, BLOCK_K=launch.block_k, num_warps=launch.warps)
 
 
-def _run_elementwise(kernel, numel: int, *args) -> None:
+def run_elementwise(kernel, numel: int, *args) -> None:
     """Launch an elementwise kernel over `numel` elements of dense tensors of one shape and strides, walked as flat
     memory, ELEMENTS_PER_PROGRAM per program."""
-    _launch(kernel, (triton.cdiv(numel, ELEMENTS_PER_PROGRAM),), *args, numel, BLOCK=ELEMENTS_PER_PROGRAM)
+    launch_kernel(kernel, (triton.cdiv(numel, ELEMENTS_PER_PROGRAM),), *args, numel, BLOCK=ELEMENTS_PER_PROGRAM)
 
 
 def num_warps(block_k: int) -> int:
@@ -148,7 +156,7 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
     spatial = activation_logits.shape[2:] if activation_logits.dim() == 4 else activation_logits.shape[1:-1]
     labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
     partial = torch.empty(view.n, launch.chunks, view.atoms, dtype=torch.float32, device=view.x.device)
-    _run(targets_kernel, view, launch, labels, partial, num_active, launch.chunks, 1.0 / view.pixels)
+    run_pixels(targets_kernel, view, launch, labels, partial, num_active, launch.chunks, 1.0 / view.pixels)
     return labels, partial.sum(dim=1)
 
 
@@ -159,8 +167,8 @@ def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
     other kernels' size, 8 warps from 256 atoms, channels DOT_MIN at a time: for sm_90 no register spills and under
     40 kB of shared memory with two stages, at any K it takes (tests/compile_kernels.py)."""
     channels, atoms = dictionary.shape
-    if triton is None or triton.next_power_of_2(atoms) > max_atoms:
-        return None
+    if triton is None or triton.next_power_of_2(atoms) > max_atoms or features.numel() == 0:
+        return None  # (an empty batch: the eager maths gives its NaN)
     view = pixel_view(features)
     if view.atoms != channels:
         raise ValueError(f"features {tuple(features.shape)} have {view.atoms} channels, the dictionary "
@@ -175,14 +183,27 @@ def projection_dtype(features: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
 
 
-def _run_projected(kernel, view: Pixels, launch: Launch, dictionary: torch.Tensor, *args, stages: int = 2,
-                   **meta) -> None:
+def tf32_allowed(convolution: bool) -> bool:
+    """Whether torch multiplies float32 in TF32 in a cuDNN convolution (maps) or a matmul (tokens, vectors): the
+    `fp32_precision` settings (torch ≥ 2.9; `--tf32` sets them through transformers, and reading the legacy flags
+    after that raises), else the legacy `allow_tf32` flags."""
+    cudnn = torch.backends.cudnn
+    chain = (getattr(cudnn, "conv", None), cudnn, torch.backends) if convolution else \
+        (torch.backends.cuda.matmul, torch.backends)  # the setting, then those it inherits from where it is "none"
+    precisions = [getattr(backend, "fp32_precision", None) for backend in chain]
+    if precisions[0] is None:  # torch < 2.9
+        return cudnn.allow_tf32 if convolution else torch.backends.cuda.matmul.allow_tf32
+    return next((p for p in precisions if p not in (None, "none")), "ieee") == "tf32"
+
+
+def run_projected(kernel, view: Pixels, launch: Launch, dictionary: torch.Tensor, *args, stages: int = 2,
+                  **meta) -> None:
     """Launch a kernel that multiplies the pixels of `view` by D [C, K] itself: its arguments are (t, D, *args, K, D's
-    strides, then `_run`'s). Its dot multiplies in TF32 where torch's projection would: cuDNN convolutions (maps) by
-    default, matmuls (tokens, vectors) only when allowed."""
-    tf32 = torch.backends.cudnn.allow_tf32 if view.x.dim() == 4 else torch.backends.cuda.matmul.allow_tf32
-    _run(kernel, view, launch, dictionary, *args, dictionary.shape[1], *dictionary.stride(),
-         **meta, PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN, num_stages=stages)
+    strides, then `run_pixels`'s). Its dot multiplies in TF32 where torch's projection would: cuDNN convolutions
+    (maps) by default, matmuls (tokens, vectors) only when allowed."""
+    tf32 = tf32_allowed(convolution=view.x.dim() == 4)
+    run_pixels(kernel, view, launch, dictionary, *args, dictionary.shape[1], *dictionary.stride(),
+               **meta, PRECISION="tf32" if tf32 else "ieee", BLOCK_C=DOT_MIN, num_stages=stages)
 
 
 @torch.no_grad()
@@ -199,6 +220,6 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
     spatial = features.shape[2:] if features.dim() == 4 else features.shape[1:-1]
     labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
     partial = torch.empty(view.n, launch.chunks, dictionary.shape[1], dtype=torch.float32, device=view.x.device)
-    _run_projected(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active,
-                   launch.chunks, 1.0 / view.pixels)
+    run_projected(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active,
+                  launch.chunks, 1.0 / view.pixels)
     return labels, partial.sum(dim=1)

@@ -12,8 +12,8 @@ reconstruction, each one autograd node, no float32 copy of the teacher's maps.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, _run, _run_elementwise, _run_projected, launch_for,
-                    pixel_view, projected_plan, projection_dtype, triton)
+from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, launch_for, pixel_view, projected_plan, projection_dtype,
+                    run_elementwise, run_pixels, run_projected, triton)
 from .srm import apply_per_pixel
 
 DICTIONARY_MAX_ATOMS = 256  # stage 1 in two kernels up to this K (wider: the codes kernel, torch's convolutions)
@@ -34,7 +34,7 @@ class _SparseCodes(torch.autograd.Function):
     def forward(ctx, activation_logits, num_active):
         view = pixel_view(activation_logits)
         codes = torch.empty_like(view.x)  # the layout of `a` (dense), its strides passed on
-        _run(codes_kernel, view, launch_for(view), codes, num_active, *pixel_view(codes).strides)
+        run_pixels(codes_kernel, view, launch_for(view), codes, num_active, *pixel_view(codes).strides)
         ctx.save_for_backward(codes)
         return codes
 
@@ -50,7 +50,7 @@ def codes_gradient(grad_codes: torch.Tensor, codes: torch.Tensor) -> torch.Tenso
     if grad_codes.stride() != codes.stride():  # the kernel walks both as one dense run of memory
         grad_codes = torch.empty_like(codes).copy_(grad_codes)
     out = torch.empty_like(codes)
-    _run_elementwise(codes_grad_kernel, codes.numel(), grad_codes, codes, out)
+    run_elementwise(codes_grad_kernel, codes.numel(), grad_codes, codes, out)
     return out
 
 
@@ -77,8 +77,8 @@ class _ProjectedCodes(torch.autograd.Function):
                                 memory_format=torch.channels_last if last else torch.contiguous_format)
         else:
             codes = torch.empty(*features.shape[:-1], atoms, dtype=dtype, device=features.device)
-        _run_projected(projected_codes_kernel, view, launch, dictionary, bias, codes, num_active,
-                       *pixel_view(codes).strides)
+        run_projected(projected_codes_kernel, view, launch, dictionary, bias, codes, num_active,
+                      *pixel_view(codes).strides)
         ctx.save_for_backward(features, dictionary, codes)
         ctx.bias_dtype = bias.dtype
         return codes
@@ -119,7 +119,7 @@ class _MeanSquaredError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         partial = torch.empty(triton.cdiv(a.numel(), ELEMENTS_PER_PROGRAM), dtype=torch.float32, device=a.device)
-        _run_elementwise(squared_error_kernel, a.numel(), a, b, partial, 1.0 / a.numel())
+        run_elementwise(squared_error_kernel, a.numel(), a, b, partial, 1.0 / a.numel())
         ctx.save_for_backward(a, b)
         return partial.sum()
 
@@ -128,7 +128,7 @@ class _MeanSquaredError(torch.autograd.Function):
     def backward(ctx, grad):
         a, b = ctx.saved_tensors
         out = torch.empty_like(a)
-        _run_elementwise(squared_error_grad_kernel, a.numel(), grad, a, b, out, 2.0 / a.numel())
+        run_elementwise(squared_error_grad_kernel, a.numel(), grad, a, b, out, 2.0 / a.numel())
         return out, None
 
 
@@ -157,8 +157,8 @@ class _DictionaryLoss(torch.autograd.Function):
         (channels, atoms), pixels = dictionary.shape, view.n * view.pixels
         y = torch.empty(2, pixels, atoms, dtype=projection_dtype(features), device=features.device)  # λ, then dL/da
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
-        _run_projected(dictionary_forward_kernel, view, launch, dictionary, bias, y, partial, num_active,
-                       launch.chunks, 1.0 / (pixels * channels), stages=STAGES["forward"])
+        run_projected(dictionary_forward_kernel, view, launch, dictionary, bias, y, partial, num_active,
+                      launch.chunks, 1.0 / (pixels * channels), stages=STAGES["forward"])
         ctx.save_for_backward(view.x, dictionary, y)
         ctx.plan, ctx.bias_dtype = plan, bias.dtype
         return partial.sum()
@@ -171,8 +171,8 @@ class _DictionaryLoss(torch.autograd.Function):
         channels, pixels = dictionary.shape[0], y.shape[1]
         x = torch.empty(2, pixels, channels, dtype=y.dtype, device=y.device)  # e, then t
         grad_bias = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=y.device)
-        _run_projected(dictionary_backward_kernel, view._replace(x=features), launch, dictionary, y, grad, x, y,
-                       grad_bias, launch.chunks, 2.0 / (pixels * channels), stages=STAGES["backward"])
+        run_projected(dictionary_backward_kernel, view._replace(x=features), launch, dictionary, y, grad, x, y,
+                      grad_bias, launch.chunks, 2.0 / (pixels * channels), stages=STAGES["backward"])
         grad_dictionary = x.view(2 * pixels, channels).t() @ y.view(2 * pixels, -1)  # [C, K]
         return None, grad_dictionary.to(dictionary.dtype), grad_bias.sum().reshape(1).to(ctx.bias_dtype), None, None
 

@@ -13,8 +13,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import fused
-from .fused import (EPS, Launch, Pixels, _run, _run_projected, launch_for, pixel_view, projected_plan,
-                    projection_dtype, triton)
+from .fused import (EPS, Launch, Pixels, launch_for, pixel_view, projected_plan, projection_dtype, run_pixels,
+                    run_projected, triton)
 
 LOSS_MAX_ATOMS = 256  # the head's projection inside the loss kernels up to this K (sm_90: no spills, < 40 kB shared)
 
@@ -40,8 +40,8 @@ class _SRMTapLoss(torch.autograd.Function):
         launch = launch_for(view)
         labels = pixel_labels_for(pixel_labels, view, f"the head's logits {tuple(logits.shape)}")
         ce, p_sum, ce_scale = loss_buffers(view, launch, view.atoms, pixel_weight)
-        _run(loss_forward_kernel, view, launch, labels, ce, p_sum, launch.chunks, ce_scale, 1.0 / view.pixels,
-             CE_ON_SIGMOID=ce_on_sigmoid)
+        run_pixels(loss_forward_kernel, view, launch, labels, ce, p_sum, launch.chunks, ce_scale, 1.0 / view.pixels,
+                   CE_ON_SIGMOID=ce_on_sigmoid)
         pixel, image, d_image = image_terms(ce, p_sum, image_labels, view, launch, image_weight)
         ctx.save_for_backward(view.x, labels, d_image)
         ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
@@ -54,8 +54,8 @@ class _SRMTapLoss(torch.autograd.Function):
         logits, labels, d_image = ctx.saved_tensors
         view = pixel_view(logits)
         out = torch.empty_like(logits)  # the layout of the logits (dense), its strides passed on
-        _run(loss_backward_kernel, view, ctx.launch, labels, grad_pixel, grad_image, d_image, out,
-             *pixel_view(out).strides, *ctx.scales, **ctx.meta)
+        run_pixels(loss_backward_kernel, view, ctx.launch, labels, grad_pixel, grad_image, d_image, out,
+                   *pixel_view(out).strides, *ctx.scales, **ctx.meta)
         return out, None, None, None, None, None
 
 
@@ -72,8 +72,8 @@ class _ProjectedTapLoss(torch.autograd.Function):
         atoms = weight.shape[1]
         labels = pixel_labels_for(pixel_labels, view, f"the head's logits from features {tuple(features.shape)}")
         ce, p_sum, ce_scale = loss_buffers(view, launch, atoms, pixel_weight)
-        _run_projected(projected_loss_forward_kernel, view, launch, weight, bias, labels, ce, p_sum, launch.chunks,
-                       ce_scale, 1.0 / view.pixels, CE_ON_SIGMOID=ce_on_sigmoid)
+        run_projected(projected_loss_forward_kernel, view, launch, weight, bias, labels, ce, p_sum, launch.chunks,
+                      ce_scale, 1.0 / view.pixels, CE_ON_SIGMOID=ce_on_sigmoid)
         pixel, image, d_image = image_terms(ce, p_sum, image_labels, view._replace(atoms=atoms), launch, image_weight)
         ctx.save_for_backward(view.x, weight, bias, labels, d_image)
         ctx.plan, ctx.dtype = plan, projection_dtype(features)
@@ -92,9 +92,9 @@ class _ProjectedTapLoss(torch.autograd.Function):
         copy, grad_logits = (torch.empty(pixels, width, dtype=ctx.dtype, device=features.device)
                              for width in (channels, atoms))
         grad_bias = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
-        _run_projected(projected_loss_backward_kernel, view, launch, weight, bias, labels, grad_pixel, grad_image,
-                       d_image, grad_features, copy, grad_logits, grad_bias, *pixel_view(grad_features).strides,
-                       launch.chunks, *ctx.scales, **ctx.meta)
+        run_projected(projected_loss_backward_kernel, view, launch, weight, bias, labels, grad_pixel, grad_image,
+                      d_image, grad_features, copy, grad_logits, grad_bias, *pixel_view(grad_features).strides,
+                      launch.chunks, *ctx.scales, **ctx.meta)
         grad_weight = (copy.t() @ grad_logits).to(weight.dtype)  # Σ over pixels of s dL/dlᵀ: [C, K]
         return (grad_features, grad_weight, grad_bias.sum().reshape(1).to(bias.dtype), *(None,) * 6)
 
@@ -123,11 +123,11 @@ def image_terms(ce: torch.Tensor, p_sum: torch.Tensor, image_labels: torch.Tenso
     (/ (N·K) in backward): (pixel terms [N], image terms [N], dBCE/dḡ [N, K])."""
     d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=ce.device)
     pixel, image = (torch.empty(view.n, dtype=torch.float32, device=ce.device) for _ in range(2))
-    # through the module's name: every launch goes through `fused._launch`, where ops_per_step.py counts it
-    fused._launch(image_term_kernel, (view.n,), ce, p_sum, image_labels_for(image_labels, view), d_image, pixel,
-                  image, launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
-                  BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128),
-                  BLOCK_K=min(triton.next_power_of_2(view.atoms), 1024))
+    # through the module's name: every launch goes through `fused.launch_kernel`, where ops_per_step.py counts it
+    fused.launch_kernel(image_term_kernel, (view.n,), ce, p_sum, image_labels_for(image_labels, view), d_image, pixel,
+                        image, launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
+                        BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128),
+                        BLOCK_K=min(triton.next_power_of_2(view.atoms), 1024))
     return pixel, image, d_image
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .forward import runs_as_written
+
 
 def num_atoms_for(channels: int, codeword_multiplier: float) -> int:
     """K = int(m * C): dictionary size for a tap with C channels."""
@@ -126,8 +128,9 @@ class SparseCoder(nn.Module):
 
     def reconstruction_loss(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Stage 1's loss over this tap: `dictionary_loss(x, self(x)[1])`. `fused=True` runs it through the Triton
-        kernels of `srm_hf.fused_dictionary`, encode, decode and MSE in one where the dictionary allows."""
-        if fused:
+        kernels of `srm_hf.fused_dictionary`, encode, decode and MSE in one where the dictionary allows (and this
+        coder is a plain `SparseCoder`: a subclass or forward hooks go through `forward`)."""
+        if fused and runs_as_written(self, SparseCoder):
             from .fused_dictionary import dictionary_loss_projected
 
             loss = dictionary_loss_projected(x, self.dictionary, self.bias, self.num_active)

@@ -15,6 +15,7 @@ import timm
 import torch
 from conftest import (HANG_GUARD_S, PatternDataset, changed, hf_resnet, make_config, make_trainer, snapshot,
                       timm_resnet)
+from fused_helpers import fp32_precision
 from test_precision import DtypeProbe
 from test_recipes import ROOT, TINY, tiny_fashion_idx
 
@@ -157,13 +158,9 @@ def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k
     torch.manual_seed(0)
     coder = SparseCoder(channels, 2 * channels, k).cuda()
     t = torch.randn(16, channels, size, size, device="cuda").relu().bfloat16()
-    saved = torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cudnn.allow_tf32 = tf32
+    with fp32_precision("tf32" if tf32 else "ieee", "ieee"):
         pixel, image = srm_targets_projected(t, coder.dictionary, coder.bias, k)
         want_pixel, want_image = coder.targets(t)
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
     a = project(t.double(), coder.dictionary.double(), coder.bias.double()).sort(dim=1, descending=True).values
     tol = 1e-2 if tf32 else 1e-4  # TF32 keeps 10 bits of each input
     decisive = ((a[:, 0] - a[:, 1]) > tol) & ((a[:, k - 1] - a[:, k]) > tol)
@@ -190,12 +187,8 @@ def test_stage_one_in_two_kernels_at_resnet18_tap_sizes(channels, size):
             dictionary_loss(features, coder(features)[1])
         return (loss, *torch.autograd.grad(loss, [coder.dictionary, coder.bias]))
 
-    saved = torch.backends.cudnn.allow_tf32
-    try:
-        torch.backends.cudnn.allow_tf32 = False
+    with fp32_precision("ieee", "ieee"):
         want, got = loss_and_grads(False, t), loss_and_grads(True, t)
-    finally:
-        torch.backends.cudnn.allow_tf32 = saved
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -203,6 +196,27 @@ def test_stage_one_in_two_kernels_at_resnet18_tap_sizes(channels, size):
     want = loss_and_grads(False, t.bfloat16().float())
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels, size, atoms", [(64, 56, 128), (128, 28, 256)])  # the widest the loss takes
+def test_the_loss_through_the_head_in_the_kernels_at_resnet18_tap_sizes(channels, size, atoms):
+    """The student's SRM loss with the head's projection inside the compiled kernels: terms and gradients in s, P
+    and c as `srm_loss(head(s))` gives them in IEEE float32, to 1e-4 relative."""
+    from srm_hf.srm import SRMHead, srm_loss, srm_loss_projected, srm_targets, top_k_mask
+
+    torch.manual_seed(0)
+    head = SRMHead(channels, atoms).cuda()
+    s = torch.randn(16, channels, size, size, device="cuda").relu().requires_grad_()
+    a = 4 * torch.randn(16, atoms, size, size, device="cuda")
+    pixel, image = srm_targets(torch.sigmoid(a) * top_k_mask(a, 3, 1))
+    results = []
+    with fp32_precision("ieee", "ieee"):
+        for projected in (False, True):
+            terms = srm_loss_projected(s, head, pixel, image) if projected else srm_loss(head(s), pixel, image)
+            loss = sum(terms.values())
+            results.append((loss, *torch.autograd.grad(loss, [s, head.weight, head.bias])))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):

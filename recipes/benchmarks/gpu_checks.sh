@@ -2,7 +2,7 @@
 # The GPU checks of the fused SRM kernels and of the per-step costs, on a CUDA machine with srm_hf's dependencies,
 # from the repository root, in parts that can run as separate calls; the reports land in OUT_DIR.
 #
-#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests     # tests/test_fused.py, tests/test_gpu.py (not FSDP/DeepSpeed)
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests     # tests/test_fused*.py, tests/test_gpu.py (not FSDP/DeepSpeed)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large     # cost.py at 224 px / batch 128 and 112 px / batch 16
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py,
 #                                                           # launch_cost.py
@@ -22,7 +22,8 @@ export HF_HUB_OFFLINE=1
 nvidia-smi -L
 case $part in
   tests)
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_gpu.py -k "not fsdp and not deepspeed" ;;
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_fused_loss.py tests/test_fused_dictionary.py \
+        tests/test_gpu.py -k "not fsdp and not deepspeed" ;;
   large)
     python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 20 --warmup 3 --out "$out/cost_224.md"
     python3 $B/cost.py --device cuda --bf16 --batch 16 --size 112 --steps 30 --warmup 5 --out "$out/cost_112.md" ;;

@@ -63,7 +63,7 @@ def operators(device: str, triton: bool) -> dict[str, Callable]:
         rows |= {
             "Triton `codes_grad_kernel`, launched directly": lambda: codes_grad_kernel[(1,)](x, y, out, 1024,
                                                                                             BLOCK=1024),
-            "Triton `codes_grad_kernel` through srm_hf's launcher": lambda: fused._run_elementwise(
+            "Triton `codes_grad_kernel` through srm_hf's launcher": lambda: fused.run_elementwise(
                 codes_grad_kernel, 1024, x, y, out),
             "srm_hf `srm_targets_fused` (1 launch, 2 `empty`, 1 `sum`)": lambda: fused.srm_targets_fused(logits, 2),
             "srm_hf `srm_tap_loss_fused`, forward (2 launches, 5 `empty`, 2 `sum`)":

@@ -44,7 +44,7 @@ class OpCount(TorchDispatchMode):
 
 class KernelLaunches:
     """Counts each launch of a fused kernel as one operator and pauses `count` while the kernel runs (under
-    TRITON_INTERPRET the interpreter dispatches torch operators of its own). Wraps `srm_hf.fused._launch`, which
+    TRITON_INTERPRET the interpreter dispatches torch operators of its own). Wraps `srm_hf.fused.launch_kernel`, which
     every launch goes through, or in an older checkout on PYTHONPATH the launchers it had, counted the same way."""
 
     def __init__(self):
@@ -63,7 +63,8 @@ class KernelLaunches:
         return counted
 
     def __enter__(self):
-        names = ("_launch",) if hasattr(fused, "_launch") else ("_run", "_run_elementwise")
+        names = next((names for names in (("launch_kernel",), ("_launch",), ("_run", "_run_elementwise"))
+                      if hasattr(fused, names[0])))  # this checkout's launcher, or an older one's
         for name in (n for n in names if hasattr(fused, n)):
             self.saved[name] = getattr(fused, name)
             setattr(fused, name, self.wrap(self.saved[name]))

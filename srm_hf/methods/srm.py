@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import read_matching, save_safetensors
+from ..forward import runs_as_written
 from ..fused import use_fused
 from ..srm import (SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like, srm_loss, srm_loss_fused,
                    srm_loss_projected)
@@ -152,10 +153,11 @@ class SRM(Method):
                            image_labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """`tap_loss(pair, head_logits(pair, feature), ...)` with the head's projection inside the fused loss kernels
         (`srm_hf.fused_loss`: no logits in memory), or None where that path does not apply: the eager maths chosen
-        (`srm_kernels`), `head_logits` or `tap_loss` overridden (they run instead), head logits that need class
-        tokens dropped or a resize onto the teacher's grid, more than 256 atoms."""
+        (`srm_kernels`), `head_logits` or `tap_loss` overridden (they run instead), a head that is not a plain
+        `SRMHead` (a subclass, forward hooks, a wrapper: it is called instead), head logits that need class tokens
+        dropped or a resize onto the teacher's grid, more than 256 atoms."""
         if not use_fused(self.kernels, feature) or type(self).head_logits is not SRM.head_logits or \
-                type(self).tap_loss is not SRM.tap_loss:
+                type(self).tap_loss is not SRM.tap_loss or not runs_as_written(self.heads[pair.key], SRMHead):
             return None
         grid = tuple(feature.shape[2:]) if feature.dim() == 4 else tuple(feature.shape[1:-1])
         if grid != tuple(pair.teacher.spatial):
