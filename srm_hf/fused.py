@@ -153,11 +153,21 @@ def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple
     [N, K]): (pixel labels [N, H, W] / [N, L] / [N] long, image labels [N, K] float32)."""
     view = pixel_view(activation_logits)
     launch = launch_for(view)
-    spatial = activation_logits.shape[2:] if activation_logits.dim() == 4 else activation_logits.shape[1:-1]
-    labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
-    partial = torch.empty(view.n, launch.chunks, view.atoms, dtype=torch.float32, device=view.x.device)
+    labels, partial = targets_buffers(activation_logits, view, launch, view.atoms)
     run_pixels(targets_kernel, view, launch, labels, partial, num_active, launch.chunks, 1.0 / view.pixels)
     return labels, partial.sum(dim=1)
+
+
+def grid(x: torch.Tensor) -> tuple[int, ...]:
+    """The pixel grid of maps [N, C, H, W] (H, W), tokens [N, L, C] (L,) or vectors [N, C] ()."""
+    return tuple(x.shape[2:]) if x.dim() == 4 else tuple(x.shape[1:-1])
+
+
+def targets_buffers(x: torch.Tensor, view: Pixels, launch: Launch, atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A targets kernel's outputs: pixel labels [N, *grid] (written flat, pixel by pixel) and per-program sums of the
+    codes [N, chunks, K]."""
+    labels = torch.empty(view.n, *grid(x), dtype=torch.long, device=view.x.device)
+    return labels, torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=view.x.device)
 
 
 def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
@@ -217,9 +227,7 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
     if plan is None:
         return None
     view, launch = plan
-    spatial = features.shape[2:] if features.dim() == 4 else features.shape[1:-1]
-    labels = torch.empty(view.n, *spatial, dtype=torch.long, device=view.x.device)  # written flat, pixel by pixel
-    partial = torch.empty(view.n, launch.chunks, dictionary.shape[1], dtype=torch.float32, device=view.x.device)
+    labels, partial = targets_buffers(features, view, launch, dictionary.shape[1])
     run_projected(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active,
                   launch.chunks, 1.0 / view.pixels)
     return labels, partial.sum(dim=1)

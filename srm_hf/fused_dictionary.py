@@ -5,7 +5,7 @@ reconstruction, each one autograd node, no float32 copy of the teacher's maps.
                                                       in the kernel (K ≤ 512); differentiable in t, D and b
     sparse_codes_fused(a, k)            a = Dᵀt + b -> the same from a projection made by torch, differentiable in a
     mse_fused(t̂, t)                                -> MSE(t̂, t) read in the maps' own dtype, differentiable in t̂
-    dictionary_loss_projected(t, D, b, k)          -> MSE(D λ, t) all at once (K ≤ 512): one kernel forward, one
+    dictionary_loss_projected(t, D, b, k)          -> MSE(D λ, t) all at once (K ≤ 256): one kernel forward, one
                                                       kernel and one matmul backward, differentiable in D and b
 """
 
@@ -183,7 +183,7 @@ def dictionary_loss_projected(features: torch.Tensor, dictionary: torch.Tensor, 
     D and b (float32 sums, TF32 where torch's projection would use it); None where it does not apply: K >
     DICTIONARY_MAX_ATOMS, or features that need a gradient themselves (the teacher's never do)."""
     plan = dictionary_plan(features, dictionary)
-    if plan is None or features.requires_grad or features.numel() == 0:
+    if plan is None or features.requires_grad:
         return None
     return _DictionaryLoss.apply(features, dictionary, bias, num_active, plan)
 

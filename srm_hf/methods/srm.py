@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import read_matching, save_safetensors
 from ..forward import runs_as_written
-from ..fused import use_fused
+from ..fused import grid, use_fused
 from ..srm import (SparseCoder, SRMHead, num_active_for, num_atoms_for, resize_like, srm_loss, srm_loss_fused,
                    srm_loss_projected)
 from .base import Features, Method, StageSpec, check_stage_length
@@ -159,8 +159,7 @@ class SRM(Method):
         if not use_fused(self.kernels, feature) or type(self).head_logits is not SRM.head_logits or \
                 type(self).tap_loss is not SRM.tap_loss or not runs_as_written(self.heads[pair.key], SRMHead):
             return None
-        grid = tuple(feature.shape[2:]) if feature.dim() == 4 else tuple(feature.shape[1:-1])
-        if grid != tuple(pair.teacher.spatial):
+        if grid(feature) != tuple(pair.teacher.spatial):
             return None
         return srm_loss_projected(feature, self.heads[pair.key], pixel_labels, image_labels, self.pixel_weight,
                                   self.image_weight, self.pixel_ce_on_sigmoid)
