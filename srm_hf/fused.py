@@ -13,8 +13,9 @@ Here each pixel's K values stay in registers:
 All of them read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their
 strides, as pixels of K values; the top k are chosen on a (the sigmoid is monotone), exactly as `top_k_mask`
 does. A program walks a run of pixels of one image; runs are shortened for small maps and batches so that a launch
-has enough programs to fill a large GPU (`Launch`). Per-image sums go through per-program partial buffers summed in
-a fixed order: the results do not depend on scheduling. `use_fused` picks the path: the kernels on CUDA tensors
+has enough programs to fill a large GPU (`Launch`). Per-image and per-batch sums go through per-program partial
+buffers that the last program to finish sums in a fixed order, in the same launch (`counters`): the results do not
+depend on scheduling, and no separate reduction follows. `use_fused` picks the path: the kernels on CUDA tensors
 when Triton is installed (`srm_kernels="auto"`), always (`"triton"`; CPU tensors need `TRITON_INTERPRET=1`, slow,
 for tests) or never (`"eager"`). The kernels (`srm_hf.fused_kernels`) run in float32 whatever the input dtype.
 """
@@ -147,15 +148,32 @@ def num_warps(block_k: int) -> int:
     return 8 if block_k >= 1024 else 4
 
 
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def counters(device: torch.device, size: int) -> torch.Tensor:
+    """At least `size` int32 zeros, for the kernels whose last program finishes a sum (`arrive` in fused_kernels).
+    Every launch leaves them at 0 again, so launches in order on one stream share one buffer, kept per device and
+    stream: no allocation or memset per launch. A stream being captured into a CUDA graph gets zeros of its own,
+    allocated (and zeroed) inside the graph."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(size, dtype=torch.int32, device=device)
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = _COUNTERS[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    return buffer
+
+
 @torch.no_grad()
 def srm_targets_fused(activation_logits: torch.Tensor, num_active: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`srm_targets(SparseCoder.encode(t))` from the coder's projection a = Dᵀt + b ([N, K, H, W], [N, L, K] or
     [N, K]): (pixel labels [N, H, W] / [N, L] / [N] long, image labels [N, K] float32)."""
     view = pixel_view(activation_logits)
     launch = launch_for(view)
-    labels, partial = targets_buffers(activation_logits, view, launch, view.atoms)
-    run_pixels(targets_kernel, view, launch, labels, partial, num_active, launch.chunks, 1.0 / view.pixels)
-    return labels, partial.sum(dim=1)
+    outputs = targets_buffers(activation_logits, view, launch, view.atoms)
+    run_pixels(targets_kernel, view, launch, *outputs, num_active, launch.chunks, 1.0 / view.pixels)
+    return outputs[:2]
 
 
 def grid(x: torch.Tensor) -> tuple[int, ...]:
@@ -163,11 +181,13 @@ def grid(x: torch.Tensor) -> tuple[int, ...]:
     return tuple(x.shape[2:]) if x.dim() == 4 else tuple(x.shape[1:-1])
 
 
-def targets_buffers(x: torch.Tensor, view: Pixels, launch: Launch, atoms: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A targets kernel's outputs: pixel labels [N, *grid] (written flat, pixel by pixel) and per-program sums of the
-    codes [N, chunks, K]."""
-    labels = torch.empty(view.n, *grid(x), dtype=torch.long, device=view.x.device)
-    return labels, torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=view.x.device)
+def targets_buffers(x: torch.Tensor, view: Pixels, launch: Launch, atoms: int) -> tuple[torch.Tensor, ...]:
+    """A targets kernel's outputs and work: pixel labels [N, *grid] (written flat, pixel by pixel), image labels
+    [N, K], per-program sums of the codes [N, chunks, K] and a counter per image."""
+    device = view.x.device
+    return (torch.empty(view.n, *grid(x), dtype=torch.long, device=device),
+            torch.empty(view.n, atoms, dtype=torch.float32, device=device),
+            torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=device), counters(device, view.n))
 
 
 def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
@@ -227,7 +247,7 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
     if plan is None:
         return None
     view, launch = plan
-    labels, partial = targets_buffers(features, view, launch, dictionary.shape[1])
-    run_projected(projected_targets_kernel, view, launch, dictionary, bias, labels, partial, num_active,
-                  launch.chunks, 1.0 / view.pixels)
-    return labels, partial.sum(dim=1)
+    outputs = targets_buffers(features, view, launch, dictionary.shape[1])
+    run_projected(projected_targets_kernel, view, launch, dictionary, bias, *outputs, num_active, launch.chunks,
+                  1.0 / view.pixels)
+    return outputs[:2]

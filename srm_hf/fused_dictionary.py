@@ -12,8 +12,8 @@ reconstruction, each one autograd node, no float32 copy of the teacher's maps.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, launch_for, pixel_view, projected_plan, projection_dtype,
-                    run_elementwise, run_pixels, run_projected, triton)
+from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, counters, launch_for, pixel_view, projected_plan,
+                    projection_dtype, run_elementwise, run_pixels, run_projected, triton)
 from .srm import apply_per_pixel
 
 DICTIONARY_MAX_ATOMS = 256  # stage 1 in two kernels up to this K (wider: the codes kernel, torch's convolutions)
@@ -119,9 +119,10 @@ class _MeanSquaredError(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b):
         partial = torch.empty(triton.cdiv(a.numel(), ELEMENTS_PER_PROGRAM), dtype=torch.float32, device=a.device)
-        run_elementwise(squared_error_kernel, a.numel(), a, b, partial, 1.0 / a.numel())
+        loss = torch.empty((), dtype=torch.float32, device=a.device)
+        run_elementwise(squared_error_kernel, a.numel(), a, b, partial, loss, counters(a.device, 1), 1.0 / a.numel())
         ctx.save_for_backward(a, b)
-        return partial.sum()
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -146,10 +147,10 @@ def mse_fused(reconstruction: torch.Tensor, features: torch.Tensor) -> torch.Ten
 
 class _DictionaryLoss(torch.autograd.Function):
     """Stage 1's MSE(D λ, t), λ the codes of a = Dᵀt + b, of one tap, as one autograd node over D and b. Forward: one
-    kernel writes λ (pixel-major, the dtype torch's projection would have) and the MSE's partial sums; backward: one
-    kernel recomputes t̂ = D λ and writes e = dL/dt̂, a copy of t and dL/da pixel-major beside λ, so that one matmul
-    gives dL/dD for the decoder (Σ e λᵀ) and the encoder (Σ t dL/daᵀ) together. No K- or C-channel map is read in
-    another layout, and no convolution runs."""
+    kernel writes λ (pixel-major, the dtype torch's projection would have) and the MSE, which its last program sums
+    from the others' parts; backward: one kernel recomputes t̂ = D λ and writes e = dL/dt̂, a copy of t and dL/da
+    pixel-major beside λ, so that one matmul gives dL/dD for the decoder (Σ e λᵀ) and the encoder (Σ t dL/daᵀ)
+    together, and sums dL/db itself. No K- or C-channel map is read in another layout, and no convolution runs."""
 
     @staticmethod
     def forward(ctx, features, dictionary, bias, num_active, plan):
@@ -157,11 +158,13 @@ class _DictionaryLoss(torch.autograd.Function):
         (channels, atoms), pixels = dictionary.shape, view.n * view.pixels
         y = torch.empty(2, pixels, atoms, dtype=projection_dtype(features), device=features.device)  # λ, then dL/da
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
-        run_projected(dictionary_forward_kernel, view, launch, dictionary, bias, y, partial, num_active,
-                      launch.chunks, 1.0 / (pixels * channels), stages=STAGES["forward"])
+        loss = torch.empty((), dtype=torch.float32, device=features.device)
+        run_projected(dictionary_forward_kernel, view, launch, dictionary, bias, y, partial, loss,
+                      counters(features.device, 1), num_active, launch.chunks, 1.0 / (pixels * channels),
+                      stages=STAGES["forward"])
         ctx.save_for_backward(view.x, dictionary, y)
         ctx.plan, ctx.bias_dtype = plan, bias.dtype
-        return partial.sum()
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -170,11 +173,13 @@ class _DictionaryLoss(torch.autograd.Function):
         view, launch = ctx.plan
         channels, pixels = dictionary.shape[0], y.shape[1]
         x = torch.empty(2, pixels, channels, dtype=y.dtype, device=y.device)  # e, then t
-        grad_bias = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=y.device)
+        partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=y.device)
+        grad_bias = torch.empty(1, dtype=ctx.bias_dtype, device=y.device)
         run_projected(dictionary_backward_kernel, view._replace(x=features), launch, dictionary, y, grad, x, y,
-                      grad_bias, launch.chunks, 2.0 / (pixels * channels), stages=STAGES["backward"])
+                      partial, grad_bias, counters(y.device, 1), launch.chunks, 2.0 / (pixels * channels),
+                      stages=STAGES["backward"])
         grad_dictionary = x.view(2 * pixels, channels).t() @ y.view(2 * pixels, -1)  # [C, K]
-        return None, grad_dictionary.to(dictionary.dtype), grad_bias.sum().reshape(1).to(ctx.bias_dtype), None, None
+        return None, grad_dictionary.to(dictionary.dtype), grad_bias, None, None
 
 
 def dictionary_loss_projected(features: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor,

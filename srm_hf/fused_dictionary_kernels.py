@@ -7,7 +7,7 @@ kernel over pixels; built on the blocks of `srm_hf.fused_kernels` (the same layo
 import triton
 import triton.language as tl
 
-from .fused_kernels import load_block, project_block, sparse_codes
+from .fused_kernels import finish_sum, load_block, project_block, sparse_codes
 
 
 @triton.jit
@@ -49,12 +49,13 @@ def codes_grad_kernel(g_ptr, c_ptr, out_ptr, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def squared_error_kernel(a_ptr, b_ptr, part_ptr, scale, numel, BLOCK: tl.constexpr):
-    # scale × Σ (a - b)² over one program's BLOCK elements, in float32: its part of MSE(a, b), scale = 1 / numel
+def squared_error_kernel(a_ptr, b_ptr, part_ptr, out_ptr, count_ptr, scale, numel, BLOCK: tl.constexpr):
+    # MSE(a, b) into out_ptr (0-dim, float32): scale × Σ (a - b)² over each program's BLOCK elements, summed over the
+    # programs by `finish_sum` through part_ptr; scale = 1 / numel
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < numel
     d = tl.load(a_ptr + offsets, mask=ok, other=0.0).to(tl.float32) - tl.load(b_ptr + offsets, mask=ok, other=0.0)
-    tl.store(part_ptr + tl.program_id(0), tl.sum(d * d, axis=0) * scale)
+    finish_sum(part_ptr, out_ptr, count_ptr, tl.program_id(0), tl.sum(d * d, axis=0) * scale)
 
 
 @triton.jit
@@ -79,12 +80,12 @@ def reconstruct_block(codes, d_ptr, c, C, K, d_c, d_k, PRECISION: tl.constexpr, 
 
 
 @triton.jit
-def dictionary_forward_kernel(t_ptr, d_ptr, b_ptr, codes_ptr, part_ptr, num_active, chunks, scale, K, d_c, d_k, S, C,
-                              s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def dictionary_forward_kernel(t_ptr, d_ptr, b_ptr, codes_ptr, part_ptr, loss_ptr, count_ptr, num_active, chunks, scale,
+                              K, d_c, d_k, S, C, s_n, s_c, s_s, per_program, PRECISION: tl.constexpr,
+                              BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # stage 1 of one tap, forward, per program: λ = codes of a = Dᵀt + b (project_block, sparse_codes), written
     # pixel-major [N·S, K] in codes_ptr's dtype; then t̂ = D λ from λ as written, and scale × Σ (t̂ - t)² over the
-    # program's pixels into part_ptr[n, chunk] (scale = 1 / (N·C·S): its part of the MSE)
+    # program's pixels (scale = 1 / (N·C·S): its part of the MSE), summed into loss_ptr through part_ptr [N, chunks]
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     bias = tl.load(b_ptr).to(tl.float32)
     total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
@@ -99,18 +100,18 @@ def dictionary_forward_kernel(t_ptr, d_ptr, b_ptr, codes_ptr, part_ptr, num_acti
             _, _, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
             _, _, rebuilt = reconstruct_block(codes, d_ptr, c, C, K, d_c, d_k, PRECISION, BLOCK_C, BLOCK_K)
             total += (rebuilt - t) * (rebuilt - t)  # 0 outside the map: both are
-    tl.store(part_ptr + n * chunks + chunk, tl.sum(tl.sum(total, axis=1), axis=0) * scale)
+    finish_sum(part_ptr, loss_ptr, count_ptr, n * chunks + chunk, tl.sum(tl.sum(total, axis=1), axis=0) * scale)
 
 
 @triton.jit
-def dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr, db_ptr, chunks, scale, K, d_c, d_k, S, C,
-                               s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-                               BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr, db_ptr, grad_b_ptr, count_ptr, chunks,
+                               scale, K, d_c, d_k, S, C, s_n, s_c, s_s, per_program, PRECISION: tl.constexpr,
+                               BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # stage 1 of one tap, backward, per program, from t and the λ the forward wrote: with e = g·scale·(t̂ - t)
     # (scale = 2 / (N·C·S), g the loss's gradient, a device scalar), dL/dλ = Dᵀe and dL/da = dL/dλ · λ(1-λ).
     # Writes, pixel-major, the two halves of X [2, N·S, C] (e, then t) and the second half of Y [2, N·S, K]
-    # (dL/da; the first holds λ), so that dL/dD = Xᵀ Y (decoder and encoder at once), and Σ dL/da per program
-    # into db_ptr[n, chunk] (dL/db)
+    # (dL/da; the first holds λ), so that dL/dD = Xᵀ Y (decoder and encoder at once), and Σ dL/da (dL/db) into
+    # grad_b_ptr in its dtype, through db_ptr [N, chunks]
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     pixels = tl.num_programs(0).to(tl.int64) * S  # N·S: where the second halves of X and Y start
     g = tl.load(g_ptr).to(tl.float32) * scale
@@ -131,4 +132,4 @@ def dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr, db_
         d_a = d_codes * codes * (1.0 - codes)  # 0 where an atom was not kept (λ = 0)
         tl.store(y_ptr + (pixels + at) * K + cols[None, :], d_a.to(y_ptr.dtype.element_ty), mask=ok)
         db += tl.sum(tl.where(ok, d_a, 0.0), axis=0)
-    tl.store(db_ptr + n * chunks + chunk, tl.sum(db, axis=0))
+    finish_sum(db_ptr, grad_b_ptr, count_ptr, n * chunks + chunk, tl.sum(db, axis=0))

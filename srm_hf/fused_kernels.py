@@ -3,6 +3,8 @@ held in registers as one row of a [BLOCK_S pixels, BLOCK_K atoms] block, atoms p
 
 Every kernel over pixels runs one program per (image n, chunk of `per_program` pixels) and reads its input through
 the strides of an image (s_n), an atom (s_k) and a pixel (s_s); outputs with a layout of their own take (o_n, o_k, o_s).
+Sums over an image or the batch end in the same launch: each program stores its part, and the last to arrive at a
+counter (`arrive`) adds the parts up in a fixed order.
 """
 
 import triton
@@ -21,6 +23,58 @@ def sparse_codes(a, ok, num_active, BLOCK_K: tl.constexpr):
         kept, free = kept | (cols == first), free & (cols != first)
     nan = tl.max(tl.where(ok & (a != a), 1, 0), axis=1)[:, None] > 0  # tl.max skips NaN: keep it visible
     return tl.where(nan, float("nan"), tl.where(kept, tl.sigmoid(a), 0.0))
+
+
+@triton.jit
+def arrive(count_ptr, expected):
+    # whether this program is the last of `expected` to arrive at the int32 counter count_ptr (0 before the launch;
+    # the last puts it back to 0 for the next launch on the stream). Whatever any program stored before arriving is
+    # visible to the last one: a barrier, then one acq_rel atomic at GPU scope (a grid sync's pattern); the last
+    # program reads it with .cg loads (from L2)
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == expected - 1
+    tl.store(count_ptr, 0, mask=last)
+    return last
+
+
+@triton.jit
+def sum_values(ptr, count, BLOCK: tl.constexpr = 128):
+    # Σ ptr[0 .. count) in float32, in a fixed order: values other programs of the launch wrote
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, count, BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        total += tl.load(ptr + i, mask=i < count, other=0.0, cache_modifier=".cg")
+    return tl.sum(total, axis=0)
+
+
+@triton.jit
+def sum_rows(ptr, rows, K, BLOCK_K: tl.constexpr):
+    # Σ over rows r < `rows` of ptr[r, :K] ([rows, K] dense) in float32, row after row: [BLOCK_K], 0 beyond K
+    cols = tl.arange(0, BLOCK_K)
+    total = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for r in range(rows):
+        total += tl.load(ptr + r * K + cols, mask=cols < K, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def finish_sum(part_ptr, out_ptr, count_ptr, program, value):
+    # a program's `value` into part_ptr[program] (programs numbered row-major over the grid); the last of the launch
+    # writes the sum of all of them into out_ptr[0], in out_ptr's dtype
+    tl.store(part_ptr + program, value)
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    if arrive(count_ptr, programs):
+        tl.store(out_ptr, sum_values(part_ptr, programs).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def finish_image_labels(part_ptr, g_ptr, count_ptr, n, chunk, chunks, K, total, BLOCK_K: tl.constexpr):
+    # a targets program's part of image n's label (`total`, scaled) into part_ptr [N, chunks, K]; the image's last
+    # program sums its parts into g_ptr [N, K] (the image label)
+    cols = tl.arange(0, BLOCK_K)
+    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total, mask=cols < K)
+    if arrive(count_ptr + n, chunks):
+        tl.store(g_ptr + n * K + cols, sum_rows(part_ptr + n * chunks * K, chunks, K, BLOCK_K), mask=cols < K)
 
 
 @triton.jit
@@ -45,17 +99,16 @@ def label_pixels(a, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K: tl.con
 
 
 @triton.jit
-def targets_kernel(a_ptr, label_ptr, part_ptr, num_active, chunks, scale, S, K, s_n, s_k, s_s, per_program,
-                   BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+def targets_kernel(a_ptr, label_ptr, g_ptr, part_ptr, count_ptr, num_active, chunks, scale, S, K, s_n, s_k, s_s,
+                   per_program, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     # one program: per_program pixels of image n; per pixel the codes λ and their first argmax (the pixel label),
-    # and scale × the sum of λ over the program's pixels (its part of the image label, scale = 1/S)
+    # and scale × the sum of λ over the program's pixels (its part of the image label g, scale = 1/S)
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
-    cols = tl.arange(0, BLOCK_K)
     total = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
         rows, cols, ok, a = load_block(a_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
         total += label_pixels(a, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K)
-    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=cols < K)
+    finish_image_labels(part_ptr, g_ptr, count_ptr, n, chunk, chunks, K, total * scale, BLOCK_K)
 
 
 @triton.jit
@@ -75,9 +128,9 @@ def project_block(t_ptr, d_ptr, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, PREC
 
 
 @triton.jit
-def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, part_ptr, num_active, chunks, scale, K, d_c, d_k, S, C,
-                             s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, g_ptr, part_ptr, count_ptr, num_active, chunks, scale,
+                             K, d_c, d_k, S, C, s_n, s_c, s_s, per_program, PRECISION: tl.constexpr,
+                             BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # targets_kernel from the teacher's features t [C values per pixel], the coder's D [C, K] and scalar b: the
     # projection a = Dᵀt + b is made here (project_block), so the K-channel map a never reaches memory
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
@@ -88,8 +141,7 @@ def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, part_ptr, num_activ
                                       BLOCK_C, BLOCK_K)
         ok = (rows < S)[:, None] & (cols < K)[None, :]
         total += label_pixels(a + bias, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K)
-    cols = tl.arange(0, BLOCK_K)
-    tl.store(part_ptr + (n * chunks + chunk) * K + cols, total * scale, mask=cols < K)
+    finish_image_labels(part_ptr, g_ptr, count_ptr, n, chunk, chunks, K, total * scale, BLOCK_K)
 
 
 @triton.jit
@@ -129,26 +181,54 @@ def logits_gradient(p, x, y, cols, g_ce, g_p, CE_ON_SIGMOID: tl.constexpr, PIXEL
 
 
 @triton.jit
-def loss_forward_kernel(l_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, S, K, s_n, s_k, s_s, per_program,
-                        CE_ON_SIGMOID: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
+def finish_loss(work_ptr, g_ptr, d_ptr, pixel_ptr, image_ptr, count_ptr, n, chunk, chunks, K, ce, p_sum, eps,
+                image_scale, BLOCK_K: tl.constexpr):
+    # a loss forward program's sums (CE: a scalar, p: [BLOCK_K]) into work [N·chunks CE | N·chunks·K p | N pixel
+    # terms | N image terms]. The last program of image n sums its parts: pixel term n = Σ CE, and image term n =
+    # image_scale × Σ_K g log ḡ + (1-g) log(1-ḡ), ḡ = Σ p clamped to [eps, 1 - eps], with d_ptr[n] = dBCE/dḡ up to
+    # 1/(N·K): (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (a NaN too, as torch). The last image sums the N
+    # pixel and N image terms into pixel_ptr and image_ptr (0-dim)
+    N = tl.num_programs(0).to(tl.int64)
+    ce_ptr, p_ptr, cols = work_ptr, work_ptr + N * chunks, tl.arange(0, BLOCK_K)
+    terms_ptr = p_ptr + N * chunks * K
+    tl.store(ce_ptr + n * chunks + chunk, ce)
+    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_sum, mask=cols < K)
+    if arrive(count_ptr + n, chunks):
+        ok = cols < K
+        pred = sum_rows(p_ptr + n * chunks * K, chunks, K, BLOCK_K)
+        clamped = tl.where(pred < eps, eps, tl.where(pred > 1.0 - eps, 1.0 - eps, pred))  # NaN stays NaN
+        target = tl.load(g_ptr + n * K + cols, mask=ok, other=0.0).to(tl.float32)
+        bce = tl.where(ok, target * tl.log(clamped) + (1.0 - target) * tl.log(1.0 - clamped), 0.0)
+        tl.store(d_ptr + n * K + cols, tl.where(pred == clamped, (clamped - target) / (clamped * (1.0 - clamped)),
+                                                0.0), mask=ok)
+        tl.store(terms_ptr + n, sum_values(ce_ptr + n * chunks, chunks))
+        tl.store(terms_ptr + N + n, tl.sum(bce, axis=0) * image_scale)
+        if arrive(count_ptr + N, N):
+            tl.store(pixel_ptr, sum_values(terms_ptr, N))
+            tl.store(image_ptr, sum_values(terms_ptr + N, N))
+
+
+@triton.jit
+def loss_forward_kernel(l_ptr, y_ptr, g_ptr, work_ptr, d_ptr, pixel_ptr, image_ptr, count_ptr, chunks, ce_scale,
+                        p_scale, eps, image_scale, S, K, s_n, s_k, s_s, per_program, CE_ON_SIGMOID: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr):
     # per pixel: p = sigmoid(l), CE(x, y) with x = p (paper) or l; sums over the program's pixels of the CE and of p,
-    # times ce_scale and p_scale (the means' and the term's factors)
+    # times ce_scale and p_scale (the means' and the term's factors), finished into both terms by `finish_loss`
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
-    cols = tl.arange(0, BLOCK_K)
     ce_total, p_total = tl.zeros([BLOCK_S], dtype=tl.float32), tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(chunk * per_program, tl.minimum((chunk + 1) * per_program, S), BLOCK_S):
         rows, cols, ok, logit = load_block(l_ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S, BLOCK_K)
         ce, p_sum = loss_sums(*head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID), rows, cols, S, K)
         ce_total, p_total = ce_total + ce, p_total + p_sum
-    tl.store(ce_ptr + n * chunks + chunk, tl.sum(ce_total, axis=0) * ce_scale)
-    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total * p_scale, mask=cols < K)
+    finish_loss(work_ptr, g_ptr, d_ptr, pixel_ptr, image_ptr, count_ptr, n, chunk, chunks, K,
+                tl.sum(ce_total, axis=0) * ce_scale, p_total * p_scale, eps, image_scale, BLOCK_K)
 
 
 @triton.jit
-def projected_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, ce_ptr, p_ptr, chunks, ce_scale, p_scale, K, w_c, w_k,
-                                  S, C, s_n, s_c, s_s, per_program, CE_ON_SIGMOID: tl.constexpr,
-                                  PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                                  BLOCK_K: tl.constexpr):
+def projected_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ptr, work_ptr, d_ptr, pixel_ptr, image_ptr, count_ptr,
+                                  chunks, ce_scale, p_scale, eps, image_scale, K, w_c, w_k, S, C, s_n, s_c, s_s,
+                                  per_program, CE_ON_SIGMOID: tl.constexpr, PRECISION: tl.constexpr,
+                                  BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # loss_forward_kernel from the student's features s and the head's P [C, K] and scalar c: l = Pᵀs + c made here
     # (project_block), so the head's K-channel logits never reach memory
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
@@ -159,36 +239,8 @@ def projected_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, ce_ptr, p_ptr, chu
                                           BLOCK_S, BLOCK_C, BLOCK_K)
         ce, p_sum = loss_sums(*head_terms(logit + bias, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID), rows, cols, S, K)
         ce_total, p_total = ce_total + ce, p_total + p_sum
-    cols = tl.arange(0, BLOCK_K)
-    tl.store(ce_ptr + n * chunks + chunk, tl.sum(ce_total, axis=0) * ce_scale)
-    tl.store(p_ptr + (n * chunks + chunk) * K + cols, p_total * p_scale, mask=cols < K)
-
-
-@triton.jit
-def image_term_kernel(ce_ptr, p_ptr, g_ptr, d_ptr, pixel_ptr, image_ptr, chunks, K, eps, image_scale,
-                      BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
-    # one program per image n, after `loss_forward_kernel`: pixel[n] = Σ of its CE partials (scaled there), and
-    # image[n] = image_scale × Σ_K g log ḡ + (1-g) log(1-ḡ), ḡ = Σ of its p partials clamped to [eps, 1 - eps];
-    # d_ptr [N, K] gets dBCE/dḡ up to 1/(N·K): (ḡ - g) / (ḡ (1 - ḡ)), 0 where the clamp moved ḡ (a NaN too, as torch)
-    n = tl.program_id(0).to(tl.int64)
-    c = tl.arange(0, BLOCK_C)
-    ce = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(0, chunks, BLOCK_C):
-        ce += tl.load(ce_ptr + n * chunks + start + c, mask=start + c < chunks, other=0.0)
-    bce = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
-        cols = start + tl.arange(0, BLOCK_K)
-        ok = cols < K
-        pred = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for chunk in range(chunks):
-            pred += tl.load(p_ptr + (n * chunks + chunk) * K + cols, mask=ok, other=0.0)
-        clamped = tl.where(pred < eps, eps, tl.where(pred > 1.0 - eps, 1.0 - eps, pred))  # NaN stays NaN
-        target = tl.load(g_ptr + n * K + cols, mask=ok, other=0.0).to(tl.float32)
-        bce += tl.where(ok, target * tl.log(clamped) + (1.0 - target) * tl.log(1.0 - clamped), 0.0)
-        d = tl.where(pred == clamped, (clamped - target) / (clamped * (1.0 - clamped)), 0.0)
-        tl.store(d_ptr + n * K + cols, d, mask=ok)
-    tl.store(pixel_ptr + n, tl.sum(ce, axis=0))
-    tl.store(image_ptr + n, tl.sum(bce, axis=0) * image_scale)
+    finish_loss(work_ptr, g_ptr, d_ptr, pixel_ptr, image_ptr, count_ptr, n, chunk, chunks, K,
+                tl.sum(ce_total, axis=0) * ce_scale, p_total * p_scale, eps, image_scale, BLOCK_K)
 
 
 @triton.jit
@@ -211,13 +263,14 @@ def loss_backward_kernel(l_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, out_ptr, 
 
 @triton.jit
 def projected_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ce_ptr, g_img_ptr, d_img_ptr, ds_ptr, x_ptr, dl_ptr,
-                                   db_ptr, o_n, o_c, o_s, chunks, ce_scale, p_scale, K, w_c, w_k, S, C, s_n, s_c, s_s,
-                                   per_program, CE_ON_SIGMOID: tl.constexpr, PIXEL_TERM: tl.constexpr,
+                                   db_ptr, grad_b_ptr, count_ptr, o_n, o_c, o_s, chunks, ce_scale, p_scale, K, w_c,
+                                   w_k, S, C, s_n, s_c, s_s, per_program, CE_ON_SIGMOID: tl.constexpr,
+                                   PIXEL_TERM: tl.constexpr,
                                    IMAGE_TERM: tl.constexpr, PRECISION: tl.constexpr, BLOCK_S: tl.constexpr,
                                    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
     # loss_backward_kernel through the head l = Pᵀs + c, recomputed here: dL/ds = P dL/dl written in the layout of
     # ds (o_n, o_c, o_s), and pixel-major a copy of s into x [N·S, C] and dL/dl into dl [N·S, K], so that one matmul
-    # gives dL/dP = Σ s dL/dlᵀ; Σ dL/dl per program into db_ptr[n, chunk] (dL/dc)
+    # gives dL/dP = Σ s dL/dlᵀ; Σ dL/dl (dL/dc) into grad_b_ptr in its dtype, through db_ptr [N, chunks]
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     bias = tl.load(b_ptr).to(tl.float32)
     cols = tl.arange(0, BLOCK_K)
@@ -242,4 +295,4 @@ def projected_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ce_ptr, g_img_p
             tl.store(ds_ptr + n * o_n + rows[:, None] * o_s + (c + chans[None, :]) * o_c,
                      d_s.to(ds_ptr.dtype.element_ty), mask=s_ok)
             tl.store(x_ptr + at * C + c + chans[None, :], s.to(x_ptr.dtype.element_ty), mask=s_ok)
-    tl.store(db_ptr + n * chunks + chunk, tl.sum(db, axis=0))
+    finish_sum(db_ptr, grad_b_ptr, count_ptr, n * chunks + chunk, tl.sum(db, axis=0))

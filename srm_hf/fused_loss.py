@@ -5,8 +5,8 @@ autograd node, with no K-channel float32 map:
                                                                logits l = Pᵀs + c made in the kernels (K ≤ 256)
     srm_tap_loss_fused(l, y, g, ...)            l = Pᵀs + c -> the same from logits made by torch
 
-Both read maps, tokens and vectors through their strides as `srm_hf.fused` describes, and sum per image through
-partial buffers in a fixed order.
+Both read maps, tokens and vectors through their strides as `srm_hf.fused` describes, and sum per image and per
+batch through partial buffers in a fixed order, finished by the last program of the launch.
 """
 
 import torch
@@ -19,8 +19,8 @@ from .fused import (EPS, Launch, Pixels, launch_for, pixel_view, projected_plan,
 LOSS_MAX_ATOMS = 256  # the head's projection inside the loss kernels up to this K (sm_90: no spills, < 40 kB shared)
 
 if triton is not None:
-    from .fused_kernels import (image_term_kernel, loss_backward_kernel, loss_forward_kernel,
-                                projected_loss_backward_kernel, projected_loss_forward_kernel)
+    from .fused_kernels import (loss_backward_kernel, loss_forward_kernel, projected_loss_backward_kernel,
+                                projected_loss_forward_kernel)
 
 
 class _SRMTapLoss(torch.autograd.Function):
@@ -29,24 +29,24 @@ class _SRMTapLoss(torch.autograd.Function):
         pixel = w_pixel · mean over pixels of CE(x, y),  x = sigmoid(l) (paper) or l
         image = w_image · BCE(ḡ, g),  ḡ = mean over pixels of sigmoid(l), clamped to [1e-7, 1 - 1e-7] as `image_bce`
 
-    The forward kernel leaves only per-program sums of the CE and of sigmoid(l); a second kernel, one program per
-    image, sums them into both terms and writes the BCE's [N, K] derivative in ḡ (in place of a dozen [N, K]
-    operators: what a small model's step waits for is the host launching them). The backward kernel recomputes
-    everything else from l: l, the labels and that [N, K] derivative are all that is kept."""
+    One forward kernel: each program sums the CE and sigmoid(l) over its pixels; the last program of each image
+    finishes that image's terms and the BCE's [N, K] derivative in ḡ, and the last image both terms (in place of a
+    dozen [N, K] operators and a second kernel: what a small model's step waits for is the host launching them). The
+    backward kernel recomputes everything else from l: l, the labels and that [N, K] derivative are all that is kept."""
 
     @staticmethod
     def forward(ctx, logits, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid):
         view = pixel_view(logits)
         launch = launch_for(view)
         labels = pixel_labels_for(pixel_labels, view, f"the head's logits {tuple(logits.shape)}")
-        ce, p_sum, ce_scale = loss_buffers(view, launch, view.atoms, pixel_weight)
-        run_pixels(loss_forward_kernel, view, launch, labels, ce, p_sum, launch.chunks, ce_scale, 1.0 / view.pixels,
-                   CE_ON_SIGMOID=ce_on_sigmoid)
-        pixel, image, d_image = image_terms(ce, p_sum, image_labels, view, launch, image_weight)
+        buffers, scales = loss_buffers(view, launch, view.atoms, pixel_weight, image_weight)
+        run_pixels(loss_forward_kernel, view, launch, labels, image_labels_for(image_labels, view), *buffers,
+                   launch.chunks, *scales, CE_ON_SIGMOID=ce_on_sigmoid)
+        _, d_image, pixel, image, _ = buffers
         ctx.save_for_backward(view.x, labels, d_image)
-        ctx.launch, ctx.scales = launch, (ce_scale, image_weight / (d_image.numel() * view.pixels))
+        ctx.launch, ctx.scales = launch, (scales[0], image_weight / (d_image.numel() * view.pixels))
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
-        return pixel.sum(), image.sum()  # two tensors of their own, not views: callers may change them in place
+        return pixel, image  # two tensors of their own, not views: callers may change them in place
 
     @staticmethod
     @once_differentiable
@@ -63,7 +63,7 @@ class _ProjectedTapLoss(torch.autograd.Function):
     """`_SRMTapLoss` from the student's features s and the head's P [C, K] and scalar c: the logits l = Pᵀs + c are
     made inside both kernels and never stored (s, not l, is kept for backward). Backward recomputes l, writes dL/ds in
     the layout of s, and lays a copy of s and dL/dl out pixel-major so that one matmul gives dL/dP, in the dtype
-    torch's projection would have had (autocast's, else the features'); dL/dc from per-program sums."""
+    torch's projection would have had (autocast's, else the features'); dL/dc is summed by the kernel."""
 
     @staticmethod
     def forward(ctx, features, weight, bias, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid,
@@ -71,15 +71,16 @@ class _ProjectedTapLoss(torch.autograd.Function):
         view, launch = plan
         atoms = weight.shape[1]
         labels = pixel_labels_for(pixel_labels, view, f"the head's logits from features {tuple(features.shape)}")
-        ce, p_sum, ce_scale = loss_buffers(view, launch, atoms, pixel_weight)
-        run_projected(projected_loss_forward_kernel, view, launch, weight, bias, labels, ce, p_sum, launch.chunks,
-                      ce_scale, 1.0 / view.pixels, CE_ON_SIGMOID=ce_on_sigmoid)
-        pixel, image, d_image = image_terms(ce, p_sum, image_labels, view._replace(atoms=atoms), launch, image_weight)
+        buffers, scales = loss_buffers(view, launch, atoms, pixel_weight, image_weight)
+        run_projected(projected_loss_forward_kernel, view, launch, weight, bias, labels,
+                      image_labels_for(image_labels, view._replace(atoms=atoms)), *buffers, launch.chunks, *scales,
+                      CE_ON_SIGMOID=ce_on_sigmoid)
+        _, d_image, pixel, image, _ = buffers
         ctx.save_for_backward(view.x, weight, bias, labels, d_image)
         ctx.plan, ctx.dtype = plan, projection_dtype(features)
-        ctx.scales = ce_scale, image_weight / (d_image.numel() * view.pixels)
+        ctx.scales = scales[0], image_weight / (d_image.numel() * view.pixels)
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
-        return pixel.sum(), image.sum()
+        return pixel, image
 
     @staticmethod
     @once_differentiable
@@ -91,12 +92,13 @@ class _ProjectedTapLoss(torch.autograd.Function):
         grad_features = torch.empty_like(features)  # the layout of the features (dense), its strides passed on
         copy, grad_logits = (torch.empty(pixels, width, dtype=ctx.dtype, device=features.device)
                              for width in (channels, atoms))
-        grad_bias = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
+        partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
+        grad_bias = torch.empty_like(bias)
         run_projected(projected_loss_backward_kernel, view, launch, weight, bias, labels, grad_pixel, grad_image,
-                      d_image, grad_features, copy, grad_logits, grad_bias, *pixel_view(grad_features).strides,
-                      launch.chunks, *ctx.scales, **ctx.meta)
+                      d_image, grad_features, copy, grad_logits, partial, grad_bias, fused.counters(bias.device, 1),
+                      *pixel_view(grad_features).strides, launch.chunks, *ctx.scales, **ctx.meta)
         grad_weight = (copy.t() @ grad_logits).to(weight.dtype)  # Σ over pixels of s dL/dlᵀ: [C, K]
-        return (grad_features, grad_weight, grad_bias.sum().reshape(1).to(bias.dtype), *(None,) * 6)
+        return (grad_features, grad_weight, grad_bias, *(None,) * 6)
 
 
 def pixel_labels_for(pixel_labels: torch.Tensor, view: Pixels, what: str) -> torch.Tensor:
@@ -109,26 +111,17 @@ def pixel_labels_for(pixel_labels: torch.Tensor, view: Pixels, what: str) -> tor
     return pixel_labels if pixel_labels.is_contiguous() else pixel_labels.contiguous()
 
 
-def loss_buffers(view: Pixels, launch: Launch, atoms: int, pixel_weight: float):
-    """The forward kernel's per-program sums (CE [N, chunks], p [N, chunks, K]) and the CE's scale (w_pixel × the
-    mean over all pixels)."""
-    ce = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=view.x.device)
-    p_sum = torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=view.x.device)
-    return ce, p_sum, pixel_weight / (view.n * view.pixels)
-
-
-def image_terms(ce: torch.Tensor, p_sum: torch.Tensor, image_labels: torch.Tensor, view: Pixels, launch: Launch,
-                image_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per image (one program each): the CE partials summed, ḡ [N, K] from the p partials, its BCE and dBCE/dḡ
-    (/ (N·K) in backward): (pixel terms [N], image terms [N], dBCE/dḡ [N, K])."""
-    d_image = torch.empty(view.n, view.atoms, dtype=torch.float32, device=ce.device)
-    pixel, image = (torch.empty(view.n, dtype=torch.float32, device=ce.device) for _ in range(2))
-    # through the module's name: every launch goes through `fused.launch_kernel`, where ops_per_step.py counts it
-    fused.launch_kernel(image_term_kernel, (view.n,), ce, p_sum, image_labels_for(image_labels, view), d_image, pixel,
-                        image, launch.chunks, view.atoms, EPS, -image_weight / d_image.numel(),
-                        BLOCK_C=min(triton.next_power_of_2(launch.chunks), 128),
-                        BLOCK_K=min(triton.next_power_of_2(view.atoms), 1024))
-    return pixel, image, d_image
+def loss_buffers(view: Pixels, launch: Launch, atoms: int, pixel_weight: float, image_weight: float):
+    """A loss forward kernel's buffers, as it takes them: its work (per-program sums of the CE [N, chunks] and of p
+    [N, chunks, K], then the N pixel and N image terms), dBCE/dḡ [N, K], the two terms (0-dim) and the counters of
+    the programs that finish them; and its scales: the CE's (w_pixel × the mean over all pixels), p's (the mean
+    over an image's pixels), ḡ's clamp and the BCE's (-w_image / (N·K))."""
+    n, device = view.n, view.x.device
+    work = torch.empty(n * launch.chunks * (atoms + 1) + 2 * n, dtype=torch.float32, device=device)
+    d_image = torch.empty(n, atoms, dtype=torch.float32, device=device)
+    pixel, image = (torch.empty((), dtype=torch.float32, device=device) for _ in range(2))
+    buffers = (work, d_image, pixel, image, fused.counters(device, n + 1))
+    return buffers, (pixel_weight / (n * view.pixels), 1.0 / view.pixels, EPS, -image_weight / (n * atoms))
 
 
 def image_labels_for(image_labels: torch.Tensor, view: Pixels) -> torch.Tensor:

@@ -14,12 +14,14 @@ from srm_hf import fused, fused_dictionary, fused_dictionary_kernels, fused_kern
 
 STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32", "per_program": "i32"}
 OUT_STRIDES = {"o_n": "i32", "o_k": "i32", "o_s": "i32"}
+LOSS_OUTPUTS = {"g_ptr": "*fp32", "work_ptr": "*fp32", "d_ptr": "*fp32", "pixel_ptr": "*fp32", "image_ptr": "*fp32",
+                "count_ptr": "*i32"}  # the loss forward kernels' image labels, buffers, outputs and counters
 KERNELS = {  # name -> (signature before the shared stride arguments, constexprs other than the blocks)
-    "targets_kernel": ({"a_ptr": "*bf16", "label_ptr": "*i64", "part_ptr": "*fp32", "num_active": "i32",
-                        "chunks": "i32", "scale": "fp32"}, {}),
+    "targets_kernel": ({"a_ptr": "*bf16", "label_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32",
+                        "count_ptr": "*i32", "num_active": "i32", "chunks": "i32", "scale": "fp32"}, {}),
     "codes_kernel": ({"a_ptr": "*bf16", "out_ptr": "*bf16", "num_active": "i32", **OUT_STRIDES}, {}),
-    "loss_forward_kernel": ({"l_ptr": "*bf16", "y_ptr": "*i64", "ce_ptr": "*fp32", "p_ptr": "*fp32",
-                             "chunks": "i32", "ce_scale": "fp32", "p_scale": "fp32"}, {"CE_ON_SIGMOID": True}),
+    "loss_forward_kernel": ({"l_ptr": "*bf16", "y_ptr": "*i64", **LOSS_OUTPUTS, "chunks": "i32", "ce_scale": "fp32",
+                             "p_scale": "fp32", "eps": "fp32", "image_scale": "fp32"}, {"CE_ON_SIGMOID": True}),
     "loss_backward_kernel": ({"l_ptr": "*fp32", "y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32",
                               "d_img_ptr": "*fp32", "out_ptr": "*fp32", **OUT_STRIDES, "ce_scale": "fp32",
                               "p_scale": "fp32"}, {"CE_ON_SIGMOID": False, "PIXEL_TERM": True, "IMAGE_TERM": True}),
@@ -55,16 +57,6 @@ if __name__ == "__main__":
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                       options={"num_warps": fused.num_warps(block_k)})
             print(name, block_k, "cubin bytes", len(compiled.asm["cubin"]))
-    # the loss's per-image finish (pixel term, image BCE and its derivative), at the widest and narrowest blocks
-    kernel = fused_kernels.image_term_kernel
-    for block_c, block_k in ((1, 16), (128, 1024)):  # one program per image (pooled taps) ... the widest blocks
-        meta = {"BLOCK_C": block_c, "BLOCK_K": block_k}
-        signature = {"ce_ptr": "*fp32", "p_ptr": "*fp32", "g_ptr": "*fp32", "d_ptr": "*fp32", "pixel_ptr": "*fp32",
-                     "image_ptr": "*fp32", "chunks": "i32", "K": "i32", "eps": "fp32", "image_scale": "fp32"}
-        source = ASTSource(fn=kernel, signature={**signature, **{k: "constexpr" for k in meta}},
-                           constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        print("image_term_kernel", block_k, "cubin bytes", len(compiled.asm["cubin"]))
     # the elementwise gradient of the sparse codes (stage 1's backward), bf16 codes and gradients
     kernel, meta = fused_dictionary_kernels.codes_grad_kernel, {"BLOCK": fused.ELEMENTS_PER_PROGRAM}
     source = ASTSource(fn=kernel, signature={"g_ptr": "*bf16", "c_ptr": "*bf16", "out_ptr": "*bf16", "numel": "i64",
@@ -74,7 +66,7 @@ if __name__ == "__main__":
     print("codes_grad_kernel", "cubin bytes", len(compiled.asm["cubin"]))
     # stage 1's MSE, forward and backward, on bf16 maps
     for name, signature in (("squared_error_kernel", {"a_ptr": "*bf16", "b_ptr": "*bf16", "part_ptr": "*fp32",
-                                                      "scale": "fp32"}),
+                                                      "out_ptr": "*fp32", "count_ptr": "*i32", "scale": "fp32"}),
                             ("squared_error_grad_kernel", {"g_ptr": "*fp32", "a_ptr": "*bf16", "b_ptr": "*bf16",
                                                            "out_ptr": "*bf16", "scale": "fp32"})):
         kernel = kernel_named(name)
@@ -88,16 +80,16 @@ if __name__ == "__main__":
     common = {"t_ptr": "*bf16", "s_ptr": "*bf16", "d_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
               **{name: "i32" for name in ("K", "d_c", "d_k", "w_c", "w_k", "S", "C", "s_n", "s_c", "s_s",
                                           "per_program", "chunks", "num_active", *OUT_STRIDES, "o_c")},
-              **{name: "fp32" for name in ("scale", "ce_scale", "p_scale")}}
-    projected = {"projected_targets_kernel": {"label_ptr": "*i64", "part_ptr": "*fp32"},
+              **{name: "fp32" for name in ("scale", "ce_scale", "p_scale", "eps", "image_scale")}, "count_ptr": "*i32"}
+    projected = {"projected_targets_kernel": {"label_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32"},
                  "projected_codes_kernel": {"out_ptr": "*bf16"},
-                 "dictionary_forward_kernel": {"codes_ptr": "*bf16", "part_ptr": "*fp32"},
+                 "dictionary_forward_kernel": {"codes_ptr": "*bf16", "part_ptr": "*fp32", "loss_ptr": "*fp32"},
                  "dictionary_backward_kernel": {"codes_ptr": "*bf16", "g_ptr": "*fp32", "x_ptr": "*bf16",
-                                                "y_ptr": "*bf16", "db_ptr": "*fp32"},
-                 "projected_loss_forward_kernel": {"y_ptr": "*i64", "ce_ptr": "*fp32", "p_ptr": "*fp32"},
+                                                "y_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"},
+                 "projected_loss_forward_kernel": {"y_ptr": "*i64", **LOSS_OUTPUTS},
                  "projected_loss_backward_kernel": {"y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32",
                                                     "d_img_ptr": "*fp32", "ds_ptr": "*bf16", "x_ptr": "*bf16",
-                                                    "dl_ptr": "*bf16", "db_ptr": "*fp32"}}
+                                                    "dl_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"}}
     loss_meta = {"projected_loss_forward_kernel": {"CE_ON_SIGMOID": True},
                  "projected_loss_backward_kernel": {"CE_ON_SIGMOID": True, "PIXEL_TERM": True, "IMAGE_TERM": True}}
     for name, own in projected.items():

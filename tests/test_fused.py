@@ -268,8 +268,10 @@ def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
         runs[kernels] = ([e["loss"] for e in trainer.state.log_history if "loss" in e],
                          {k: v.clone() for k, v in trainer.distill_model.student.state_dict().items()})
     torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=1e-5, atol=1e-6)
+    # Adam divides by √v: where a weight's gradient is near 0 its update is a ratio of rounding-sized numbers, so
+    # after 8 steps weights may differ by a fraction of a step (lr 1e-3); a wrong gradient moves them by whole steps
     for key, value in runs["eager"][1].items():
-        torch.testing.assert_close(runs["triton"][1][key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(runs["triton"][1][key], value, rtol=1e-4, atol=1e-4)
 
 
 def test_a_kernel_that_does_not_compile_names_the_eager_switch():
@@ -297,8 +299,36 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 31 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 29 and all(int(line.split()[-1]) > 0 for line in lines)
     projected = [line.split() for line in lines if line.startswith(("projected_", "dictionary_"))]
     assert len(projected) == 18  # the dot kernels: no register spills, under 40 kB of shared memory (GPUs since 2020)
     assert all(words[words.index("spill") + 2] == "0" and int(words[words.index("shared") + 1]) < 40 * 1024
                for words in projected)
+
+
+def test_the_last_program_of_each_launch_finishes_its_sums_and_resets_the_counters():
+    """Image labels, both loss terms, stage 1's MSE and the bias gradients are summed inside their launch by the last
+    program to finish, which puts the shared counters back to 0: every call leaves them at 0, so the next launch, on
+    the same buffer, finishes too (the results of a second round equal the first)."""
+    from srm_hf import fused
+    from srm_hf.fused_dictionary import dictionary_loss_projected, mse_fused
+    from srm_hf.srm import SRMHead, srm_loss_projected
+
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(3, 20, 9, 7, generator=g).to(DEVICE)
+    coder, head = integer_coder(20, 40, 3, seed=3).to(DEVICE), SRMHead(20, 40).to(DEVICE)
+
+    def one_round():
+        pixel, image = srm_targets_projected(features, coder.dictionary, coder.bias, 3)
+        terms = srm_loss_projected(features.clone().requires_grad_(), head, pixel, image, 1.0, 1.0, True)
+        head.zero_grad()
+        sum(terms.values()).backward()
+        coder.zero_grad()
+        stage_one = dictionary_loss_projected(features, coder.dictionary, coder.bias, 3)
+        stage_one.backward()
+        mse = mse_fused(features * 0.5, features)
+        return [pixel, image, *terms.values(), head.bias.grad.clone(), stage_one, coder.bias.grad.clone(), mse]
+
+    for first, second in zip(one_round(), one_round()):
+        assert torch.equal(first, second)
+    assert fused._COUNTERS and all(not buffer.any() for buffer in fused._COUNTERS.values())

@@ -72,8 +72,8 @@ def test_a_term_of_weight_zero_is_left_out_of_the_gradient(left_out):
 
 @pytest.mark.parametrize("shape", [(2, 6, 12, 12), (3, 1100)])
 def test_the_per_image_sums_walk_many_chunks_and_wide_dictionaries(monkeypatch, shape):
-    """The kernel that finishes a tap's loss per image reads its partial sums in blocks of at most 128 programs and
-    1,024 atoms: 144 programs per image (one pixel each), and 1,100 atoms, take two blocks."""
+    """The last program of each image sums the partial sums of all its programs, row after row: 144 programs per
+    image (one pixel each), and 1,100 atoms (a block of 2,048)."""
     from srm_hf import fused
 
     monkeypatch.setattr(fused, "PIXELS_PER_PROGRAM", 1)

@@ -13,6 +13,10 @@
 #                                                           # the fused joint and dictionary steps, a teacher forward
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR quality   # fused_quality.py: SRM's quality runs eager and fused
 #                                                           # (FASHION_MNIST_DIR: IDX files)
+#
+# With BASE set to a folder holding an earlier commit's srm_hf/ (`git archive COMMIT srm_hf | tar -x -C DIR`,
+# BASE=DIR), `large` and `graphs` also time that code on the same machine, right after this checkout's run (reports
+# *_base.md): the comparison a change of the kernels needs, since timings from different machine starts differ.
 set -uo pipefail
 out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile|quality}
 part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile|quality}
@@ -20,13 +24,23 @@ mkdir -p "$out"
 B=recipes/benchmarks
 export HF_HUB_OFFLINE=1
 nvidia-smi -L
+both() {  # a benchmark whose last two arguments are `--out FILE.md`: this checkout, then BASE's srm_hf if set
+  "$@"
+  if [ -n "${BASE:-}" ]; then
+    local args=("$@") base
+    base="$(cd "$BASE" && pwd)"
+    PYTHONPATH="$base:${PYTHONPATH:-}" python3 -c "import srm_hf; assert srm_hf.__file__.startswith('$base/')" || {
+      echo "BASE=$BASE holds no srm_hf/: its run would time this checkout" >&2; return 1; }
+    PYTHONPATH="$base:${PYTHONPATH:-}" "${args[@]:0:$#-1}" "${args[-1]%.md}_base.md"
+  fi
+}
 case $part in
   tests)
     python3 -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_fused_loss.py tests/test_fused_dictionary.py \
         tests/test_gpu.py -k "not fsdp and not deepspeed" ;;
   large)
-    python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 20 --warmup 3 --out "$out/cost_224.md"
-    python3 $B/cost.py --device cuda --bf16 --batch 16 --size 112 --steps 30 --warmup 5 --out "$out/cost_112.md" ;;
+    both python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 20 --warmup 3 --out "$out/cost_224.md"
+    both python3 $B/cost.py --device cuda --bf16 --batch 16 --size 112 --steps 30 --warmup 5 --out "$out/cost_112.md" ;;
   small)
     python3 $B/cost.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t --steps 30 \
         --warmup 5 --out "$out/cost_28.md"
@@ -35,8 +49,8 @@ case $part in
         --no_nan_filter --out "$out/host_overhead_28.md"
     python3 $B/launch_cost.py --device cuda --out "$out/launch_cost.md" ;;
   graphs)
-    python3 $B/graph_step.py --device cuda --bf16 --batch 16 --size 112 --out "$out/graph_step_112.md"
-    python3 $B/graph_step.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t \
+    both python3 $B/graph_step.py --device cuda --bf16 --batch 16 --size 112 --out "$out/graph_step_112.md"
+    both python3 $B/graph_step.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t \
         --out "$out/graph_step_28.md" ;;
   pipeline)
     python3 $B/small_model_pipeline.py --workers 8 --repeats 2 --steps 300 --out "$out/small_model_pipeline.md" ;;
