@@ -2,7 +2,8 @@
 autograd node, with no K-channel float32 map:
 
     srm_tap_loss_projected(s, P, c, y, g, ...)  s           -> (pixel CE, image BCE) of `srm_loss`, the head's
-                                                               logits l = Pᵀs + c made in the kernels (K ≤ 256)
+                                                               logits l = Pᵀs + c made in the kernels (K > 256:
+                                                               256 atoms at a time)
     srm_tap_loss_fused(l, y, g, ...)            l = Pᵀs + c -> the same from logits made by torch
 
 Both read maps, tokens and vectors through their strides as `srm_hf.fused` describes, and sum per image and per
@@ -13,14 +14,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import fused
-from .fused import (EPS, Launch, Pixels, launch_for, pixel_view, projected_plan, projection_dtype, run_pixels,
-                    run_projected, triton)
+from .fused import (DOT_MIN, EPS, Launch, Pixels, launch_for, pixel_view, projected_plan, projection_dtype,
+                    run_pixels, run_projected, triton)
 
-LOSS_MAX_ATOMS = 256  # the head's projection inside the loss kernels up to this K (sm_90: no spills, < 40 kB shared)
+LOSS_MAX_ATOMS = 256  # atoms in one block of the projected loss kernels; wider heads go a block at a time (sm_90: no
+# spills, under 40 kB of shared memory)
 
 if triton is not None:
-    from .fused_kernels import (loss_backward_kernel, loss_forward_kernel, projected_loss_backward_kernel,
-                                projected_loss_forward_kernel)
+    from .fused_loss_kernels import (loss_backward_kernel, loss_forward_kernel, projected_loss_backward_kernel,
+                                     projected_loss_forward_kernel, wide_loss_backward_kernel,
+                                     wide_loss_forward_kernel)
 
 
 class _SRMTapLoss(torch.autograd.Function):
@@ -63,7 +66,8 @@ class _ProjectedTapLoss(torch.autograd.Function):
     """`_SRMTapLoss` from the student's features s and the head's P [C, K] and scalar c: the logits l = Pᵀs + c are
     made inside both kernels and never stored (s, not l, is kept for backward). Backward recomputes l, writes dL/ds in
     the layout of s, and lays a copy of s and dL/dl out pixel-major so that one matmul gives dL/dP, in the dtype
-    torch's projection would have had (autocast's, else the features'); dL/dc is summed by the kernel."""
+    torch's projection would have had (autocast's, else the features'); dL/dc is summed by the kernel. Heads wider
+    than a block of atoms (`loss_plan`) keep each pixel's log-sum-exp from forward for backward."""
 
     @staticmethod
     def forward(ctx, features, weight, bias, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid,
@@ -72,11 +76,13 @@ class _ProjectedTapLoss(torch.autograd.Function):
         atoms = weight.shape[1]
         labels = pixel_labels_for(pixel_labels, view, f"the head's logits from features {tuple(features.shape)}")
         buffers, scales = loss_buffers(view, launch, atoms, pixel_weight, image_weight)
-        run_projected(projected_loss_forward_kernel, view, launch, weight, bias, labels,
-                      image_labels_for(image_labels, view._replace(atoms=atoms)), *buffers, launch.chunks, *scales,
-                      CE_ON_SIGMOID=ce_on_sigmoid)
+        wide = launch.block_k < atoms
+        lse = torch.empty(view.n * view.pixels, dtype=torch.float32, device=features.device) if wide else None
+        run_projected(wide_loss_forward_kernel if wide else projected_loss_forward_kernel, view, launch, weight, bias,
+                      labels, image_labels_for(image_labels, view._replace(atoms=atoms)), *buffers,
+                      *([lse] if wide else []), launch.chunks, *scales, CE_ON_SIGMOID=ce_on_sigmoid)
         _, d_image, pixel, image, _ = buffers
-        ctx.save_for_backward(view.x, weight, bias, labels, d_image)
+        ctx.save_for_backward(view.x, weight, bias, labels, d_image, lse)
         ctx.plan, ctx.dtype = plan, projection_dtype(features)
         ctx.scales = scales[0], image_weight / (d_image.numel() * view.pixels)
         ctx.meta = dict(CE_ON_SIGMOID=ce_on_sigmoid, PIXEL_TERM=bool(pixel_weight), IMAGE_TERM=bool(image_weight))
@@ -85,7 +91,7 @@ class _ProjectedTapLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_pixel, grad_image):
-        features, weight, bias, labels, d_image = ctx.saved_tensors
+        features, weight, bias, labels, d_image, lse = ctx.saved_tensors
         view, launch = ctx.plan
         view = view._replace(x=features)
         pixels, (channels, atoms) = view.n * view.pixels, weight.shape
@@ -94,11 +100,23 @@ class _ProjectedTapLoss(torch.autograd.Function):
                              for width in (channels, atoms))
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
         grad_bias = torch.empty_like(bias)
-        run_projected(projected_loss_backward_kernel, view, launch, weight, bias, labels, grad_pixel, grad_image,
-                      d_image, grad_features, copy, grad_logits, partial, grad_bias, fused.counters(bias.device, 1),
+        run_projected(projected_loss_backward_kernel if lse is None else wide_loss_backward_kernel, view, launch,
+                      weight, bias, labels, *([] if lse is None else [lse]), grad_pixel, grad_image, d_image,
+                      grad_features, copy, grad_logits, partial, grad_bias, fused.counters(bias.device, 1),
                       *pixel_view(grad_features).strides, launch.chunks, *ctx.scales, **ctx.meta)
         grad_weight = (copy.t() @ grad_logits).to(weight.dtype)  # Σ over pixels of s dL/dlᵀ: [C, K]
         return (grad_features, grad_weight, grad_bias, *(None,) * 6)
+
+
+def loss_plan(features: torch.Tensor, weight: torch.Tensor) -> tuple[Pixels, Launch] | None:
+    """How the projected loss kernels walk `features` through the head P = weight [C, K]: `projected_plan` up to
+    LOSS_MAX_ATOMS atoms; wider, one block of DOT_MIN pixels per program and the atoms LOSS_MAX_ATOMS at a time, 8
+    warps. None without Triton or for an empty batch."""
+    plan = projected_plan(features, weight, LOSS_MAX_ATOMS)
+    if plan is not None or triton is None or features.numel() == 0:
+        return plan
+    view, _ = projected_plan(features, weight, max_atoms=triton.next_power_of_2(weight.shape[1]))
+    return view, Launch(triton.cdiv(view.pixels, DOT_MIN), DOT_MIN, DOT_MIN, LOSS_MAX_ATOMS, 8)
 
 
 def pixel_labels_for(pixel_labels: torch.Tensor, view: Pixels, what: str) -> torch.Tensor:
@@ -149,8 +167,8 @@ def srm_tap_loss_projected(features: torch.Tensor, weight: torch.Tensor, bias: t
                            image_weight: float, ce_on_sigmoid: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`srm_tap_loss_fused(Pᵀs + c, ...)` of an `SRMHead` (P = weight [C, K], c = bias) with the projection inside the
     kernels: float32 sums (TF32 where torch's projection would use it), no logits in memory; None where it does not
-    apply (K > LOSS_MAX_ATOMS)."""
-    plan = projected_plan(features, weight, LOSS_MAX_ATOMS)
+    apply (no Triton, an empty batch)."""
+    plan = loss_plan(features, weight)
     if plan is None:
         return None
     return _ProjectedTapLoss.apply(features, weight, bias, pixel_labels, image_labels, pixel_weight, image_weight,

@@ -277,7 +277,7 @@ def srm_loss_projected(features: torch.Tensor, head: SRMHead, pixel_labels: torc
                        image_labels: torch.Tensor, pixel_weight: float = 1.0, image_weight: float = 1.0,
                        pixel_ce_on_sigmoid: bool = True) -> dict[str, torch.Tensor] | None:
     """`srm_loss_fused(head(features), ...)` with the head's projection inside the kernels (`srm_hf.fused_loss`): the
-    head's logits are never in memory. None where that does not apply (more than 256 atoms)."""
+    head's logits are never in memory. None where that does not apply (no Triton, an empty batch)."""
     from .fused_loss import srm_tap_loss_projected
 
     terms = srm_tap_loss_projected(features, head.weight, head.bias, pixel_labels, image_labels, pixel_weight,

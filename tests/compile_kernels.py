@@ -10,10 +10,12 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from srm_hf import fused, fused_dictionary, fused_dictionary_kernels, fused_kernels, fused_loss
+from srm_hf import fused, fused_dictionary, fused_dictionary_kernels, fused_kernels, fused_loss, fused_loss_kernels
 
 STRIDES = {"S": "i32", "K": "i32", "s_n": "i32", "s_k": "i32", "s_s": "i32", "per_program": "i32"}
 OUT_STRIDES = {"o_n": "i32", "o_k": "i32", "o_s": "i32"}
+LOSS_BACKWARD = {"y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32", "d_img_ptr": "*fp32", "ds_ptr": "*bf16",
+                 "x_ptr": "*bf16", "dl_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"}
 LOSS_OUTPUTS = {"g_ptr": "*fp32", "work_ptr": "*fp32", "d_ptr": "*fp32", "pixel_ptr": "*fp32", "image_ptr": "*fp32",
                 "count_ptr": "*i32"}  # the loss forward kernels' image labels, buffers, outputs and counters
 KERNELS = {  # name -> (signature before the shared stride arguments, constexprs other than the blocks)
@@ -30,8 +32,9 @@ KERNELS = {  # name -> (signature before the shared stride arguments, constexprs
 
 
 def kernel_named(name: str):
-    """A kernel of `srm_hf.fused_kernels` or `srm_hf.fused_dictionary_kernels` (stage 1)."""
-    return getattr(fused_kernels, name, None) or getattr(fused_dictionary_kernels, name)
+    """A kernel of `srm_hf.fused_kernels`, `srm_hf.fused_loss_kernels` or `srm_hf.fused_dictionary_kernels`."""
+    modules = (fused_kernels, fused_loss_kernels, fused_dictionary_kernels)
+    return next(getattr(module, name) for module in modules if hasattr(module, name))
 
 
 def registers_and_spills(compiled) -> tuple[int, int]:
@@ -87,20 +90,23 @@ if __name__ == "__main__":
                  "dictionary_backward_kernel": {"codes_ptr": "*bf16", "g_ptr": "*fp32", "x_ptr": "*bf16",
                                                 "y_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"},
                  "projected_loss_forward_kernel": {"y_ptr": "*i64", **LOSS_OUTPUTS},
-                 "projected_loss_backward_kernel": {"y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32",
-                                                    "d_img_ptr": "*fp32", "ds_ptr": "*bf16", "x_ptr": "*bf16",
-                                                    "dl_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"}}
-    loss_meta = {"projected_loss_forward_kernel": {"CE_ON_SIGMOID": True},
-                 "projected_loss_backward_kernel": {"CE_ON_SIGMOID": True, "PIXEL_TERM": True, "IMAGE_TERM": True}}
+                 "projected_loss_backward_kernel": LOSS_BACKWARD,
+                 "wide_loss_forward_kernel": {"y_ptr": "*i64", **LOSS_OUTPUTS, "lse_ptr": "*fp32"},
+                 "wide_loss_backward_kernel": {**LOSS_BACKWARD, "lse_ptr": "*fp32"}}
+    loss_meta = {f"{kind}_loss_{way}_kernel": {"CE_ON_SIGMOID": True, **({"PIXEL_TERM": True, "IMAGE_TERM": True}
+                                                                         if way == "backward" else {})}
+                 for kind in ("projected", "wide") for way in ("forward", "backward")}
     for name, own in projected.items():
         kernel = kernel_named(name)
         stage_one = name.startswith("dictionary_")
         widest = fused_dictionary.DICTIONARY_MAX_ATOMS if stage_one else \
             fused_loss.LOSS_MAX_ATOMS if "_loss_" in name else fused.PROJECTED_MAX_ATOMS
-        for atoms in (16, 128, widest):
+        for atoms in (512, 2048) if name.startswith("wide_") else (16, 128, widest):
             features, dictionary = torch.empty(128, 64, 56, 56, device="meta"), torch.empty(64, atoms, device="meta")
             if stage_one:
                 _, plan = fused_dictionary.dictionary_plan(features, dictionary)
+            elif "_loss_" in name:
+                _, plan = fused_loss.loss_plan(features, dictionary)
             else:
                 _, plan = fused.projected_plan(features, dictionary, widest)
             stages = fused_dictionary.STAGES[name.split("_")[1]] if stage_one else 2

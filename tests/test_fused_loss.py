@@ -145,10 +145,12 @@ def test_fused_loss_reads_strided_tokens_and_low_precision_logits():
 
 @pytest.mark.parametrize("name", PROJECTED)
 @pytest.mark.parametrize("on_sigmoid", [True, False])
-@pytest.mark.parametrize("weights, atoms", [((1.0, 1.0), 40), ((0.5, 0.0), 40), ((0.0, 2.0), 40), ((0.7, 1.3), 200)])
+@pytest.mark.parametrize("weights, atoms", [((1.0, 1.0), 40), ((0.5, 0.0), 40), ((0.0, 2.0), 40), ((0.7, 1.3), 200),
+                                             ((1.0, 1.0), 300), ((0.4, 1.1), 700)])
 def test_the_loss_through_the_head_in_the_kernels_equals_the_eager_one(name, on_sigmoid, weights, atoms):
     """`srm_loss_projected`: the head's logits Pᵀs + c made inside the loss kernels give `srm_loss(head(s))`'s terms,
-    and the same gradients in s, P and c, to 1e-5 relative (200 atoms: a block of 256, the widest it takes)."""
+    and the same gradients in s, P and c, to 1e-5 relative (200 atoms: one block of 256; 300 and 700: two and three
+    blocks, the log-sum-exp kept across them)."""
     from srm_hf.srm import SRMHead, srm_loss_projected
 
     g = torch.Generator().manual_seed(atoms)

@@ -65,8 +65,8 @@ def operators(device: str, triton: bool) -> dict[str, Callable]:
                                                                                             BLOCK=1024),
             "Triton `codes_grad_kernel` through srm_hf's launcher": lambda: fused.run_elementwise(
                 codes_grad_kernel, 1024, x, y, out),
-            "srm_hf `srm_targets_fused` (1 launch, 2 `empty`, 1 `sum`)": lambda: fused.srm_targets_fused(logits, 2),
-            "srm_hf `srm_tap_loss_fused`, forward (2 launches, 5 `empty`, 2 `sum`)":
+            "srm_hf `srm_targets_fused` (1 launch, 3 `empty`)": lambda: fused.srm_targets_fused(logits, 2),
+            "srm_hf `srm_tap_loss_fused`, forward (1 launch, 4 `empty`)":
                 lambda: fused_loss.srm_tap_loss_fused(logits, labels, image, 1.0, 1.0, True),
         }
     return rows

@@ -155,7 +155,7 @@ class SRM(Method):
         (`srm_hf.fused_loss`: no logits in memory), or None where that path does not apply: the eager maths chosen
         (`srm_kernels`), `head_logits` or `tap_loss` overridden (they run instead), a head that is not a plain
         `SRMHead` (a subclass, forward hooks, a wrapper: it is called instead), head logits that need class tokens
-        dropped or a resize onto the teacher's grid, more than 256 atoms."""
+        dropped or a resize onto the teacher's grid."""
         if not use_fused(self.kernels, feature) or type(self).head_logits is not SRM.head_logits or \
                 type(self).tap_loss is not SRM.tap_loss or not runs_as_written(self.heads[pair.key], SRMHead):
             return None
