@@ -17,7 +17,8 @@ has enough programs to fill a large GPU (`Launch`). Per-image and per-batch sums
 buffers that the last program to finish sums in a fixed order, in the same launch (`counters`): the results do not
 depend on scheduling, and no separate reduction follows. `use_fused` picks the path: the kernels on CUDA tensors
 when Triton is installed (`srm_kernels="auto"`), always (`"triton"`; CPU tensors need `TRITON_INTERPRET=1`, slow,
-for tests) or never (`"eager"`). The kernels (`srm_hf.fused_kernels`) run in float32 whatever the input dtype.
+for tests) or never (`"eager"`). The kernels (`srm_hf.fused_kernels`, `fused_loss_kernels`,
+`fused_dictionary_kernels`) run in float32 whatever the input dtype.
 """
 
 import os

@@ -1,5 +1,5 @@
-"""The student's SRM loss of one tap through the Triton kernels of `srm_hf.fused_kernels`, forward and backward, as one
-autograd node, with no K-channel float32 map:
+"""The student's SRM loss of one tap through the Triton kernels of `srm_hf.fused_loss_kernels`, forward and backward,
+as one autograd node, with no K-channel float32 map:
 
     srm_tap_loss_projected(s, P, c, y, g, ...)  s           -> (pixel CE, image BCE) of `srm_loss`, the head's
                                                                logits l = Pᵀs + c made in the kernels (K > 256:
@@ -67,7 +67,8 @@ class _ProjectedTapLoss(torch.autograd.Function):
     made inside both kernels and never stored (s, not l, is kept for backward). Backward recomputes l, writes dL/ds in
     the layout of s, and lays a copy of s and dL/dl out pixel-major so that one matmul gives dL/dP, in the dtype
     torch's projection would have had (autocast's, else the features'); dL/dc is summed by the kernel. Heads wider
-    than a block of atoms (`loss_plan`) keep each pixel's log-sum-exp from forward for backward."""
+    than a block of atoms (`loss_plan`) keep each pixel's log-sum-exp from forward for backward, and take dL/ds from
+    dL/dl as written (rounded to that dtype, as autocast's convolution would get it)."""
 
     @staticmethod
     def forward(ctx, features, weight, bias, pixel_labels, image_labels, pixel_weight, image_weight, ce_on_sigmoid,

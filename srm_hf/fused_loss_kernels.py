@@ -142,9 +142,10 @@ def wide_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ptr, work_ptr, d_ptr,
         rows, cols, logit = project_block(s_ptr, w_ptr + k * w_k, n, start, S, C, K - k, s_n, s_c, s_s, w_c, w_k,
                                           PRECISION, BLOCK_S, BLOCK_C, BLOCK_K)
         p, x, y = head_terms(logit + bias, rows, cols, y_ptr, n, S, K - k, CE_ON_SIGMOID)
-        new_top = tl.maximum(top, tl.max(x, axis=1))
-        total = total * tl.exp(top - new_top) + tl.sum(tl.exp(x - new_top[:, None]), axis=1)
-        top = new_top
+        top_now = tl.maximum(top, tl.max(x, axis=1))
+        shift = tl.where(top_now == -float("inf"), 0.0, top_now)  # a block of -inf x so far: no -inf - -inf
+        total = total * tl.exp(top - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+        top = top_now
         x_y += tl.sum(tl.where(k + cols[None, :] == y[:, None], x, 0.0), axis=1)
         ok = (rows < S)[:, None] & (cols < K - k)[None, :]
         tl.store(p_ptr + k + cols, tl.sum(tl.where(ok, p, 0.0), axis=0) * p_scale, mask=cols < K - k)

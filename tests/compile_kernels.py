@@ -1,5 +1,6 @@
 """Compiles every fused SRM kernel (srm_hf.fused) for an NVIDIA H100 (sm_90) with Triton's own compiler and ptxas,
-no GPU needed, at the widest and narrowest atom blocks; prints one line per cubin. Run by tests/test_fused.py in a
+no GPU needed, at the widest and narrowest atom blocks (the wide loss kernels for an A100, sm_80, too); prints one
+line per cubin. Run by tests/test_fused.py in a
 process without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
 
 import subprocess
@@ -37,14 +38,14 @@ def kernel_named(name: str):
     return next(getattr(module, name) for module in modules if hasattr(module, name))
 
 
-def registers_and_spills(compiled) -> tuple[int, int]:
+def registers_and_spills(compiled, arch: str = "sm_90a") -> tuple[int, int]:
     """ptxas's register count and spill stores (bytes) for a compiled kernel's PTX."""
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
         with open(f"{tmp}/kernel.ptx", "w") as f:
             f.write(compiled.asm["ptx"])
-        done = subprocess.run([knobs.nvidia.ptxas.path, "-v", "--gpu-name=sm_90a", f"{tmp}/kernel.ptx", "-o",
+        done = subprocess.run([knobs.nvidia.ptxas.path, "-v", f"--gpu-name={arch}", f"{tmp}/kernel.ptx", "-o",
                                f"{tmp}/kernel.o"], capture_output=True, text=True, check=True)
     registers = int(done.stderr.split("Used ")[1].split(" registers")[0])
     return registers, int(done.stderr.split(" bytes spill stores")[0].rsplit(" ", 1)[1])
@@ -101,7 +102,9 @@ if __name__ == "__main__":
         stage_one = name.startswith("dictionary_")
         widest = fused_dictionary.DICTIONARY_MAX_ATOMS if stage_one else \
             fused_loss.LOSS_MAX_ATOMS if "_loss_" in name else fused.PROJECTED_MAX_ATOMS
-        for atoms in (512, 2048) if name.startswith("wide_") else (16, 128, widest):
+        # the wide loss kernels (a block of atoms at a time: one plan whatever K) also for an A100 (sm_80)
+        plans = ((1024, 90), (1024, 80)) if name.startswith("wide_") else ((16, 90), (128, 90), (widest, 90))
+        for atoms, arch in plans:
             features, dictionary = torch.empty(128, 64, 56, 56, device="meta"), torch.empty(64, atoms, device="meta")
             if stage_one:
                 _, plan = fused_dictionary.dictionary_plan(features, dictionary)
@@ -116,8 +119,8 @@ if __name__ == "__main__":
                          for name in kernel.arg_names}
             source = ASTSource(fn=kernel, signature=signature,
                                constexprs={(kernel.arg_names.index(k),): v for k, v in meta.items()})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
                                       options={"num_warps": plan.warps, "num_stages": stages})
-            registers, spills = registers_and_spills(compiled)
-            print(name, atoms, "shared", compiled.metadata.shared, "registers", registers, "spill stores", spills,
-                  "cubin bytes", len(compiled.asm["cubin"]))
+            registers, spills = registers_and_spills(compiled, "sm_90a" if arch == 90 else f"sm_{arch}")
+            print(name, atoms, f"sm_{arch}", "shared", compiled.metadata.shared, "registers", registers,
+                  "spill stores", spills, "cubin bytes", len(compiled.asm["cubin"]))

@@ -293,7 +293,8 @@ def test_a_kernel_that_does_not_compile_names_the_eager_switch():
 
 
 def test_every_kernel_compiles_for_a_cuda_gpu():
-    """Triton's compiler and ptxas, for sm_90, without a GPU: what the interpreter accepts must also compile."""
+    """Triton's compiler and ptxas, for sm_90 (the wide loss kernels for sm_80 too), without a GPU: what the
+    interpreter accepts must also compile."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "compile_kernels.py")], env=env,
                           capture_output=True, text=True, timeout=HANG_GUARD_S)

@@ -198,11 +198,12 @@ def test_stage_one_in_two_kernels_at_resnet18_tap_sizes(channels, size):
         torch.testing.assert_close(g, w, rtol=5e-2, atol=1e-4)
 
 
-@pytest.mark.parametrize("channels, size, atoms", [(64, 56, 128), (128, 28, 256), (256, 14, 512), (512, 7, 1024)])
+@pytest.mark.parametrize("channels, size, atoms", [(64, 56, 128), (128, 28, 256), (256, 14, 512), (512, 7, 1024),
+                                                  (200, 9, 1000)])
 def test_the_loss_through_the_head_in_the_kernels_at_resnet18_tap_sizes(channels, size, atoms):
     """The student's SRM loss with the head's projection inside the compiled kernels: terms and gradients in s, P
-    and c as `srm_loss(head(s))` gives them in IEEE float32, to 1e-4 relative (512 and 1,024 atoms: 256 at a
-    time)."""
+    and c as `srm_loss(head(s))` gives them in IEEE float32, to 1e-4 relative (512 and more atoms: 256 at a time;
+    1,000: the last block part padding)."""
     from srm_hf.srm import SRMHead, srm_loss, srm_loss_projected, srm_targets, top_k_mask
 
     torch.manual_seed(0)
