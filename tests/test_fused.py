@@ -269,9 +269,14 @@ def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
                          {k: v.clone() for k, v in trainer.distill_model.student.state_dict().items()})
     torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=1e-5, atol=1e-6)
     # Adam divides by √v: where a weight's gradient is near 0 its update is a ratio of rounding-sized numbers, so
-    # after 8 steps weights may differ by a fraction of a step (lr 1e-3); a wrong gradient moves them by whole steps
+    # after 8 steps single weights may differ by a fraction of a step (lr 1e-3, seen up to 1.7e-4 with other library
+    # versions); a wrong gradient moves whole tensors by whole steps. So each tensor is compared as a whole
     for key, value in runs["eager"][1].items():
-        torch.testing.assert_close(runs["triton"][1][key], value, rtol=1e-4, atol=1e-4)
+        got = runs["triton"][1][key]
+        if value.is_floating_point():
+            assert (got - value).norm() <= 1e-3 * value.norm() + 1e-6, key
+        else:
+            assert torch.equal(got, value), key  # e.g. BatchNorm's step counts
 
 
 def test_a_kernel_that_does_not_compile_names_the_eager_switch():
