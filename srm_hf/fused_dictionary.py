@@ -5,25 +5,29 @@ reconstruction, each one autograd node, no float32 copy of the teacher's maps.
                                                       in the kernel (K ≤ 512); differentiable in t, D and b
     sparse_codes_fused(a, k)            a = Dᵀt + b -> the same from a projection made by torch, differentiable in a
     mse_fused(t̂, t)                                -> MSE(t̂, t) read in the maps' own dtype, differentiable in t̂
-    dictionary_loss_projected(t, D, b, k)          -> MSE(D λ, t) all at once (K ≤ 256): one kernel forward, one
-                                                      kernel and one matmul backward, differentiable in D and b
+    dictionary_loss_projected(t, D, b, k)          -> MSE(D λ, t) all at once: one kernel forward, one kernel and
+                                                      one matmul backward, differentiable in D and b (K ≤ 256 in one
+                                                      block of atoms; wider, a block at a time, k ≤ 64)
 """
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, counters, launch_for, pixel_view, projected_plan,
-                    projection_dtype, run_elementwise, run_pixels, run_projected, triton)
+from .fused import (DOT_MIN, ELEMENTS_PER_PROGRAM, Launch, Pixels, counters, launch_for, pixel_view,
+                    projected_plan, projection_dtype, run_elementwise, run_pixels, run_projected, triton)
 from .srm import apply_per_pixel
 
-DICTIONARY_MAX_ATOMS = 256  # stage 1 in two kernels up to this K (wider: the codes kernel, torch's convolutions)
+DICTIONARY_MAX_ATOMS = 256  # stage 1's kernels take the atoms in one block up to this K, wider a block at a time
+WIDE_MAX_ACTIVE = 64  # ... keeping each pixel's top k across the blocks, for k up to this (more: the codes kernel
+# and torch's convolutions)
 STAGES = {"forward": 1, "backward": 2}  # software pipelining of the two kernels' loads: at 8 warps no register
 # spills and under 40 kB of shared memory for sm_90 at any K they take (tests/compile_kernels.py)
 
 if triton is not None:
     from .fused_dictionary_kernels import (codes_grad_kernel, codes_kernel, dictionary_backward_kernel,
                                            dictionary_forward_kernel, projected_codes_kernel,
-                                           squared_error_grad_kernel, squared_error_kernel)
+                                           squared_error_grad_kernel, squared_error_kernel,
+                                           wide_dictionary_backward_kernel, wide_dictionary_forward_kernel)
 
 
 class _SparseCodes(torch.autograd.Function):
@@ -159,9 +163,11 @@ class _DictionaryLoss(torch.autograd.Function):
         y = torch.empty(2, pixels, atoms, dtype=projection_dtype(features), device=features.device)  # λ, then dL/da
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
         loss = torch.empty((), dtype=torch.float32, device=features.device)
-        run_projected(dictionary_forward_kernel, view, launch, dictionary, bias, y, partial, loss,
-                      counters(features.device, 1), num_active, launch.chunks, 1.0 / (pixels * channels),
-                      stages=STAGES["forward"])
+        wide = launch.block_k < atoms
+        kernel, meta = (wide_dictionary_forward_kernel, {"KP": top_slots(num_active)}) if wide else \
+            (dictionary_forward_kernel, {})
+        run_projected(kernel, view, launch, dictionary, bias, y, partial, loss, counters(features.device, 1),
+                      num_active, launch.chunks, 1.0 / (pixels * channels), stages=STAGES["forward"], **meta)
         ctx.save_for_backward(view.x, dictionary, y)
         ctx.plan, ctx.bias_dtype = plan, bias.dtype
         return loss
@@ -175,9 +181,10 @@ class _DictionaryLoss(torch.autograd.Function):
         x = torch.empty(2, pixels, channels, dtype=y.dtype, device=y.device)  # e, then t
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=y.device)
         grad_bias = torch.empty(1, dtype=ctx.bias_dtype, device=y.device)
-        run_projected(dictionary_backward_kernel, view._replace(x=features), launch, dictionary, y, grad, x, y,
-                      partial, grad_bias, counters(y.device, 1), launch.chunks, 2.0 / (pixels * channels),
-                      stages=STAGES["backward"])
+        wide = launch.block_k < dictionary.shape[1]
+        run_projected(wide_dictionary_backward_kernel if wide else dictionary_backward_kernel,
+                      view._replace(x=features), launch, dictionary, y, grad, x, y, partial, grad_bias,
+                      counters(y.device, 1), launch.chunks, 2.0 / (pixels * channels), stages=STAGES["backward"])
         grad_dictionary = x.view(2 * pixels, channels).t() @ y.view(2 * pixels, -1)  # [C, K]
         return None, grad_dictionary.to(dictionary.dtype), grad_bias, None, None
 
@@ -185,15 +192,29 @@ class _DictionaryLoss(torch.autograd.Function):
 def dictionary_loss_projected(features: torch.Tensor, dictionary: torch.Tensor, bias: torch.Tensor,
                               num_active: int) -> torch.Tensor | None:
     """`dictionary_loss(t, coder(t)[1])` of a `SparseCoder` (D, b, k) in two kernels and a matmul, differentiable in
-    D and b (float32 sums, TF32 where torch's projection would use it); None where it does not apply: K >
-    DICTIONARY_MAX_ATOMS, or features that need a gradient themselves (the teacher's never do)."""
-    plan = dictionary_plan(features, dictionary)
+    D and b (float32 sums, TF32 where torch's projection would use it); None where it does not apply: k >
+    WIDE_MAX_ACTIVE over more than DICTIONARY_MAX_ATOMS atoms, or features that need a gradient themselves (the
+    teacher's never do)."""
+    plan = dictionary_plan(features, dictionary, num_active)
     if plan is None or features.requires_grad:
         return None
     return _DictionaryLoss.apply(features, dictionary, bias, num_active, plan)
 
 
-def dictionary_plan(features: torch.Tensor, dictionary: torch.Tensor) -> tuple[Pixels, Launch] | None:
-    """`projected_plan` for stage 1's two kernels: up to DICTIONARY_MAX_ATOMS atoms, 8 warps."""
+def dictionary_plan(features: torch.Tensor, dictionary: torch.Tensor,
+                    num_active: int) -> tuple[Pixels, Launch] | None:
+    """How stage 1's two kernels walk `features`: `projected_plan` up to DICTIONARY_MAX_ATOMS atoms, 8 warps; wider,
+    one block of DOT_MIN pixels per program and the atoms DICTIONARY_MAX_ATOMS at a time (the wide kernels), for k up
+    to WIDE_MAX_ACTIVE. None where neither applies (no Triton, an empty batch, k too large)."""
     plan = projected_plan(features, dictionary, DICTIONARY_MAX_ATOMS)
-    return None if plan is None else (plan[0], plan[1]._replace(warps=8))
+    if plan is not None:
+        return plan[0], plan[1]._replace(warps=8)
+    if triton is None or features.numel() == 0 or top_slots(num_active) > WIDE_MAX_ACTIVE:
+        return None
+    view, _ = projected_plan(features, dictionary, max_atoms=triton.next_power_of_2(dictionary.shape[1]))
+    return view, Launch(triton.cdiv(view.pixels, DOT_MIN), DOT_MIN, DOT_MIN, DICTIONARY_MAX_ATOMS, 8)
+
+
+def top_slots(num_active: int) -> int:
+    """The slots the wide kernels keep per pixel for its running top k: k rounded up to a power of two (≥ 2)."""
+    return max(2, triton.next_power_of_2(num_active))

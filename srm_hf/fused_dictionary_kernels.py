@@ -7,7 +7,7 @@ kernel over pixels; built on the blocks of `srm_hf.fused_kernels` (the same layo
 import triton
 import triton.language as tl
 
-from .fused_kernels import finish_sum, load_block, project_block, sparse_codes
+from .fused_kernels import NO_ATOM, codes_from_top, finish_sum, load_block, merge_top_k, project_block, sparse_codes
 
 
 @triton.jit
@@ -131,5 +131,100 @@ def dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr, db_
             d_codes = tl.dot(e, d, d_codes, input_precision=PRECISION)
         d_a = d_codes * codes * (1.0 - codes)  # 0 where an atom was not kept (λ = 0)
         tl.store(y_ptr + (pixels + at) * K + cols[None, :], d_a.to(y_ptr.dtype.element_ty), mask=ok)
+        db += tl.sum(tl.where(ok, d_a, 0.0), axis=0)
+    finish_sum(db_ptr, grad_b_ptr, count_ptr, n * chunks + chunk, tl.sum(db, axis=0))
+
+
+@triton.jit
+def wide_dictionary_forward_kernel(t_ptr, d_ptr, b_ptr, codes_ptr, part_ptr, loss_ptr, count_ptr, num_active, chunks,
+                                   scale, K, d_c, d_k, S, C, s_n, s_c, s_s, per_program, PRECISION: tl.constexpr,
+                                   KP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
+    # dictionary_forward_kernel for K wider than a block, one block of BLOCK_S pixels per program (per_program =
+    # BLOCK_S): a = Dᵀt + b made BLOCK_K atoms at a time, each pixel's top k kept across the blocks (merge_top_k, KP
+    # slots ≥ k); λ then written a block at a time (codes_from_top) and read back, after a barrier, for t̂ = D λ
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    start = chunk * BLOCK_S
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    at = (n * S + rows)[:, None]  # pixel-major row of each pixel
+    bias = tl.load(b_ptr).to(tl.float32)
+    top_a = tl.full([BLOCK_S, KP], -float("inf"), tl.float32)
+    top_i = tl.full([BLOCK_S, KP], NO_ATOM, tl.int32)
+    nan = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        _, _, a = project_block(t_ptr, d_ptr + k * d_k, n, start, S, C, K - k, s_n, s_c, s_s, d_c, d_k, PRECISION,
+                                BLOCK_S, BLOCK_C, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K - k)[None, :]
+        a += bias
+        nan = tl.maximum(nan, tl.max(tl.where(ok & (a != a), 1, 0), axis=1))  # tl.max skips NaN: keep it visible
+        top_a, top_i = merge_top_k(top_a, top_i, a, k + cols, ok, num_active, BLOCK_S, KP)
+    top_codes = tl.sigmoid(top_a)
+    for k in range(0, K, BLOCK_K):
+        ok = (rows < S)[:, None] & (cols < K - k)[None, :]
+        codes = codes_from_top(top_codes, top_i, k + cols, nan > 0, num_active, BLOCK_S, BLOCK_K, KP)
+        tl.store(codes_ptr + at * K + k + cols[None, :], codes.to(codes_ptr.dtype.element_ty), mask=ok)
+    tl.debug_barrier()  # the λ stored above, by any thread of this program, is read back below
+    total = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for c in range(0, C, BLOCK_C):
+        _, _, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+        rebuilt = wide_reconstruct_block(codes_ptr, at, rows < S, d_ptr, c, C, K, d_c, d_k, PRECISION, BLOCK_S,
+                                         BLOCK_C, BLOCK_K)
+        total += (rebuilt - t) * (rebuilt - t)  # 0 outside the map: both are
+    finish_sum(part_ptr, loss_ptr, count_ptr, n * chunks + chunk, tl.sum(tl.sum(total, axis=1), axis=0) * scale)
+
+
+@triton.jit
+def wide_reconstruct_block(codes_ptr, at, pixel_ok, d_ptr, c, C, K, d_c, d_k, PRECISION: tl.constexpr,
+                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # reconstruct_block from the codes λ stored pixel-major (rows `at` of codes_ptr [N·S, K]), BLOCK_K atoms at a
+    # time: t̂ [BLOCK_S, BLOCK_C] for channels c .. c + BLOCK_C, 0 beyond C; read from L2 (.cg), as this program
+    # may have just written them
+    cols = tl.arange(0, BLOCK_K)
+    rebuilt = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        ok = pixel_ok[:, None] & (cols < K - k)[None, :]
+        codes = tl.load(codes_ptr + at * K + k + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        _, _, part = reconstruct_block(codes.to(tl.float32), d_ptr + k * d_k, c, C, K - k, d_c, d_k, PRECISION,
+                                       BLOCK_C, BLOCK_K)
+        rebuilt += part
+    return rebuilt
+
+
+@triton.jit
+def wide_dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr, db_ptr, grad_b_ptr, count_ptr,
+                                    chunks, scale, K, d_c, d_k, S, C, s_n, s_c, s_s, per_program,
+                                    PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                                    BLOCK_K: tl.constexpr):
+    # dictionary_backward_kernel for K wider than a block, one block of BLOCK_S pixels per program: first, a block
+    # of channels at a time, e = g·scale·(t̂ - t) (t̂ from the λ the forward wrote) and t into X; after a barrier,
+    # a block of atoms at a time, dL/dλ = Dᵀe from the e just written (read back in X's dtype, as torch's decoder
+    # would take its gradient) and dL/da = dL/dλ · λ(1-λ) into Y, summed for dL/db
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    pixels = tl.num_programs(0).to(tl.int64) * S  # N·S: where the second halves of X and Y start
+    start = chunk * BLOCK_S
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    at = (n * S + rows)[:, None]  # pixel-major row of each pixel
+    g = tl.load(g_ptr).to(tl.float32) * scale
+    for c in range(0, C, BLOCK_C):
+        _, chans, t_ok, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+        rebuilt = wide_reconstruct_block(codes_ptr, at, rows < S, d_ptr, c, C, K, d_c, d_k, PRECISION, BLOCK_S,
+                                         BLOCK_C, BLOCK_K)
+        tl.store(x_ptr + at * C + c + chans[None, :], ((rebuilt - t) * g).to(x_ptr.dtype.element_ty), mask=t_ok)
+        tl.store(x_ptr + (pixels + at) * C + c + chans[None, :], t.to(x_ptr.dtype.element_ty), mask=t_ok)
+    tl.debug_barrier()  # the e stored above, by any thread of this program, is read back below
+    db = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        ok = (rows < S)[:, None] & (cols < K - k)[None, :]
+        codes = tl.load(codes_ptr + at * K + k + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        d_codes = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+        for c in range(0, C, BLOCK_C):
+            chans = c + tl.arange(0, BLOCK_C)
+            e_ok = (rows < S)[:, None] & (chans < C)[None, :]
+            e = tl.load(x_ptr + at * C + chans[None, :], mask=e_ok, other=0.0, cache_modifier=".cg")
+            d_ok = (chans < C)[:, None] & (cols < K - k)[None, :]
+            d = tl.load(d_ptr + chans[:, None] * d_c + (k + cols[None, :]) * d_k, mask=d_ok, other=0.0)
+            d_codes = tl.dot(e.to(tl.float32), d.to(tl.float32), d_codes, input_precision=PRECISION)
+        d_a = d_codes * codes * (1.0 - codes)  # 0 where an atom was not kept (λ = 0)
+        tl.store(y_ptr + (pixels + at) * K + k + cols[None, :], d_a.to(y_ptr.dtype.element_ty), mask=ok)
         db += tl.sum(tl.where(ok, d_a, 0.0), axis=0)
     finish_sum(db_ptr, grad_b_ptr, count_ptr, n * chunks + chunk, tl.sum(db, axis=0))

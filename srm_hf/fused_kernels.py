@@ -11,6 +11,8 @@ counter (`arrive`) adds the parts up in a fixed order.
 import triton
 import triton.language as tl
 
+NO_ATOM = tl.constexpr(2**30)  # the atom index of an unused slot of a pixel's running top k (`merge_top_k`)
+
 
 @triton.jit
 def sparse_codes(a, ok, num_active, BLOCK_K: tl.constexpr):
@@ -24,6 +26,39 @@ def sparse_codes(a, ok, num_active, BLOCK_K: tl.constexpr):
         kept, free = kept | (cols == first), free & (cols != first)
     nan = tl.max(tl.where(ok & (a != a), 1, 0), axis=1)[:, None] > 0  # tl.max skips NaN: keep it visible
     return tl.where(nan, float("nan"), tl.where(kept, tl.sigmoid(a), 0.0))
+
+
+@triton.jit
+def merge_top_k(top_a, top_i, a, atoms, free, num_active, BLOCK_S: tl.constexpr, KP: tl.constexpr):
+    # the k largest values of each pixel among its top so far (top_a, top_i [BLOCK_S, KP]: values and atom indices
+    # in the order chosen, unused slots at index NO_ATOM) and a block a [BLOCK_S, BLOCK_K] of atoms `atoms`
+    # [BLOCK_K] (free: those to choose from), chosen as `sparse_codes` chooses over all K at once: the largest first,
+    # the lowest index first among equal values. Blocks merged in any order give the same set (the order is total)
+    slots = tl.arange(0, KP)[None, :]
+    kept = top_i < NO_ATOM
+    new_a, new_i = tl.full([BLOCK_S, KP], -float("inf"), tl.float32), tl.full([BLOCK_S, KP], NO_ATOM, tl.int32)
+    for j in range(num_active):
+        top = tl.maximum(tl.max(tl.where(kept, top_a, -float("inf")), axis=1),
+                         tl.max(tl.where(free, a, -float("inf")), axis=1))[:, None]
+        first = tl.minimum(tl.min(tl.where(kept & (top_a == top), top_i, NO_ATOM), axis=1),
+                           tl.min(tl.where(free & (a == top), atoms[None, :], NO_ATOM), axis=1))[:, None]
+        kept, free = kept & (top_i != first), free & (atoms[None, :] != first)
+        new_a, new_i = tl.where(slots == j, top, new_a), tl.where(slots == j, first, new_i)
+    return new_a, new_i
+
+
+@triton.jit
+def codes_from_top(top_codes, top_i, atoms, nan, num_active, BLOCK_S: tl.constexpr, BLOCK_K: tl.constexpr,
+                   KP: tl.constexpr):
+    # a block of codes λ [BLOCK_S, BLOCK_K] for the atoms `atoms` from each pixel's kept atoms (top_i [BLOCK_S, KP])
+    # and their codes (top_codes, sigmoid of their a): 0 elsewhere, NaN over a pixel flagged in nan [BLOCK_S]
+    slots = tl.arange(0, KP)[None, :]
+    codes = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
+    for j in range(num_active):
+        atom = tl.sum(tl.where(slots == j, top_i, 0), axis=1)[:, None]
+        code = tl.sum(tl.where(slots == j, top_codes, 0.0), axis=1)[:, None]
+        codes = tl.where(atoms[None, :] == atom, code, codes)
+    return tl.where(nan[:, None], float("nan"), codes)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """Compiles every fused SRM kernel (srm_hf.fused) for an NVIDIA H100 (sm_90) with Triton's own compiler and ptxas,
-no GPU needed, at the widest and narrowest atom blocks (the wide loss kernels for an A100, sm_80, too); prints one
+no GPU needed, at the widest and narrowest atom blocks (the wide kernels for an A100, sm_80, too); prints one
 line per cubin. Run by tests/test_fused.py in a
 process without TRITON_INTERPRET (under it the kernels are interpreted, not compiled)."""
 
@@ -19,6 +19,8 @@ LOSS_BACKWARD = {"y_ptr": "*i64", "g_ce_ptr": "*fp32", "g_img_ptr": "*fp32", "d_
                  "x_ptr": "*bf16", "dl_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"}
 LOSS_OUTPUTS = {"g_ptr": "*fp32", "work_ptr": "*fp32", "d_ptr": "*fp32", "pixel_ptr": "*fp32", "image_ptr": "*fp32",
                 "count_ptr": "*i32"}  # the loss forward kernels' image labels, buffers, outputs and counters
+STAGE_ONE_BACKWARD = {"codes_ptr": "*bf16", "g_ptr": "*fp32", "x_ptr": "*bf16", "y_ptr": "*bf16", "db_ptr": "*fp32",
+                      "grad_b_ptr": "*fp32"}
 KERNELS = {  # name -> (signature before the shared stride arguments, constexprs other than the blocks)
     "targets_kernel": ({"a_ptr": "*bf16", "label_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32",
                         "count_ptr": "*i32", "num_active": "i32", "chunks": "i32", "scale": "fp32"}, {}),
@@ -88,8 +90,9 @@ if __name__ == "__main__":
     projected = {"projected_targets_kernel": {"label_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32"},
                  "projected_codes_kernel": {"out_ptr": "*bf16"},
                  "dictionary_forward_kernel": {"codes_ptr": "*bf16", "part_ptr": "*fp32", "loss_ptr": "*fp32"},
-                 "dictionary_backward_kernel": {"codes_ptr": "*bf16", "g_ptr": "*fp32", "x_ptr": "*bf16",
-                                                "y_ptr": "*bf16", "db_ptr": "*fp32", "grad_b_ptr": "*fp32"},
+                 "dictionary_backward_kernel": STAGE_ONE_BACKWARD,
+                 "wide_dictionary_forward_kernel": {"codes_ptr": "*bf16", "part_ptr": "*fp32", "loss_ptr": "*fp32"},
+                 "wide_dictionary_backward_kernel": STAGE_ONE_BACKWARD,
                  "projected_loss_forward_kernel": {"y_ptr": "*i64", **LOSS_OUTPUTS},
                  "projected_loss_backward_kernel": LOSS_BACKWARD,
                  "wide_loss_forward_kernel": {"y_ptr": "*i64", **LOSS_OUTPUTS, "lse_ptr": "*fp32"},
@@ -99,22 +102,24 @@ if __name__ == "__main__":
                  for kind in ("projected", "wide") for way in ("forward", "backward")}
     for name, own in projected.items():
         kernel = kernel_named(name)
-        stage_one = name.startswith("dictionary_")
+        stage_one = "dictionary_" in name
         widest = fused_dictionary.DICTIONARY_MAX_ATOMS if stage_one else \
             fused_loss.LOSS_MAX_ATOMS if "_loss_" in name else fused.PROJECTED_MAX_ATOMS
-        # the wide loss kernels (a block of atoms at a time: one plan whatever K) also for an A100 (sm_80)
+        # the wide kernels (a block of atoms at a time: one plan whatever K) also for an A100 (sm_80)
         plans = ((1024, 90), (1024, 80)) if name.startswith("wide_") else ((16, 90), (128, 90), (widest, 90))
         for atoms, arch in plans:
             features, dictionary = torch.empty(128, 64, 56, 56, device="meta"), torch.empty(64, atoms, device="meta")
             if stage_one:
-                _, plan = fused_dictionary.dictionary_plan(features, dictionary)
+                _, plan = fused_dictionary.dictionary_plan(features, dictionary, 20)
             elif "_loss_" in name:
                 _, plan = fused_loss.loss_plan(features, dictionary)
             else:
                 _, plan = fused.projected_plan(features, dictionary, widest)
-            stages = fused_dictionary.STAGES[name.split("_")[1]] if stage_one else 2
+            stages = fused_dictionary.STAGES[name.split("_")[-2]] if stage_one else 2
             meta = {**loss_meta.get(name, {}), "PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN,
                     "BLOCK_K": plan.block_k}
+            if "KP" in kernel.arg_names:  # the running top k's slots, for k = 20 (ResNet layer4 at m = 2, s = 0.02)
+                meta["KP"] = fused_dictionary.top_slots(20)
             signature = {name: "constexpr" if name in meta else own.get(name) or common[name]
                          for name in kernel.arg_names}
             source = ASTSource(fn=kernel, signature=signature,

@@ -62,10 +62,12 @@ def test_codes_projected_in_the_kernel_come_as_torch_s_projection_gives_them(nam
 
 
 @pytest.mark.parametrize("name", PROJECTED)
-@pytest.mark.parametrize("atoms, k", [(40, 3), (200, 7)])  # 200 atoms: a block of 256, the widest stage 1 takes
+@pytest.mark.parametrize("atoms, k", [(40, 3), (200, 7), (300, 7), (600, 20)])
 def test_stage_one_in_two_kernels_equals_the_eager_loss_and_gradients(name, atoms, k):
     """`dictionary_loss_projected`: MSE(D λ, t) and its gradients in D and b as the eager coder and `dictionary_loss`
-    give them, ties included (exact integer features, atoms on a grid of 1/8, equal atoms in pairs)."""
+    give them, ties included (exact integer features, atoms on a grid of 1/8, equal atoms in pairs). 200 atoms: one
+    block of 256, the widest the one-block kernels take; 300 and 600: the wide kernels, with atoms tied across blocks
+    (j and j + K/2) and a part-padded last block."""
     from srm_hf.fused_dictionary import dictionary_loss_projected
     from srm_hf.srm import dictionary_loss
 
@@ -77,6 +79,12 @@ def test_stage_one_in_two_kernels_equals_the_eager_loss_and_gradients(name, atom
         coder.zero_grad()
         loss = dictionary_loss_projected(t, coder.dictionary, coder.bias, k) if fused_path else \
             dictionary_loss(t, coder(t)[1])
+        if fused_path:  # the codes the forward kernel wrote (pixel-major), as the eager coder keeps them
+            want = coder.encode(t).detach()
+            want = want.movedim(1, -1) if t.dim() == 4 else want
+            codes = loss.grad_fn.saved_tensors[2][0].view(want.shape)
+            assert torch.equal(codes != 0, want != 0)
+            torch.testing.assert_close(codes, want, rtol=1e-6, atol=1e-7)
         (2.5 * loss).backward()
         results.append((loss.detach(), coder.dictionary.grad.clone(), coder.bias.grad.clone()))
     (loss, grad_d, grad_b), (f_loss, f_grad_d, f_grad_b) = results
@@ -86,14 +94,15 @@ def test_stage_one_in_two_kernels_equals_the_eager_loss_and_gradients(name, atom
     torch.testing.assert_close(f_grad_b, grad_b, rtol=1e-5, atol=1e-6)
 
 
-def test_stage_one_in_two_kernels_from_bf16_maps_under_autocast():
+@pytest.mark.parametrize("atoms", [48, 300])
+def test_stage_one_in_two_kernels_from_bf16_maps_under_autocast(atoms):
     """bf16 teacher maps under autocast, as a bf16 run trains stage 1: the loss and gradients of the float32 maths on
     the same maps within bf16's rounding of the stored codes and gradients (the eager bf16 path rounds more)."""
     from srm_hf.fused_dictionary import dictionary_loss_projected
     from srm_hf.srm import dictionary_loss
 
     torch.manual_seed(2)
-    coder = SparseCoder(24, 48, 3).to(DEVICE)
+    coder = SparseCoder(24, atoms, 3).to(DEVICE)
     t = torch.randn(4, 24, 7, 7, device=DEVICE).relu().bfloat16()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         loss = dictionary_loss_projected(t, coder.dictionary, coder.bias, 3)
@@ -107,18 +116,31 @@ def test_stage_one_in_two_kernels_from_bf16_maps_under_autocast():
 
 
 def test_stage_one_in_two_kernels_applies_only_where_it_can():
-    """Wider dictionaries and features that need a gradient themselves go the other way (codes kernel, torch's
-    convolutions); the coder's `reconstruction_loss` gives the same loss either way."""
-    from srm_hf.fused_dictionary import DICTIONARY_MAX_ATOMS, dictionary_loss_projected
+    """More than WIDE_MAX_ACTIVE atoms kept of a wide dictionary, and features that need a gradient themselves, go the
+    other way (codes kernel, torch's convolutions); the coder's `reconstruction_loss` gives the same loss either way."""
+    from srm_hf.fused_dictionary import DICTIONARY_MAX_ATOMS, WIDE_MAX_ACTIVE, dictionary_loss_projected
 
-    wide = integer_coder(20, 2 * DICTIONARY_MAX_ATOMS, 3, seed=0)
+    dense = integer_coder(20, 2 * DICTIONARY_MAX_ATOMS, WIDE_MAX_ACTIVE + 1, seed=0)
     t = torch.randint(-3, 4, (2, 20, 3, 3), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
-    assert dictionary_loss_projected(t, wide.dictionary, wide.bias, 3) is None
+    assert dictionary_loss_projected(t, dense.dictionary, dense.bias, dense.num_active) is None
     narrow = integer_coder(20, 40, 3, seed=0)
     assert dictionary_loss_projected(t.clone().requires_grad_(), narrow.dictionary, narrow.bias, 3) is None
-    for coder in (wide, narrow):
+    for coder in (dense, narrow):
         torch.testing.assert_close(coder.reconstruction_loss(t, fused=True), coder.reconstruction_loss(t),
                                    rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over a pixel of NaN
+@pytest.mark.parametrize("atoms", [40, 300])
+def test_stage_one_in_two_kernels_carries_a_nan_pixel(atoms):
+    """A teacher map with a NaN gives a NaN loss, as the eager maths does, in one block of atoms or several."""
+    from srm_hf.fused_dictionary import dictionary_loss_projected
+
+    coder = integer_coder(20, atoms, 3, seed=1)
+    t = torch.randint(-3, 4, (2, 20, 3, 3), generator=torch.Generator().manual_seed(1)).float().to(DEVICE)
+    t[1, 4, 2, 0] = float("nan")
+    assert dictionary_loss_projected(t, coder.dictionary, coder.bias, 3).isnan()
+    assert coder.reconstruction_loss(t).isnan()
 
 
 @pytest.mark.parametrize("grad_layout", ["same as the codes", "another"])
