@@ -11,13 +11,18 @@ from .fused_kernels import arrive, finish_sum, load_block, project_block, sum_ro
 
 
 @triton.jit
-def head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID: tl.constexpr):
-    # a block of head logits l [BLOCK_S, BLOCK_K] of image n: (p = sigmoid(l), the CE input x = p or l with padded
-    # atoms at -inf (padded pixels stay finite), the pixels' labels y)
+def sigmoid_terms(logit, cols, K, CE_ON_SIGMOID: tl.constexpr):
+    # a block of head logits l [BLOCK_S, BLOCK_K]: (p = sigmoid(l), the CE input x = p or l with padded atoms at -inf;
+    # padded pixels stay finite)
     p = tl.sigmoid(logit)
-    x = tl.where((cols < K)[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))
-    y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
-    return p, x, y
+    return p, tl.where((cols < K)[None, :], p if CE_ON_SIGMOID else logit, -float("inf"))
+
+
+@triton.jit
+def head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID: tl.constexpr):
+    # sigmoid_terms of a block of image n's pixels `rows`, and their labels y: (p, x, y)
+    p, x = sigmoid_terms(logit, cols, K, CE_ON_SIGMOID)
+    return p, x, tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
 
 
 @triton.jit
@@ -136,12 +141,14 @@ def wide_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ptr, work_ptr, d_ptr,
     N, start = tl.num_programs(0).to(tl.int64), chunk * BLOCK_S
     bias = tl.load(b_ptr).to(tl.float32)
     p_ptr = work_ptr + N * chunks + (n * chunks + chunk) * K
+    rows = start + tl.arange(0, BLOCK_S)
+    y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)  # the pixels' labels, for every block of atoms
     top = tl.full([BLOCK_S], -float("inf"), dtype=tl.float32)
     total, x_y = tl.zeros([BLOCK_S], dtype=tl.float32), tl.zeros([BLOCK_S], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        rows, cols, logit = project_block(s_ptr, w_ptr + k * w_k, n, start, S, C, K - k, s_n, s_c, s_s, w_c, w_k,
-                                          PRECISION, BLOCK_S, BLOCK_C, BLOCK_K)
-        p, x, y = head_terms(logit + bias, rows, cols, y_ptr, n, S, K - k, CE_ON_SIGMOID)
+        _, cols, logit = project_block(s_ptr, w_ptr + k * w_k, n, start, S, C, K - k, s_n, s_c, s_s, w_c, w_k,
+                                       PRECISION, BLOCK_S, BLOCK_C, BLOCK_K)
+        p, x = sigmoid_terms(logit + bias, cols, K - k, CE_ON_SIGMOID)
         top_now = tl.maximum(top, tl.max(x, axis=1))
         shift = tl.where(top_now == -float("inf"), 0.0, top_now)  # a block of -inf x so far: no -inf - -inf
         total = total * tl.exp(top - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
@@ -149,7 +156,6 @@ def wide_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ptr, work_ptr, d_ptr,
         x_y += tl.sum(tl.where(k + cols[None, :] == y[:, None], x, 0.0), axis=1)
         ok = (rows < S)[:, None] & (cols < K - k)[None, :]
         tl.store(p_ptr + k + cols, tl.sum(tl.where(ok, p, 0.0), axis=0) * p_scale, mask=cols < K - k)
-    rows = start + tl.arange(0, BLOCK_S)
     lse = top + tl.log(total)
     tl.store(lse_ptr + n * S + rows, lse, mask=rows < S)
     tl.store(work_ptr + n * chunks + chunk, tl.sum(tl.where(rows < S, lse - x_y, 0.0), axis=0) * ce_scale)
@@ -227,11 +233,12 @@ def wide_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ce_ptr, g_i
     bias = tl.load(b_ptr).to(tl.float32)
     g_ce, g_img = tl.load(g_ce_ptr).to(tl.float32) * ce_scale, tl.load(g_img_ptr).to(tl.float32) * p_scale
     lse = tl.load(lse_ptr + n * S + rows, mask=rows < S, other=0.0)
+    y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)  # the pixels' labels, for every block of atoms
     db = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
-        rows, cols, logit = project_block(s_ptr, w_ptr + k * w_k, n, start, S, C, K - k, s_n, s_c, s_s, w_c, w_k,
-                                          PRECISION, BLOCK_S, BLOCK_C, BLOCK_K)
-        p, x, y = head_terms(logit + bias, rows, cols, y_ptr, n, S, K - k, CE_ON_SIGMOID)
+        _, cols, logit = project_block(s_ptr, w_ptr + k * w_k, n, start, S, C, K - k, s_n, s_c, s_s, w_c, w_k,
+                                       PRECISION, BLOCK_S, BLOCK_C, BLOCK_K)
+        p, x = sigmoid_terms(logit + bias, cols, K - k, CE_ON_SIGMOID)
         g_p = tl.load(d_img_ptr + n * K + k + cols, mask=cols < K - k, other=0.0) * g_img
         grad = logits_gradient(p, x, y, k + cols, lse, g_ce, g_p, CE_ON_SIGMOID, PIXEL_TERM, IMAGE_TERM)
         ok = (rows < S)[:, None] & (cols < K - k)[None, :]
