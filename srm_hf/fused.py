@@ -6,8 +6,9 @@ codes, their argmax and mean, then the head's sigmoid, softmax and BCE maps, eac
 Here each pixel's K values stay in registers:
 
     srm_targets_projected(t, D, b, k)  t          -> (pixel labels, image labels), as `srm_targets(encode(t))`,
-                                                     the projection a = Dᵀt + b inside the kernel (K ≤ 512)
-    srm_targets_fused(a, k)            a = Dᵀt + b -> the same from a projection made by torch (wider dictionaries)
+                                                     the projection a = Dᵀt + b inside the kernel (K > 512: 256
+                                                     atoms at a time, the top k kept across them, k ≤ 64)
+    srm_targets_fused(a, k)            a = Dᵀt + b -> the same from a projection made by torch (k > 64 over K > 512)
     (the student's loss: `srm_hf.fused_loss`; stage 1: `srm_hf.fused_dictionary`)
 
 All of them read maps [N, K, H, W] (channels first or last), tokens [N, L, K] and vectors [N, K] through their
@@ -30,7 +31,7 @@ try:
     import triton
     from triton.errors import TritonError
 
-    from .fused_kernels import projected_targets_kernel, targets_kernel
+    from .fused_kernels import projected_targets_kernel, targets_kernel, wide_targets_kernel
 except ImportError:  # Triton ships with CUDA builds of torch on Linux; elsewhere the eager path runs
     triton = None
 
@@ -39,7 +40,9 @@ PIXELS_PER_PROGRAM = 256  # at most this many pixels of one image per program (a
 MIN_PROGRAMS = 1024  # runs of pixels are halved (down to one block) until a launch has at least this many programs
 ELEMENTS_PER_PROGRAM = 4096  # elementwise kernels
 DOT_MIN = 16  # the smallest side of a block that tl.dot multiplies
-PROJECTED_MAX_ATOMS = 512  # wider dictionaries are projected by torch before the targets kernel (shared memory)
+PROJECTED_MAX_ATOMS = 512  # the projecting kernels take up to this many atoms in one block (shared memory) ...
+WIDE_ATOMS = 256  # ... their wide versions this many at a time, keeping each pixel's top k across the blocks ...
+WIDE_MAX_ACTIVE = 64  # ... for k up to this (more: torch projects, then the targets or codes kernel)
 EPS = 1e-7  # ḡ is clamped to [EPS, 1 - EPS] before the BCE's logarithms, as in `srm_hf.srm.image_bce`
 
 
@@ -208,6 +211,20 @@ def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
     return view, launch._replace(warps=8 if launch.block_k >= 256 else 4)
 
 
+def wide_plan(features: torch.Tensor, dictionary: torch.Tensor, num_active: int) -> tuple[Pixels, Launch] | None:
+    """How a wide projecting kernel walks `features`: one block of DOT_MIN pixels per program, the atoms WIDE_ATOMS at
+    a time, 8 warps; None where it does not apply (no Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
+    if triton is None or features.numel() == 0 or top_slots(num_active) > WIDE_MAX_ACTIVE:
+        return None
+    view, _ = projected_plan(features, dictionary, max_atoms=triton.next_power_of_2(dictionary.shape[1]))
+    return view, Launch(triton.cdiv(view.pixels, DOT_MIN), DOT_MIN, DOT_MIN, WIDE_ATOMS, 8)
+
+
+def top_slots(num_active: int) -> int:
+    """The slots a wide kernel keeps per pixel for its running top k: k rounded up to a power of two (≥ 2)."""
+    return max(2, triton.next_power_of_2(num_active))
+
+
 def projection_dtype(features: torch.Tensor) -> torch.dtype:
     """The dtype torch's projection of `features` would have: autocast's where it is on, else the features'."""
     device = features.device.type
@@ -242,13 +259,15 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
                           num_active: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`srm_targets_fused(a, k)` with the projection a = Dᵀt + b inside the kernel: the teacher's features t
     ([N, C, H, W], [N, L, C] or [N, C]) read once in their own dtype, D [C, K] and the scalar b in float32, sums in
-    float32 (TF32 where torch's convolution or matmul would use it), and no K-channel map in memory. None where it
-    does not apply (`projected_plan`)."""
-    plan = projected_plan(features, dictionary)
+    float32 (TF32 where torch's convolution or matmul would use it), and no K-channel map in memory. Over 512 atoms
+    the wide kernel takes them 256 at a time. None where neither applies (`projected_plan`, `wide_plan`)."""
+    plan = projected_plan(features, dictionary) or wide_plan(features, dictionary, num_active)
     if plan is None:
         return None
     view, launch = plan
+    kernel, meta = (wide_targets_kernel, {"KP": top_slots(num_active)}) if launch.block_k < dictionary.shape[1] else \
+        (projected_targets_kernel, {})
     outputs = targets_buffers(features, view, launch, dictionary.shape[1])
-    run_projected(projected_targets_kernel, view, launch, dictionary, bias, *outputs, num_active, launch.chunks,
-                  1.0 / view.pixels)
+    run_projected(kernel, view, launch, dictionary, bias, *outputs, num_active, launch.chunks, 1.0 / view.pixels,
+                  **meta)
     return outputs[:2]

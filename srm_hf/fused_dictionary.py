@@ -13,13 +13,12 @@ reconstruction, each one autograd node, no float32 copy of the teacher's maps.
 import torch
 from torch.autograd.function import once_differentiable
 
-from .fused import (DOT_MIN, ELEMENTS_PER_PROGRAM, Launch, Pixels, counters, launch_for, pixel_view,
-                    projected_plan, projection_dtype, run_elementwise, run_pixels, run_projected, triton)
+from .fused import (ELEMENTS_PER_PROGRAM, Launch, Pixels, counters, launch_for, pixel_view, projected_plan,
+                    projection_dtype, run_elementwise, run_pixels, run_projected, top_slots, triton, wide_plan)
 from .srm import apply_per_pixel
 
 DICTIONARY_MAX_ATOMS = 256  # stage 1's kernels take the atoms in one block up to this K, wider a block at a time
-WIDE_MAX_ACTIVE = 64  # ... keeping each pixel's top k across the blocks, for k up to this (more: the codes kernel
-# and torch's convolutions)
+# (`fused.wide_plan`: for k up to fused.WIDE_MAX_ACTIVE; more: the codes kernel and torch's convolutions)
 STAGES = {"forward": 1, "backward": 2}  # software pipelining of the two kernels' loads: at 8 warps no register
 # spills and under 40 kB of shared memory for sm_90 at any K they take (tests/compile_kernels.py)
 
@@ -193,7 +192,7 @@ def dictionary_loss_projected(features: torch.Tensor, dictionary: torch.Tensor, 
                               num_active: int) -> torch.Tensor | None:
     """`dictionary_loss(t, coder(t)[1])` of a `SparseCoder` (D, b, k) in two kernels and a matmul, differentiable in
     D and b (float32 sums, TF32 where torch's projection would use it); None where it does not apply: k >
-    WIDE_MAX_ACTIVE over more than DICTIONARY_MAX_ATOMS atoms, or features that need a gradient themselves (the
+    fused.WIDE_MAX_ACTIVE over more than DICTIONARY_MAX_ATOMS atoms, or features that need a gradient themselves (the
     teacher's never do)."""
     plan = dictionary_plan(features, dictionary, num_active)
     if plan is None or features.requires_grad:
@@ -204,17 +203,6 @@ def dictionary_loss_projected(features: torch.Tensor, dictionary: torch.Tensor, 
 def dictionary_plan(features: torch.Tensor, dictionary: torch.Tensor,
                     num_active: int) -> tuple[Pixels, Launch] | None:
     """How stage 1's two kernels walk `features`: `projected_plan` up to DICTIONARY_MAX_ATOMS atoms, 8 warps; wider,
-    one block of DOT_MIN pixels per program and the atoms DICTIONARY_MAX_ATOMS at a time (the wide kernels), for k up
-    to WIDE_MAX_ACTIVE. None where neither applies (no Triton, an empty batch, k too large)."""
+    the wide kernels' `wide_plan`. None where neither applies (no Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
     plan = projected_plan(features, dictionary, DICTIONARY_MAX_ATOMS)
-    if plan is not None:
-        return plan[0], plan[1]._replace(warps=8)
-    if triton is None or features.numel() == 0 or top_slots(num_active) > WIDE_MAX_ACTIVE:
-        return None
-    view, _ = projected_plan(features, dictionary, max_atoms=triton.next_power_of_2(dictionary.shape[1]))
-    return view, Launch(triton.cdiv(view.pixels, DOT_MIN), DOT_MIN, DOT_MIN, DICTIONARY_MAX_ATOMS, 8)
-
-
-def top_slots(num_active: int) -> int:
-    """The slots the wide kernels keep per pixel for its running top k: k rounded up to a power of two (≥ 2)."""
-    return max(2, triton.next_power_of_2(num_active))
+    return (plan[0], plan[1]._replace(warps=8)) if plan is not None else wide_plan(features, dictionary, num_active)

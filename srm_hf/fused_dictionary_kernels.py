@@ -7,7 +7,7 @@ kernel over pixels; built on the blocks of `srm_hf.fused_kernels` (the same layo
 import triton
 import triton.language as tl
 
-from .fused_kernels import NO_ATOM, codes_from_top, finish_sum, load_block, merge_top_k, project_block, sparse_codes
+from .fused_kernels import codes_from_top, finish_sum, load_block, project_block, running_top_k, sparse_codes
 
 
 @triton.jit
@@ -141,23 +141,14 @@ def wide_dictionary_forward_kernel(t_ptr, d_ptr, b_ptr, codes_ptr, part_ptr, los
                                    KP: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                                    BLOCK_K: tl.constexpr):
     # dictionary_forward_kernel for K wider than a block, one block of BLOCK_S pixels per program (per_program =
-    # BLOCK_S): a = Dᵀt + b made BLOCK_K atoms at a time, each pixel's top k kept across the blocks (merge_top_k, KP
-    # slots ≥ k); λ then written a block at a time (codes_from_top) and read back, after a barrier, for t̂ = D λ
+    # BLOCK_S): each pixel's top k across the blocks of atoms (running_top_k, KP slots ≥ k); λ then written a block
+    # at a time (codes_from_top) and read back, after a barrier, for t̂ = D λ
     n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
     start = chunk * BLOCK_S
     rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
     at = (n * S + rows)[:, None]  # pixel-major row of each pixel
-    bias = tl.load(b_ptr).to(tl.float32)
-    top_a = tl.full([BLOCK_S, KP], -float("inf"), tl.float32)
-    top_i = tl.full([BLOCK_S, KP], NO_ATOM, tl.int32)
-    nan = tl.zeros([BLOCK_S], dtype=tl.int32)
-    for k in range(0, K, BLOCK_K):
-        _, _, a = project_block(t_ptr, d_ptr + k * d_k, n, start, S, C, K - k, s_n, s_c, s_s, d_c, d_k, PRECISION,
-                                BLOCK_S, BLOCK_C, BLOCK_K)
-        ok = (rows < S)[:, None] & (cols < K - k)[None, :]
-        a += bias
-        nan = tl.maximum(nan, tl.max(tl.where(ok & (a != a), 1, 0), axis=1))  # tl.max skips NaN: keep it visible
-        top_a, top_i = merge_top_k(top_a, top_i, a, k + cols, ok, num_active, BLOCK_S, KP)
+    top_a, top_i, nan = running_top_k(t_ptr, d_ptr, tl.load(b_ptr).to(tl.float32), n, start, S, C, K, s_n, s_c, s_s,
+                                      d_c, d_k, num_active, PRECISION, BLOCK_S, BLOCK_C, BLOCK_K, KP)
     top_codes = tl.sigmoid(top_a)
     for k in range(0, K, BLOCK_K):
         ok = (rows < S)[:, None] & (cols < K - k)[None, :]

@@ -62,6 +62,27 @@ def codes_from_top(top_codes, top_i, atoms, nan, num_active, BLOCK_S: tl.constex
 
 
 @triton.jit
+def running_top_k(t_ptr, d_ptr, bias, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, num_active,
+                  PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+                  KP: tl.constexpr):
+    # for BLOCK_S pixels from `start` of image n, a = Dᵀt + b made BLOCK_K atoms at a time (project_block) and each
+    # pixel's top k kept across the blocks (merge_top_k): (top a [BLOCK_S, KP], their atoms, 1 where a pixel has a
+    # NaN a [BLOCK_S])
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    top_a = tl.full([BLOCK_S, KP], -float("inf"), tl.float32)
+    top_i = tl.full([BLOCK_S, KP], NO_ATOM, tl.int32)
+    nan = tl.zeros([BLOCK_S], dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        _, _, a = project_block(t_ptr, d_ptr + k * d_k, n, start, S, C, K - k, s_n, s_c, s_s, d_c, d_k, PRECISION,
+                                BLOCK_S, BLOCK_C, BLOCK_K)
+        ok = (rows < S)[:, None] & (cols < K - k)[None, :]
+        a += bias
+        nan = tl.maximum(nan, tl.max(tl.where(ok & (a != a), 1, 0), axis=1))  # tl.max skips NaN: keep it visible
+        top_a, top_i = merge_top_k(top_a, top_i, a, k + cols, ok, num_active, BLOCK_S, KP)
+    return top_a, top_i, nan
+
+
+@triton.jit
 def arrive(count_ptr, expected):
     # whether this program is the last of `expected` to arrive at the int32 counter count_ptr (0 before the launch;
     # the last puts it back to 0 for the next launch on the stream). Whatever any program stored before arriving is
@@ -178,3 +199,31 @@ def projected_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, g_ptr, part_ptr, co
         ok = (rows < S)[:, None] & (cols < K)[None, :]
         total += label_pixels(a + bias, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K)
     finish_image_labels(part_ptr, g_ptr, count_ptr, n, chunk, chunks, K, total * scale, BLOCK_K)
+
+
+@triton.jit
+def wide_targets_kernel(t_ptr, d_ptr, b_ptr, label_ptr, g_ptr, part_ptr, count_ptr, num_active, chunks, scale, K,
+                        d_c, d_k, S, C, s_n, s_c, s_s, per_program, PRECISION: tl.constexpr, KP: tl.constexpr,
+                        BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # projected_targets_kernel for K wider than a block, one block of BLOCK_S pixels per program: each pixel's top k
+    # across the blocks of atoms (running_top_k); its label, the first maximal code as label_pixels takes it (every
+    # code 0, when the kept sigmoids underflow: atom 0); its part of the image label a block of atoms at a time
+    n, chunk = tl.program_id(0).to(tl.int64), tl.program_id(1)  # 64-bit offsets for large batches
+    start = chunk * BLOCK_S
+    rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
+    top_a, top_i, nan = running_top_k(t_ptr, d_ptr, tl.load(b_ptr).to(tl.float32), n, start, S, C, K, s_n, s_c, s_s,
+                                      d_c, d_k, num_active, PRECISION, BLOCK_S, BLOCK_C, BLOCK_K, KP)
+    top_codes, kept = tl.sigmoid(top_a), top_i < NO_ATOM
+    best = tl.max(tl.where(kept, top_codes, -1.0), axis=1)
+    label = tl.min(tl.where(kept & (top_codes == best[:, None]), top_i, NO_ATOM), axis=1)
+    label = tl.where((nan > 0) | (best <= 0.0), 0, label)  # a pixel of NaN codes: its image label says so
+    tl.store(label_ptr + n * S + rows, label.to(tl.int64), mask=rows < S)
+    parts = part_ptr + (n * chunks + chunk) * K
+    for k in range(0, K, BLOCK_K):
+        ok = (rows < S)[:, None] & (cols < K - k)[None, :]
+        codes = codes_from_top(top_codes, top_i, k + cols, nan > 0, num_active, BLOCK_S, BLOCK_K, KP)
+        tl.store(parts + k + cols, tl.sum(tl.where(ok, codes, 0.0), axis=0) * scale, mask=cols < K - k)
+    if arrive(count_ptr + n, chunks):  # the image's last program sums its parts into g, a block of atoms at a time
+        for k in range(0, K, BLOCK_K):
+            image = sum_rows(part_ptr + n * chunks * K + k, chunks, K - k, K, BLOCK_K)
+            tl.store(g_ptr + n * K + k + cols, image, mask=cols < K - k)

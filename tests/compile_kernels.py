@@ -87,7 +87,8 @@ if __name__ == "__main__":
               **{name: "i32" for name in ("K", "d_c", "d_k", "w_c", "w_k", "S", "C", "s_n", "s_c", "s_s",
                                           "per_program", "chunks", "num_active", *OUT_STRIDES, "o_c")},
               **{name: "fp32" for name in ("scale", "ce_scale", "p_scale", "eps", "image_scale")}, "count_ptr": "*i32"}
-    projected = {"projected_targets_kernel": {"label_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32"},
+    targets = {"label_ptr": "*i64", "g_ptr": "*fp32", "part_ptr": "*fp32"}
+    projected = {"projected_targets_kernel": targets, "wide_targets_kernel": targets,
                  "projected_codes_kernel": {"out_ptr": "*bf16"},
                  "dictionary_forward_kernel": {"codes_ptr": "*bf16", "part_ptr": "*fp32", "loss_ptr": "*fp32"},
                  "dictionary_backward_kernel": STAGE_ONE_BACKWARD,
@@ -113,13 +114,15 @@ if __name__ == "__main__":
                 _, plan = fused_dictionary.dictionary_plan(features, dictionary, 20)
             elif "_loss_" in name:
                 _, plan = fused_loss.loss_plan(features, dictionary)
+            elif name.startswith("wide_"):
+                _, plan = fused.wide_plan(features, dictionary, 20)
             else:
                 _, plan = fused.projected_plan(features, dictionary, widest)
             stages = fused_dictionary.STAGES[name.split("_")[-2]] if stage_one else 2
             meta = {**loss_meta.get(name, {}), "PRECISION": "tf32", "BLOCK_S": plan.block_s, "BLOCK_C": fused.DOT_MIN,
                     "BLOCK_K": plan.block_k}
-            if "KP" in kernel.arg_names:  # the running top k's slots, for k = 20 (ResNet layer4 at m = 2, s = 0.02)
-                meta["KP"] = fused_dictionary.top_slots(20)
+            if "KP" in kernel.arg_names:  # the running top k's slots: the most the wide kernels take
+                meta["KP"] = fused.top_slots(fused.WIDE_MAX_ACTIVE)
             signature = {name: "constexpr" if name in meta else own.get(name) or common[name]
                          for name in kernel.arg_names}
             source = ASTSource(fn=kernel, signature=signature,

@@ -79,7 +79,8 @@ def test_a_coder_gives_the_same_targets_fused_and_eager():
 
 
 @pytest.mark.parametrize("name", PROJECTED)
-@pytest.mark.parametrize("atoms, k", [(40, 1), (40, 3), (300, 7)])  # 300 atoms: a block of 512, the widest
+@pytest.mark.parametrize("atoms, k", [(40, 1), (40, 3), (300, 7), (700, 20)])  # 300: one block of 512, the widest
+# one-block kernel; 700: the wide kernel, 256 atoms at a time (ties across blocks, a part-padded last block)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_targets_projected_in_the_kernel_equal_the_eager_ones_ties_included(name, atoms, k, dtype):
     coder = integer_coder(20, atoms, k, seed=atoms + k)
@@ -109,14 +110,35 @@ def test_targets_projected_from_real_valued_features(dtype):
     torch.testing.assert_close(image[whole], want_image[whole], rtol=1e-5, atol=1e-6)
 
 
-def test_wider_dictionaries_project_with_torch_first():
-    """K > 512 atoms would crowd the kernel's shared memory: the coder projects with torch, then the targets kernel."""
-    coder = integer_coder(20, 600, 5, seed=0)
+def test_wide_dictionaries_that_keep_many_atoms_project_with_torch_first():
+    """Over 512 atoms with k > WIDE_MAX_ACTIVE the wide kernel does not apply: the coder projects with torch, then
+    the targets kernel."""
+    from srm_hf.fused import WIDE_MAX_ACTIVE
+
+    coder = integer_coder(20, 600, WIDE_MAX_ACTIVE + 1, seed=0)
     t = torch.randint(-3, 4, (2, 20, 4, 4), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
-    assert srm_targets_projected(t, coder.dictionary, coder.bias, 5) is None
+    assert srm_targets_projected(t, coder.dictionary, coder.bias, coder.num_active) is None
     got, want = coder.targets(t, fused=True), coder.targets(t)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice", "ignore:overflow encountered in exp")  # the interpreter's numpy
+@pytest.mark.parametrize("bias", [45.0, -150.0, float("nan")])
+def test_the_wide_targets_kernel_labels_saturated_underflowing_and_nan_codes_as_eager(bias):
+    """600 atoms (the wide kernel): every kept sigmoid 1.0 (a ≈ 45, the label the first kept atom), 0.0 (a ≈ -150,
+    every code 0: atom 0, as argmax gives it), or NaN (NaN image labels, labels still valid indices)."""
+    coder = integer_coder(4, 600, 5, seed=1)
+    with torch.no_grad():
+        coder.bias.fill_(bias)
+    t = torch.randint(-3, 4, (2, 4, 3, 3), generator=torch.Generator().manual_seed(1)).float().to(DEVICE)
+    pixel, image = srm_targets_projected(t, coder.dictionary, coder.bias, 5)
+    want_pixel, want_image = coder.targets(t)
+    if bias != bias:
+        assert bool(image.isnan().all()) and bool(pixel.eq(0).all())
+        return
+    assert torch.equal(pixel, want_pixel) and (bias > 0 or bool(pixel.eq(0).all()))
+    torch.testing.assert_close(image, want_image, rtol=1e-6, atol=1e-7)
 
 
 def test_the_projection_in_the_kernel_uses_tf32_where_torch_would(monkeypatch):
@@ -305,9 +327,9 @@ def test_every_kernel_compiles_for_a_cuda_gpu():
                           capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if "cubin bytes" in line]
-    assert len(lines) == 37 and all(int(line.split()[-1]) > 0 for line in lines)
+    assert len(lines) == 39 and all(int(line.split()[-1]) > 0 for line in lines)
     projected = [line.split() for line in lines if line.startswith(("projected_", "dictionary_", "wide_"))]
-    assert len(projected) == 26  # the dot kernels: no register spills, under 40 kB of shared memory (GPUs since 2020)
+    assert len(projected) == 28  # the dot kernels: no register spills, under 40 kB of shared memory (GPUs since 2020)
     assert all(words[words.index("spill") + 2] == "0" and int(words[words.index("shared") + 1]) < 40 * 1024
                for words in projected)
 

@@ -118,7 +118,8 @@ def test_stage_one_in_two_kernels_from_bf16_maps_under_autocast(atoms):
 def test_stage_one_in_two_kernels_applies_only_where_it_can():
     """More than WIDE_MAX_ACTIVE atoms kept of a wide dictionary, and features that need a gradient themselves, go the
     other way (codes kernel, torch's convolutions); the coder's `reconstruction_loss` gives the same loss either way."""
-    from srm_hf.fused_dictionary import DICTIONARY_MAX_ATOMS, WIDE_MAX_ACTIVE, dictionary_loss_projected
+    from srm_hf.fused import WIDE_MAX_ACTIVE
+    from srm_hf.fused_dictionary import DICTIONARY_MAX_ATOMS, dictionary_loss_projected
 
     dense = integer_coder(20, 2 * DICTIONARY_MAX_ATOMS, WIDE_MAX_ACTIVE + 1, seed=0)
     t = torch.randint(-3, 4, (2, 20, 3, 3), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
