@@ -212,8 +212,9 @@ def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
 
 
 def wide_plan(features: torch.Tensor, dictionary: torch.Tensor, num_active: int) -> tuple[Pixels, Launch] | None:
-    """How a wide projecting kernel walks `features`: one block of DOT_MIN pixels per program, the atoms WIDE_ATOMS at
-    a time, 8 warps; None where it does not apply (no Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
+    """How a wide projecting kernel walks `features`: one block of DOT_MIN pixels per program (so up to 16 × 65,535
+    pixels per image, CUDA's grid limit), the atoms WIDE_ATOMS at a time, 8 warps; None where it does not apply (no
+    Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
     if triton is None or features.numel() == 0 or top_slots(num_active) > WIDE_MAX_ACTIVE:
         return None
     view, _ = projected_plan(features, dictionary, max_atoms=triton.next_power_of_2(dictionary.shape[1]))

@@ -146,7 +146,8 @@ def test_fused_kernels_equal_eager_at_resnet18_tap_sizes(channels, size, k):
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-9)
 
 
-@pytest.mark.parametrize("channels, size, k", [(64, 56, 2), (256, 14, 10)])  # K = 128 and 512, projected in-kernel
+@pytest.mark.parametrize("channels, size, k", [(64, 56, 2), (256, 14, 10), (512, 7, 20)])  # K = 128 and 512 in
+# one block of atoms; K = 1024 (layer4) in the wide kernel, 256 atoms at a time
 @pytest.mark.parametrize("tf32", [True, False])
 def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k, tf32):
     """bf16 post-ReLU features, as a bf16 teacher leaves them: the kernel's own projection gives torch's labels at
@@ -170,7 +171,9 @@ def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k
     assert bool(((image - want_image).abs() <= may_flip + 1e-5).all())
 
 
-@pytest.mark.parametrize("channels, size", [(64, 56), (128, 28)])  # K = 128 and 256: stage 1 in two kernels
+@pytest.mark.parametrize("channels, size", [(64, 56), (128, 28), (256, 14), (512, 7)])  # K = 128 and 256: one
+# block of atoms; K = 512 and 1024: the wide kernels (their write-back-and-read within a program, which the
+# interpreter cannot check)
 def test_stage_one_in_two_kernels_at_resnet18_tap_sizes(channels, size):
     """Stage 1's loss and dictionary gradients from the two compiled kernels and one matmul: those of the eager coder
     in IEEE float32 (TF32 off on both sides) to 1e-4 relative (codes may differ at near ties), and under bf16
