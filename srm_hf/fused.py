@@ -194,16 +194,32 @@ def targets_buffers(x: torch.Tensor, view: Pixels, launch: Launch, atoms: int) -
             torch.empty(view.n, launch.chunks, atoms, dtype=torch.float32, device=device), counters(device, view.n))
 
 
-def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
-                   max_atoms: int = PROJECTED_MAX_ATOMS) -> tuple[Pixels, Launch] | None:
+def batch_as_pixels(view: Pixels) -> Pixels:
+    """`view` as one image of N·S pixels where its images follow each other at its pixel stride (vectors, whose one
+    pixel per image would fill a sixteenth of a block; channels_last maps; dense tokens), for kernels whose sums do
+    not distinguish images (stage 1); else `view` unchanged, as where the merged offsets would pass 2³¹ or a launch
+    of one block of pixels per program CUDA's grid limit."""
+    s_n, s_k, s_s = view.strides
+    pixel_stride = s_n if view.pixels == 1 else s_s
+    pixels = view.n * view.pixels
+    if view.n == 1 or s_n != view.pixels * pixel_stride or pixels > DOT_MIN * 65535 or \
+            (pixels - 1) * pixel_stride + (view.atoms - 1) * s_k >= 2**31:
+        return view
+    return view._replace(n=1, pixels=pixels, strides=(0, s_k, pixel_stride))
+
+
+def projected_plan(features: torch.Tensor, dictionary: torch.Tensor, max_atoms: int = PROJECTED_MAX_ATOMS,
+                   merge_batch: bool = False) -> tuple[Pixels, Launch] | None:
     """How a kernel that projects `features` by `dictionary` [C, K] itself walks them: (features' view, plan), or None
     where such a kernel does not apply (no Triton; K > max_atoms: project with torch first). The blocks are half the
     other kernels' size, 8 warps from 256 atoms, channels DOT_MIN at a time: for sm_90 no register spills and under
-    40 kB of shared memory with two stages, at any K it takes (tests/compile_kernels.py)."""
+    40 kB of shared memory with two stages, at any K it takes (tests/compile_kernels.py). `merge_batch`: the batch as
+    one image where it can be (`batch_as_pixels`)."""
     channels, atoms = dictionary.shape
     if triton is None or triton.next_power_of_2(atoms) > max_atoms or features.numel() == 0:
         return None  # (an empty batch: the eager maths gives its NaN)
     view = pixel_view(features)
+    view = batch_as_pixels(view) if merge_batch else view
     if view.atoms != channels:
         raise ValueError(f"features {tuple(features.shape)} have {view.atoms} channels, the dictionary "
                          f"{tuple(dictionary.shape)} {channels}: pass the tap this coder was built for.")
@@ -211,13 +227,14 @@ def projected_plan(features: torch.Tensor, dictionary: torch.Tensor,
     return view, launch._replace(warps=8 if launch.block_k >= 256 else 4)
 
 
-def wide_plan(features: torch.Tensor, dictionary: torch.Tensor, num_active: int) -> tuple[Pixels, Launch] | None:
+def wide_plan(features: torch.Tensor, dictionary: torch.Tensor, num_active: int,
+              merge_batch: bool = False) -> tuple[Pixels, Launch] | None:
     """How a wide projecting kernel walks `features`: one block of DOT_MIN pixels per program (so up to 16 × 65,535
     pixels per image, CUDA's grid limit), the atoms WIDE_ATOMS at a time, 8 warps; None where it does not apply (no
-    Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
+    Triton, an empty batch, k > WIDE_MAX_ACTIVE). `merge_batch` as for `projected_plan`."""
     if triton is None or features.numel() == 0 or top_slots(num_active) > WIDE_MAX_ACTIVE:
         return None
-    view, _ = projected_plan(features, dictionary, max_atoms=triton.next_power_of_2(dictionary.shape[1]))
+    view, _ = projected_plan(features, dictionary, triton.next_power_of_2(dictionary.shape[1]), merge_batch)
     return view, Launch(triton.cdiv(view.pixels, DOT_MIN), DOT_MIN, DOT_MIN, WIDE_ATOMS, 8)
 
 

@@ -203,6 +203,10 @@ def dictionary_loss_projected(features: torch.Tensor, dictionary: torch.Tensor, 
 def dictionary_plan(features: torch.Tensor, dictionary: torch.Tensor,
                     num_active: int) -> tuple[Pixels, Launch] | None:
     """How stage 1's two kernels walk `features`: `projected_plan` up to DICTIONARY_MAX_ATOMS atoms, 8 warps; wider,
-    the wide kernels' `wide_plan`. None where neither applies (no Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
-    plan = projected_plan(features, dictionary, DICTIONARY_MAX_ATOMS)
-    return (plan[0], plan[1]._replace(warps=8)) if plan is not None else wide_plan(features, dictionary, num_active)
+    the wide kernels' `wide_plan`. Stage 1's sums run over the whole batch alike, so the batch is one image where
+    its layout allows (`batch_as_pixels`: vectors, channels_last maps, dense tokens). None where neither plan applies
+    (no Triton, an empty batch, k > WIDE_MAX_ACTIVE)."""
+    plan = projected_plan(features, dictionary, DICTIONARY_MAX_ATOMS, merge_batch=True)
+    if plan is None:
+        return wide_plan(features, dictionary, num_active, merge_batch=True)
+    return plan[0], plan[1]._replace(warps=8)

@@ -201,3 +201,23 @@ def test_the_fused_dictionary_loss_falls_back_where_layouts_differ():
     got = dictionary_loss(features, reconstruction, fused=True)
     assert "MeanSquaredError" not in type(got.grad_fn).__name__
     torch.testing.assert_close(got, dictionary_loss(features, reconstruction))
+
+
+def test_stage_one_walks_the_batch_as_one_image_where_its_layout_allows():
+    """Stage 1's sums do not distinguish images: vectors (one pixel per image), channels_last maps and dense tokens
+    are walked as one image of N·S pixels, so that blocks of pixels are full; channels-first maps, whose images do not
+    follow each other at the pixel stride, keep one image per image. The losses are those of the eager coder."""
+    from srm_hf.fused_dictionary import dictionary_loss_projected, dictionary_plan
+    from srm_hf.srm import dictionary_loss
+
+    coder = integer_coder(20, 300, 5, seed=2)
+    shapes = {"vectors": (40, 20), "tokens": (6, 7, 20), "maps, channels last": (6, 20, 5, 6), "maps": (6, 20, 5, 6)}
+    for name, shape in shapes.items():
+        t = layout(name, torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(2)).float().to(DEVICE))
+        view, launch = dictionary_plan(t, coder.dictionary, 5)
+        images = shape[0]
+        assert (view.n, view.pixels) == ((images, t.numel() // (20 * images)) if name == "maps" else
+                                         (1, t.numel() // 20))
+        assert launch.chunks == -(-view.pixels // launch.per_program)
+        torch.testing.assert_close(dictionary_loss_projected(t, coder.dictionary, coder.bias, 5),
+                                   dictionary_loss(t, coder(t)[1]), rtol=1e-5, atol=1e-7)
