@@ -111,6 +111,10 @@ class Launch(NamedTuple):
     block_k: int
     warps: int
 
+    def wide(self, atoms: int) -> bool:
+        """Whether a projecting kernel walks `atoms` a block of block_k at a time (its wide version, `wide_plan`)."""
+        return self.block_k < atoms
+
 
 def launch_for(view: Pixels, min_block: int = 1, block_values: int = 4096) -> Launch:
     """A block holds about `block_values` values; a program walks up to PIXELS_PER_PROGRAM pixels, fewer when the
@@ -283,7 +287,7 @@ def srm_targets_projected(features: torch.Tensor, dictionary: torch.Tensor, bias
     if plan is None:
         return None
     view, launch = plan
-    kernel, meta = (wide_targets_kernel, {"KP": top_slots(num_active)}) if launch.block_k < dictionary.shape[1] else \
+    kernel, meta = (wide_targets_kernel, {"KP": top_slots(num_active)}) if launch.wide(dictionary.shape[1]) else \
         (projected_targets_kernel, {})
     outputs = targets_buffers(features, view, launch, dictionary.shape[1])
     run_projected(kernel, view, launch, dictionary, bias, *outputs, num_active, launch.chunks, 1.0 / view.pixels,

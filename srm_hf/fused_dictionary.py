@@ -162,7 +162,7 @@ class _DictionaryLoss(torch.autograd.Function):
         y = torch.empty(2, pixels, atoms, dtype=projection_dtype(features), device=features.device)  # λ, then dL/da
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=features.device)
         loss = torch.empty((), dtype=torch.float32, device=features.device)
-        wide = launch.block_k < atoms
+        wide = launch.wide(atoms)
         kernel, meta = (wide_dictionary_forward_kernel, {"KP": top_slots(num_active)}) if wide else \
             (dictionary_forward_kernel, {})
         run_projected(kernel, view, launch, dictionary, bias, y, partial, loss, counters(features.device, 1),
@@ -180,7 +180,7 @@ class _DictionaryLoss(torch.autograd.Function):
         x = torch.empty(2, pixels, channels, dtype=y.dtype, device=y.device)  # e, then t
         partial = torch.empty(view.n, launch.chunks, dtype=torch.float32, device=y.device)
         grad_bias = torch.empty(1, dtype=ctx.bias_dtype, device=y.device)
-        wide = launch.block_k < dictionary.shape[1]
+        wide = launch.wide(dictionary.shape[1])
         run_projected(wide_dictionary_backward_kernel if wide else dictionary_backward_kernel,
                       view._replace(x=features), launch, dictionary, y, grad, x, y, partial, grad_bias,
                       counters(y.device, 1), launch.chunks, 2.0 / (pixels * channels), stages=STAGES["backward"])

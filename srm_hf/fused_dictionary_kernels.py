@@ -7,7 +7,8 @@ kernel over pixels; built on the blocks of `srm_hf.fused_kernels` (the same layo
 import triton
 import triton.language as tl
 
-from .fused_kernels import codes_from_top, finish_sum, load_block, project_block, running_top_k, sparse_codes
+from .fused_kernels import (codes_from_top, finish_sum, load_block, project_block, running_top_k, sparse_codes,
+                            weight_block)
 
 
 @triton.jit
@@ -73,9 +74,7 @@ def reconstruct_block(codes, d_ptr, c, C, K, d_c, d_k, PRECISION: tl.constexpr, 
                       BLOCK_K: tl.constexpr):
     # t̂ = D λ for channels c .. c + BLOCK_C of a block's codes λ [BLOCK_S, BLOCK_K]: (channel indices, the D block
     # [BLOCK_C, BLOCK_K] read, t̂ [BLOCK_S, BLOCK_C]); 0 beyond C
-    chans, cols = c + tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_K)
-    d_ok = (chans < C)[:, None] & (cols < K)[None, :]
-    d = tl.load(d_ptr + chans[:, None] * d_c + cols[None, :] * d_k, mask=d_ok, other=0.0).to(tl.float32)
+    chans, d = weight_block(d_ptr, c, C, K, d_c, d_k, BLOCK_C, BLOCK_K)
     return chans, d, tl.dot(codes, tl.trans(d), input_precision=PRECISION)
 
 
@@ -209,12 +208,10 @@ def wide_dictionary_backward_kernel(t_ptr, d_ptr, codes_ptr, g_ptr, x_ptr, y_ptr
         codes = tl.load(codes_ptr + at * K + k + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         d_codes = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
         for c in range(0, C, BLOCK_C):
-            chans = c + tl.arange(0, BLOCK_C)
+            chans, d = weight_block(d_ptr + k * d_k, c, C, K - k, d_c, d_k, BLOCK_C, BLOCK_K)
             e_ok = (rows < S)[:, None] & (chans < C)[None, :]
             e = tl.load(x_ptr + at * C + chans[None, :], mask=e_ok, other=0.0, cache_modifier=".cg")
-            d_ok = (chans < C)[:, None] & (cols < K - k)[None, :]
-            d = tl.load(d_ptr + chans[:, None] * d_c + (k + cols[None, :]) * d_k, mask=d_ok, other=0.0)
-            d_codes = tl.dot(e.to(tl.float32), d.to(tl.float32), d_codes, input_precision=PRECISION)
+            d_codes = tl.dot(e.to(tl.float32), d, d_codes, input_precision=PRECISION)
         d_a = d_codes * codes * (1.0 - codes)  # 0 where an atom was not kept (λ = 0)
         tl.store(y_ptr + (pixels + at) * K + k + cols[None, :], d_a.to(y_ptr.dtype.element_ty), mask=ok)
         db += tl.sum(tl.where(ok, d_a, 0.0), axis=0)

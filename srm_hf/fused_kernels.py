@@ -144,6 +144,16 @@ def load_block(ptr, n, start, S, K, s_n, s_k, s_s, BLOCK_S: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def weight_block(w_ptr, c, C, K, w_c, w_k, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr):
+    # rows c .. c + BLOCK_C of a matrix [C, K] (a dictionary D, a head's P) through its strides, in float32: (their
+    # indices, the block [BLOCK_C, BLOCK_K], 0 beyond C and K)
+    chans, cols = tl.arange(0, BLOCK_C), tl.arange(0, BLOCK_K)
+    ok = (chans < C - c)[:, None] & (cols < K)[None, :]
+    block = tl.load(w_ptr + (c + chans[:, None]) * w_c + cols[None, :] * w_k, mask=ok, other=0.0)
+    return c + chans, block.to(tl.float32)
+
+
+@triton.jit
 def label_pixels(a, rows, cols, ok, label_ptr, n, S, num_active, BLOCK_K: tl.constexpr):
     # a block's codes λ from its projection a [BLOCK_S, BLOCK_K]: stores each pixel's first argmax (its label) and
     # returns the sum of λ over the block's pixels [BLOCK_K]
@@ -177,10 +187,9 @@ def project_block(t_ptr, d_ptr, n, start, S, C, K, s_n, s_c, s_s, d_c, d_k, PREC
     rows, cols = start + tl.arange(0, BLOCK_S), tl.arange(0, BLOCK_K)
     a = tl.zeros([BLOCK_S, BLOCK_K], dtype=tl.float32)
     for c in range(0, C, BLOCK_C):
-        _, chans, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
-        d_ok = (chans < C - c)[:, None] & (cols < K)[None, :]
-        d = tl.load(d_ptr + (c + chans[:, None]) * d_c + cols[None, :] * d_k, mask=d_ok, other=0.0)
-        a = tl.dot(t, d.to(tl.float32), a, input_precision=PRECISION)
+        _, _, _, t = load_block(t_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
+        _, d = weight_block(d_ptr, c, C, K, d_c, d_k, BLOCK_C, BLOCK_K)
+        a = tl.dot(t, d, a, input_precision=PRECISION)
     return rows, cols, a
 
 

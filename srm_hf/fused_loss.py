@@ -77,7 +77,7 @@ class _ProjectedTapLoss(torch.autograd.Function):
         atoms = weight.shape[1]
         labels = pixel_labels_for(pixel_labels, view, f"the head's logits from features {tuple(features.shape)}")
         buffers, scales = loss_buffers(view, launch, atoms, pixel_weight, image_weight)
-        wide = launch.block_k < atoms
+        wide = launch.wide(atoms)
         lse = torch.empty(view.n * view.pixels, dtype=torch.float32, device=features.device) if wide else None
         run_projected(wide_loss_forward_kernel if wide else projected_loss_forward_kernel, view, launch, weight, bias,
                       labels, image_labels_for(image_labels, view._replace(atoms=atoms)), *buffers,

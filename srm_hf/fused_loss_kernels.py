@@ -7,7 +7,7 @@ the blocks of `srm_hf.fused_kernels` (the same layouts, strides and in-launch su
 import triton
 import triton.language as tl
 
-from .fused_kernels import arrive, finish_sum, load_block, project_block, sum_rows, sum_values
+from .fused_kernels import arrive, finish_sum, load_block, project_block, sum_rows, sum_values, weight_block
 
 
 @triton.jit
@@ -22,7 +22,13 @@ def sigmoid_terms(logit, cols, K, CE_ON_SIGMOID: tl.constexpr):
 def head_terms(logit, rows, cols, y_ptr, n, S, K, CE_ON_SIGMOID: tl.constexpr):
     # sigmoid_terms of a block of image n's pixels `rows`, and their labels y: (p, x, y)
     p, x = sigmoid_terms(logit, cols, K, CE_ON_SIGMOID)
-    return p, x, tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
+    return p, x, pixel_labels(y_ptr, n, S, rows)
+
+
+@triton.jit
+def pixel_labels(y_ptr, n, S, rows):
+    # the labels of image n's pixels `rows` (0 beyond S): the atom each one's CE takes
+    return tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)
 
 
 @triton.jit
@@ -142,7 +148,7 @@ def wide_loss_forward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ptr, work_ptr, d_ptr,
     bias = tl.load(b_ptr).to(tl.float32)
     p_ptr = work_ptr + N * chunks + (n * chunks + chunk) * K
     rows = start + tl.arange(0, BLOCK_S)
-    y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)  # the pixels' labels, for every block of atoms
+    y = pixel_labels(y_ptr, n, S, rows)  # for every block of atoms
     top = tl.full([BLOCK_S], -float("inf"), dtype=tl.float32)
     total, x_y = tl.zeros([BLOCK_S], dtype=tl.float32), tl.zeros([BLOCK_S], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
@@ -207,9 +213,8 @@ def projected_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, g_ce_ptr, g_img_p
         db += tl.sum(grad, axis=0)
         for c in range(0, C, BLOCK_C):
             _, chans, s_ok, s = load_block(s_ptr + c * s_c, n, start, S, C - c, s_n, s_c, s_s, BLOCK_S, BLOCK_C)
-            w_ok = (chans < C - c)[:, None] & (cols < K)[None, :]
-            w = tl.load(w_ptr + (c + chans[:, None]) * w_c + cols[None, :] * w_k, mask=w_ok, other=0.0)
-            d_s = tl.dot(grad, tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+            _, w = weight_block(w_ptr, c, C, K, w_c, w_k, BLOCK_C, BLOCK_K)
+            d_s = tl.dot(grad, tl.trans(w), input_precision=PRECISION)
             tl.store(ds_ptr + n * o_n + rows[:, None] * o_s + (c + chans[None, :]) * o_c,
                      d_s.to(ds_ptr.dtype.element_ty), mask=s_ok)
             tl.store(x_ptr + at * C + c + chans[None, :], s.to(x_ptr.dtype.element_ty), mask=s_ok)
@@ -233,7 +238,7 @@ def wide_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ce_ptr, g_i
     bias = tl.load(b_ptr).to(tl.float32)
     g_ce, g_img = tl.load(g_ce_ptr).to(tl.float32) * ce_scale, tl.load(g_img_ptr).to(tl.float32) * p_scale
     lse = tl.load(lse_ptr + n * S + rows, mask=rows < S, other=0.0)
-    y = tl.load(y_ptr + n * S + rows, mask=rows < S, other=0)  # the pixels' labels, for every block of atoms
+    y = pixel_labels(y_ptr, n, S, rows)  # for every block of atoms
     db = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         _, cols, logit = project_block(s_ptr, w_ptr + k * w_k, n, start, S, C, K - k, s_n, s_c, s_s, w_c, w_k,
@@ -253,9 +258,8 @@ def wide_loss_backward_kernel(s_ptr, w_ptr, b_ptr, y_ptr, lse_ptr, g_ce_ptr, g_i
             cols = tl.arange(0, BLOCK_K)
             ok = (rows < S)[:, None] & (cols < K - k)[None, :]
             grad = tl.load(dl_ptr + at * K + k + cols[None, :], mask=ok, other=0.0, cache_modifier=".cg")
-            w_ok = (chans < C - c)[:, None] & (cols < K - k)[None, :]
-            w = tl.load(w_ptr + (c + chans[:, None]) * w_c + (k + cols[None, :]) * w_k, mask=w_ok, other=0.0)
-            d_s = tl.dot(grad.to(tl.float32), tl.trans(w.to(tl.float32)), d_s, input_precision=PRECISION)
+            _, w = weight_block(w_ptr + k * w_k, c, C, K - k, w_c, w_k, BLOCK_C, BLOCK_K)
+            d_s = tl.dot(grad.to(tl.float32), tl.trans(w), d_s, input_precision=PRECISION)
         tl.store(ds_ptr + n * o_n + rows[:, None] * o_s + (c + chans[None, :]) * o_c,
                  d_s.to(ds_ptr.dtype.element_ty), mask=s_ok)
         tl.store(x_ptr + at * C + c + chans[None, :], s.to(x_ptr.dtype.element_ty), mask=s_ok)
