@@ -150,12 +150,13 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
-def mark_complete(folder: str, step: int) -> None:
+def mark_complete(folder: str, step: int, model_only: bool = False) -> None:
     """Mark a checkpoint folder complete, once everything else in it is written: the marker is written under a
-    temporary name and renamed, so it exists only whole."""
+    temporary name and renamed, so it exists only whole. `model_only`: saved with save_only_model (nothing to resume
+    the optimizer, schedule or stage from)."""
     tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"global_step": step}, f)
+        json.dump({"global_step": step, "model_only": model_only}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_NAME))
@@ -178,9 +179,14 @@ def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | N
             raise ValueError(f"resume_from_checkpoint=True, but {output_dir} holds no complete checkpoint (folders "
                              f"checkpoint-N with {COMPLETE_NAME}). Start without resume_from_checkpoint.")
         logger.warning(f"Resuming from {complete[0]}, the newest complete checkpoint.")
-        return complete[0]
-    if not os.path.isfile(os.path.join(resume, COMPLETE_NAME)):
+        resume = complete[0]
+    elif not os.path.isfile(os.path.join(resume, COMPLETE_NAME)):
         raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_NAME}: its writing was interrupted, or "
                          "DistillationTrainer did not write it). Pass an earlier checkpoint, or "
                          "resume_from_checkpoint=True for the newest complete one.")
+    with open(os.path.join(resume, COMPLETE_NAME)) as f:
+        if json.load(f).get("model_only"):
+            raise ValueError(f"{resume} was saved with save_only_model=True: it holds the models, but no optimizer, "
+                             "schedule or stage state to resume from. Load the student from it and start a new run, "
+                             "or resume from a checkpoint saved with save_only_model=False.")
     return resume

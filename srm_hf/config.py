@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from .fused import KERNEL_CHOICES, triton_available
 from .methods import METHOD_PREFIXES, check_method_fields, method_class
 from .stage_batches import parse_stage_batch_sizes
+from .trainer_options import check_reference_overrides, check_trainer_options
 
 
 @dataclass
@@ -168,6 +169,7 @@ class DistillationConfig(TrainingArguments):
         if self.warmup_steps or self.lr_scheduler_type != "linear":
             raise ValueError("preset='reference' has its own schedule (step decay x0.1 twice per stage, no warm-up): "
                              "leave lr_scheduler_type and warmup_steps unset, or use preset='trainer'.")
+        check_reference_overrides(self)
         if self.eval_strategy in ("no", None):
             raise ValueError("preset='reference' selects each stage's best epoch on the eval split: set "
                              "eval_strategy='epoch' (or 'steps' with eval_steps) and pass an eval_dataset.")
@@ -182,6 +184,7 @@ class DistillationConfig(TrainingArguments):
         method_class(self.method).from_config(self)  # each method checks its own settings
         # the names are checked against the trainer's method (`DistillationTrainer`), which may be a custom one
         self.stage_batch_sizes = parse_stage_batch_sizes(self.stage_batch_sizes) or None
+        check_trainer_options(self)
         if not self.srm_codeword_multiplier > 0:  # NaN fails too
             raise ValueError(f"srm_codeword_multiplier={self.srm_codeword_multiplier} must be > 0 (the paper: 1.5-4).")
         if not 0 < self.srm_sparsity_multiplier <= 1:  # NaN fails too

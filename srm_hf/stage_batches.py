@@ -4,16 +4,19 @@
 
 The Trainer builds one data loader for one training loop; here that loader's batch sampler runs the whole stage
 plan: each stage draws `steps × gradient_accumulation_steps` batches of its own size from seeded permutations of
-the training set (a new permutation per pass over the data). The run is one "epoch" to the Trainer, so resuming
+the training set (a new permutation per pass over the data, from `data_seed`, else `seed`; in order under
+train_sampling_strategy="sequential"). The run is one "epoch" to the Trainer, so resuming
 skips batches at the sampler, without loading them, and continues exactly. A stage sized in epochs counts passes at
 its own batch size. On an `AugmentedDataset` the pass number reaches the random views (index = row + pass × rows),
 so every pass sees new views.
 """
 
 import math
+from functools import partial
 
 import numpy as np
 import torch
+from transformers.trainer_utils import seed_worker
 
 from .argparser import parse_kwargs
 from .stages import StagePlan, stage_steps
@@ -47,9 +50,9 @@ class StageBatchSampler(torch.utils.data.Sampler):
     """Index batches for the whole plan (see the module docstring)."""
 
     def __init__(self, num_examples: int, plan: StagePlan, batch_sizes: list[int], accumulation: int, seed: int,
-                 drop_last: bool, pass_in_index: bool):
+                 drop_last: bool, pass_in_index: bool, shuffle: bool = True):
         self.n, self.plan, self.sizes, self.accumulation = num_examples, plan, batch_sizes, accumulation
-        self.seed, self.drop_last, self.pass_in_index = seed, drop_last, pass_in_index
+        self.seed, self.drop_last, self.pass_in_index, self.shuffle = seed, drop_last, pass_in_index, shuffle
 
     def __len__(self) -> int:
         return self.plan.total_steps * self.accumulation
@@ -61,8 +64,9 @@ class StageBatchSampler(torch.utils.data.Sampler):
             for _ in range(stage.steps * self.accumulation):
                 if pos >= self.n or (self.drop_last and pos + size > self.n):
                     passes += 1
-                    rng = np.random.default_rng([self.seed, passes])
-                    order, pos = rng.permutation(self.n), 0
+                    order = np.random.default_rng([self.seed, passes]).permutation(self.n) if self.shuffle else \
+                        np.arange(self.n)
+                    pos = 0
                 rows = order[pos : pos + size]
                 pos += size
                 yield (rows + passes * self.n if self.pass_in_index else rows).tolist()
@@ -79,9 +83,22 @@ def stage_batch_loader(trainer) -> torch.utils.data.DataLoader:
     specs = trainer.distill_model.stage_specs(skip=trainer.stages_done)  # names checked by the trainer at init
     trainer.plan, batch, per_epoch = plan_with_batch_sizes(specs, args.stage_batch_sizes, args, len(dataset))
     trainer.steps_per_epoch = {stage.name: n for stage, n in zip(trainer.plan.stages, per_epoch)}
-    sampler = StageBatchSampler(len(dataset), trainer.plan, batch, args.gradient_accumulation_steps, args.seed,
-                                args.dataloader_drop_last, getattr(dataset, "pass_in_index", False))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=trainer.data_collator,
-                                         num_workers=args.dataloader_num_workers,
-                                         pin_memory=args.dataloader_pin_memory)
-    return trainer.accelerator.prepare(loader)
+    seed = args.data_seed if args.data_seed is not None else args.seed
+    sampler = StageBatchSampler(len(dataset), trainer.plan, batch, args.gradient_accumulation_steps, seed,
+                                args.dataloader_drop_last, getattr(dataset, "pass_in_index", False),
+                                shuffle=args.train_sampling_strategy != "sequential")
+    return trainer.accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                                                   **loader_options(trainer)))
+
+
+def loader_options(trainer) -> dict:
+    """The DataLoader settings the Trainer gives its own training loader, but the batch size and sampler."""
+    args = trainer.args
+    workers = args.dataloader_num_workers
+    options = dict(collate_fn=trainer.data_collator, num_workers=workers, pin_memory=args.dataloader_pin_memory,
+                   worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index))
+    if workers > 0:  # (the DataLoader refuses these without workers)
+        options["prefetch_factor"] = args.dataloader_prefetch_factor  # the next two: TrainingArguments fields
+        options["multiprocessing_context"] = getattr(args, "dataloader_multiprocessing_context", None)  # since
+        options["in_order"] = getattr(args, "dataloader_in_order", True)  # transformers 5.10
+    return options

@@ -52,6 +52,9 @@ class DistillationTrainer(HubMixin, Trainer):
         for name, fix in UNSUPPORTED.items():
             if kwargs.get(name) is not None:
                 raise ValueError(f"{name} is not supported: {fix}")
+        if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
+            raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
+                             "optimizer_cls_and_kwargs, or use preset='trainer'.")
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
         method = resolve_method(method, args)
@@ -125,8 +128,10 @@ class DistillationTrainer(HubMixin, Trainer):
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """Every stage not yet run by `train_stages`, in order; resumes only from a complete checkpoint."""
-        if getattr(self, "_owns_optimizer", False):  # a new plan needs a new optimizer and schedule
-            self.optimizer, self.lr_scheduler = None, None
+        if getattr(self, "_owns_optimizer", False):  # a new plan needs a new optimizer ...
+            self.optimizer = None
+        if getattr(self, "_owns_scheduler", False):  # ... and a new schedule (also for an optimizer passed in)
+            self.lr_scheduler = None
         resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
         check_training(self)  # output folder, last batch: fail before any compute
         return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
@@ -150,7 +155,9 @@ class DistillationTrainer(HubMixin, Trainer):
         """One optimizer, its groups tagged by what they hold: 'student' and each of the method's child modules."""
         if self.optimizer is None:
             decay = set(self.get_decay_parameter_names(self.distill_model.student))
-            self.optimizer = build_optimizer(self.distill_model, self.args, decay, self.get_optimizer_cls_and_kwargs)
+            chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # the Trainer's `optimizer_cls_and_kwargs`
+            default = (lambda args, model: chosen) if chosen is not None else self.get_optimizer_cls_and_kwargs
+            self.optimizer = build_optimizer(self.distill_model, self.args, decay, default)
             self._owns_optimizer = True
         return self.optimizer
 
@@ -163,6 +170,7 @@ class DistillationTrainer(HubMixin, Trainer):
                     "method) that the stage schedule needs. Tag each group, or let DistillationTrainer build it."
                 )
             self.lr_scheduler = stage_scheduler(optimizer, self.plan, self.args)
+            self._owns_scheduler = True
         return self.lr_scheduler
 
     def training_step(self, model, inputs, num_items_in_batch=None):

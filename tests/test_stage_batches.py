@@ -5,7 +5,11 @@ import torch
 from conftest import hf_resnet, make_config, make_trainer
 from test_augmentation_resume import PRE, image_split
 from transformers import default_data_collator
+from transformers.trainer_utils import seed_worker
 
+from srm_hf.methods import SRM
+from srm_hf.stage_batches import StageBatchSampler, loader_options
+from srm_hf.stages import StagePlan
 from srm_hf.transforms import AugmentedDataset, ImageTransform
 
 SIZES = {"dictionary": 16, "srm": 12}  # the KD stage keeps per_device_train_batch_size (8)
@@ -99,3 +103,22 @@ def test_a_checkpoint_with_other_stage_sizes_is_refused(tmp_path):
     other = make_trainer(tmp_path / "other", stage_batch_sizes=SIZES)
     with pytest.raises(ValueError, match="stage_batch_sizes: None there"):
         other.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+
+
+def first_batch(tmp_path, **config) -> torch.Tensor:
+    return next(iter(make_trainer(tmp_path, stage_batch_sizes=SIZES, **config).get_train_dataloader()))["pixel_values"]
+
+
+def test_data_seed_and_sequential_sampling_reach_the_stage_sampler(tmp_path):
+    seeded = first_batch(tmp_path, seed=0, data_seed=1)
+    assert torch.equal(seeded, first_batch(tmp_path, seed=5, data_seed=1))  # data_seed, not seed, draws the rows
+    assert not torch.equal(seeded, first_batch(tmp_path, seed=0, data_seed=2))
+    rows = list(StageBatchSampler(10, StagePlan([(SRM().stages()[0], 3)]), [4], 1, 0, False, False, shuffle=False))
+    assert rows == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # in order, for train_sampling_strategy="sequential"
+
+
+def test_the_stage_loader_takes_the_trainers_loader_options(tmp_path):
+    trainer = make_trainer(tmp_path, stage_batch_sizes=SIZES, dataloader_num_workers=2, dataloader_prefetch_factor=3)
+    options = loader_options(trainer)
+    assert options["prefetch_factor"] == 3 and options["num_workers"] == 2
+    assert options["worker_init_fn"].func is seed_worker  # per-worker seeds, as the Trainer's own loader

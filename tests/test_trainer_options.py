@@ -101,3 +101,62 @@ def test_epoch_evaluation_waits_for_the_final_stage(tmp_path):
     trainer.train()
     evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
     assert evaluated == [12, 16]
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(auto_find_batch_size=True), "auto_find_batch_size.*per_device_train_batch_size"),
+    (dict(label_names=["target"]), "label_names.*'labels'"),
+    (dict(neftune_noise_alpha=5.0), "neftune_noise_alpha.*leave it unset"),
+    (dict(use_liger_kernel=True), "use_liger_kernel.*leave it unset"),
+    (dict(optim="galore_adamw"), "optim=galore_adamw.*another optim"),
+    (dict(enable_jit_checkpoint=True), "enable_jit_checkpoint.*save_steps"),
+    (dict(push_to_hub=True, hub_model_id="user/student", hub_strategy="checkpoint"), "hub_strategy=checkpoint"),
+    (dict(stage_batch_sizes={"dictionary": 16}, logging_strategy="epoch"), "logging_strategy='epoch'.*'steps'"),
+    (dict(stage_batch_sizes={"dictionary": 16}, eval_delay=2), "eval_delay=2.*eval_delay=0"),
+    (dict(stage_batch_sizes={"dictionary": 16}, ignore_data_skip=True), "ignore_data_skip.*False"),
+    (dict(train_sampling_strategy="group_by_length"), "group_by_length.*'random'"),
+    (dict(preset="reference", eval_strategy="epoch", optim="sgd"), "reference.*not optim=sgd"),
+    (dict(preset="reference", eval_strategy="epoch", optim_args="momentum=0.9"), "reference.*optim_args"),
+    (dict(preset="reference", eval_strategy="epoch", max_grad_norm=5.0), "does not clip.*max_grad_norm=5.0"),
+])
+def test_options_the_stages_cannot_honour_are_refused_when_the_config_is_built(tmp_path, options, match):
+    if options.get("train_sampling_strategy") == "group_by_length":
+        options = {**options, "stage_batch_sizes": {"dictionary": 16}}
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, **options)
+
+
+def test_the_reference_preset_still_rebuilds_for_another_method(tmp_path):
+    args = make_config(tmp_path, preset="reference", eval_strategy="epoch")  # max_grad_norm 0.0 after the preset
+    assert args.for_method("kd").max_grad_norm == 0.0
+
+
+def test_optimizer_cls_and_kwargs_builds_the_stage_groups_optimizer(tmp_path):
+    def trainer(**config):
+        return DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path, **config),
+                                   train_dataset=PatternDataset(32),
+                                   optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.05, "momentum": 0.9}))
+
+    optimizer = trainer(method="kd").create_optimizer()
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+    assert all("stage_group" in g for g in optimizer.param_groups)
+    with pytest.raises(ValueError, match="reference.*optimizer_cls_and_kwargs"):
+        trainer(preset="reference", eval_strategy="epoch")
+
+
+def test_a_passed_optimizer_gets_a_schedule_for_each_new_plan(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=4, srm_dictionary_max_steps=2, srm_max_steps=2)
+    trainer.optimizer = torch.optim.SGD(trainer.distill_model.param_groups(set(), 0.0), lr=0.1)  # tagged groups
+    trainer.train_stages(["dictionary"])
+    trainer.train()  # SRM and KD: a schedule sized for this plan, not the dictionary's
+    rates = [e["learning_rate"] for e in trainer.state.log_history if e.get("stage") == 2 and "loss" in e]
+    assert rates and all(r > 0 for r in rates)
+
+
+def test_a_model_only_checkpoint_is_refused_for_resuming(tmp_path):
+    trainer = make_trainer(tmp_path, method="kd", save_strategy="steps", save_steps=2, save_only_model=True)
+    trainer.train()
+    with pytest.raises(ValueError, match="save_only_model=True.*no optimizer"):
+        make_trainer(tmp_path, method="kd").train(resume_from_checkpoint=True)
+    with pytest.raises(ValueError, match="save_only_model=True"):
+        make_trainer(tmp_path, method="kd").train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))

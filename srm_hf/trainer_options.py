@@ -1,0 +1,82 @@
+"""Trainer options that the stage plan cannot honour, refused when `DistillationConfig` is built (before any model
+is loaded), each with its reason and the way around. Options srm_hf handles are handled where they act; this file
+holds only the refusals that belong to no other part.
+"""
+
+from dataclasses import fields
+
+from transformers import TrainingArguments
+
+PER_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")  # `optim` names whose handlers take the model, not groups
+
+
+def training_arguments_default(name: str):
+    """The default of a TrainingArguments field in the installed transformers."""
+    field = next(f for f in fields(TrainingArguments) if f.name == name)
+    return field.default_factory() if callable(field.default_factory) else field.default
+
+
+def name_of(option) -> str:
+    """An option's value as the user wrote it (TrainingArguments turns some into enums)."""
+    return str(getattr(option, "value", option))
+
+
+def check_trainer_options(args) -> None:
+    """Refuse, with a ValueError naming the option and the fix, a TrainingArguments option that DistillationTrainer
+    would otherwise ignore or get wrong."""
+    if args.auto_find_batch_size:
+        raise ValueError("auto_find_batch_size=True retries with a smaller batch after running out of memory, which "
+                         "changes the stage plan and its learning-rate schedule in the middle of a run: set "
+                         "per_device_train_batch_size (and stage_batch_sizes) to a size that fits.")
+    if args.label_names is not None and list(args.label_names) != ["labels"]:
+        raise ValueError(f"label_names={args.label_names}: DistillationTrainer reads the class labels of each batch "
+                         "from 'labels'. Rename your dataset's label column to 'labels' and leave label_names unset.")
+    if getattr(args, "neftune_noise_alpha", None) is not None:
+        raise ValueError("neftune_noise_alpha adds noise to a language model's token embeddings; image classifiers "
+                         "have none: leave it unset.")
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError("use_liger_kernel patches language models' layers; no image model is patched: leave it "
+                         "unset.")
+    if any(name in name_of(args.optim) for name in PER_PARAMETER_OPTIMIZERS):
+        raise ValueError(f"optim={name_of(args.optim)}: that optimizer is built from the model's layers, not from "
+                         "parameter groups, and DistillationTrainer gives each stage's modules a group of their own. "
+                         "Choose another optim (e.g. adamw_torch).")
+    if getattr(args, "enable_jit_checkpoint", False):
+        raise ValueError("enable_jit_checkpoint=True writes a checkpoint on SIGTERM that DistillationTrainer cannot "
+                         "mark complete, so resuming would skip it: rely on save_steps instead.")
+    if args.push_to_hub and args.hub_strategy in ("checkpoint", "all_checkpoints"):
+        raise ValueError(f"hub_strategy={name_of(args.hub_strategy)}: the Hub receives the student alone (a model "
+                         "any library loads), not the checkpoints a run resumes from. Use hub_strategy='every_save' "
+                         "or 'end', and keep output_dir to resume.")
+    if args.stage_batch_sizes:
+        check_stage_batch_options(args)
+
+
+def check_stage_batch_options(args) -> None:
+    """Under `stage_batch_sizes` the whole plan is one Trainer epoch drawn by one sampler (`srm_hf.stage_batches`)."""
+    if args.logging_strategy == "epoch":
+        raise ValueError("logging_strategy='epoch' with stage_batch_sizes: the whole stage plan is one epoch to the "
+                         "Trainer, so it would log once. Use logging_strategy='steps' with logging_steps.")
+    if args.eval_delay:
+        raise ValueError(f"eval_delay={args.eval_delay} with stage_batch_sizes: the plan's stages are not Trainer "
+                         "epochs, so the delay would not apply. Set eval_delay=0, or unset stage_batch_sizes.")
+    if args.ignore_data_skip:
+        raise ValueError("ignore_data_skip=True with stage_batch_sizes: the sampler would restart the plan and give a "
+                         "resumed stage another stage's batch size. Leave ignore_data_skip=False.")
+    if args.train_sampling_strategy == "group_by_length":
+        raise ValueError("train_sampling_strategy='group_by_length' groups text by length; images have none. Use "
+                         "'random' or 'sequential'.")
+
+
+def check_reference_overrides(args) -> None:
+    """`preset="reference"` sets the optimizer (Adam, coupled L2) and turns clipping off: options it would
+    override are refused rather than dropped."""
+    if args.optim != training_arguments_default("optim"):
+        raise ValueError("preset='reference' trains with the reference's Adam (coupled L2), not "
+                         f"optim={name_of(args.optim)}: leave optim unset, or use preset='trainer'.")
+    if args.optim_args or args.lr_scheduler_kwargs:
+        raise ValueError("preset='reference' has its own optimizer and schedule: leave optim_args and "
+                         "lr_scheduler_kwargs unset, or use preset='trainer'.")
+    if args.max_grad_norm not in (training_arguments_default("max_grad_norm"), 0.0):
+        raise ValueError(f"preset='reference' does not clip gradients (max_grad_norm=0): max_grad_norm="
+                         f"{args.max_grad_norm} would be dropped. Leave it unset, or use preset='trainer'.")
