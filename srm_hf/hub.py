@@ -2,9 +2,10 @@
 
 `HubMixin` gives `DistillationTrainer` the Trainer's Hub methods for the student alone: `push_to_hub(**kwargs)`
 takes what `Trainer.create_model_card` takes (tags, license, finetuned_from, dataset_tags, language, ...) and the
-card's own fields (teacher, metrics, ...); `blocking=False` returns the upload's future; `hub_strategy` other than
-"end" pushes each checkpoint's student in the background. Method state, optimizer files and training arguments are
-never published.
+card's own fields (teacher, metrics, ...); `blocking=False` returns the upload's future; `hub_strategy="every_save"`
+pushes each checkpoint's student in the background ("checkpoint" and "all_checkpoints", which promise resumable
+checkpoints on the Hub, are refused: `srm_hf.trainer_options`). Method state, optimizer files and training arguments
+are never published.
 """
 
 import os
@@ -194,8 +195,8 @@ class HubMixin:
         return push_student(self, commit_message, token=token, revision=revision, private=private, blocking=blocking)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """`hub_strategy` every_save / checkpoint / all_checkpoints: the checkpoint's student, in the background
-        (its method state and optimizer files stay local)."""
+        """`hub_strategy="every_save"`: the checkpoint's student, in the background (its method state and optimizer
+        files stay local)."""
         from transformers.utils.hub import PushInProgress
 
         if not self.is_world_process_zero() or self.args.hub_strategy == "end":
