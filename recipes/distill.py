@@ -35,7 +35,8 @@ from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
-from srm_hf.loading import label_names_of, load_image_classifier, load_image_processor
+from srm_hf.checkpoint import resolve_resume
+from srm_hf.loading import check_model_source, is_offline, label_names_of, load_image_classifier, load_image_processor
 from srm_hf.methods import METHODS
 from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.metrics import make_compute_metrics
@@ -160,6 +161,30 @@ def check_engine(config: DistillationConfig, script_args) -> None:
                          "pass --compare none (or run them separately without DeepSpeed).")
 
 
+def check_before_loading(script_args, model_args, config):
+    """What can fail without the data or the models, checked before either is read (or a teacher trained): the
+    compared methods, the models' sources and keyword arguments, the metrics (returns their `compute_metrics`), the
+    checkpoint to resume from and, with a push asked for, the Hub's reachability."""
+    for name in compared(script_args):
+        if name not in METHODS:
+            raise ValueError(f"--compare {name}: no such method. Name one-stage methods among {sorted(METHODS)}, or "
+                             "none.")
+        only_stage(name)
+    parse_kwargs(model_args.student_model_kwargs, "student_model_kwargs")
+    parse_kwargs(model_args.teacher_model_kwargs, "teacher_model_kwargs")
+    check_model_source(model_args.student_model_name_or_path, "--student_model_name_or_path")
+    if config.teacher_model_name_or_path is not None:
+        check_model_source(config.teacher_model_name_or_path, "--teacher_model_name_or_path")
+    resume = resume_argument(config.resume_from_checkpoint)
+    if resume:
+        resolve_resume(config.output_dir, resume)
+    if (config.push_to_hub or script_args.push_dictionary_to_hub) and is_offline():
+        raise ValueError("--push_to_hub / --push_dictionary_to_hub need the Hub, but the Hub client is offline "
+                         "(HF_HUB_OFFLINE, or the Hub was unreachable at start): run online, or push the saved "
+                         "output_dir later with `hf upload`.")
+    return make_compute_metrics(tuple(script_args.metrics))
+
+
 def compared(script_args) -> list[str]:
     return [m for m in script_args.compare if m != "none"]
 
@@ -174,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "(--stage_batch_sizes): pass --compare none, or leave stage_batch_sizes unset.")
     if script_args.push_dictionary_to_hub and config.method != "srm":
         raise ValueError(f"--push_dictionary_to_hub needs --method srm (method {config.method!r} learns no dictionary).")
+    compute_metrics = check_before_loading(script_args, model_args, config)
     set_seed(config.seed)
     check_output_dir(config.output_dir, 0)  # writable; the trainer checks the room once the models are known
 
@@ -193,7 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
     # saved with a transformers student, so that pipeline("image-classification") can feed it
     processor = processor or image_processor_for(student, student_pre)
     teacher_pre = preprocessing_for(teacher, load_image_processor(teacher_name))
-    compute_metrics = make_compute_metrics(tuple(script_args.metrics))
 
     # random views keyed by (seed, epoch, image): a resumed run trains on the views an uninterrupted one sees
     train = AugmentedDataset(splits.train, ImageTransform(student_pre, teacher_pre, train=True), seed=config.seed)
@@ -207,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
     trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
     test = splits.test if splits.test is not None else splits.validation
+    if splits.test is None:
+        print(f"{splits.source} has no test split: the final evaluation uses the validation split.")
     # saved before anything else can fail; with --push_to_hub it is published once, at the end, with its card
     trainer.save_model(_internal_call=True)
     results = {"student": trainer.evaluate(test.with_transform(ImageTransform(student_pre)), metric_key_prefix="test")}
@@ -241,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_metrics("test", metrics)  # test_results.json and all_results.json, as the Trainer's examples write
     if trainer.is_world_process_zero():
         with open(os.path.join(config.output_dir, "results.json"), "w") as f:
-            json.dump({"data": splits.source, "train_images": len(splits.train), "test_images": len(test),
+            json.dump({"data": splits.source, "evaluated_on": "test" if splits.test is not None else "validation",
+                       "train_images": len(splits.train), "test_images": len(test),
                        "plan": str(trainer.plan), "metrics": metrics, "equal_compute": compute}, f, indent=2)
         print(f"\n{config.method} on {splits.source}: {len(splits.train)} training images, {len(test)} test images")
         for key, value in metrics.items():

@@ -55,8 +55,10 @@ class SRMParser(HfArgumentParser):
         actions = {action.dest: action for action in self._actions}
         for key, value in values.items():
             _check_type(actions[key], key, value, path)
-        # argparse leaves non-string defaults as they are: keep mappings as JSON text for str-typed fields
-        return {k: json.dumps(v) if isinstance(v, dict) else v for k, v in values.items()}
+        # argparse leaves non-string defaults as they are: keep mappings as JSON text for str-typed fields, and give
+        # list options a list (`metrics: accuracy` is one metric, not eight letters)
+        lists = {k for k, v in values.items() if actions[k].nargs in ("+", "*") and isinstance(v, (str, int, float))}
+        return {k: json.dumps(v) if isinstance(v, dict) else [v] if k in lists else v for k, v in values.items()}
 
 
 def _check_type(action, key: str, value, path: str) -> None:

@@ -68,6 +68,18 @@ def save_student(student: nn.Module, output_dir: str, state_dict: dict[str, torc
         names = names if names and len(names) == student.num_classes else None  # not a source checkpoint's
         save_config_for_hf(student, Path(output_dir) / "config.json",
                            model_config={"label_names": names} if names else None)
+        _num_classes_at_top_only(os.path.join(output_dir, "config.json"))
+
+
+def _num_classes_at_top_only(config_path: str) -> None:
+    """timm records `num_classes` among the rebuild arguments (`model_args`) as well as at the config's top level,
+    where timm reads it; transformers' TimmWrapper (`pipeline("image-classification")`, AutoModel) passes it itself
+    and fails on the second copy: keep the top level's."""
+    with open(config_path) as f:
+        config = json.load(f)
+    if isinstance(config.get("model_args"), dict) and config["model_args"].pop("num_classes", None) is not None:
+        with open(config_path, "w") as f:
+            json.dump(config, f, indent=2)
 
 
 def load_student_weights(student: nn.Module, checkpoint_dir: str) -> None:
@@ -180,6 +192,9 @@ def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | N
                              f"checkpoint-N with {COMPLETE_NAME}). Start without resume_from_checkpoint.")
         logger.warning(f"Resuming from {complete[0]}, the newest complete checkpoint.")
         resume = complete[0]
+    elif not os.path.isdir(resume):
+        raise ValueError(f"resume_from_checkpoint={resume!r}: no such folder. Pass a checkpoint-N folder of an earlier "
+                         "run, or resume_from_checkpoint=True for the newest complete one in output_dir.")
     elif not os.path.isfile(os.path.join(resume, COMPLETE_NAME)):
         raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_NAME}: its writing was interrupted, or "
                          "DistillationTrainer did not write it). Pass an earlier checkpoint, or "

@@ -57,6 +57,12 @@ class DataArguments:
                                         "before any compute (turn off for very large datasets)."},
     )
 
+    def __post_init__(self):
+        for name in ("max_train_samples_per_class", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be at least 1: leave it unset to keep every image.")
+
 
 @dataclass
 class ImageSplits:
@@ -239,6 +245,9 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
         splits["validation"] = _normalise(raw[validation], validation, args.image_column, args.label_column)
     if args.test_split is not None and args.test_split in raw:
         splits["test"] = _normalise(raw[args.test_split], args.test_split, args.image_column, args.label_column)
+    elif args.test_split not in (None, "test"):  # the default may be absent: the validation split stands in
+        raise ValueError(f"No split {args.test_split!r} in {source}; its splits are {list(raw)}. Pass one of them as "
+                         "--test_split, or leave it unset.")
     splits, names = _as_class_labels(splits)
     if "validation" not in splits:  # carve it from train, stratified
         splits["train"], splits["validation"] = stratified_split(splits["train"], args.validation_fraction,

@@ -57,9 +57,7 @@ def load_image_classifier(
     **model_kwargs,
 ) -> nn.Module:
     """See the module docstring. `num_labels` resizes the classifier; `model_kwargs` go to the library's factory."""
-    if looks_like_a_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"No folder {name_or_path!r}: give the path of a saved model, or a Hub id "
-                                "(`owner/name`) or `timm:<architecture>`.")
+    check_model_source(name_or_path)
     try:
         if name_or_path.startswith(("timm:", "timm/", "hf-hub:")) or (
             os.path.isdir(name_or_path) and _is_timm_folder(name_or_path)
@@ -76,6 +74,24 @@ def load_image_classifier(
         hint = " HF_HUB_OFFLINE is set: use a local folder or a `timm:<architecture>` built from scratch." if (
             is_offline()) else ""
         raise OSError(f"Could not load the image classifier {name_or_path!r}: {e}.{hint}") from e
+
+
+def check_model_source(name_or_path: str, option: str = "") -> None:
+    """Fail fast, before any data is read or anything trained, on a source that cannot load: a local folder that is
+    not there, a `timm:` architecture timm does not know. (Hub ids are resolved when the model loads.)"""
+    where = f"{option}={name_or_path!r}" if option else repr(name_or_path)
+    if looks_like_a_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise FileNotFoundError(f"No folder {where}: give the path of a saved model, or a Hub id (`owner/name`) or "
+                                "`timm:<architecture>`.")
+    if name_or_path.startswith("timm:"):
+        import timm
+
+        architecture = name_or_path[len("timm:"):]
+        if not timm.is_model(architecture):
+            close = timm.list_models(f"{architecture.split('_')[0][:6]}*")[:8]
+            hint = f" (close names: {', '.join(close)})" if close else ""
+            raise ValueError(f"{where}: timm has no architecture {architecture!r}{hint}. "
+                             "`timm.list_models('PATTERN*')` lists them.")
 
 
 def _load_timm(name_or_path, num_labels, pretrained, model_kwargs) -> nn.Module:

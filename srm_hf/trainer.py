@@ -35,10 +35,7 @@ from .reference import StageSelection
 from .stage_batches import parse_stage_batch_sizes, stage_batch_loader
 from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
-
-
-UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer arguments that cannot work here: the fix
-               "compute_loss_func": "the method computes the loss: write a `srm_hf.Method`, pass it as `method=`."}
+from .trainer_options import check_trainer_arguments
 
 
 class DistillationTrainer(HubMixin, Trainer):
@@ -49,12 +46,7 @@ class DistillationTrainer(HubMixin, Trainer):
         args = DistillationConfig() if args is None else args
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig.")
-        for name, fix in UNSUPPORTED.items():
-            if kwargs.get(name) is not None:
-                raise ValueError(f"{name} is not supported: {fix}")
-        if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
-            raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
-                             "optimizer_cls_and_kwargs, or use preset='trainer'.")
+        check_trainer_arguments(args, kwargs)
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
         method = resolve_method(method, args)

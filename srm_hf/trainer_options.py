@@ -1,6 +1,6 @@
 """Trainer options that the stage plan cannot honour, refused when `DistillationConfig` is built (before any model
-is loaded), each with its reason and the way around. Options srm_hf handles are handled where they act; this file
-holds only the refusals that belong to no other part.
+is loaded) or the trainer is (its own arguments), each with its reason and the way around. Options srm_hf handles
+are handled where they act; this file holds only the refusals that belong to no other part.
 """
 
 from dataclasses import fields
@@ -8,6 +8,8 @@ from dataclasses import fields
 from transformers import TrainingArguments
 
 PER_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")  # `optim` names whose handlers take the model, not groups
+UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer arguments that cannot work here: the fix
+               "compute_loss_func": "the method computes the loss: write a `srm_hf.Method`, pass it as `method=`."}
 
 
 def training_arguments_default(name: str):
@@ -80,3 +82,13 @@ def check_reference_overrides(args) -> None:
     if args.max_grad_norm not in (training_arguments_default("max_grad_norm"), 0.0):
         raise ValueError(f"preset='reference' does not clip gradients (max_grad_norm=0): max_grad_norm="
                          f"{args.max_grad_norm} would be dropped. Leave it unset, or use preset='trainer'.")
+
+
+def check_trainer_arguments(args, kwargs: dict) -> None:
+    """The Trainer's own arguments (other than DistillationTrainer's) that cannot work with the stages."""
+    for name, fix in UNSUPPORTED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{name} is not supported: {fix}")
+    if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
+        raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
+                         "optimizer_cls_and_kwargs, or use preset='trainer'.")

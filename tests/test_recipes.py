@@ -21,7 +21,7 @@ import train_teacher  # noqa: E402
 
 from srm_hf import DistillationConfig  # noqa: E402
 from srm_hf.argparser import SRMParser  # noqa: E402
-from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments  # noqa: E402
+from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments, load_image_splits  # noqa: E402
 
 OFFLINE_CONFIGS = ["fashion_mnist.yaml"]
 HUB_CONFIGS = ["cifar10.yaml", "cifar100.yaml", "food101.yaml", "beans.yaml"]
@@ -215,3 +215,55 @@ def test_the_recipes_read_hf_hub_offline_as_huggingface_hub_does(value, monkeypa
 
     monkeypatch.setenv("HF_HUB_OFFLINE", value)
     assert offline_requested() == _is_true(value)
+
+
+@pytest.mark.parametrize("flags, error, match", [
+    (["--compare", "nope"], ValueError, "--compare nope: no such method"),
+    (["--compare", "srm"], ValueError, "one-stage methods"),
+    (["--student_model_name_or_path", "timm:resnet_nope"], ValueError, "timm has no architecture 'resnet_nope'"),
+    (["--student_model_name_or_path", "/no/such/student"], FileNotFoundError, "No folder --student_model_name_or_path"),
+    (["--student_model_kwargs", "{bad"], ValueError, "student_model_kwargs: expected a JSON object"),
+    (["--teacher_model_kwargs", "{bad"], ValueError, "teacher_model_kwargs: expected a JSON object"),
+    (["--metrics", "no_such_metric_here"], ValueError, "metric 'no_such_metric_here' cannot be loaded"),
+    (["--resume_from_checkpoint", "/no/such/checkpoint-3"], ValueError, "no such folder"),
+    (["--push_to_hub", "true", "--hub_model_id", "someone/student"], ValueError, "need the Hub.*offline"),
+])
+def test_bad_arguments_stop_the_recipe_before_the_data_or_a_teacher(tmp_path, flags, error, match):
+    out = tmp_path / "run"
+    with pytest.raises(error, match=match):
+        distill.main(["--dataset_dir", str(tmp_path / "no_data_read"), "--output_dir", str(out), *TINY, *flags])
+    assert not (out / "teacher").exists()  # no teacher trained (the data folder is not even read)
+
+
+def test_a_yaml_scalar_for_a_list_option_is_a_list_of_one(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("metrics: accuracy\ncompare: kd\nlayer_pairs: 'layer1:layer1'\n")
+    script, _, _, _, config = parser().parse(["--config", str(cfg), "--use_cpu", "true"])
+    assert (script.metrics, script.compare, config.layer_pairs) == (["accuracy"], ["kd"], ["layer1:layer1"])
+
+
+def test_a_named_test_split_must_exist_and_sample_caps_be_positive(tmp_path):
+    data = tiny_fashion_idx(tmp_path)
+    with pytest.raises(ValueError, match="No split 'tset'.*--test_split"):
+        load_image_splits(DataArguments(dataset_dir=data, test_split="tset"))
+    for name in ("max_train_samples_per_class", "max_eval_samples"):
+        with pytest.raises(ValueError, match=f"{name}=0 must be at least 1"):
+            DataArguments(**{name: 0})
+
+
+def test_a_saved_timm_student_works_with_pipeline_and_timm(tmp_path):
+    from PIL import Image
+    from transformers import pipeline
+
+    from srm_hf.checkpoint import save_student
+    from srm_hf.loading import load_image_classifier
+
+    student = load_image_classifier("timm:resnet10t", num_labels=3, id2label={0: "cat", 1: "dog", 2: "owl"},
+                                    pretrained=False, channels=[8, 16, 32, 64], stem_width=8)
+    save_student(student, str(tmp_path))
+    classify = pipeline("image-classification", model=str(tmp_path))  # failed on a second num_classes
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
+    assert {p["label"] for p in classify(image)} == {"cat", "dog", "owl"}
+    again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert again.num_classes == 3 and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                                            student.state_dict().values()))

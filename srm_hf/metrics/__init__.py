@@ -12,7 +12,12 @@ def load_metric(name: str):
     """`accuracy` from the shipped module (no network); any other name through `evaluate.load` (Hub)."""
     if name == "accuracy":
         return evaluate.load(ACCURACY_PATH)
-    return evaluate.load(name)
+    try:
+        return evaluate.load(name)
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise ValueError(f"The metric {name!r} cannot be loaded ({e}). 'accuracy' ships with srm_hf; other `evaluate` "
+                         "metrics come from the Hub (or a local metric script's path): check the name, or go "
+                         "online once to cache it.") from e
 
 
 def make_compute_metrics(names: tuple[str, ...] = ("accuracy",)):
