@@ -23,6 +23,7 @@ from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.checkpoint import save_student
 from srm_hf.data import DataArguments, load_image_splits
 from srm_hf.metrics import make_compute_metrics
+from srm_hf.preflight import check_last_batch
 from srm_hf.loading import for_trainer, load_image_classifier, load_image_processor
 from srm_hf.transforms import ImageTransform, preprocessing_for
 
@@ -76,13 +77,17 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
                                   id2label=splits.id2label, pretrained=teacher_args.teacher_pretrained,
                                   **architecture_kwargs)
     pre = preprocessing_for(model, load_image_processor(teacher_args.teacher_architecture))
+    train = splits.train.with_transform(ImageTransform(pre, train=True))
     trainer = Trainer(
         model=for_trainer(model),
         args=teacher_training_args(base, teacher_args, output_dir),
-        train_dataset=splits.train.with_transform(ImageTransform(pre, train=True)),
+        train_dataset=train,
         eval_dataset=splits.validation.with_transform(ImageTransform(pre)),
         compute_metrics=make_compute_metrics(),
     )
+    args = trainer.args  # a last batch of one image, on which BatchNorm cannot train: refused before the first step
+    check_last_batch(model, trainer.data_collator([train[0]])["pixel_values"].to(args.device), len(train),
+                     args.per_device_train_batch_size, args.world_size, args.dataloader_drop_last)
     trainer.train()
     metrics = trainer.evaluate()
     if splits.test is not None:

@@ -127,7 +127,11 @@ def _visible(entries) -> list:
 
 
 def _files_in(folder: str) -> list[str]:
-    return [e.name for e in _visible(os.scandir(folder)) if e.is_file()]
+    """The images the `imagefolder` loader would read in `folder` (by extension; other files it skips)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return [e.name for e in _visible(os.scandir(folder))
+            if e.is_file() and os.path.splitext(e.name)[1].lower() in ImageFolder.EXTENSIONS]
 
 
 def check_image_folder(directory: str) -> None:
@@ -146,7 +150,8 @@ def check_image_folder(directory: str) -> None:
             return  # deeper nesting (e.g. dir/images/<class>/): left to the loader
         empty = [c for c in classes if not _files_in(c)]
         if empty:
-            raise ValueError(f"Class folder(s) {empty} hold no images: add images or remove the folder.")
+            raise ValueError(f"Class folder(s) {empty} hold no images (none with an image extension the loader "
+                             "reads): add images or remove the folder.")
         if len(classes) < 2:
             names = [os.path.basename(c) for c in classes]
             raise ValueError(f"{split!r} has {len(classes)} class subfolder(s) {names}; a classifier needs two "
@@ -172,6 +177,9 @@ def _as_class_labels(splits: dict[str, Dataset]) -> tuple[dict[str, Dataset], li
     if isinstance(feature, ClassLabel):
         return splits, list(feature.names)
     values = set().union(*(set(ds.unique("label")) for ds in splits.values()))
+    if None in values:
+        raise ValueError("Column 'label' holds missing (null) labels, which are not a class. Drop those rows "
+                         "(e.g. `dataset.filter(lambda x: x['label'] is not None)`) first.")
     values = sorted(values, key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)))
     names = [str(v) for v in values]
     negative = [v for v in values if isinstance(v, (int, float)) and v < 0]

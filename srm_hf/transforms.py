@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .loading import is_timm_model
 
@@ -116,7 +116,8 @@ def image_processor_for(model: torch.nn.Module, pre: Preprocessing):
 
 
 def to_pil(value) -> Image.Image:
-    """A decoded image from a PIL image, an array, or an undecoded `{"bytes", "path"}` record (named on failure)."""
+    """A decoded image from a PIL image, an array, or an undecoded `{"bytes", "path"}` record (named on failure;
+    turned upright by its EXIF orientation)."""
     if isinstance(value, Image.Image):
         return value
     if isinstance(value, dict):
@@ -125,7 +126,7 @@ def to_pil(value) -> Image.Image:
             data = value.get("bytes")
             image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
             image.load()
-            return image
+            return ImageOps.exif_transpose(image)  # upright, as `datasets` and `pipeline()` decode it
         except (UnidentifiedImageError, OSError) as e:
             name = os.path.basename(path) if path else "<in-memory bytes>"
             raise ValueError(f"Cannot read image file {path or name!r}: {e}. Remove or replace the file.") from e

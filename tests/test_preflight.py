@@ -158,6 +158,9 @@ def test_negative_labels_are_not_a_class(tmp_path):
     ds = Dataset.from_dict({"image": [np.zeros((2, 2), np.uint8)] * 3, "label": [0, 1, -1]})
     with pytest.raises(ValueError, match=r"negative labels \[-1\].*filter"):
         _as_class_labels(DatasetDict({"train": ds}))
+    ds = Dataset.from_dict({"image": [np.zeros((2, 2), np.uint8)] * 3, "label": [0, 1, None]})
+    with pytest.raises(ValueError, match=r"missing \(null\) labels.*filter"):  # not a class named "None"
+        _as_class_labels(DatasetDict({"train": ds}))
 
 
 def test_a_teacher_trained_on_other_label_names_is_refused(tmp_path):
@@ -279,6 +282,10 @@ def test_image_folder_layouts_the_loader_reads_are_not_refused(tmp_path):
     (tmp_path / "junk" / "yak" / ".DS_Store").write_text("x")  # only a hidden file: an empty class
     with pytest.raises(ValueError, match="yak'\\] hold no images"):
         check_image_folder(str(tmp_path / "junk"))
+    (tmp_path / "junk" / "yak" / "notes.txt").write_text("x")  # a file the loader skips: still no image
+    with pytest.raises(ValueError, match="yak'\\] hold no images"):
+        check_image_folder(str(tmp_path / "junk"))
+    (tmp_path / "junk" / "yak" / "notes.txt").unlink()
     (tmp_path / "junk" / "yak" / ".DS_Store").unlink()
     (tmp_path / "junk" / "yak").rmdir()
     (tmp_path / "junk" / "__MACOSX").mkdir()  # ignored, as the loader ignores it

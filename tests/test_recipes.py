@@ -267,3 +267,18 @@ def test_a_saved_timm_student_works_with_pipeline_and_timm(tmp_path):
     again = timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
     assert again.num_classes == 3 and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
                                                                             student.state_dict().values()))
+
+
+def test_a_teacher_whose_last_batch_holds_one_image_is_refused_before_training(tmp_path):
+    from transformers import TrainingArguments
+
+    data = tiny_fashion_idx(tmp_path)
+    size = len(load_image_splits(DataArguments(dataset_dir=data)).train) - 1  # the last batch: one image
+    base = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=size, use_cpu=True,
+                             report_to="none")
+    kwargs = json.dumps({"in_chans": 1, "pretrained_cfg_overlay": train_teacher.FASHION_MNIST_INPUT})  # 28 px
+    teacher = train_teacher.TeacherArguments(teacher_architecture="timm:resnet10t", teacher_max_steps=1,
+                                             teacher_architecture_kwargs=kwargs)
+    with pytest.raises(ValueError, match="last batch of every epoch holds one example.*nothing was trained"):
+        train_teacher.train_teacher(teacher, DataArguments(dataset_dir=data), base, str(tmp_path / "teacher"))
+    assert not (tmp_path / "teacher" / "teacher_recipe.json").exists()

@@ -134,3 +134,17 @@ def test_a_one_channel_transformers_resnet_without_processor_trains(tmp_path):
     assert batch["pixel_values"].shape[1] == 1
     trainer = train_two_steps(tmp_path, student, pre)
     assert trainer.state.global_step == 2
+
+
+def test_an_image_record_is_read_upright_as_datasets_and_pipeline_read_it():
+    import io
+
+    from datasets import Image as ImageFeature
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° to display
+    Image.new("L", (40, 20), 128).save(buffer, format="JPEG", exif=exif.tobytes())
+    record = {"bytes": buffer.getvalue(), "path": None}
+    assert to_pil(record).size == ImageFeature().decode_example(record).size == (20, 40)
