@@ -26,6 +26,7 @@ from offline import go_offline_if_hub_unreachable
 go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
 
 import torch
+from distill_checks import check_before_loading, check_engine, compared, only_stage
 from compute import first_batch, run_cost, stage_step_seconds, steps_for_cost
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, data_signature, train_teacher
 from transformers import EvalPrediction, set_seed
@@ -35,11 +36,8 @@ from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
-from srm_hf.checkpoint import resolve_resume
-from srm_hf.loading import check_model_source, is_offline, label_names_of, load_image_classifier, load_image_processor
-from srm_hf.methods import METHODS
+from srm_hf.loading import label_names_of, load_image_classifier, load_image_processor
 from srm_hf.methods.srm import DICTIONARY_NAME
-from srm_hf.metrics import make_compute_metrics
 from srm_hf.plots import atom_usage, save_report
 from srm_hf.preflight import check_images, check_output_dir
 from srm_hf.taps import format_tap_plan
@@ -146,60 +144,12 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
-def check_engine(config: DistillationConfig, script_args) -> None:
-    """DeepSpeed allows one Trainer per process: the teacher must come ready-made and no comparison runs."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
-        return
-    if config.teacher_model_name_or_path is None:
-        raise ValueError(
-            "Under DeepSpeed this recipe cannot train its own teacher (DeepSpeed allows one Trainer per process). "
-            "Train it first with `python recipes/train_teacher.py --output_dir DIR ...`, then pass "
-            "--teacher_model_name_or_path DIR."
-        )
-    if compared(script_args):
-        raise ValueError("Under DeepSpeed the comparison runs would need a second Trainer in the process: "
-                         "pass --compare none (or run them separately without DeepSpeed).")
-
-
-def check_before_loading(script_args, model_args, config):
-    """What can fail without the data or the models, checked before either is read (or a teacher trained): the
-    compared methods, the models' sources and keyword arguments, the metrics (returns their `compute_metrics`), the
-    checkpoint to resume from and, with a push asked for, the Hub's reachability."""
-    for name in compared(script_args):
-        if name not in METHODS:
-            raise ValueError(f"--compare {name}: no such method. Name one-stage methods among {sorted(METHODS)}, or "
-                             "none.")
-        only_stage(name)
-    parse_kwargs(model_args.student_model_kwargs, "student_model_kwargs")
-    parse_kwargs(model_args.teacher_model_kwargs, "teacher_model_kwargs")
-    check_model_source(model_args.student_model_name_or_path, "--student_model_name_or_path")
-    if config.teacher_model_name_or_path is not None:
-        check_model_source(config.teacher_model_name_or_path, "--teacher_model_name_or_path")
-    resume = resume_argument(config.resume_from_checkpoint)
-    if resume:
-        resolve_resume(config.output_dir, resume)
-    if (config.push_to_hub or script_args.push_dictionary_to_hub) and is_offline():
-        raise ValueError("--push_to_hub / --push_dictionary_to_hub need the Hub, but the Hub client is offline "
-                         "(HF_HUB_OFFLINE, or the Hub was unreachable at start): run online, or push the saved "
-                         "output_dir later with `hf upload`.")
-    return make_compute_metrics(tuple(script_args.metrics))
-
-
-def compared(script_args) -> list[str]:
-    return [m for m in script_args.compare if m != "none"]
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = SRMParser((ScriptArguments, DataArguments, ModelArguments, TeacherArguments, DistillationConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
     script_args, data_args, model_args, teacher_args, config = parser.parse(argv)
     check_engine(config, script_args)
-    if config.stage_batch_sizes and compared(script_args):
-        raise ValueError("--compare times every stage on one batch size, so it cannot weigh stages with their own "
-                         "(--stage_batch_sizes): pass --compare none, or leave stage_batch_sizes unset.")
-    if script_args.push_dictionary_to_hub and config.method != "srm":
-        raise ValueError(f"--push_dictionary_to_hub needs --method srm (method {config.method!r} learns no dictionary).")
-    compute_metrics = check_before_loading(script_args, model_args, config)
+    compute_metrics, resume = check_before_loading(script_args, model_args, config)
     set_seed(config.seed)
     check_output_dir(config.output_dir, 0)  # writable; the trainer checks the room once the models are known
 
@@ -230,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         plan = format_tap_plan(trainer.tap_pairs)
         print(f"Tap pairs (teacher -> student; set layer_pairs to choose others):\n{plan}")
     seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train)
-    trainer.train(resume_from_checkpoint=resume_argument(config.resume_from_checkpoint))
+    trainer.train(resume_from_checkpoint=resume)
     test = splits.test if splits.test is not None else splits.validation
     if splits.test is None:
         print(f"{splits.source} has no test split: the final evaluation uses the validation split.")
@@ -281,21 +231,6 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             push_dictionary(trainer.method.save_dictionary(path), script_args.push_dictionary_to_hub)
     return metrics
-
-
-def resume_argument(value: str | None) -> str | bool | None:
-    """--resume_from_checkpoint: a checkpoint folder, or true for the newest checkpoint in output_dir."""
-    if value is None or value.lower() == "false":
-        return None
-    return True if value.lower() == "true" else value
-
-
-def only_stage(method: str) -> str:
-    stages = METHODS[method]().stages()
-    if len(stages) != 1:
-        raise ValueError(f"--compare takes one-stage methods (its length is set from the measured cost); {method!r} "
-                         f"has the stages {[s.name for s in stages]}.")
-    return stages[0].name
 
 
 def step_seconds(trainer, initial, teacher, config, baselines: list[str], train) -> dict:

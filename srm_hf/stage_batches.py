@@ -97,8 +97,8 @@ def loader_options(trainer) -> dict:
     workers = args.dataloader_num_workers
     options = dict(collate_fn=trainer.data_collator, num_workers=workers, pin_memory=args.dataloader_pin_memory,
                    worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index))
-    if workers > 0:  # (the DataLoader refuses these without workers)
-        options["prefetch_factor"] = args.dataloader_prefetch_factor  # the next two: TrainingArguments fields
-        options["multiprocessing_context"] = getattr(args, "dataloader_multiprocessing_context", None)  # since
-        options["in_order"] = getattr(args, "dataloader_in_order", True)  # transformers 5.10
+    if workers > 0:  # the DataLoader refuses these without workers; the last two are fields since transformers 5.10
+        options["prefetch_factor"] = args.dataloader_prefetch_factor
+        options["multiprocessing_context"] = getattr(args, "dataloader_multiprocessing_context", None)
+        options["in_order"] = getattr(args, "dataloader_in_order", True)
     return options
