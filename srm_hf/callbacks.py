@@ -65,7 +65,8 @@ class StageCallback(TrainerCallback):
         """Called once the Trainer has written the whole checkpoint: mark it complete (`srm_hf.checkpoint`)."""
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
-            mark_complete(folder, state.global_step, model_only=args.save_only_model)
+            mark_complete(folder, state.global_step, model_only=args.save_only_model,
+                          plan=self.trainer.plan.describe())
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_losses.clear()

@@ -13,6 +13,7 @@ regressors, ...) with the method's description in its metadata, for resuming. A 
 resuming takes the newest complete checkpoint and never one whose write was interrupted.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -118,6 +119,7 @@ def save_distillation_model(model: nn.Module, output_dir: str, state_dict: dict 
             f"Not saving to {output_dir}: {len(broken)} tensors hold NaN/inf ({broken[:5]}). The run diverged; the "
             "checkpoints already written hold the last finite weights. Lower the learning rate or check the data."
         )
+    mark_incomplete(output_dir)  # before its first file is written
     save_student(model.student, output_dir, {k[len("student."):]: v for k, v in state_dict.items()
                                               if k.startswith("student.")})
     method_state = _contiguous({k: v for k, v in state_dict.items() if k.startswith("method.")})
@@ -162,16 +164,45 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
-def mark_complete(folder: str, step: int, model_only: bool = False) -> None:
+def mark_complete(folder: str, step: int, model_only: bool = False, plan: list | None = None) -> None:
     """Mark a checkpoint folder complete, once everything else in it is written: the marker is written under a
     temporary name and renamed, so it exists only whole. `model_only`: saved with save_only_model (nothing to resume
-    the optimizer, schedule or stage from)."""
+    the optimizer, schedule or stage from); `plan`: the stage plan it was written under (`StagePlan.describe`)."""
     tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"global_step": step, "model_only": model_only}, f)
+        json.dump({"global_step": step, "model_only": model_only, "plan": plan}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_NAME))
+
+
+def mark_incomplete(folder: str) -> None:
+    """A folder about to be written (again: a rerun, or `train()` after `train_stages()`, counts steps from 0 into
+    the same checkpoint-N names) is incomplete until `mark_complete` says otherwise."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(folder, COMPLETE_NAME))
+
+
+def check_resume_plan(folder: str, plan: list) -> None:
+    """Refuse to resume from a checkpoint written under another stage plan (its step would fall in another stage;
+    only the last stage may change length), or at the end of this one (nothing is left to train)."""
+    with open(os.path.join(folder, COMPLETE_NAME)) as f:
+        marker = json.load(f)
+    step, written = marker["global_step"], marker.get("plan")  # older checkpoints record no plan
+
+    def described(stages):
+        return " -> ".join(f"{name} ({steps} steps)" for name, steps in stages)
+
+    if written is not None and ([s[0] for s in written] != [s[0] for s in plan] or written[:-1] != plan[:-1]):
+        raise ValueError(f"{folder} was written under the stage plan {described(written)}, and this run's is "
+                         f"{described(plan)}: its step {step} would resume in another stage. Resume with the settings "
+                         "it was written with (stage lengths, epochs, batch size, training-set size; only the last "
+                         "stage may change length). A checkpoint written by `train()` after `train_stages()` resumes "
+                         "with `train_stages()` of the stages that followed.")
+    if step >= sum(steps for _, steps in plan):
+        raise ValueError(f"{folder} is at step {step}, the end of this run's plan ({described(plan)}): nothing is left "
+                         "to train. Load the student from it, or lengthen the last stage (num_train_epochs or "
+                         "max_steps) to train on.")
 
 
 def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | None:

@@ -7,7 +7,8 @@ as one autograd node, with no K-channel float32 map:
     srm_tap_loss_fused(l, y, g, ...)            l = Pᵀs + c -> the same from logits made by torch
 
 Both read maps, tokens and vectors through their strides as `srm_hf.fused` describes, and sum per image and per
-batch through partial buffers in a fixed order, finished by the last program of the launch.
+batch through partial buffers in a fixed order, finished by the last program of the launch. Pixel labels are atoms
+in [0, K), as the teacher's targets give them: there is no ignore index (`F.cross_entropy`'s -100).
 """
 
 import torch
@@ -145,7 +146,10 @@ def loss_buffers(view: Pixels, launch: Launch, atoms: int, pixel_weight: float, 
 
 def image_labels_for(image_labels: torch.Tensor, view: Pixels) -> torch.Tensor:
     """The image labels as a dense [N, K] tensor (broadcast as the eager BCE broadcasts them), for a kernel that reads
-    them flat; labels of another size are refused before a kernel reads past them."""
+    them flat; labels of another size, or that ask for a gradient the kernels do not give, are refused."""
+    if image_labels.requires_grad:
+        raise ValueError("image_labels require grad, and the fused loss treats labels as constants (the teacher's "
+                         "targets): detach them, or compute the terms with `srm_hf.srm.srm_loss`.")
     if image_labels.shape != (view.n, view.atoms):
         try:
             image_labels = image_labels.expand(view.n, view.atoms)

@@ -67,6 +67,10 @@ class StagePlan:
     def __str__(self) -> str:
         return " -> ".join(f"{s.index}. {s.name} ({s.steps} steps)" for s in self.stages)
 
+    def describe(self) -> list[list]:
+        """[[stage name, steps], ...]: what a checkpoint records of the plan it was written under."""
+        return [[s.name, s.steps] for s in self.stages]
+
 
 def stage_steps(spec: StageSpec, steps_per_epoch: int | None, last_stage_steps: int) -> int:
     """A stage's length: its `max_steps` if > 0, else `epochs` passes over the data; the last stage (no epochs of

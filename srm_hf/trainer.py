@@ -20,7 +20,7 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 
 from .callbacks import StageCallback
-from .checkpoint import load_distillation_model, resolve_resume, save_distillation_model
+from .checkpoint import check_resume_plan, load_distillation_model, resolve_resume, save_distillation_model
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import compile_in_place, hook_guards, model_logits
@@ -35,10 +35,10 @@ from .reference import StageSelection
 from .stage_batches import parse_stage_batch_sizes, stage_batch_loader
 from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
-from .trainer_options import check_trainer_arguments
+from .trainer_options import RefusedTrainerFeatures, check_trainer_arguments
 
 
-class DistillationTrainer(HubMixin, Trainer):
+class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
     def __init__(self, model: nn.Module | str | None = None, teacher_model: nn.Module | str | None = None,
                  args: DistillationConfig | None = None, method: Method | str | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
@@ -67,6 +67,7 @@ class DistillationTrainer(HubMixin, Trainer):
         if args.compile_teacher:
             compile_in_place(self.teacher, args)
         self.plan: StagePlan | None = None
+        self.resuming: str | bool | None = None  # the checkpoint `train()` resumes from
         self.stages_done: set[str] = set()  # stages run on their own by `train_stages`, left out of later plans
         self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
@@ -107,6 +108,8 @@ class DistillationTrainer(HubMixin, Trainer):
             specs = self.distill_model.stage_specs(skip=self.stages_done)
             self.plan = StagePlan([(spec, stage_steps(spec, per_epoch, max_steps)) for spec in specs])
             self.steps_per_epoch = {stage.name: per_epoch for stage in self.plan.stages}
+        if isinstance(self.resuming, str):  # the checkpoint's step placed on this plan
+            check_resume_plan(self.resuming, self.plan.describe())
         max_steps = self.plan.total_steps
         if per_epoch is not None:
             num_train_epochs = -(-max_steps // per_epoch)
@@ -124,18 +127,18 @@ class DistillationTrainer(HubMixin, Trainer):
             self.optimizer = None
         if getattr(self, "_owns_scheduler", False):  # ... and a new schedule (also for an optimizer passed in)
             self.lr_scheduler = None
-        resume = resolve_resume(self.args.output_dir, resume_from_checkpoint)
+        self.resuming = resolve_resume(self.args.output_dir, resume_from_checkpoint)
         check_training(self)  # output folder, last batch: fail before any compute
-        return super().train(resume, trial, ignore_keys_for_eval, **kwargs)
+        return super().train(self.resuming, trial, ignore_keys_for_eval, **kwargs)
 
-    def train_stages(self, names: list[str]):
+    def train_stages(self, names: list[str], resume_from_checkpoint: str | bool | None = None):
         """Run only these stages of the method now (e.g. SRM's dictionary); a later `train()` leaves them out."""
         known = [s.name for s in self.method.stages()]
         if unknown := [n for n in names if n not in known]:
             raise ValueError(f"Method {self.method.name!r} has no stage {unknown}: its stages are {known}.")
         before, self.stages_done = self.stages_done, self.stages_done | (set(known) - set(names))
         try:
-            output = self.train()
+            output = self.train(resume_from_checkpoint)
         finally:
             self.stages_done = before
         self.stages_done = before | set(names)

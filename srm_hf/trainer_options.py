@@ -46,6 +46,9 @@ def check_trainer_options(args) -> None:
     if getattr(args, "enable_jit_checkpoint", False):
         raise ValueError("enable_jit_checkpoint=True writes a checkpoint on SIGTERM that DistillationTrainer cannot "
                          "mark complete, so resuming would skip it: rely on save_steps instead.")
+    if args.fp16 and args.device.type == "cpu":
+        raise ValueError("fp16=True on the CPU: accelerate runs no fp16 autocast there, so the run would train in "
+                         "float32 under an fp16 flag. Use bf16=True (the CPU's autocast), or train on a GPU.")
     if args.push_to_hub and args.hub_strategy in ("checkpoint", "all_checkpoints"):
         raise ValueError(f"hub_strategy={name_of(args.hub_strategy)}: the Hub receives the student alone (a model "
                          "any library loads), not the checkpoints a run resumes from. Use hub_strategy='every_save' "
@@ -92,3 +95,13 @@ def check_trainer_arguments(args, kwargs: dict) -> None:
     if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
         raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
                          "optimizer_cls_and_kwargs, or use preset='trainer'.")
+
+
+class RefusedTrainerFeatures:
+    """Trainer methods that cannot drive a stage plan, refused with the way around."""
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise NotImplementedError("hyperparameter_search builds each trial's model with model_init, and a "
+                                  "DistillationTrainer is built around the student passed as model= (its method's "
+                                  "modules sized from it): run one DistillationTrainer per trial, e.g. in an optuna "
+                                  "objective that builds the student, the config and the trainer.")

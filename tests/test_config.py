@@ -1,5 +1,8 @@
 import pytest
+import torch
 from conftest import make_config
+
+from srm_hf import DistillationConfig
 
 from srm_hf.methods import METHODS
 
@@ -88,6 +91,8 @@ def test_parses_from_the_command_line():
 @pytest.mark.parametrize("launched, bf16, fp16", [("bf16", True, False), ("fp16", False, True), ("no", False, False)])
 def test_the_launch_configs_mixed_precision_fills_unset_flags(tmp_path, monkeypatch, launched, bf16, fp16):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    if fp16:  # fp16 on the CPU is refused: this test stands on a GPU machine
+        monkeypatch.setattr(DistillationConfig, "device", property(lambda self: torch.device("cuda")))
     config = make_config(tmp_path, use_cpu=False) if fp16 else make_config(tmp_path)
     assert (config.bf16, config.fp16) == (bf16, fp16)
 

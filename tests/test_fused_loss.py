@@ -99,6 +99,8 @@ def test_image_labels_broadcast_as_in_eager_and_other_sizes_are_refused():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match=r"image_labels \(2, 4\) do not give one label per atom"):
         srm_loss_fused(logits, pixel, image[:, :4])
+    with pytest.raises(ValueError, match="image_labels require grad"):  # eager would give them a gradient
+        srm_loss_fused(logits, pixel, image.clone().requires_grad_())
 
 
 def test_the_fused_terms_can_be_changed_in_place_like_the_eager_ones():

@@ -160,3 +160,50 @@ def test_a_model_only_checkpoint_is_refused_for_resuming(tmp_path):
         make_trainer(tmp_path, method="kd").train(resume_from_checkpoint=True)
     with pytest.raises(ValueError, match="save_only_model=True"):
         make_trainer(tmp_path, method="kd").train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_resuming_under_another_stage_plan_or_at_its_end_is_refused(tmp_path):
+    plan = dict(srm_dictionary_max_steps=2, srm_max_steps=2, save_strategy="steps", save_steps=2)  # 2 + 2 + 4 steps
+    make_trainer(tmp_path, **plan).train()
+    mid_srm = str(tmp_path / "out" / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"dictionary \(2 steps\) -> srm \(2 steps\).*this run's is dictionary "
+                                         r"\(1 steps\).*its step 4 would resume in another stage"):
+        make_trainer(tmp_path, **{**plan, "srm_dictionary_max_steps": 1}).train(resume_from_checkpoint=mid_srm)
+    with pytest.raises(ValueError, match="checkpoint-8 is at step 8, the end of this run's plan.*nothing is left"):
+        make_trainer(tmp_path, **plan).train(resume_from_checkpoint=True)
+    longer = make_trainer(tmp_path, **plan, max_steps=6)  # only the last stage changes length: resumed
+    longer.train(resume_from_checkpoint=True)
+    assert longer.state.global_step == 10 and longer.state.log_history[-2]["stage"] == 3
+
+
+def test_the_stages_after_train_stages_resume_with_train_stages(tmp_path):
+    plan = dict(srm_dictionary_max_steps=2, srm_max_steps=2, save_strategy="steps", save_steps=2)
+    trainer = make_trainer(tmp_path, **plan)
+    trainer.train_stages(["dictionary"])  # checkpoint-2 under the plan dictionary (2)
+    trainer.train()  # checkpoint-2 .. -6 under srm (2) -> kd (4): checkpoint-2 rewritten
+    with pytest.raises(ValueError, match="resumes with `train_stages\\(\\)` of the stages that followed"):
+        make_trainer(tmp_path, **plan).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    resumed = make_trainer(tmp_path, **plan)
+    resumed.train_stages(["srm", "kd"], resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"))
+    assert resumed.state.global_step == 6
+
+
+def test_a_checkpoint_folder_written_again_is_incomplete_until_its_last_file(tmp_path, monkeypatch):
+    make_trainer(tmp_path, method="kd", save_strategy="steps", save_steps=2).train()  # complete checkpoint-2, -4
+    rerun = make_trainer(tmp_path, method="kd", save_strategy="steps", save_steps=2)  # the same output_dir
+
+    def killed(output_dir):
+        raise KeyboardInterrupt(f"killed while writing {output_dir}")
+
+    monkeypatch.setattr(rerun, "_save_optimizer_and_scheduler", killed)  # after the student, before the rest
+    with pytest.raises(KeyboardInterrupt):
+        rerun.train()
+    with pytest.raises(ValueError, match="checkpoint-2 is not a complete checkpoint"):  # half the rerun's, half not
+        make_trainer(tmp_path, method="kd").train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+
+
+def test_fp16_on_the_cpu_and_hyperparameter_search_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="fp16=True on the CPU.*bf16=True"):
+        make_config(tmp_path, fp16=True)
+    with pytest.raises(NotImplementedError, match="one DistillationTrainer per trial"):
+        make_trainer(tmp_path, method="kd").hyperparameter_search()
