@@ -39,7 +39,7 @@ from srm_hf.hub import push_dictionary
 from srm_hf.loading import label_names_of, load_image_classifier, load_image_processor
 from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.plots import atom_usage, save_report
-from srm_hf.preflight import check_images, check_output_dir
+from srm_hf.preflight import check_output_dir, check_split_images
 from srm_hf.taps import format_tap_plan
 from srm_hf.transforms import AugmentedDataset, ImageTransform, image_processor_for, preprocessing_for
 
@@ -104,7 +104,7 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
         recipe = os.path.join(name, "teacher_recipe.json")
         # the cache serves this run only if the same recipe trained it on the same data and labels
         wanted = {"teacher_args": dataclasses.asdict(teacher_args), "data": data_signature(data_args),
-                  "label_names": splits.label_names}
+                  "label_names": splits.label_names, "train_fingerprint": splits.fingerprint}  # contents too
         cached = {}
         if os.path.isfile(recipe):
             with open(recipe) as f:
@@ -123,7 +123,10 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
         raise ValueError(f"The teacher {name!r} predicts {labels} labels, the data has {len(splits.label_names)} "
                          f"({splits.source}). Pass a teacher trained on this data, or --train_teacher true.")
     names = label_names_of(teacher)
-    if names is not None and [same(n) for n in names] != [same(n) for n in splits.label_names]:
+    if names is None:
+        print(f"The teacher {name!r} records no label names: its outputs are taken in the data's label order "
+              f"({splits.source}), which cannot be checked.")
+    elif [same(n) for n in names] != [same(n) for n in splits.label_names]:
         raise ValueError(f"The teacher {name!r} was trained on the labels {names}, in that order; the data's are "
                          f"{splits.label_names} ({splits.source}). Pass a teacher trained on this data (or relabel the "
                          "data to the teacher's order), or --train_teacher true.")
@@ -155,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     splits = load_image_splits(data_args)
     if data_args.check_images:
-        for split in ("train", "validation", "test"):
-            if getattr(splits, split) is not None:
-                check_images(getattr(splits, split), split)
+        check_split_images(splits)
     teacher_name, teacher = get_teacher(config, model_args, teacher_args, data_args, splits)
     student = load_image_classifier(model_args.student_model_name_or_path, num_labels=len(splits.label_names),
                                     id2label=splits.id2label, pretrained=model_args.student_pretrained,

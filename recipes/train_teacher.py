@@ -23,7 +23,7 @@ from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.checkpoint import save_student
 from srm_hf.data import DataArguments, load_image_splits
 from srm_hf.metrics import make_compute_metrics
-from srm_hf.preflight import check_last_batch
+from srm_hf.preflight import check_last_batch, check_split_images
 from srm_hf.loading import for_trainer, load_image_classifier, load_image_processor
 from srm_hf.transforms import ImageTransform, preprocessing_for
 
@@ -72,6 +72,8 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
     that ran it and its validation and test metrics (`teacher_recipe.json`), and return its folder."""
     full_data = dataclasses.replace(data_args, max_train_samples_per_class=None)
     splits = load_image_splits(full_data)
+    if data_args.check_images:  # every image the teacher reads, before its first step
+        check_split_images(splits)
     architecture_kwargs = parse_kwargs(teacher_args.teacher_architecture_kwargs, "teacher_architecture_kwargs")
     model = load_image_classifier(teacher_args.teacher_architecture, num_labels=len(splits.label_names),
                                   id2label=splits.id2label, pretrained=teacher_args.teacher_pretrained,
@@ -96,7 +98,7 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
         save_student(model, output_dir)
         with open(os.path.join(output_dir, "teacher_recipe.json"), "w") as f:
             json.dump({"teacher_args": dataclasses.asdict(teacher_args), "data": data_signature(data_args),
-                       "label_names": splits.label_names,
+                       "label_names": splits.label_names, "train_fingerprint": splits.fingerprint,
                        "command": command, "metrics": metrics}, f, indent=2)
     trainer.accelerator.wait_for_everyone()
     return output_dir

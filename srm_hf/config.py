@@ -46,7 +46,8 @@ class DistillationConfig(TrainingArguments):
     # ---- SRM ----
     srm_mode: str = field(default="paper", metadata={"help": "SRM stages: 'paper' (dictionary, SRM, KD) or 'joint'."})
     srm_codeword_multiplier: float = field(default=2.0, metadata={"help": "m: atoms per tap K = int(m * C)."})
-    srm_sparsity_multiplier: float = field(default=0.02, metadata={"help": "s: kept atoms per pixel k = int(m*s*C)."})
+    srm_sparsity_multiplier: float = field(default=0.02,
+                                           metadata={"help": "s: kept atoms per pixel k = max(1, int(m*s*C))."})
     srm_targets: str = field(default="both", metadata={"help": "Teacher labels to match: 'pixel', 'image' or 'both'."})
     srm_pixel_weight: float = field(default=1.0, metadata={"help": "Weight of the pixel-level cross-entropy."})
     srm_image_weight: float = field(default=1.0, metadata={"help": "Weight of the image-level binary cross-entropy."})
@@ -199,9 +200,9 @@ class DistillationConfig(TrainingArguments):
         for name in ("kd_alpha", "dkd_warmup_ratio", "reviewkd_warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")
-        for name in ("kd_temperature", "dkd_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (typical: 2 to 8).")
+        for name in ("kd_temperature", "dkd_temperature"):  # past 1000, T²·KL is float32 rounding noise
+            if not 0 < getattr(self, name) <= 1000:
+                raise ValueError(f"{name}={getattr(self, name)} must be in (0, 1000] (typical: 2 to 8).")
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 0 (0: stop at the first one).")
         for name in ("srm_pixel_weight", "srm_image_weight", "srm_weight", "srm_dictionary_learning_rate", "at_beta",

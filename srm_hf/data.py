@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset, load_from_disk
 
 from .idx import FASHION_MNIST_LABELS, is_idx_dir, load_idx_dir, read_idx
 from .loading import is_offline
@@ -37,13 +37,14 @@ class DataArguments:
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
     dataset_dir: str | None = field(
         default=None,
-        metadata={"help": "Local data instead of the Hub: an image folder (class subfolders) or a folder of IDX files."},
+        metadata={"help": "Local data instead of the Hub: an image folder (class subfolders), a folder of IDX files, "
+                          "or a dataset written by `save_to_disk`."},
     )
     train_split: str = field(default="train", metadata={"help": "Split to train on."})
     validation_split: str | None = field(
         default=None, metadata={"help": "Validation split; default: the dataset's own, else carved from train."}
     )
-    test_split: str | None = field(default="test", metadata={"help": "Split for the final evaluation."})
+    test_split: str | None = field(default="test", metadata={"help": "Split for the final evaluation ('none': none)."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of train carved out for validation."})
     image_column: str | None = field(default=None, metadata={"help": "Image column; detected when unset."})
     label_column: str | None = field(default=None, metadata={"help": "Label column; detected when unset."})
@@ -58,6 +59,8 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        if isinstance(self.test_split, str) and self.test_split.lower() in ("none", "null", ""):
+            self.test_split = None  # as YAML's null: a flag has no other way to say it
         for name in ("max_train_samples_per_class", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -71,6 +74,7 @@ class ImageSplits:
     test: Dataset | None
     label_names: list[str]
     source: str
+    fingerprint: str = ""  # the train split's contents as read (datasets' fingerprint), before any subset
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -98,10 +102,23 @@ def detect_columns(columns: list[str], image_column: str | None = None, label_co
                                                                             "label_column")
 
 
+def saved_to_disk(folder: str) -> bool:
+    """Whether `folder` holds a Dataset or DatasetDict written by `save_to_disk`."""
+    return any(os.path.isfile(os.path.join(folder, name)) for name in ("dataset_dict.json", "state.json"))
+
+
+def _load_from_disk(folder: str) -> tuple[DatasetDict, str]:
+    """A dataset written by `save_to_disk`: a DatasetDict as it is, a single Dataset as its train split."""
+    data = load_from_disk(folder)
+    return (data if isinstance(data, DatasetDict) else DatasetDict(train=data)), f"dataset saved in {folder}"
+
+
 def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
     if args.dataset_dir is not None:
         if not os.path.isdir(args.dataset_dir):
             raise FileNotFoundError(f"dataset_dir {args.dataset_dir!r} is not a folder.")
+        if saved_to_disk(args.dataset_dir):
+            return _load_from_disk(args.dataset_dir)
         if is_idx_dir(args.dataset_dir):
             return load_idx_dir(args.dataset_dir), f"IDX files in {args.dataset_dir}"
         check_image_folder(args.dataset_dir)
@@ -110,6 +127,8 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
         raise ValueError("No data: set --dataset_name (a Hub dataset) or --dataset_dir (a local folder).")
     if args.dataset_name in (FASHION_MNIST_HUB, "fashion_mnist") and is_idx_dir(DEBIAN_FASHION_MNIST):
         return load_idx_dir(DEBIAN_FASHION_MNIST), f"Fashion-MNIST IDX files in {DEBIAN_FASHION_MNIST}"
+    if os.path.isdir(args.dataset_name) and saved_to_disk(args.dataset_name):  # load_dataset refuses these
+        return _load_from_disk(args.dataset_name)
     try:
         return load_dataset(args.dataset_name, args.dataset_config), f"{args.dataset_name} (Hub)"
     except (ConnectionError, OSError) as e:  # offline mode raises ConnectionError/OSError subclasses
@@ -207,11 +226,12 @@ def check_labels(ds: Dataset, num_labels: int, split: str) -> None:
     """Every label must index a class: 0 <= label < num_labels."""
     labels = labels_of(ds)
     bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if split == "test" and len(labels) and (labels < 0).all():  # a Hub test split without labels (-1)
+        raise ValueError(f"Split 'test' has no labels (all {len(labels)} are negative, e.g. {labels[0]}): evaluate on "
+                         "another split with --test_split NAME, or on none with --test_split none.")
     if bad.size:
-        raise ValueError(
-            f"Split {split!r} column 'label' has {bad.size} labels outside [0, {num_labels}) "
-            f"(e.g. row {bad[0]}: {labels[bad[0]]}). Fix the labels or the number of classes."
-        )
+        raise ValueError(f"Split {split!r} column 'label' has {bad.size} labels outside [0, {num_labels}) (e.g. row "
+                         f"{bad[0]}: {labels[bad[0]]}). Fix the labels or the number of classes.")
 
 
 def stratified_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
@@ -264,11 +284,10 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
         raise ValueError(f"{source} has {len(names)} class(es) {names}: a classifier needs two or more.")
     for split, ds in splits.items():
         if len(ds) == 0:
-            raise ValueError(
-                f"Split {split!r} of {source} is empty" + (
-                    f": carving validation_fraction={args.validation_fraction} out of train finds no class with two "
-                    "images or more. Pass --validation_split, or give each class more training images."
-                    if split == "validation" else "."))
+            raise ValueError(f"Split {split!r} of {source} is empty" + (
+                f": carving validation_fraction={args.validation_fraction} out of train finds no class with two images "
+                "or more. Pass --validation_split, or give each class more training images." if split == "validation"
+                else "."))
         check_labels(ds, len(names), split)
     if args.max_train_samples_per_class is not None:
         splits["train"] = stratified_subset(splits["train"], args.max_train_samples_per_class, args.subset_seed)
@@ -276,5 +295,6 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
         for split in ("validation", "test"):
             if split in splits and len(splits[split]) > args.max_eval_samples:
                 splits[split] = splits[split].shuffle(seed=args.subset_seed).select(range(args.max_eval_samples))
-    return ImageSplits(splits["train"], splits["validation"], splits.get("test"), names, source)
+    return ImageSplits(splits["train"], splits["validation"], splits.get("test"), names, source,
+                       raw[args.train_split]._fingerprint)
 

@@ -94,8 +94,9 @@ class DistillationModel(nn.Module):
         if not method.uses_taps and args.layer_pairs:
             raise ValueError(f"layer_pairs is set but method {method.name!r} uses no taps: remove layer_pairs.")
         pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []
+        method.teacher_fingerprint = fingerprint(teacher)  # before `build`, which may load artefacts made for one
         model = cls(student, method, pairs)
-        model.provenance = {"teacher": fingerprint(teacher), "train_examples": len(train_dataset),
+        model.provenance = {"teacher": method.teacher_fingerprint, "train_examples": len(train_dataset),
                             "stage_batch_sizes": args.stage_batch_sizes}
         return model, teacher
 

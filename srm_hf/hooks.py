@@ -42,12 +42,15 @@ class FeatureHooks:
     def __init__(self, model: nn.Module, paths: list[str] | dict[str, str]):
         self.paths = dict(paths) if isinstance(paths, dict) else {p: p for p in paths}
         self._features: dict[str, torch.Tensor] = {}
+        self._versions: dict[str, int] = {}  # each capture's version counter, to see in-place changes after it
         self._handles = [get_module(model, p).register_forward_hook(self._hook(p))
                          for p in dict.fromkeys(self.paths.values())]  # one hook per module
 
     def _hook(self, path: str):
         def hook(module, args, output):
-            self._features[path] = first_tensor(output)
+            feature = self._features[path] = first_tensor(output)
+            if feature is not None and not torch.compiler.is_compiling():  # compiled: no counters to compare
+                self._versions[path] = feature._version
 
         return hook
 
@@ -55,20 +58,30 @@ class FeatureHooks:
         """The captured features by key, in the given order. Raises if a tap did not run in the last forward."""
         missing = [p for p in self.paths.values() if self._features.get(p) is None]
         if missing:
-            self._features.clear()
+            self.clear()
             raise RuntimeError(
                 f"Taps {missing} captured no tensor in the last forward pass. Check that these modules run in the "
                 "model's forward and return a tensor, or tap other modules."
             )
+        changed = [p for p in self.paths.values() if p in self._versions and
+                   self._features[p]._version != self._versions[p]]
+        if changed:
+            self.clear()
+            raise RuntimeError(
+                f"The outputs of {changed} were changed in place later in the forward pass (e.g. `x += shortcut` or "
+                "an in-place ReLU after a BatchNorm), so they no longer hold what these modules returned. Tap the "
+                "module whose output is final (e.g. the block that holds them)."
+            )
         features = {key: as_vector_if_pooled(self._features[path]) for key, path in self.paths.items()}
-        self._features.clear()
+        self.clear()
         return features
 
     def clear(self) -> None:
         self._features.clear()
+        self._versions.clear()
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._features.clear()
+        self.clear()

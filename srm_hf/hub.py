@@ -75,7 +75,8 @@ def render_model_card(*, model_name: str, repo_id: str | None, library_name: str
         eval_results=results or None)
     repo = repo_id or model_name
     if library_name == "timm":
-        quickstart = f'import timm\nmodel = timm.create_model("hf-hub:{repo}", pretrained=True).eval()'
+        source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{model_name}"  # a folder saved here, not pushed
+        quickstart = f'import timm\nmodel = timm.create_model("{source}", pretrained=True).eval()'
     else:
         quickstart = ('from transformers import pipeline\n'
                       f'classify = pipeline("image-classification", model="{repo}")')

@@ -33,13 +33,20 @@ def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_
                     with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as header:
                         _check_size(header, max_pixels)
                 _check_size(to_pil(value), max_pixels)
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+            except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
                 path = value.get("path") if isinstance(value, dict) else None
                 where = f"{path!r} (split {split!r}, row {start + offset})" if path else \
                     f"at row {start + offset} of split {split!r}"
-                raise ValueError(f"Image {where} cannot be used: {e}. Remove or replace it (or fix the dataset) "
-                                 "and start again (--check_images false skips this check); nothing was "
+                raise ValueError(f"Image {where} cannot be used: {str(e).rstrip('.')}. Remove or replace it (or fix "
+                                 "the dataset) and start again (--check_images false skips this check); nothing was "
                                  "trained.") from e
+
+
+def check_split_images(splits) -> None:
+    """`check_images` on every split of an `ImageSplits`."""
+    for split in ("train", "validation", "test"):
+        if getattr(splits, split) is not None:
+            check_images(getattr(splits, split), split)
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:

@@ -119,10 +119,16 @@ def stage_taps(taps: list[TapInfo], min_reduction: float) -> list[TapInfo]:
     inside it), the last one run among equals; pooled vectors count as one size.
 
     Maps finer than `min_reduction` (e.g. the stem at reduction 2) are left out: their codes cost the most memory.
+    So is the one map size of a model that also gives tokens, with the modules around it: a transformer's patch
+    embedding, not a stage.
     """
+    maps = [t.path for t in taps if len(t.spatial) == 2]
+    embedding = maps if len({t.spatial for t in taps if len(t.spatial) == 2}) == 1 and \
+        any(len(t.spatial) == 1 for t in taps) else []
     best: dict[tuple[int, ...], tuple[int, int]] = {}  # spatial -> (depth, -position) of the best tap so far
     for i, t in enumerate(taps):
-        if len(t.spatial) == 2 and t.reduction < min_reduction:
+        if len(t.spatial) == 2 and t.reduction < min_reduction or \
+                any(path == t.path or path.startswith(t.path + ".") for path in embedding):
             continue
         rank = (t.path.count("."), -i)
         if t.spatial not in best or rank < best[t.spatial]:

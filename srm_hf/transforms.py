@@ -129,11 +129,31 @@ def to_pil(value) -> Image.Image:
             return ImageOps.exif_transpose(image)  # upright, as `datasets` and `pipeline()` decode it
         except (UnidentifiedImageError, OSError) as e:
             name = os.path.basename(path) if path else "<in-memory bytes>"
-            raise ValueError(f"Cannot read image file {path or name!r}: {e}. Remove or replace the file.") from e
-    array = np.asarray(value)
-    if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return Image.fromarray(array)
+            raise ValueError(f"Cannot read image file {path or name!r}: {str(e).rstrip('.')}. Remove or replace "
+                             "the file.") from e
+    return Image.fromarray(as_image_array(np.asarray(value)))
+
+
+def as_image_array(array: np.ndarray) -> np.ndarray:
+    """An array image as PIL reads it: [H, W] or [H, W, 2 | 3 | 4] uint8. Channels first ([C, H, W] with C = 1, 3
+    or 4 and W > 4, as torch stores images) move last; floats in [0, 1] (torchvision's convention) are scaled to
+    [0, 255]; other shapes, and values outside [0, 255], are refused rather than clipped into another image."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[2] > 4:
+        array = array.transpose(1, 2, 0)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim not in (2, 3) or array.ndim == 3 and array.shape[2] not in (2, 3, 4):
+        raise ValueError(f"An image array of shape {array.shape}: give [H, W], [H, W, C] or [C, H, W] with C = 1 to 4 "
+                         "channels.")
+    if array.dtype == np.uint8:
+        return array
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if np.issubdtype(array.dtype, np.floating) and 0 <= low and high <= 1:
+        array = array * 255.0
+    elif not (0 <= low and high <= 255):  # NaN fails too
+        raise ValueError(f"An image array of {array.dtype} values in [{low}, {high}]: give uint8 values in [0, 255] "
+                         "or floats in [0, 1] (16-bit data: scale it to 8 bits first).")
+    return np.rint(array).astype(np.uint8)
 
 
 def _to_mode(image: Image.Image, channels: int) -> Image.Image:

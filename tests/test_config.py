@@ -58,6 +58,7 @@ def test_layer_pairs_parse(tmp_path):
         ("srm_sparsity_multiplier", 1.5, "srm_sparsity_multiplier"),
         ("kd_alpha", 1.2, "kd_alpha"),
         ("kd_temperature", 0.0, "kd_temperature"),
+        ("kd_temperature", 1e5, r"kd_temperature=100000.0 must be in \(0, 1000\]"),
         ("srm_weight", -1.0, "srm_weight"),
         ("layer_pairs", ["layer2"], "teacher.module:student.module"),
         ("layer_pairs", ["a:b:c"], "one colon"),

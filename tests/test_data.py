@@ -5,7 +5,7 @@ import struct
 
 import numpy as np
 import pytest
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
@@ -169,3 +169,38 @@ def test_missing_label_column_in_data(tmp_path):
         load_image_splits(DataArguments(dataset_name=name))
     splits = load_image_splits(DataArguments(dataset_name=name, label_column="category"))
     assert splits.label_names == ["a", "b", "c"]
+
+
+def test_an_unlabelled_test_split_says_how_to_skip_it_and_none_skips_it(tmp_path):
+    name = hub_style_dataset(tmp_path, splits=("train",), label_column="label")
+    Dataset.from_dict({"img": [Image.new("RGB", (5, 5))] * 3, "label": [-1] * 3, "coarse_label": [0] * 3},
+                      features=Features({"img": ImageFeature(), "label": Value("int64"),
+                                         "coarse_label": Value("int64")})).to_parquet(str(tmp_path / "test.parquet"))
+    with pytest.raises(ValueError, match="Split 'test' has no labels.*--test_split none"):
+        load_image_splits(DataArguments(dataset_name=name))
+    for flag in ("none", "None", "null", ""):
+        assert DataArguments(dataset_name=name, test_split=flag).test_split is None
+    assert load_image_splits(DataArguments(dataset_name=name, test_split="none")).test is None
+
+
+def test_a_dataset_written_by_save_to_disk_loads_from_dataset_dir_or_dataset_name(tmp_path):
+    splits = load_image_splits(DataArguments(dataset_name=hub_style_dataset(tmp_path / "src"),
+                                             validation_fraction=0.25))
+    whole = DatasetDict(train=splits.train, test=splits.test)
+    whole.save_to_disk(str(tmp_path / "dict"))
+    splits.train.save_to_disk(str(tmp_path / "single"))
+    for args in (DataArguments(dataset_dir=str(tmp_path / "dict")), DataArguments(dataset_name=str(tmp_path / "dict"))):
+        loaded = load_image_splits(args)
+        assert loaded.label_names == ["a", "b", "c"] and len(loaded.test) == 24 and "(Hub)" not in loaded.source
+    single = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "single"), validation_fraction=0.25))
+    assert len(single.train) + len(single.validation) == len(splits.train) and single.test is None
+
+
+def test_the_train_split_fingerprint_follows_its_files(tmp_path):
+    make_image_folder(tmp_path / "data")
+    args = DataArguments(dataset_dir=str(tmp_path / "data"), max_train_samples_per_class=2)
+    first = load_image_splits(args).fingerprint
+    assert first and load_image_splits(args).fingerprint == first
+    assert load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data"))).fingerprint == first  # before subsets
+    Image.new("RGB", (10, 8), (7, 7, 7)).save(tmp_path / "data" / "dog" / "0.png")  # same name, other pixels
+    assert load_image_splits(args).fingerprint != first

@@ -76,6 +76,16 @@ def test_dictionary_from_another_teacher(tmp_path):
                      srm_dictionary_path=str(tmp_path / "a" / "out" / "srm_dictionary.safetensors"))
 
 
+def test_a_dictionary_of_another_teacher_of_the_same_shapes_or_another_k_is_refused(tmp_path):
+    path = pretrain_dictionary(make_trainer(tmp_path / "a", srm_dictionary_max_steps=1))
+    with pytest.raises(ValueError, match="does not fit.*teacher: .* there, .* here"):  # same architecture, retrained
+        make_trainer(tmp_path / "b", teacher=timm_resnet(seed=5), srm_dictionary_path=path)
+    with pytest.raises(ValueError, match="does not fit.*kept: "):  # k = int(m·s·C) of another s
+        make_trainer(tmp_path / "c", srm_sparsity_multiplier=0.5, srm_dictionary_path=path)
+    trainer = make_trainer(tmp_path / "d", srm_dictionary_path=str(tmp_path / "a" / "out"))  # its folder will do
+    assert trainer.method.dictionary_ready and "dictionary" not in [s.name for s in trainer.method.stages()]
+
+
 def test_missing_dictionary_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         make_trainer(tmp_path, srm_dictionary_path=str(tmp_path / "nowhere.safetensors"))

@@ -68,3 +68,17 @@ def test_features_come_back_under_the_callers_keys():
     model(torch.randn(2, 3, 8, 8))
     feats = hooks.pop()
     assert list(feats) == ["a", "b", "c"] and feats["a"] is feats["b"] and feats["c"].shape == (2, 4, 8, 8)
+
+
+def test_a_tap_whose_output_is_changed_in_place_later_is_refused():
+    """timm's BasicBlock adds the shortcut to bn2's output in place, then applies an in-place ReLU: a hook on bn2
+    would hand over the block's output instead of the BatchNorm's."""
+    model = timm_resnet().eval()
+    hooks = FeatureHooks(model, ["layer1.0.bn2", "layer1.0"])
+    model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(RuntimeError, match=r"\['layer1.0.bn2'\] were changed in place later in the forward pass"):
+        hooks.pop()
+    hooks.remove()
+    hooks = FeatureHooks(model, ["layer1.0"])  # the block's own output is final
+    model(torch.randn(2, 3, 32, 32))
+    assert hooks.pop()["layer1.0"].min() >= 0  # after its ReLU

@@ -98,6 +98,15 @@ def test_model_card_content(tmp_path):
         assert text in card, text
 
 
+def test_the_card_of_a_timm_student_saved_here_loads_it_from_its_folder():
+    from srm_hf.hub import render_model_card
+
+    card = render_model_card(model_name="student-srm", repo_id=None, library_name="timm", teacher="teacher",
+                             teacher_revision=None, student="timm:resnet10t", dataset="custom", method={"name": "kd"},
+                             seed=0, tap_pairs=[], stages=[("kd", 4)], metrics={})
+    assert 'timm.create_model("local-dir:student-srm", pretrained=True)' in card and "hf-hub:" not in card
+
+
 def test_push_needs_a_saved_student(tmp_path):
     from srm_hf.hub import push_student
 

@@ -2,6 +2,7 @@
 kept out of the exported student, and every stage of every method resumes exactly."""
 
 import os
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -55,6 +56,18 @@ def test_a_method_defined_here_trains_with_no_change_to_the_library(tmp_path):
     assert logged == {"mse/mse", "mse/ce"}
     trainer.save_model()
     assert not any("proj" in k for k in saved_student_keys(tmp_path / "out"))
+
+
+def test_the_readmes_method_trains_as_written(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("### Customise", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(block.split("\ntrainer = ", 1)[0], namespace)  # all but its last line, which elides the data
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=namespace["FeatureMSE"](),
+                                  args=make_config(tmp_path, method="kd", max_steps=2),
+                                  train_dataset=PatternDataset(16))
+    trainer.train()  # automatic pairs: three maps and the pooled vector
+    assert len(trainer.tap_pairs) == 4 and any("mse/mse" in e for e in trainer.state.log_history)
 
 
 def test_a_method_instance_refuses_fields_of_named_methods(tmp_path):
@@ -217,3 +230,30 @@ def test_an_overridden_tap_loss_adds_its_terms_to_the_joint_stage(tmp_path):
     torch.testing.assert_close(out.terms["kd"], kd["kd"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(out.terms["ce"], kd["ce"] + 0.5 * sum(t["ce"] for t in per_tap), rtol=1e-6,
                                atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["fitnet", "at"])
+def test_methods_that_compare_positions_refuse_pairs_of_other_grids_when_built(tmp_path, method):
+    extra = {"fitnet_max_steps": 2} if method == "fitnet" else {}
+    with pytest.raises(ValueError, match=f"Method '{method}' compares features position by position.*'layer1:"
+                                         "resnet.encoder.stages.1'"):  # an 8x8 map against a 4x4 one
+        make_trainer(tmp_path, method=method, layer_pairs=["layer1:resnet.encoder.stages.1"], allow_resize=True,
+                     **extra)
+
+
+def test_attention_transfer_over_pooled_vectors_alone_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="'at' transfers spatial attention.*pooled vector.*its term would be 0"):
+        make_trainer(tmp_path, method="at", layer_pairs=["global_pool:classifier.0"])
+
+
+def test_a_codeword_multiplier_that_leaves_one_atom_is_refused_naming_the_tap(tmp_path):
+    with pytest.raises(ValueError, match=r"srm_codeword_multiplier=0.05 gives the tap layer1: 32x8x8.*1 atom.*m >= "):
+        make_trainer(tmp_path, srm_codeword_multiplier=0.05)
+
+
+def test_reviewkd_refuses_pairs_listed_deep_to_shallow(tmp_path):
+    pairs = ["layer1:resnet.encoder.stages.0", "layer2:resnet.encoder.stages.1"]
+    with pytest.raises(ValueError, match="not listed shallow to deep"):
+        make_trainer(tmp_path, method="reviewkd", layer_pairs=pairs[::-1])
+    assert [p.key for p in make_trainer(tmp_path, method="reviewkd", layer_pairs=pairs).method.pairs] == \
+        ["layer1", "layer2"]

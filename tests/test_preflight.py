@@ -185,23 +185,31 @@ def test_the_teacher_cache_is_retrained_for_other_data(tmp_path, monkeypatch):
         from srm_hf.checkpoint import save_student
 
         save_student(model, folder)
+        splits = load_image_splits(data_args)
         with open(os.path.join(folder, "teacher_recipe.json"), "w") as f:
             json.dump({"teacher_args": distill.dataclasses.asdict(teacher_args),
-                       "data": distill.data_signature(data_args),
-                       "label_names": load_image_splits(data_args).label_names}, f)
+                       "data": distill.data_signature(data_args), "label_names": splits.label_names,
+                       "train_fingerprint": splits.fingerprint}, f)
 
     monkeypatch.setattr(distill, "train_teacher", fake_train_teacher)
     first, second = split_folder(tmp_path / "one"), tmp_path / "two"
     make_image_folder(second / "train", per_class=4, classes=("ant", "bee", "cow"))
     make_image_folder(second / "test", per_class=2, classes=("ant", "bee", "cow"))
-    for data in (first, first, second):
+
+    def get_teacher(data):
         args = SRMParser((distill.ScriptArguments, DataArguments, distill.ModelArguments,
                           distill.TeacherArguments, distill.DistillationConfig))
         args.set_defaults(**distill.RECIPE_DEFAULTS)
         script, data_args, model_args, teacher_args, config = args.parse(
             ["--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), *TINY])
         distill.get_teacher(config, model_args, teacher_args, data_args, load_image_splits(data_args))
+
+    for data in (first, first, second):
+        get_teacher(data)
     assert trained == [str(first), str(second)]  # the second call used the cache; other data retrained it
+    Image.new("RGB", (10, 8), (9, 9, 9)).save(second / "train" / "bee" / "0.png")  # the same folder, other contents
+    get_teacher(second)
+    assert trained == [str(first), str(second), str(second)]
 
 
 def test_missing_and_corrupt_model_files_are_named(tmp_path):

@@ -67,12 +67,13 @@ def test_default_yaml_matches_the_no_argument_run():
             assert value == other, key
 
 
-def tiny_fashion_idx(root):
-    """28x28 one-channel IDX data shaped like Fashion-MNIST (4 classes, 12 train / 4 test images each)."""
+def tiny_fashion_idx(root, classes: int = 4):
+    """28x28 one-channel IDX data shaped like Fashion-MNIST (4 classes, 12 train / 4 test images each), labelled
+    "0", "1", ... (Fashion-MNIST's names only in a folder named so)."""
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 48), ("t10k", 16)):
-        labels = np.arange(n) % 4
-        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * 50)
+        labels = np.arange(n) % classes
+        images = rng.integers(0, 60, (n, 28, 28)) + (labels[:, None, None] * (200 // classes))
         write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return str(root)
@@ -163,6 +164,10 @@ def test_a_teacher_for_other_labels_is_refused_before_training(tmp_path):
     data = tiny_fashion_idx(tmp_path)  # 4 classes; the shipped teacher predicts 10
     with pytest.raises(ValueError, match="predicts 10 labels, the data has 4.*--train_teacher true"):
         distill.main(["--dataset_dir", data, "--output_dir", str(tmp_path / "run"), *TINY[2:]])
+    (tmp_path / "digits").mkdir()
+    ten = tiny_fashion_idx(tmp_path / "digits", classes=10)  # as many classes as the shipped teacher, other names
+    with pytest.raises(ValueError, match=r"trained on the labels \['T-shirt/top'.*the data's are \['0', '1'"):
+        distill.main(["--dataset_dir", ten, "--output_dir", str(tmp_path / "run"), *TINY[2:]])
     with pytest.raises(ValueError, match="not both"):
         distill.main(["--dataset_dir", data, "--output_dir", str(tmp_path / "run"), "--teacher_model_name_or_path",
                       "x", *TINY])
@@ -282,3 +287,20 @@ def test_a_teacher_whose_last_batch_holds_one_image_is_refused_before_training(t
     with pytest.raises(ValueError, match="last batch of every epoch holds one example.*nothing was trained"):
         train_teacher.train_teacher(teacher, DataArguments(dataset_dir=data), base, str(tmp_path / "teacher"))
     assert not (tmp_path / "teacher" / "teacher_recipe.json").exists()
+
+
+def test_the_teacher_recipe_checks_every_image_it_trains_on_first(tmp_path):
+    from PIL import Image
+    from transformers import TrainingArguments
+
+    for c, name in enumerate(("cat", "dog")):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.new("L", (28, 28), 40 * c + i).save(tmp_path / "data" / name / f"{i}.png")
+    (tmp_path / "data" / "dog" / "5.png").write_bytes(b"not a png")  # outside any student's subset of one per class
+    base = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    teacher = train_teacher.TeacherArguments(teacher_architecture="timm:resnet10t", teacher_max_steps=1)
+    data = DataArguments(dataset_dir=str(tmp_path / "data"), max_train_samples_per_class=1)
+    with pytest.raises(ValueError, match="5.png.*cannot be used.*nothing was trained"):
+        train_teacher.train_teacher(teacher, data, base, str(tmp_path / "teacher"))
+    assert not (tmp_path / "teacher").exists()

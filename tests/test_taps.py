@@ -34,6 +34,19 @@ def test_pairing_by_spatial_size():
                      ("layer3", "resnet.encoder.stages.2"), ("global_pool", "classifier.0")]
 
 
+def test_a_transformers_patch_embedding_is_no_automatic_tap():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=16, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=32, num_labels=4))
+    x = torch.randn(2, 3, 32, 32)
+    taps = stage_taps(dry_run(vit, x)[0], 4)
+    assert [t.path for t in taps] == ["vit.layernorm"]  # not the patch projection's 8x8 map, nor its tokens
+    with pytest.raises(ValueError, match="(?s)nothing to pair.*layer_pairs"):  # not the CNN's 8x8 stage to that map
+        pair_taps(taps, stage_taps(dry_run(hf_resnet(), x)[0], 4))
+
+
 def test_no_matching_size_is_a_clear_error():
     teacher = stage_taps(dry_run(small_net(), torch.randn(1, 3, 6, 6))[0], 1)  # grids 6x6, 3x3
     student = [t for t in stage_taps(dry_run(hf_resnet(), torch.randn(1, 3, 64, 64))[0], 4) if t.spatial]

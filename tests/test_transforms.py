@@ -148,3 +148,17 @@ def test_an_image_record_is_read_upright_as_datasets_and_pipeline_read_it():
     Image.new("L", (40, 20), 128).save(buffer, format="JPEG", exif=exif.tobytes())
     record = {"bytes": buffer.getvalue(), "path": None}
     assert to_pil(record).size == ImageFeature().decode_example(record).size == (20, 40)
+
+
+def test_array_images_channels_first_floats_in_0_1_and_out_of_range_values():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    assert np.array_equal(np.asarray(to_pil(pixels.transpose(2, 0, 1))), pixels)  # [C, H, W], as torch stores them
+    assert np.array_equal(np.asarray(to_pil(pixels[:, :, :1].transpose(2, 0, 1))), pixels[:, :, 0])
+    assert np.array_equal(np.asarray(to_pil(pixels / 255.0)), pixels)  # torchvision's float convention
+    assert np.array_equal(np.asarray(to_pil(pixels.astype(np.int64))), pixels)
+    for bad, match in ((np.full((4, 4), 300.0), r"float64 values in \[300.0, 300.0\].*uint8"),
+                       (np.full((4, 4), np.nan), "values in"), (np.zeros((2, 4, 4, 3)), r"shape \(2, 4, 4, 3\)"),
+                       (np.zeros((5, 6, 7)), r"shape \(5, 6, 7\)")):
+        with pytest.raises(ValueError, match=match):
+            to_pil(bad)

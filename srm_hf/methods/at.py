@@ -8,7 +8,7 @@ Pooled-vector taps have no spatial attention and are skipped.
 import torch
 import torch.nn.functional as F
 
-from .base import Method, StageSpec
+from .base import Method, StageSpec, check_same_grid
 from .kd import kd_terms
 
 
@@ -40,6 +40,14 @@ class AT(Method):
     @classmethod
     def from_config(cls, args) -> "AT":
         return cls(args.at_beta, args.kd_alpha, args.kd_temperature)
+
+    def build(self, pairs):
+        super().build(pairs)
+        check_same_grid(pairs, self.name)
+        if not any(pair.teacher.spatial for pair in pairs):
+            raise ValueError(f"Method 'at' transfers spatial attention, and every tap pair here is a pooled vector "
+                             f"({[pair.teacher.path for pair in pairs]}), so its term would be 0: tap feature maps "
+                             "(e.g. the stage outputs), or use method 'kd'.")
 
     def stages(self) -> list[StageSpec]:
         return [StageSpec("at")]

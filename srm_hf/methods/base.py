@@ -7,9 +7,10 @@ knowing its name:
     class FeatureMSE(Method):
         name, uses_taps = "feature_mse", True
 
-        def build(self, pairs):                       # called once the taps are paired
+        def build(self, pairs):                       # called once the taps are paired: maps and pooled vectors
             super().build(pairs)
-            self.proj = nn.ModuleDict({p.key: nn.Linear(p.student.channels, p.teacher.channels) for p in pairs})
+            self.proj = nn.ModuleDict({p.key: nn.Conv2d(p.student.channels, p.teacher.channels, 1) if p.teacher.spatial
+                                       else nn.Linear(p.student.channels, p.teacher.channels) for p in pairs})
 
         def stages(self):
             return [StageSpec("mse", trains=("student", "proj"))]   # the last stage: num_train_epochs / max_steps
@@ -72,6 +73,7 @@ class Method(nn.Module):
     def __init__(self):
         super().__init__()
         self.pairs: list = []
+        self.teacher_fingerprint: str | None = None  # the teacher's weights, as the trainer names them before `build`
 
     @classmethod
     def from_config(cls, args) -> "Method":
@@ -110,6 +112,17 @@ def check_stage_length(prefix: str, epochs: float, max_steps: int) -> None:
     """A stage before the last needs a length: `<prefix>_epochs` > 0 or `<prefix>_max_steps` > 0."""
     if max_steps <= 0 and not epochs > 0:
         raise ValueError(f"Stage '{prefix}' has no length: set {prefix}_epochs > 0 or {prefix}_max_steps > 0.")
+
+
+def check_same_grid(pairs: list, method: str) -> None:
+    """Refuse, before training, a pair of different grids (a teacher map against student tokens, or maps of other
+    sizes under `allow_resize`) for a method that compares teacher and student features position by position."""
+    for pair in pairs:
+        if pair.teacher.spatial != pair.student.spatial:
+            raise ValueError(f"Method {method!r} compares features position by position, and the pair "
+                             f"'{pair.teacher.path}:{pair.student.path}' joins teacher {pair.teacher} with student "
+                             f"{pair.student}. Pair layers of one grid, or use method 'srm' (maps of other sizes "
+                             "with allow_resize=True, student tokens against a teacher map) or 'reviewkd' (maps).")
 
 
 def linear_warmup(progress: float, warmup_ratio: float) -> float:

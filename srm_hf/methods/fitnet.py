@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..srm import project
-from .base import Method, StageSpec, check_stage_length
+from .base import Method, StageSpec, check_same_grid, check_stage_length
 from .kd import kd_stage, kd_terms
 
 
@@ -54,6 +54,7 @@ class FitNet(Method):
 
     def build(self, pairs):
         super().build(pairs)
+        check_same_grid(pairs, self.name)
         for pair in pairs:
             self.regressors[pair.key] = HintRegressor(pair.student.channels, pair.teacher.channels)
 

@@ -20,6 +20,8 @@ Paper vs public code (mdistiller `mdistiller/distillers/ReviewKD.py`, as the aut
   * Mid channels: min(512, the deepest student tap's channels); the 512 is hard-coded (MAX_MID_CHANNEL is unused).
 """
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -149,6 +151,11 @@ class ReviewKD(Method):
                 raise ValueError(f"ReviewKD fuses feature maps [N, C, H, W] or pooled vectors [N, C], but tap "
                                  f"'{p.key}' (teacher {p.teacher.path}, student {p.student.path}) gives tokens "
                                  "[N, L, C]: choose convolutional or pooled layers in `layer_pairs`.")
+        depth = [-math.prod(p.student.spatial) for p in self.pairs]  # fewer pixels: deeper (pooled vectors: 1)
+        if depth != sorted(depth):
+            raise ValueError("ReviewKD fuses each level with the deeper ones listed after it, but the student taps "
+                             f"{[str(p.student) for p in self.pairs]} are not listed shallow to deep: order "
+                             "`layer_pairs` from the finest map to the coarsest (pooled vectors last).")
         mid = self.mid_channels or min(512, self.pairs[-1].student.channels)
         last = len(self.pairs) - 1
         self.abfs = nn.ModuleDict({p.key: ABF(p.student.channels, mid, p.teacher.channels, fuse=i < last)

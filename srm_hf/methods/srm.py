@@ -80,6 +80,9 @@ class SRM(Method):
         for pair in pairs:
             c = pair.teacher.channels
             num_atoms = num_atoms_for(c, self.m)
+            if num_atoms < 2:  # one atom: every pixel label is 0, the pixel term is constant
+                raise ValueError(f"srm_codeword_multiplier={self.m} gives the tap {pair.teacher} a dictionary of "
+                                 f"{num_atoms} atom (K = int(m·C)): SRM needs 2 or more. Use m >= {2 / c:.3g}.")
             self.coders[pair.key] = SparseCoder(c, num_atoms, num_active_for(c, self.m, self.s))
             self.heads[pair.key] = SRMHead(pair.student.channels, num_atoms)
         if self.dictionary_path:
@@ -180,17 +183,28 @@ class SRM(Method):
                 for p in self.pairs]
 
     def save_dictionary(self, path: str) -> str:
-        """Write the dictionaries alone (`srm_dictionary.safetensors`), to skip stage 1 next time."""
+        """Write the dictionaries alone (`srm_dictionary.safetensors`, into `path` if it is a folder), with the
+        teacher and the atoms kept per pixel they were learnt for, to skip stage 1 next time."""
+        path = os.path.join(path, DICTIONARY_NAME) if os.path.isdir(path) else path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.coders.state_dict().items()}
-        save_safetensors(state, path, {"taps": json.dumps(self.tap_metadata())})
+        save_safetensors(state, path, {"taps": json.dumps(self.tap_metadata()), **self.dictionary_provenance()})
         return path
 
+    def dictionary_provenance(self) -> dict[str, str]:
+        return {"teacher": self.teacher_fingerprint or "",
+                "kept": json.dumps({key: coder.num_active for key, coder in self.coders.items()})}
+
     def load_dictionary(self, path: str) -> None:
-        """Load dictionaries saved by `save_dictionary`, checking every tap and shape; stage 1 is then skipped."""
+        """Load dictionaries saved by `save_dictionary`, checking every tap and shape, the teacher and k; stage 1 is
+        then skipped."""
+        path = os.path.join(path, DICTIONARY_NAME) if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No SRM dictionary at {path}: pass a file written by save_dictionary().")
         saved, problems, metadata = read_matching(path, self.coders.state_dict())
+        here = self.dictionary_provenance()
+        problems = problems or "; ".join(f"{k}: {metadata[k]} there, {here[k]} here" for k in here  # older files:
+                                         if metadata.get(k) and here[k] and metadata[k] != here[k])  # fewer records
         if problems:
             raise ValueError(
                 f"{path} does not fit this teacher/student pairing ({problems}). It was saved for taps "
