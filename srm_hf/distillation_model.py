@@ -76,6 +76,10 @@ class DistillationModel(nn.Module):
         teacher = teacher if teacher is not None else args.teacher_model_name_or_path
         if teacher is None:
             raise ValueError("No teacher: pass `teacher_model=` or set `teacher_model_name_or_path` in the config.")
+        if not (hasattr(train_dataset, "__len__") and hasattr(train_dataset, "__getitem__")):
+            raise ValueError(f"train_dataset is a {type(train_dataset).__name__} without a length or indexing (an "
+                             "iterable or streaming dataset): the stage plan counts epochs and resumes by index. Pass "
+                             "a map-style dataset (load it without streaming=True).")
         student = load_image_classifier(student) if isinstance(student, str) else student
         teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
         example = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])

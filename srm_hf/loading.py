@@ -11,7 +11,7 @@ import os
 import re
 
 import torch.nn as nn
-from huggingface_hub import is_offline_mode
+from huggingface_hub import is_offline_mode, try_to_load_from_cache
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
@@ -64,7 +64,8 @@ def load_image_classifier(
         ):
             model = _load_timm(name_or_path, num_labels, pretrained, model_kwargs)
             if id2label is not None:  # written to config.json as `label_names` when the model is saved
-                model.pretrained_cfg = {**model.pretrained_cfg, "label_names": [id2label[i] for i in sorted(id2label)]}
+                names = [id2label[i] for i in sorted(id2label, key=int)]  # keys may be strings, as JSON gives them
+                model.pretrained_cfg = {**model.pretrained_cfg, "label_names": names}
             return model
         return _load_transformers(name_or_path, num_labels, id2label, pretrained, model_kwargs)
     except SafetensorError as e:
@@ -73,6 +74,9 @@ def load_image_classifier(
     except OSError as e:
         hint = " HF_HUB_OFFLINE is set: use a local folder or a `timm:<architecture>` built from scratch." if (
             is_offline()) else ""
+        if name_or_path.startswith("timm:") and pretrained:
+            hint = f" `{name_or_path}` with pretrained weights downloads them; build it from scratch with " \
+                   "pretrained=False (or --student_pretrained false)."
         raise OSError(f"Could not load the image classifier {name_or_path!r}: {e}.{hint}") from e
 
 
@@ -80,9 +84,16 @@ def check_model_source(name_or_path: str, option: str = "") -> None:
     """Fail fast, before any data is read or anything trained, on a source that cannot load: a local folder that is
     not there, a `timm:` architecture timm does not know. (Hub ids are resolved when the model loads.)"""
     where = f"{option}={name_or_path!r}" if option else repr(name_or_path)
-    if looks_like_a_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"No folder {where}: give the path of a saved model, or a Hub id (`owner/name`) or "
-                                "`timm:<architecture>`.")
+    path = os.path.expanduser(name_or_path)
+    if not os.path.exists(path) and (looks_like_a_path(name_or_path) or _offline_and_not_cached(name_or_path)):
+        raise FileNotFoundError(f"No folder {where}{' (nor, offline, a Hub id in the cache)' if is_offline() else ''}: "
+                                "give the path of a saved model, or a Hub id (`owner/name`) or `timm:<architecture>`.")
+    if os.path.isfile(path):
+        raise ValueError(f"{where} is a file: give the folder that holds it ({os.path.dirname(path) or '.'!r}).")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{where} holds no config.json, so no library can tell which model it is (a plain "
+                         "nn.Module's weights alone): build the module and `load_state_dict` the model.safetensors "
+                         "in it, then pass the module.")
     if name_or_path.startswith("timm:"):
         import timm
 
@@ -92,6 +103,17 @@ def check_model_source(name_or_path: str, option: str = "") -> None:
             hint = f" (close names: {', '.join(close)})" if close else ""
             raise ValueError(f"{where}: timm has no architecture {architecture!r}{hint}. "
                              "`timm.list_models('PATTERN*')` lists them.")
+
+
+def _offline_and_not_cached(name: str) -> bool:
+    """Offline, a transformers Hub id whose config is not in the local Hub cache cannot load: likely a local folder's
+    path mistyped (`outputs/run`)."""
+    if not is_offline() or name.startswith(("timm:", "timm/", "hf-hub:")):
+        return False
+    try:
+        return not isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return True
 
 
 def _load_timm(name_or_path, num_labels, pretrained, model_kwargs) -> nn.Module:

@@ -75,6 +75,9 @@ class StageSelection(TrainerCallback):
     The state kept is what the stage trains (the student and/or the method's modules), in memory on the CPU."""
 
     def __init__(self, trainer):
+        if isinstance(trainer.eval_dataset, dict):
+            raise ValueError("preset='reference' selects each stage's best epoch on one validation set, and "
+                             f"eval_dataset is a dict of {list(trainer.eval_dataset)}: pass the one to select on.")
         self.trainer = trainer
         self.best: tuple[float, dict] | None = None
         self.losses: list[float] = []

@@ -89,3 +89,13 @@ def test_a_dictionary_of_another_teacher_of_the_same_shapes_or_another_k_is_refu
 def test_missing_dictionary_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
         make_trainer(tmp_path, srm_dictionary_path=str(tmp_path / "nowhere.safetensors"))
+
+
+def test_an_iterable_train_dataset_is_refused_before_the_models_load(tmp_path):
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(PatternDataset(8))
+
+    with pytest.raises(ValueError, match="train_dataset is a Stream without a length.*map-style dataset"):
+        DistillationTrainer(model="no/such/student", teacher_model=timm_resnet(), args=make_config(tmp_path),
+                            train_dataset=Stream())

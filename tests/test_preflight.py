@@ -212,6 +212,27 @@ def test_the_teacher_cache_is_retrained_for_other_data(tmp_path, monkeypatch):
     assert trained == [str(first), str(second), str(second)]
 
 
+def test_model_sources_that_cannot_load_are_named_with_the_fix(tmp_path, monkeypatch):
+    from srm_hf import loading
+    from srm_hf.checkpoint import save_student
+
+    save_student(timm_resnet(), str(tmp_path / "timm"))
+    with pytest.raises(ValueError, match="is a file: give the folder that holds it"):
+        load_image_classifier(str(tmp_path / "timm" / "config.json"))
+    save_student(torch.nn.Linear(2, 2), str(tmp_path / "plain"))  # weights alone: no library knows the module
+    with pytest.raises(ValueError, match="holds no config.json.*load_state_dict"):
+        load_image_classifier(str(tmp_path / "plain"))
+    monkeypatch.setattr(loading, "is_offline", lambda: True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"No folder 'outputs/run' \(nor, offline, a Hub id in the cache\)"):
+        load_image_classifier("outputs/run")  # a relative folder mistyped, not sent to the Hub
+    with pytest.raises(OSError, match="build it from scratch with pretrained=False"):
+        load_image_classifier("timm:resnet10t")  # pretrained weights, and no network
+    model = load_image_classifier("timm:resnet10t", num_labels=12, id2label={str(i): f"c{i}" for i in range(12)},
+                                  pretrained=False)  # string keys, as a config.json gives them
+    assert model.pretrained_cfg["label_names"][:3] == ["c0", "c1", "c2"]
+
+
 def test_missing_and_corrupt_model_files_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="No folder 'no/such/teacher'"):
         load_image_classifier("no/such/teacher")

@@ -170,7 +170,7 @@ def test_a_teacher_for_other_labels_is_refused_before_training(tmp_path):
         distill.main(["--dataset_dir", ten, "--output_dir", str(tmp_path / "run"), *TINY[2:]])
     with pytest.raises(ValueError, match="not both"):
         distill.main(["--dataset_dir", data, "--output_dir", str(tmp_path / "run"), "--teacher_model_name_or_path",
-                      "x", *TINY])
+                      str(ROOT / "recipes" / "teachers" / "fashion_mnist_resnet18"), *TINY])
 
 
 def test_distill_resumes_from_a_checkpoint_at_its_step_and_stage(tmp_path):

@@ -29,6 +29,10 @@ def test_preset_settings_and_refusals(tmp_path):
         from srm_hf import DistillationTrainer
         DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path, **REFERENCE),
                             train_dataset=PatternDataset(32))
+    with pytest.raises(ValueError, match=r"one validation set.*dict of \['a', 'b'\]"):  # before any stage runs
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path, **REFERENCE),
+                            train_dataset=PatternDataset(32),
+                            eval_dataset={"a": PatternDataset(8), "b": PatternDataset(8, seed=1)})
 
 
 def test_coupled_adam_on_every_student_parameter(tmp_path):
