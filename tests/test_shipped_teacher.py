@@ -1,5 +1,5 @@
-"""The Fashion-MNIST teacher shipped in recipes/teachers/: it loads with plain timm and scores on the full test
-split what its recipe file records (its README says which command trained it)."""
+"""The Fashion-MNIST teacher shipped in recipes/teachers/: it loads with plain timm, scores on the full test split
+what its recipe file records (its README says which command trained it), and records the data's label names."""
 
 import json
 from pathlib import Path
@@ -21,7 +21,8 @@ def test_shipped_teacher_has_its_recorded_test_accuracy(name):
     assert recorded["metrics"]["test_accuracy"] >= 0.92 and "python recipes/train_teacher.py" in recorded["command"]
     teacher = timm.create_model(f"local-dir:{TEACHER}", pretrained=True).eval()
     assert Path(DEBIAN_FASHION_MNIST).is_dir(), "install Debian's dataset-fashion-mnist package (see README)"
-    test = load_image_splits(DataArguments()).test
+    splits = load_image_splits(DataArguments())
+    test = splits.test
     assert len(test) == 10_000
     batch = test.with_transform(ImageTransform(preprocessing_for(teacher)))[:]
     images, labels = torch.stack(batch["pixel_values"]), torch.as_tensor(batch["labels"])
@@ -30,3 +31,5 @@ def test_shipped_teacher_has_its_recorded_test_accuracy(name):
     correct = int((predictions == labels).sum())
     # CPUs may round a convolution differently: at most 2 of 10,000 borderline images may flip
     assert abs(correct - round(recorded["metrics"]["test_accuracy"] * 10_000)) <= 2
+    recorded_names = [name.replace(" ", "") for name in teacher.pretrained_cfg["label_names"]]
+    assert recorded_names == [name.replace(" ", "") for name in splits.label_names]  # the recipe checks this
