@@ -122,9 +122,7 @@ def stage_taps(taps: list[TapInfo], min_reduction: float) -> list[TapInfo]:
     So is the one map size of a model that also gives tokens, with the modules around it: a transformer's patch
     embedding, not a stage.
     """
-    maps = [t.path for t in taps if len(t.spatial) == 2]
-    embedding = maps if len({t.spatial for t in taps if len(t.spatial) == 2}) == 1 and \
-        any(len(t.spatial) == 1 for t in taps) else []
+    embedding = _patch_embedding(taps)
     best: dict[tuple[int, ...], tuple[int, int]] = {}  # spatial -> (depth, -position) of the best tap so far
     for i, t in enumerate(taps):
         if len(t.spatial) == 2 and t.reduction < min_reduction or \
@@ -135,6 +133,14 @@ def stage_taps(taps: list[TapInfo], min_reduction: float) -> list[TapInfo]:
             best[t.spatial] = rank
     chosen = sorted(-pos for _, pos in best.values())
     return [taps[i] for i in chosen]
+
+
+def _patch_embedding(taps: list[TapInfo]) -> list[str]:
+    """The paths of a transformer's patch embedding: every map when all maps share one size and the model also
+    gives tokens (spatial (L,)); none otherwise."""
+    maps = [t for t in taps if len(t.spatial) == 2]
+    gives_tokens = any(len(t.spatial) == 1 for t in taps)
+    return [t.path for t in maps] if gives_tokens and len({t.spatial for t in maps}) == 1 else []
 
 
 def pair_taps(teacher: list[TapInfo], student: list[TapInfo]) -> list[TapPair]:
