@@ -21,9 +21,10 @@ class StageCallback(TrainerCallback):
     def __init__(self, trainer):
         self.trainer = trainer
         self._current = None
+        self._finished: set[int] = set()  # indices of the stages the method has been told are finished
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._current = None
+        self._current, self._finished = None, set()
         self.trainer.nonfinite.forget()
         if state.is_world_process_zero:
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
@@ -38,6 +39,8 @@ class StageCallback(TrainerCallback):
         self.trainer.nonfinite.step_done()
         plan = self.trainer.plan
         stage = plan.stage_at(state.global_step - 1)
+        if state.global_step == stage.end:
+            self._finish(stage)
         if args.stage_batch_sizes:  # one loader runs the whole plan (one Trainer epoch): each stage's passes end
             done, per_epoch = state.global_step - stage.start, self.trainer.steps_per_epoch[stage.name]  # its epochs
             if done % per_epoch == 0 or state.global_step == stage.end:
@@ -45,6 +48,11 @@ class StageCallback(TrainerCallback):
                 control.should_save |= args.save_strategy == "epoch"
         if control.should_evaluate and stage.index < len(plan.stages):
             control.should_evaluate = False
+
+    def _finish(self, stage) -> None:
+        if stage.index not in self._finished:
+            self._finished.add(stage.index)
+            self.trainer.method.stage_finished(stage)
 
     def on_epoch_end(self, args, state, control, **kwargs):
         """`eval_strategy="epoch"` asks at each epoch's end: the same rule (under `stage_batch_sizes`, the stage
@@ -75,6 +83,8 @@ class StageCallback(TrainerCallback):
         if stage.index == self._current:
             return
         self._current = stage.index
+        for finished in self.trainer.plan.stages[:stage.index - 1]:  # a resumed run starts past them
+            self._finish(finished)
         label = f"stage {stage.index}/{len(self.trainer.plan.stages)}: {stage.name}"
         if state.is_world_process_zero:
             logger.info(f"Starting {label} (steps {stage.start + 1}-{stage.end})")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file
 from conftest import NUM_LABELS, PatternDataset, hf_resnet, make_config, make_trainer, pretrain_dictionary, timm_resnet
 from transformers import TrainingArguments
 
@@ -84,6 +85,31 @@ def test_a_dictionary_of_another_teacher_of_the_same_shapes_or_another_k_is_refu
         make_trainer(tmp_path / "c", srm_sparsity_multiplier=0.5, srm_dictionary_path=path)
     trainer = make_trainer(tmp_path / "d", srm_dictionary_path=str(tmp_path / "a" / "out"))  # its folder will do
     assert trainer.method.dictionary_ready and "dictionary" not in [s.name for s in trainer.method.stages()]
+
+
+def test_a_dictionary_is_saved_only_once_stage_1_has_finished_here_or_in_the_checkpoint_resumed(tmp_path):
+    path = tmp_path / "dictionary.safetensors"
+    first = make_trainer(tmp_path / "a", srm_dictionary_max_steps=2, srm_max_steps=1, max_steps=1,
+                         save_strategy="steps", save_steps=1)
+    with pytest.raises(RuntimeError, match=r"not learnt yet.*train_stages\(\['dictionary'\]\)"):
+        first.method.save_dictionary(str(path))  # random atoms: a run loading them would skip stage 1
+    assert not path.exists()
+    first.train()
+    first.method.save_dictionary(str(path))
+
+    def resumed_from(step):
+        trainer = make_trainer(tmp_path / "a", srm_dictionary_max_steps=2, srm_max_steps=1, max_steps=1)
+        finished, told = [], trainer.method.stage_finished
+        trainer.method.stage_finished = lambda stage: (finished.append(stage.name), told(stage))
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "out" / f"checkpoint-{step}"))
+        return trainer, finished
+
+    inside, finished = resumed_from(1)  # stage 1 half done in the checkpoint, finished after resuming
+    assert finished == ["dictionary", "srm", "kd"] and inside.method.dictionary_learnt
+    past, finished = resumed_from(3)  # only the KD stage left: each earlier stage is told once, in order
+    assert finished == ["dictionary", "srm", "kd"]
+    past.method.save_dictionary(str(path))
+    torch.testing.assert_close(load_file(path), {k: v.cpu() for k, v in first.method.coders.state_dict().items()})
 
 
 def test_missing_dictionary_file(tmp_path):

@@ -97,6 +97,10 @@ class Method(nn.Module):
         `loss` needs (e.g. labels in `teacher.targets`, dropping `teacher.features`), so that the teacher's maps are
         freed before the student's activations are stored. Default: nothing."""
 
+    def stage_finished(self, stage) -> None:
+        """Called once `stage` (a `srm_hf.stages.Stage`) has run its last step; on resuming, for each stage the
+        checkpoint had finished. Default: nothing."""
+
     def loss(self, stage, student: Features | None, teacher: Features | None,
              labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The named loss terms of one step. `stage` is the running `srm_hf.stages.Stage` (name, progress);

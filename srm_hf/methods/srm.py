@@ -64,6 +64,7 @@ class SRM(Method):
         if mode == "paper":  # joint mode has no SRM stage of its own
             check_stage_length("srm", srm_epochs, srm_max_steps)
         self.dictionary_ready = False  # set once a dictionary is loaded: stage 1 is skipped
+        self.dictionary_learnt = False  # set once stage 1 has finished, here or in the checkpoint resumed
         self.coders = nn.ModuleDict()  # one SparseCoder per teacher tap
         self.heads = nn.ModuleDict()  # one SRMHead per student tap
 
@@ -97,6 +98,9 @@ class SRM(Method):
         return dictionary + [StageSpec("srm", trains=("student", "heads"), epochs=self.srm_epochs,
                                        max_steps=self.srm_max_steps),
                              kd_stage(self.kd_alpha)]
+
+    def stage_finished(self, stage) -> None:
+        self.dictionary_learnt |= stage.name == "dictionary"
 
     def group_options(self, group: str) -> dict:
         return {"lr": self.dictionary_learning_rate, "weight_decay": 0.0} if group == "coders" else {}
@@ -184,7 +188,14 @@ class SRM(Method):
 
     def save_dictionary(self, path: str) -> str:
         """Write the dictionaries alone (`srm_dictionary.safetensors`, into `path` if it is a folder), with the
-        teacher and the atoms kept per pixel they were learnt for, to skip stage 1 next time."""
+        teacher and the atoms kept per pixel they were learnt for, to skip stage 1 next time. Refused before stage 1
+        has finished: the atoms are still random, and a run loading them would skip learning them."""
+        if not (self.dictionary_learnt or self.dictionary_ready):
+            raise RuntimeError(
+                "The SRM dictionary is not learnt yet: stage 1 ('dictionary') has not finished in this trainer, so "
+                "its atoms are random and a run loading them would skip learning them. Call trainer.train() or "
+                "trainer.train_stages(['dictionary']) first (or resume a checkpoint written after stage 1)."
+            )
         path = os.path.join(path, DICTIONARY_NAME) if os.path.isdir(path) else path
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.coders.state_dict().items()}
