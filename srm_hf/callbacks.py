@@ -34,19 +34,21 @@ class StageCallback(TrainerCallback):
         self.trainer.nonfinite.settle()  # the last steps' outcomes, read from the device
 
     def on_step_end(self, args, state, control, **kwargs):
-        """The student is judged only in the last stage (before it, its classifier is frozen or untrained): no
-        evaluation earlier, so early stopping and best-model selection see the final stage alone."""
+        """The student is judged only in the method's final stage (before it, its classifier is frozen or untrained):
+        no evaluation earlier, so early stopping and best-model selection see the final stage alone (also when
+        `train_stages` runs earlier stages alone). "epoch" strategies count each stage's own passes over the data,
+        which need not line up with the Trainer's epochs; a log window ends with its stage."""
         self.trainer.nonfinite.step_done()
-        plan = self.trainer.plan
-        stage = plan.stage_at(state.global_step - 1)
-        if state.global_step == stage.end:
+        stage = self.trainer.plan.stage_at(state.global_step - 1)
+        ends = state.global_step == stage.end
+        if ends:
             self._finish(stage)
-        if args.stage_batch_sizes:  # one loader runs the whole plan (one Trainer epoch): each stage's passes end
-            done, per_epoch = state.global_step - stage.start, self.trainer.steps_per_epoch[stage.name]  # its epochs
-            if done % per_epoch == 0 or state.global_step == stage.end:
-                control.should_evaluate |= args.eval_strategy == "epoch"
-                control.should_save |= args.save_strategy == "epoch"
-        if control.should_evaluate and stage.index < len(plan.stages):
+            control.should_log |= args.logging_strategy != "no"
+        per_epoch = (self.trainer.steps_per_epoch or {}).get(stage.name)
+        if ends or per_epoch and (state.global_step - stage.start) % per_epoch == 0:
+            control.should_evaluate |= args.eval_strategy == "epoch" and (state.epoch or 0) >= args.eval_delay
+            control.should_save |= args.save_strategy == "epoch"
+        if control.should_evaluate and not stage.final:
             control.should_evaluate = False
 
     def _finish(self, stage) -> None:
@@ -55,12 +57,8 @@ class StageCallback(TrainerCallback):
             self.trainer.method.stage_finished(stage)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        """`eval_strategy="epoch"` asks at each epoch's end: the same rule (under `stage_batch_sizes`, the stage
-        passes have asked already)."""
-        if args.stage_batch_sizes:
-            control.should_evaluate = control.should_save = False
-            return
-        self.on_step_end(args, state, control, **kwargs)
+        """The Trainer's epoch-end requests are dropped: the stages' own passes have asked already (`on_step_end`)."""
+        control.should_evaluate = control.should_save = False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         """A training set whose random views are keyed by epoch (`AugmentedDataset`) learns which epoch starts:

@@ -16,6 +16,7 @@ from .forward import compile_in_place, eval_mode, hook_guards, model_logits
 from .hooks import FeatureHooks
 from .loading import load_image_classifier
 from .methods import Features, Method
+from .stages import check_stage_lengths
 from .taps import plan_taps
 
 
@@ -62,6 +63,7 @@ class DistillationModel(nn.Module):
         self.pairs = list(pairs)
         self.provenance: dict = {}  # the teacher and data it was built for (`from_models`), checked on resume
         method.build(self.pairs)
+        check_stage_lengths(method.stages(), method.name)
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs}) if pairs else None
 
     @classmethod

@@ -143,8 +143,7 @@ class StageSelection(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         trainer = self.trainer
         stage = trainer.plan.stage_at(state.global_step - 1)
-        last = stage.index == len(trainer.plan.stages)
-        if last:
+        if stage.final:
             return
         self.losses.extend(float(loss) for loss in trainer.step_losses)
         every = selection_interval(args, state, (trainer.steps_per_epoch or {}).get(stage.name) or stage.steps)
@@ -160,8 +159,9 @@ class StageSelection(TrainerCallback):
         without `compute_metrics`)."""
         trainer = self.trainer
         stage = trainer.plan.stage_at(max(state.global_step - 1, 0))
-        if not self.training or stage.index != len(trainer.plan.stages) or not metrics or args.load_best_model_at_end:
-            return  # the Trainer's own best-model selection, when asked for, does it with checkpoints
+        if not self.training or not stage.final or not metrics or args.load_best_model_at_end or state.global_step == 0:
+            return  # the Trainer's own best-model selection, when asked for, does it with checkpoints; eval_on_start
+            # scores the untrained student, no candidate
         name = args.metric_for_best_model or ("accuracy" if trainer.compute_metrics is not None else "loss")
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
@@ -173,5 +173,5 @@ class StageSelection(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.training = False
         if self.best is not None:
-            self._restore(self.trainer.plan.stages[-1], self.best[1])
+            self._restore(next(s for s in self.trainer.plan.stages if s.final), self.best[1])
             self.best = None

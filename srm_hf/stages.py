@@ -40,6 +40,13 @@ class Stage:
         return self.spec.trains
 
     @property
+    def final(self) -> bool:
+        """Whether this is the method's final stage (sized by the run's `num_train_epochs` / `max_steps`): the only
+        one evaluated, early-stopped and selected on, and the one with the run's schedule. `train_stages` may run a
+        plan without it."""
+        return self.spec.epochs is None and self.spec.max_steps <= 0
+
+    @property
     def progress(self) -> float:
         """Fraction of the stage done once the current step is taken, in (0, 1]."""
         return (self.step + 1) / self.steps
@@ -70,6 +77,20 @@ class StagePlan:
     def describe(self) -> list[list]:
         """[[stage name, steps], ...]: what a checkpoint records of the plan it was written under."""
         return [[s.name, s.steps] for s in self.stages]
+
+
+def check_stage_lengths(specs: list[StageSpec], method: str) -> None:
+    """Every stage but the last has a length of its own (`epochs` or `max_steps`); the last has none: the run's
+    `num_train_epochs` / `max_steps` size it, and it is the stage evaluated (`Stage.final`)."""
+    *earlier, last = specs
+    unsized = [s.name for s in earlier if s.epochs is None and s.max_steps <= 0]
+    if unsized or last.epochs is not None or last.max_steps > 0:
+        raise ValueError(
+            f"Method {method!r} declares stages {[s.name for s in specs]}: every stage but the last needs its own "
+            f"epochs or max_steps ({unsized or 'they have'}), and the last none (its length is the run's "
+            f"num_train_epochs / max_steps; '{last.name}' has epochs={last.epochs}, max_steps={last.max_steps}). "
+            "Fix the StageSpecs in stages()."
+        )
 
 
 def stage_steps(spec: StageSpec, steps_per_epoch: int | None, last_stage_steps: int) -> int:
@@ -125,7 +146,7 @@ def _stage_lambda(stage: Stage, args, last: bool) -> object:
 
 def stage_scheduler(optimizer, plan: StagePlan, args) -> torch.optim.lr_scheduler.LambdaLR:
     """One LambdaLR over the whole run; each param group (tagged `stage_group`) follows its stages' schedules."""
-    lambdas = {s.index: _stage_lambda(s, args, s.index == len(plan.stages)) for s in plan.stages}
+    lambdas = {s.index: _stage_lambda(s, args, s.final) for s in plan.stages}
     multipliers = []
     for group in optimizer.param_groups:
         windows = [(s.start, s.end, lambdas[s.index]) for s in plan.stages if group["stage_group"] in s.groups]
@@ -138,5 +159,5 @@ def resets_moments(stage: Stage, plan: StagePlan, args) -> bool:
     after the first (as separate runs would), and under `preset="reference"` at each learning-rate drop."""
     if stage.step == 0:
         return stage.start > 0
-    last = stage.index == len(plan.stages)
-    return getattr(args, "preset", "trainer") == "reference" and stage.step in phase_starts(stage.name, stage.steps, last)
+    reference = getattr(args, "preset", "trainer") == "reference"
+    return reference and stage.step in phase_starts(stage.name, stage.steps, stage.final)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 from conftest import NUM_LABELS, PatternDataset, hf_resnet, make_config, make_trainer, pretrain_dictionary, timm_resnet
+from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 from srm_hf import DistillationTrainer

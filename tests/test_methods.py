@@ -40,6 +40,19 @@ class FeatureMSE(Method):
         return {"mse": self.weight * mse, "ce": F.cross_entropy(student.logits, labels)}
 
 
+@pytest.mark.parametrize("stages, match", [
+    ([StageSpec("warmup"), StageSpec("mse")], r"every stage but the last needs its own epochs.*\['warmup'\]"),
+    ([StageSpec("mse", epochs=2)], "the last none.*'mse' has epochs=2"),
+])
+def test_stages_of_unclear_length_are_refused_when_the_trainer_is_built(tmp_path, stages, match):
+    # the last stage is the one the run sizes and evaluates: it must be one, and only one
+    method = FeatureMSE()
+    method.stages = lambda: stages
+    with pytest.raises(ValueError, match=match):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method,
+                            args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+
+
 def saved_student_keys(folder) -> set[str]:
     return set(safetensors.torch.load_file(os.path.join(folder, "model.safetensors")))
 

@@ -173,3 +173,27 @@ def test_reference_preset_never_clips(tmp_path, preset, clip):
         params, max_norm, **kw)
     trainer.train()
     assert norms and set(norms) == {clip}  # inf: the norm is measured (for the NaN guard), nothing is scaled
+
+
+def test_a_stage_run_alone_keeps_its_own_schedule_and_criterion_and_eval_on_start_is_no_candidate(tmp_path):
+    from srm_hf.reference import StageSelection
+
+    # train_stages(["dictionary"]): the dictionary is the plan's last stage but not the method's final one, so it keeps
+    # its 10/60/30 drops (steps 1 and 8 of 12) and its lowest-training-loss epochs, as inside train()
+    alone = make_trainer(tmp_path / "a", **{**REFERENCE, "max_steps": 1, "srm_max_steps": 1}, learning_rate=1e-3)
+    alone.train_stages(["dictionary"])
+    rates = [e["learning_rate"] for e in alone.state.log_history if "loss" in e]
+    assert rates == pytest.approx([1e-3] + [1e-4] * 7 + [1e-5] * 4)
+    selection = next(cb for cb in alone.callback_handler.callbacks if isinstance(cb, StageSelection))
+    assert [(name, step) for name, step, _ in selection.history] == [("dictionary", 4), ("dictionary", 8),
+                                                                      ("dictionary", 12)]
+    # eval_on_start scores the untrained student: no candidate, or a metric best there would put it back
+    kd = make_trainer(tmp_path / "b", method="kd", preset="reference", eval_strategy="epoch", eval_on_start=True,
+                      max_steps=-1, num_train_epochs=2)
+    falling = iter([1.0, 0.5, 0.25])
+    kd.compute_metrics = lambda p: {"accuracy": next(falling)}
+    untrained = {k: v.clone() for k, v in kd.distill_model.student.state_dict().items()}
+    kd.train()
+    selection = next(cb for cb in kd.callback_handler.callbacks if isinstance(cb, StageSelection))
+    assert [step for _, step, _ in selection.history] == [4, 8]
+    assert not all(torch.equal(v, untrained[k]) for k, v in kd.distill_model.student.state_dict().items())

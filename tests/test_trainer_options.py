@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from conftest import PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
+from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback
 
 from srm_hf import DistillationTrainer, Features
@@ -101,6 +102,46 @@ def test_epoch_evaluation_waits_for_the_final_stage(tmp_path):
     trainer.train()
     evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
     assert evaluated == [12, 16]
+
+
+def test_epoch_evaluation_counts_the_final_stage_passes_and_eval_delay_in_trainer_epochs(tmp_path):
+    # 1.5 epochs of dictionary (steps 1-6), one of SRM (7-10), two of KD (11-18): the KD passes end at 14 and 18,
+    # not at the Trainer's epoch ends (12, 16). eval_delay counts Trainer epochs, as in the Trainer (14 is epoch 3.5).
+    common = dict(eval_strategy="epoch", max_steps=-1, num_train_epochs=2, srm_dictionary_epochs=1.5, srm_epochs=1,
+                  srm_dictionary_max_steps=-1, srm_max_steps=-1)
+    trainer = make_trainer(tmp_path / "a", **common)
+    trainer.train()
+    assert [e["step"] for e in trainer.state.log_history if "eval_loss" in e] == [14, 18]
+    delayed = make_trainer(tmp_path / "b", eval_delay=4, **common)
+    delayed.train()
+    assert [e["step"] for e in delayed.state.log_history if "eval_loss" in e] == [18]
+
+
+def test_stages_run_alone_are_never_judged_stopped_or_rolled_back(tmp_path):
+    # train_stages(["dictionary"]) runs a plan whose last stage is not the method's final one: evaluating there
+    # would score an unchanged student, and best-model selection would put back the dictionary of the first step.
+    trainer = make_trainer(tmp_path, callbacks=[EarlyStoppingCallback(early_stopping_patience=1)],
+                           eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                           load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=False)
+    trainer.train_stages(["dictionary"])
+    assert trainer.state.global_step == 4 and not any("eval_loss" in e for e in trainer.state.log_history)
+    assert trainer.state.best_model_checkpoint is None
+    last = load_file(str(tmp_path / "out" / "checkpoint-4" / "method_state.safetensors"))
+    for k, v in trainer.distill_model.state_dict().items():
+        if k.startswith("method.coders."):
+            torch.testing.assert_close(v, last[k])
+
+
+def test_a_log_window_ends_with_its_stage(tmp_path):
+    # logging_steps=3 over 4 dictionary + 4 SRM + 4 KD steps: the stage ends (4, 8) are logged too, so no logged
+    # loss averages two stages' losses.
+    trainer = make_trainer(tmp_path, logging_steps=3)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logs] == [3, 4, 6, 8, 9, 12]
+    names = {1: "dictionary", 2: "srm", 3: "kd"}
+    for e in logs:
+        assert {k.split("/")[0] for k in e if "/" in k} == {names[e["stage"]]}
 
 
 @pytest.mark.parametrize("options, match", [
