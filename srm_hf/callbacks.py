@@ -8,7 +8,8 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .checkpoint import mark_complete
+from .checkpoint import mark_complete, read_marker
+from .stages import check_stage_scheduler
 from .taps import format_tap_plan
 
 logger = logging.get_logger(__name__)
@@ -24,14 +25,20 @@ class StageCallback(TrainerCallback):
         self._finished: set[int] = set()  # indices of the stages the method has been told are finished
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._current, self._finished = None, set()
-        self.trainer.nonfinite.forget()
+        """Before the first step: the schedule is the stages' one; the NaN guard's counts and the logged values start
+        afresh, or from what the resumed checkpoint recorded."""
+        trainer, self._current, self._finished = self.trainer, None, set()
+        check_stage_scheduler(trainer.lr_scheduler)
+        trainer.nonfinite.start(read_marker(trainer.resuming).get("nonfinite") if isinstance(trainer.resuming, str)
+                                else None)
+        trainer.logged.start(enabled=args.logging_strategy != "no")
         if state.is_world_process_zero:
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
             logger.info(f"Tap pairs (teacher -> student):\n{format_tap_plan(self.trainer.tap_pairs)}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.nonfinite.settle()  # the last steps' outcomes, read from the device
+        self.trainer.logged.start(enabled=args.logging_strategy != "no")  # values after the last log: not kept
 
     def on_step_end(self, args, state, control, **kwargs):
         """The student is judged only in the method's final stage (before it, its classifier is frozen or untrained):
@@ -72,7 +79,7 @@ class StageCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if args.should_save and os.path.isdir(folder):
             mark_complete(folder, state.global_step, model_only=args.save_only_model,
-                          plan=self.trainer.plan.describe())
+                          plan=self.trainer.plan.describe(), nonfinite=self.trainer.nonfinite.counts())
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_losses.clear()

@@ -164,13 +164,15 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
-def mark_complete(folder: str, step: int, model_only: bool = False, plan: list | None = None) -> None:
+def mark_complete(folder: str, step: int, model_only: bool = False, plan: list | None = None,
+                  nonfinite: dict | None = None) -> None:
     """Mark a checkpoint folder complete, once everything else in it is written: the marker is written under a
     temporary name and renamed, so it exists only whole. `model_only`: saved with save_only_model (nothing to resume
-    the optimizer, schedule or stage from); `plan`: the stage plan it was written under (`StagePlan.describe`)."""
+    the optimizer, schedule or stage from); `plan`: the stage plan it was written under (`StagePlan.describe`);
+    `nonfinite`: the NaN guard's counts (`NonFiniteGuard.counts`)."""
     tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"global_step": step, "model_only": model_only, "plan": plan}, f)
+        json.dump({"global_step": step, "model_only": model_only, "plan": plan, "nonfinite": nonfinite}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_NAME))
@@ -183,11 +185,16 @@ def mark_incomplete(folder: str) -> None:
         os.remove(os.path.join(folder, COMPLETE_NAME))
 
 
+def read_marker(folder: str) -> dict:
+    """What `mark_complete` recorded in a complete checkpoint folder."""
+    with open(os.path.join(folder, COMPLETE_NAME)) as f:
+        return json.load(f)
+
+
 def check_resume_plan(folder: str, plan: list) -> None:
     """Refuse to resume from a checkpoint written under another stage plan (its step would fall in another stage;
     only the last stage may change length), or at the end of this one (nothing is left to train)."""
-    with open(os.path.join(folder, COMPLETE_NAME)) as f:
-        marker = json.load(f)
+    marker = read_marker(folder)
     step, written = marker["global_step"], marker.get("plan")  # older checkpoints record no plan
 
     def described(stages):
@@ -230,9 +237,8 @@ def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | N
         raise ValueError(f"{resume} is not a complete checkpoint (no {COMPLETE_NAME}: its writing was interrupted, or "
                          "DistillationTrainer did not write it). Pass an earlier checkpoint, or "
                          "resume_from_checkpoint=True for the newest complete one.")
-    with open(os.path.join(resume, COMPLETE_NAME)) as f:
-        if json.load(f).get("model_only"):
-            raise ValueError(f"{resume} was saved with save_only_model=True: it holds the models, but no optimizer, "
-                             "schedule or stage state to resume from. Load the student from it and start a new run, "
-                             "or resume from a checkpoint saved with save_only_model=False.")
+    if read_marker(resume).get("model_only"):
+        raise ValueError(f"{resume} was saved with save_only_model=True: it holds the models, but no optimizer, "
+                         "schedule or stage state to resume from. Load the student from it and start a new run, or "
+                         "resume from a checkpoint saved with save_only_model=False.")
     return resume

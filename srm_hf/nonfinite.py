@@ -62,13 +62,16 @@ class NonFiniteGuard:
             self._optimizer, self._on_device = optimizer, skips_on_device(optimizer, grad_norm)
         if self._on_device:
             finite = torch.isfinite(grad_norm)
+            self._put_back(finite)  # first: if `_watch` raises, the model in memory is as before the bad steps
             self._watch(finite, stage_name, step)  # may raise for an earlier step: before found_inf is set
-            self._put_back(finite)
             optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
-        elif not self._count(math.isfinite(float(grad_norm)), stage_name, step):
+        elif not math.isfinite(float(grad_norm)):
             self._put_back(None)
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient
+            self._count(False, stage_name, step)
+        else:
+            self._count(True, stage_name, step)
 
     def step_done(self) -> None:
         """After the optimizer step: its `found_inf` goes, so that no later step reads it."""
@@ -82,9 +85,17 @@ class NonFiniteGuard:
             event.synchronize()
             self._count(bool(flag.numpy()), stage_name, step)  # pinned host memory: no further wait
 
-    def forget(self) -> None:
-        """At the start of training: an outcome left pending by an interrupted run is not this run's."""
+    def start(self, counts: dict | None = None) -> None:
+        """At the start of training: the counts a resumed checkpoint recorded (`counts()`), else none; an outcome
+        left pending by an interrupted run is not this run's."""
+        counts = counts or {}
+        self.skipped, self.in_a_row = counts.get("skipped", 0), counts.get("in_a_row", 0)
         self._pending = None
+
+    def counts(self) -> dict:
+        """What a checkpoint records, every step's outcome counted."""
+        self.settle()
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
     # ---- internals --------------------------------------------------------------------------------------------
 
@@ -121,8 +132,8 @@ class NonFiniteGuard:
             self._pending = None
             raise FloatingPointError(
                 f"{self.in_a_row} optimizer steps in a row had NaN/inf gradients (stage '{stage_name}', step {step}). "
-                "Lower the learning rate, use bf16 rather than fp16, or check the inputs for NaNs; the last "
-                "checkpoint holds the weights from before."
+                "Lower the learning rate, use bf16 rather than fp16, or check the inputs for NaNs. The model in "
+                "memory is as it was before these steps (trainer.save_model() saves it), as is the last checkpoint."
             )
         logger.warning(f"Non-finite gradient at step {step} (stage '{stage_name}'): step skipped.")
         return False

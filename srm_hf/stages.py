@@ -144,14 +144,29 @@ def _stage_lambda(stage: Stage, args, last: bool) -> object:
     return scheduler.lr_lambdas[0]
 
 
-def stage_scheduler(optimizer, plan: StagePlan, args) -> torch.optim.lr_scheduler.LambdaLR:
+class StageScheduler(torch.optim.lr_scheduler.LambdaLR):
+    """The run's schedule (`stage_scheduler`): a LambdaLR whose multipliers follow the stage plan."""
+
+
+def check_stage_scheduler(scheduler) -> None:
+    """Refuse a torch scheduler that is not the stage plan's: it would train every group in every stage."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) and not isinstance(scheduler, StageScheduler):
+        raise ValueError(
+            f"The learning-rate scheduler is a {type(scheduler).__name__}, not the stage schedule: the stages need "
+            "each param group's learning rate at 0 outside the stages that train it. Let create_scheduler build it "
+            "(an override returns srm_hf.stages.stage_scheduler(optimizer, trainer.plan, args)), and choose its "
+            "shape with lr_scheduler_type, lr_scheduler_kwargs and warmup_steps."
+        )
+
+
+def stage_scheduler(optimizer, plan: StagePlan, args) -> StageScheduler:
     """One LambdaLR over the whole run; each param group (tagged `stage_group`) follows its stages' schedules."""
     lambdas = {s.index: _stage_lambda(s, args, s.final) for s in plan.stages}
     multipliers = []
     for group in optimizer.param_groups:
         windows = [(s.start, s.end, lambdas[s.index]) for s in plan.stages if group["stage_group"] in s.groups]
         multipliers.append(_stage_multiplier(windows))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multipliers)
+    return StageScheduler(optimizer, multipliers)
 
 
 def resets_moments(stage: Stage, plan: StagePlan, args) -> bool:

@@ -11,7 +11,6 @@ the teacher wants other preprocessing, `teacher_pixel_values`.
 """
 
 import os
-from collections import defaultdict
 
 import torch
 import torch.nn as nn
@@ -26,6 +25,7 @@ from .distillation_model import DistillationModel
 from .forward import compile_in_place, hook_guards, model_logits
 from .hooks import FeatureHooks
 from .hub import HubMixin
+from .logged_metrics import LoggedMetrics
 from .losses import classification_loss
 from .methods import Features, Method, resolve_method
 from .nonfinite import NonFiniteGuard
@@ -35,7 +35,7 @@ from .reference import StageSelection
 from .stage_batches import parse_stage_batch_sizes, stage_batch_loader
 from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
-from .trainer_options import RefusedTrainerFeatures, check_trainer_arguments
+from .trainer_options import RefusedTrainerFeatures, check_stage_groups, check_trainer_arguments
 
 
 class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
@@ -46,7 +46,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         args = DistillationConfig() if args is None else args
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig.")
-        check_trainer_arguments(args, kwargs)
+        check_trainer_arguments(args, kwargs, optimizers)
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
         method = resolve_method(method, args)
@@ -69,7 +69,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         self.plan: StagePlan | None = None
         self.resuming: str | bool | None = None  # the checkpoint `train()` resumes from
         self.stages_done: set[str] = set()  # stages run on their own by `train_stages`, left out of later plans
-        self._metrics: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.logged = LoggedMetrics()  # what `log_metric` adds to the next training log
         self.nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
         self.step_losses: list[torch.Tensor] = []  # the current optimizer step's losses (one per micro-batch)
         for callback in [StageCallback(self)] + ([StageSelection(self)] if args.preset == "reference" else []):
@@ -159,11 +159,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None:
             optimizer = self.optimizer if optimizer is None else optimizer
-            if any("stage_group" not in g for g in optimizer.param_groups):
-                raise ValueError(
-                    "The optimizer's param groups lack the 'stage_group' tag ('student' or a child module of the "
-                    "method) that the stage schedule needs. Tag each group, or let DistillationTrainer build it."
-                )
+            check_stage_groups(optimizer)
             self.lr_scheduler = stage_scheduler(optimizer, self.plan, self.args)
             self._owns_scheduler = True
         return self.lr_scheduler
@@ -196,18 +192,16 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
 
     def log_metric(self, name: str, value: torch.Tensor | float) -> None:
         """Add a value to the next training log under `name`, averaged over the steps since the last log."""
-        self._metrics[name].append(torch.as_tensor(value).detach().float())
+        self.logged.add(name, value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the logged metrics (averaged since the last log), the stage and its learning rate; eval logs: the stage."""
         step = max(self.state.global_step - 1, 0)  # the step just taken
-        if self.plan is not None and any(k.startswith("eval_") for k in logs):
+        if self.plan is not None and any(k.endswith("_runtime") and not k.startswith("train") for k in logs):
             logs["stage"] = self.plan.stage_at(step).index
         if "loss" in logs and self.plan is not None:
             self.nonfinite.settle()  # every step's outcome counted before `nonfinite_steps_skipped` is logged
-            for name, values in self._metrics.items():
-                logs[name] = self.accelerator.reduce(torch.stack(values).to(self.args.device).mean(), "mean").item()
-            self._metrics.clear()
+            logs.update(self.logged.pop_means(self.args.device, lambda t: self.accelerator.reduce(t, "mean")))
             stage = self.plan.stage_at(step)
             logs["stage"] = stage.index
             logs["nonfinite_steps_skipped"] = self.nonfinite.skipped

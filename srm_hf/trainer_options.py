@@ -87,14 +87,32 @@ def check_reference_overrides(args) -> None:
                          f"{args.max_grad_norm} would be dropped. Leave it unset, or use preset='trainer'.")
 
 
-def check_trainer_arguments(args, kwargs: dict) -> None:
+def check_trainer_arguments(args, kwargs: dict, optimizers: tuple) -> None:
     """The Trainer's own arguments (other than DistillationTrainer's) that cannot work with the stages."""
     for name, fix in UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported: {fix}")
+    optimizer, scheduler = optimizers
+    if scheduler is not None:
+        raise ValueError(f"optimizers=(optimizer, {type(scheduler).__name__}): the stages need their own schedule "
+                         "(each param group's learning rate is 0 outside the stages that train it), which "
+                         "DistillationTrainer builds. Pass optimizers=(optimizer, None) and choose the schedule with "
+                         "lr_scheduler_type, lr_scheduler_kwargs and warmup_steps.")
+    if optimizer is not None:
+        check_stage_groups(optimizer)
     if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
         raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
                          "optimizer_cls_and_kwargs, or use preset='trainer'.")
+
+
+def check_stage_groups(optimizer) -> None:
+    """An optimizer passed in or built by an override must tag each param group with what it holds."""
+    if any("stage_group" not in g for g in optimizer.param_groups):
+        raise ValueError(
+            "The optimizer's param groups lack the 'stage_group' tag ('student' or a child module of the method) "
+            "that the stage schedule needs. Tag each group (as DistillationModel.param_groups does), or let "
+            "DistillationTrainer build the optimizer (optimizer_cls_and_kwargs chooses its class)."
+        )
 
 
 class RefusedTrainerFeatures:

@@ -105,14 +105,16 @@ def pretrain_dictionary(trainer) -> str:
     return trainer.method.save_dictionary(os.path.join(trainer.args.output_dir, DICTIONARY_NAME))
 
 
-def make_trainer(tmp_path, teacher=None, student=None, train_dataset=None, callbacks=None, **config):
+def make_trainer(tmp_path, teacher=None, student=None, train_dataset=None, callbacks=None, cls=None,
+                 optimizers=(None, None), **config):
     from srm_hf import DistillationTrainer
 
-    return DistillationTrainer(
+    return (cls or DistillationTrainer)(
         model=student if student is not None else hf_resnet(),
         teacher_model=teacher if teacher is not None else timm_resnet(),
         args=make_config(tmp_path, **config),
         train_dataset=train_dataset if train_dataset is not None else PatternDataset(32),
         eval_dataset=PatternDataset(16, seed=1),
         callbacks=callbacks,
+        optimizers=optimizers,
     )

@@ -114,6 +114,17 @@ def test_a_nonfinite_step_is_skipped_and_logged(tmp_path, optim):
     assert not hasattr(trainer.optimizer.optimizer, "found_inf")  # removed after each step
 
 
+def test_a_skipped_step_drops_out_of_its_log_windows_means_and_stays_counted_after_resuming(tmp_path):
+    # logging_steps=2: the window of steps 5-6 averages step 6's terms alone (step 5's KD term is NaN, skipped)
+    trainer = nan_trainer(tmp_path, logging_steps=2, save_strategy="steps", save_steps=5)
+    trainer.train()
+    logs = {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+    assert math.isfinite(logs[6]["joint/kd"]) and logs[6]["nonfinite_steps_skipped"] == 1
+    resumed = nan_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-5"))
+    assert [e["nonfinite_steps_skipped"] for e in resumed.state.log_history if "loss" in e][-1] == 1
+
+
 @SKIP_PATHS
 def test_too_many_nonfinite_steps_stop_with_a_clear_error(tmp_path, optim):
     trainer = nan_trainer(tmp_path, max_nonfinite_steps=0, optim=optim)
@@ -173,20 +184,16 @@ def test_compiled_models_keep_their_taps_after_a_run_without_taps_in_the_same_pr
     torch._dynamo.reset()
 
 
-@SKIP_PATHS
-def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path, optim):
-    """One NaN in one student feature map: the step is skipped and the BatchNorm statistics it wrote are undone."""
+def poisoned_trainer(tmp_path, optim, **config):
+    """A joint SRM run (2 + 2 steps) whose student's first tapped stage outputs one NaN at optimizer step 4, so that
+    the BatchNorm after it records NaN statistics in that step's forward; `states[step]` snapshots the model."""
     from conftest import PatternDataset, hf_resnet, make_config, timm_resnet
 
-    from srm_hf import SRM
-
-    args = make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=2, max_steps=4, optim=optim)
+    args = make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=2, max_steps=4, optim=optim, **config)
     trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(32),
                                   args=args, method=SRM.from_config(args))
-    calls = []
 
     def poison(module, inputs, output):  # the student's first stage, at optimizer step 4 (its forward)
-        calls.append(1)
         if trainer.model.training and trainer.state.global_step == 3:
             output = output.clone()
             output[0, 0, 0, 0] = float("nan")
@@ -197,9 +204,27 @@ def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path, optim):
     trainer.add_callback(type("Snap", (__import__("transformers").TrainerCallback,), {
         "on_step_end": lambda self, args, state, control, **kw: states.__setitem__(
             state.global_step, snapshot(trainer.distill_model))})())
+    return trainer, states
+
+
+@SKIP_PATHS
+def test_a_skipped_step_leaves_no_trace_in_batchnorm(tmp_path, optim):
+    """One NaN in one student feature map: the step is skipped and the BatchNorm statistics it wrote are undone."""
+    trainer, states = poisoned_trainer(tmp_path, optim)
     trainer.train()
     assert [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "loss" in e] == [0, 0, 0, 1, 1, 1]
     bn = [k for k in states[3] if "running_" in k or "num_batches_tracked" in k]
     assert bn and all(torch.equal(states[3][k], states[4][k]) for k in states[3])  # nothing moved, buffers included
     assert changed(states[4], states[6], "student.")
     assert all(torch.isfinite(v).all() for v in states[6].values() if v.is_floating_point())
+
+
+@SKIP_PATHS
+def test_a_run_stopped_by_nonfinite_steps_keeps_its_model_as_before_them_and_saves_it(tmp_path, optim):
+    trainer, states = poisoned_trainer(tmp_path, optim, max_nonfinite_steps=0)
+    with pytest.raises(FloatingPointError, match="step 4.*model in memory is as it was before these steps"):
+        trainer.train()
+    now = snapshot(trainer.distill_model)
+    assert all(torch.equal(states[3][k], now[k]) for k in now)  # weights and BatchNorm statistics of step 3
+    trainer.save_model()  # refused when a buffer holds NaN: the run's training would be lost
+    assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
 from safetensors.torch import load_file
-from transformers import EarlyStoppingCallback
+from transformers import EarlyStoppingCallback, TrainerCallback
 
 from srm_hf import DistillationTrainer, Features
 from srm_hf.methods import KD, Alone
@@ -142,6 +142,45 @@ def test_a_log_window_ends_with_its_stage(tmp_path):
     names = {1: "dictionary", 2: "srm", 3: "kd"}
     for e in logs:
         assert {k.split("/")[0] for k in e if "/" in k} == {names[e["stage"]]}
+
+
+def test_logged_terms_belong_to_their_run_and_are_not_kept_when_nothing_is_logged(tmp_path):
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:  # inside SRM's stage 2, between two logs
+                raise KeyboardInterrupt
+
+    trainer = make_trainer(tmp_path, logging_steps=4, callbacks=[Interrupt()])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    trainer.remove_callback(Interrupt)
+    trainer.train()
+    first = next(e for e in trainer.state.log_history if "loss" in e)  # the new run's dictionary stage
+    assert first["stage"] == 1 and not any(k.startswith("srm/") for k in first)
+    silent = make_trainer(tmp_path / "silent", logging_strategy="no")
+    silent.train()
+    assert not silent.logged.values and not any("loss" in e for e in silent.state.log_history)
+    trainer.evaluate(metric_key_prefix="test")
+    assert trainer.state.log_history[-1]["stage"] == 3  # any evaluation prefix, not only eval_
+
+
+def test_a_schedule_other_than_the_stages_is_refused_before_the_first_step(tmp_path):
+    student = hf_resnet()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="optimizers=.*StepLR.*optimizers=\\(optimizer, None\\)"):
+        make_trainer(tmp_path, student=student, optimizers=(optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1)))
+    with pytest.raises(ValueError, match="lack the 'stage_group' tag"):  # when the trainer is built, not at step 1
+        make_trainer(tmp_path, student=student, optimizers=(optimizer, None))
+
+    class Cosine(DistillationTrainer):
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            self.lr_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, num_training_steps)
+            return self.lr_scheduler
+
+    trainer = make_trainer(tmp_path, cls=Cosine)
+    with pytest.raises(ValueError, match="CosineAnnealingLR, not the stage schedule.*stage_scheduler"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 @pytest.mark.parametrize("options, match", [
