@@ -13,7 +13,7 @@ import torch.nn as nn
 from transformers.utils import ModelOutput
 
 from .forward import compile_in_place, eval_mode, hook_guards, model_logits
-from .hooks import FeatureHooks
+from .hooks import FeatureHooks, capturing
 from .loading import load_image_classifier
 from .methods import Features, Method
 from .stages import check_stage_lengths
@@ -64,7 +64,8 @@ class DistillationModel(nn.Module):
         self.provenance: dict = {}  # the teacher and data it was built for (`from_models`), checked on resume
         method.build(self.pairs)
         check_stage_lengths(method.stages(), method.name)
-        self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs}) if pairs else None
+        self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs},
+                                          armed=False) if pairs else None  # capturing in `forward` alone
 
     @classmethod
     def from_models(cls, student: nn.Module | str | None, teacher: nn.Module | str | None, method: Method,
@@ -157,7 +158,7 @@ class DistillationModel(nn.Module):
             self.method.prepare_teacher(stage, teacher)
         student = None
         if stage is None or stage.spec.runs_student:
-            with hook_guards(self.compiled):
+            with hook_guards(self.compiled), capturing(self.student_hooks):
                 logits = model_logits(self.student(pixel_values))
             student = Features(logits, self._student_features())
             if stage is None:

@@ -5,9 +5,12 @@
     features = hooks.pop()        # {"layer2": [N, C, H, W], "layer3": ...}; the store is cleared
 
 Hooks are attached to the unwrapped model (DDP's `.module`, `torch.compile`'s `._orig_mod`), so they capture
-whichever wrapper runs the forward. Attach them before compiling.
+whichever wrapper runs the forward. Attach them before compiling. Hooks created with `armed=False` capture only
+inside `with hooks.capturing():`, so that a model hooked by a trainer runs as it was everywhere else (plain
+inference keeps no activations); each hook is a small object, so a hooked model still pickles and deep-copies.
 """
 
+import contextlib
 import difflib
 
 import torch
@@ -39,20 +42,31 @@ class FeatureHooks:
     """Captures the outputs of modules by path; `pop()` returns them under the caller's keys (a 1x1 map as the
     pooled vector [N, C] it is) and clears the store. `paths` is a list (keys = paths) or a {key: path} dict."""
 
-    def __init__(self, model: nn.Module, paths: list[str] | dict[str, str]):
+    def __init__(self, model: nn.Module, paths: list[str] | dict[str, str], armed: bool = True):
         self.paths = dict(paths) if isinstance(paths, dict) else {p: p for p in paths}
+        self.armed = armed  # False: capture only inside `capturing()`
         self._features: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int] = {}  # each capture's version counter, to see in-place changes after it
-        self._handles = [get_module(model, p).register_forward_hook(self._hook(p))
+        self._handles = [get_module(model, p).register_forward_hook(_Capture(self, p))
                          for p in dict.fromkeys(self.paths.values())]  # one hook per module
 
-    def _hook(self, path: str):
-        def hook(module, args, output):
+    def capture(self, path: str, output) -> None:
+        """What the hook of the module at `path` does with its output."""
+        if self.armed:
             feature = self._features[path] = first_tensor(output)
             if feature is not None and not torch.compiler.is_compiling():  # compiled: no counters to compare
                 self._versions[path] = feature._version
 
-        return hook
+    def capturing(self) -> "FeatureHooks":
+        """`with hooks.capturing():` captures inside the block, whatever `armed` says outside it."""
+        return self
+
+    def __enter__(self) -> "FeatureHooks":
+        self._armed_outside, self.armed = self.armed, True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.armed = self._armed_outside
 
     def pop(self) -> dict[str, torch.Tensor]:
         """The captured features by key, in the given order. Raises if a tap did not run in the last forward."""
@@ -85,3 +99,18 @@ class FeatureHooks:
             handle.remove()
         self._handles.clear()
         self.clear()
+
+
+class _Capture:
+    """The forward hook of one tapped module: an object rather than a closure, so that the model pickles."""
+
+    def __init__(self, hooks: FeatureHooks, path: str):
+        self.hooks, self.path = hooks, path
+
+    def __call__(self, module, args, output):
+        self.hooks.capture(self.path, output)
+
+
+def capturing(hooks: FeatureHooks | None):
+    """`hooks.capturing()`, or nothing to do without hooks."""
+    return contextlib.nullcontext() if hooks is None else hooks.capturing()

@@ -23,7 +23,7 @@ from .checkpoint import check_resume_plan, load_distillation_model, resolve_resu
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import compile_in_place, hook_guards, model_logits
-from .hooks import FeatureHooks
+from .hooks import FeatureHooks, capturing
 from .hub import HubMixin
 from .logged_metrics import LoggedMetrics
 from .losses import classification_loss
@@ -63,7 +63,8 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         self.loss_is_scaled_for_ga = False  # compute_loss returns batch means
         self.teacher = prepare_teacher(teacher, self.accelerator, self.args, deepspeed=self.is_deepspeed_enabled)
         pairs = distill_model.pairs
-        self.teacher_hooks = FeatureHooks(self.teacher, {p.key: p.teacher.path for p in pairs}) if pairs else None
+        self.teacher_hooks = FeatureHooks(self.teacher, {p.key: p.teacher.path for p in pairs},
+                                          armed=False) if pairs else None  # capturing in `teacher_forward` alone
         if args.compile_teacher:
             compile_in_place(self.teacher, args)
         self.plan: StagePlan | None = None
@@ -93,7 +94,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         """The teacher's logits [N, num_labels] and tapped features keyed by pair key, in eval mode, no grad."""
         if self.teacher.training:  # `eval()` walks every module: only when user code has switched the teacher
             self.teacher.eval()
-        with torch.no_grad(), hook_guards(self.args.compile_teacher):
+        with torch.no_grad(), hook_guards(self.args.compile_teacher), capturing(self.teacher_hooks):
             logits = model_logits(self.teacher(inputs.get("teacher_pixel_values", inputs["pixel_values"])))
         return Features(logits, self.teacher_hooks.pop() if self.teacher_hooks else {})
 

@@ -1,3 +1,5 @@
+import copy
+import io
 import socket
 
 import pytest
@@ -23,6 +25,35 @@ def test_captures_module_outputs_and_clears_on_read():
     hooks.remove()
     model(x)
     assert hooks._features == {}
+
+
+def test_disarmed_hooks_capture_only_inside_capturing_and_the_model_still_pickles():
+    model = small_net()
+    hooks = FeatureHooks(model, ["2"], armed=False)
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    assert hooks._features == {}  # plain inference keeps no activations
+    with hooks.capturing():
+        model(x)
+    assert hooks.pop()["2"].shape == (2, 6, 4, 4) and not hooks.armed
+    buffer = io.BytesIO()
+    torch.save(model, buffer)  # a closure as hook would not pickle
+    copy.deepcopy(model)(x)
+    assert hooks._features == {}
+
+
+def test_a_trained_student_runs_untouched_by_its_trainer_outside_its_steps(tmp_path):
+    from conftest import make_trainer
+
+    trainer = make_trainer(tmp_path, srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=1)
+    trainer.train()
+    student, teacher = trainer.distill_model.student, trainer.teacher
+    with torch.enable_grad():
+        student(torch.randn(2, 3, 32, 32))
+    teacher(torch.randn(2, 3, 32, 32))
+    assert trainer.distill_model.student_hooks._features == {} and trainer.teacher_hooks._features == {}
+    torch.save(student, io.BytesIO())
+    trainer.train()  # and the trainer's own steps still capture
 
 
 def test_unknown_path_lists_closest_names():

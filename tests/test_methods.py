@@ -199,7 +199,8 @@ def test_srm_labels_taken_before_the_student_equal_those_taken_in_the_loss(tmp_p
         late = Features(teacher.logits, dict(teacher.features))
         out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], stage=stage, teacher=teacher)
         assert not teacher.features and set(teacher.targets) == set(late.features)
-        model.student(batch["pixel_values"])  # the same student maps again (same weights, same batch)
+        with model.student_hooks.capturing():
+            model.student(batch["pixel_values"])  # the same student maps again (same weights, same batch)
         student = Features(out.logits, model.student_hooks.pop())
         want = model.method.loss(stage, student, late, batch["labels"])
     for name, value in want.items():
@@ -231,7 +232,8 @@ def test_an_overridden_tap_loss_adds_its_terms_to_the_joint_stage(tmp_path):
     with torch.no_grad():
         teacher = trainer.teacher_forward(batch)
         out = model(pixel_values=batch["pixel_values"], labels=batch["labels"], stage=stage, teacher=teacher)
-        model.student(batch["pixel_values"])  # the same student maps again (same weights, same batch)
+        with model.student_hooks.capturing():
+            model.student(batch["pixel_values"])  # the same student maps again (same weights, same batch)
         student = Features(out.logits, model.student_hooks.pop())
         kd = kd_terms(out.logits, teacher, batch["labels"], method.kd_alpha, method.kd_temperature,
                       method.label_smoothing)
