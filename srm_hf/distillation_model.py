@@ -6,13 +6,14 @@ heads, regressors, fusion blocks) with the student; only `.student` is ever expo
 """
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from transformers.utils import ModelOutput
 
-from .forward import compile_in_place, eval_mode, hook_guards, model_logits
+from .forward import compile_in_place, eval_mode, hook_guards, input_dtype, model_logits
 from .hooks import FeatureHooks, capturing
 from .loading import load_image_classifier
 from .methods import Features, Method
@@ -28,12 +29,54 @@ class DistillationOutput(ModelOutput):
 
 
 def check_example_batch(batch) -> None:
-    if not isinstance(batch, dict) or "pixel_values" not in batch:
+    """A collated batch is a mapping (a dict, or the `BatchFeature` image processors return) with a float
+    'pixel_values' tensor [N, C, H, W]."""
+    if not isinstance(batch, Mapping) or "pixel_values" not in batch:
         raise ValueError(
             "Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); got "
-            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, dict) else '-'}. "
+            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, Mapping) else '-'}. "
             "Map the dataset with the model's image processor or transforms first."
         )
+    pixels = batch["pixel_values"]
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point() or pixels.dim() != 4:
+        described = f"{pixels.dtype} of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else \
+            type(pixels).__name__
+        raise ValueError(f"A batch's 'pixel_values' is {described}; the models need a float tensor [N, C, H, W]. "
+                         "Convert the images with the model's image processor or transforms (e.g. ToTensor and "
+                         "Normalize, which give floats [C, H, W] per image).")
+
+
+def check_buildable(student: nn.Module, method: Method) -> None:
+    """A method instance not built for another trainer, holding no parameter the optimizer would miss, and a student
+    with something to train."""
+    if method.built:
+        raise ValueError(f"This {type(method).__name__} instance is already built for another trainer (its modules "
+                         "are sized for that pairing): pass each DistillationTrainer a fresh instance, e.g. "
+                         f"{type(method).__name__}.from_config(args), or method='{method.name}'.")
+    direct = [name for name, _ in method.named_parameters(recurse=False)]
+    if direct:
+        raise ValueError(f"Method {method.name!r} holds the parameters {direct} directly, and the optimizer's groups "
+                         "are its child modules (named in StageSpec.trains): they would never train. Put them in a "
+                         "child module, e.g. self.extras = nn.ParameterDict(...), and name it in StageSpec.trains.")
+    trains_student = any("student" in s.trains for s in method.stages())
+    if trains_student and not any(p.requires_grad for p in student.parameters()):
+        raise ValueError(f"No parameter of the student ({type(student).__name__}) requires grad, so it cannot be "
+                         "trained: unfreeze it (student.requires_grad_(True)), or pass a trainable model.")
+
+
+def label_count(model: nn.Module, pixel_values: torch.Tensor, role: str) -> int:
+    """How many labels the model predicts, from one eval-mode forward of the first training images; a batch the
+    model cannot take is named with the error."""
+    try:
+        with eval_mode(model):
+            return model_logits(model(pixel_values)).shape[-1]
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"The {role} ({type(model).__name__}) cannot take the first training images (pixel_values "
+            f"{pixel_values.dtype} of shape {tuple(pixel_values.shape)}): {str(e).strip()}. Give it images of the "
+            "channels, size and dtype it takes (its image processor or transforms; teacher_pixel_values when the "
+            "teacher takes others)."
+        ) from e
 
 
 @torch.no_grad()
@@ -62,7 +105,10 @@ class DistillationModel(nn.Module):
         self.compiled = False  # whether the student runs compiled (`compile_student`)
         self.pairs = list(pairs)
         self.provenance: dict = {}  # the teacher and data it was built for (`from_models`), checked on resume
+        self.num_labels: int | None = None  # the classes teacher and student predict (`from_models`)
+        check_buildable(student, method)
         method.build(self.pairs)
+        method.built = True
         check_stage_lengths(method.stages(), method.name)
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs},
                                           armed=False) if pairs else None  # capturing in `forward` alone
@@ -83,16 +129,21 @@ class DistillationModel(nn.Module):
             raise ValueError(f"train_dataset is a {type(train_dataset).__name__} without a length or indexing (an "
                              "iterable or streaming dataset): the stage plan counts epochs and resumes by index. Pass "
                              "a map-style dataset (load it without streaming=True).")
+        if len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty: give it the training images (check the split and any filter).")
         student = load_image_classifier(student) if isinstance(student, str) else student
         teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
+        if {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
+            raise ValueError("The teacher and the student are one model, or share parameters: the teacher is frozen "
+                             "for distillation, so the student would not train. Pass a student of its own (for "
+                             "self-distillation, a fresh model or copy.deepcopy(teacher)).")
         example = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
         check_example_batch(example)
         pixel_values = example["pixel_values"].to(next(student.parameters()).device)
         teacher_pixel_values = example.get("teacher_pixel_values", example["pixel_values"])
-        teacher_pixel_values = teacher_pixel_values.to(next(teacher.parameters()).device)
-        with eval_mode(teacher), eval_mode(student):
-            teacher_labels = model_logits(teacher(teacher_pixel_values)).shape[-1]
-            student_labels = model_logits(student(pixel_values)).shape[-1]
+        teacher_pixel_values = teacher_pixel_values.to(next(teacher.parameters()).device, input_dtype(teacher))
+        teacher_labels = label_count(teacher, teacher_pixel_values, "teacher")
+        student_labels = label_count(student, pixel_values, "student")
         if teacher_labels != student_labels:
             raise ValueError(
                 f"The teacher predicts {teacher_labels} labels but the student {student_labels}. Create the student "
@@ -103,6 +154,7 @@ class DistillationModel(nn.Module):
         pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []
         method.teacher_fingerprint = fingerprint(teacher)  # before `build`, which may load artefacts made for one
         model = cls(student, method, pairs)
+        model.num_labels = teacher_labels
         model.provenance = {"teacher": method.teacher_fingerprint, "train_examples": len(train_dataset),
                             "stage_batch_sizes": args.stage_batch_sizes}
         return model, teacher
@@ -164,6 +216,9 @@ class DistillationModel(nn.Module):
             if stage is None:
                 return DistillationOutput(logits=logits)
         terms = self.method.loss(stage, student, teacher, labels)
+        if not_scalar := {k: tuple(v.shape) for k, v in terms.items() if v.dim()}:
+            raise ValueError(f"Method {self.method.name!r} returned loss terms that are not scalars ({not_scalar}): "
+                             "each term is one number for the batch; reduce it in loss(), e.g. with .mean().")
         # built in one go: DDP finds the tensors that need gradients among the output's values
         return DistillationOutput(loss=sum(terms.values()), logits=student.logits if student else None, terms=terms)
 

@@ -35,10 +35,19 @@ def first_tensor(output) -> torch.Tensor | None:
 
 
 def model_logits(output) -> torch.Tensor:
-    """Logits of any image classifier's output: a tensor (timm, plain modules) or a `ModelOutput`."""
+    """Logits of any image classifier's output: a tensor (timm, plain modules), a `ModelOutput` or a dict with
+    "logits" (wherever it stands), else the first tensor of a tuple or dict."""
     if hasattr(output, "logits"):
         return output.logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
     return first_tensor(output)
+
+
+def input_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's floating-point parameters, which its inputs are cast to (e.g. a teacher loaded in
+    bfloat16 beside a float32 student); None without any."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def on_device(batch: dict, device) -> dict:

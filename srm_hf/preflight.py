@@ -107,16 +107,51 @@ def norms_on_one_value(model: nn.Module, pixel_values: torch.Tensor) -> list[str
 
 def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples: int, batch_size: int,
                      num_processes: int, drop_last: bool) -> None:
-    """Refuse a run whose last batch of an epoch holds one image where BatchNorm would see one value per channel
-    (torch raises mid-run there)."""
-    if drop_last or num_processes != 1 or num_examples % batch_size != 1:
+    """Refuse a run with batches of one image where BatchNorm would see one value per channel (torch raises mid-run
+    there): every batch at batch size 1, or the last batch of an epoch; and one whose every batch is dropped."""
+    if drop_last and num_examples < batch_size * num_processes:
+        raise ValueError(f"dataloader_drop_last=True drops every batch: the training set has {num_examples} examples, "
+                         f"fewer than one batch of {batch_size} (per device) on {num_processes} process(es), so no "
+                         "step would run. Set dataloader_drop_last=False or a smaller batch size; nothing was trained.")
+    if num_processes != 1 or not (batch_size == 1 or not drop_last and num_examples % batch_size == 1):
         return
     norms = norms_on_one_value(model, pixel_values)
     if norms:
+        every = batch_size == 1 or num_examples < batch_size
+        which = "every batch holds" if every else f"with batches of {batch_size} the last batch of every epoch holds"
+        fix = "Train with batches of 2 or more" if every else "Set dataloader_drop_last=True or change the batch size"
         raise ValueError(
-            f"The training set has {num_examples} examples: with batches of {batch_size} the last batch of every "
-            f"epoch holds one example, on which BatchNorm ({norms[0]}, at a 1×1 map) cannot train. Set "
-            "dataloader_drop_last=True or change the batch size; nothing was trained.")
+            f"The training set has {num_examples} examples: {which} one example, on which BatchNorm ({norms[0]}, at a "
+            f"1×1 map) cannot train. {fix}; nothing was trained.")
+
+
+def check_labels(dataset, collate, num_labels: int, split: str) -> None:
+    """Class labels the losses can take: int64 indices [N] in [0, num_labels) in the split's first samples, and all of
+    them where they can be read without decoding images: a `datasets.Dataset`'s 'labels' column, or a `targets` /
+    `labels` sequence as torchvision's datasets keep (torch would raise mid-run, after earlier stages trained)."""
+    from transformers.trainer_utils import has_length
+
+    if dataset is None or not has_length(dataset) or len(dataset) == 0:
+        return
+    labels = collate([dataset[i] for i in range(min(2, len(dataset)))]).get("labels")
+    if labels is None:
+        return
+    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.dim() != 1:
+        found = f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else \
+            type(labels).__name__
+        raise ValueError(f"The {split} batches' labels are {found}; the losses take class indices, int64 of shape [N]. "
+                         "Give each sample its class index as an int (one-hot or float labels: argmax / int()).")
+    if "labels" in (getattr(dataset, "column_names", None) or []):
+        labels = torch.as_tensor(dataset.with_format(None)["labels"])
+    else:
+        kept = next((getattr(dataset, a) for a in ("targets", "labels") if hasattr(dataset, a)), None)
+        if isinstance(kept, (list, tuple, torch.Tensor)) and len(kept) == len(dataset):
+            labels = torch.as_tensor(kept).reshape(-1)
+    outside = sorted(set(labels[(labels < 0) | (labels >= num_labels)].tolist()))
+    if outside:
+        raise ValueError(f"The {split} set has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} "
+                         "classes the teacher and the student predict. Remap the labels, drop those samples, or give "
+                         "the models the data's label count.")
 
 
 def check_training(trainer) -> None:
@@ -140,6 +175,10 @@ def check_training(trainer) -> None:
                 "does not run there), but the training batches have no 'labels': give the dataset a label column"
                 + (", or set kd_alpha > 0." if "kd" in labels_only else ".")
             )
+        check_labels(dataset, trainer.data_collator, trainer.distill_model.num_labels, "training")
+        evaluated = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"": trainer.eval_dataset}
+        for name, split in evaluated.items():
+            check_labels(split, trainer.data_collator, trainer.distill_model.num_labels, f"evaluation {name}".strip())
         example = batch["pixel_values"].to(args.device)
         for batch_size in {args.per_device_train_batch_size, *(args.stage_batch_sizes or {}).values()}:
             check_last_batch(trainer.distill_model.student, example, len(dataset), batch_size, args.world_size,

@@ -56,10 +56,11 @@ class StagePlan:
     def __init__(self, specs_and_steps: list[tuple[StageSpec, int]]):
         self.stages, start = [], 0
         for i, (spec, steps) in enumerate(specs_and_steps, start=1):
+            stage = Stage(spec, i, start, steps)
             if steps <= 0:
                 raise ValueError(f"Stage '{spec.name}' has {steps} steps: give it a positive number of epochs or "
-                                 "steps.")
-            self.stages.append(Stage(spec, i, start, steps))
+                                 "steps" + (" (the run's num_train_epochs or max_steps)." if stage.final else "."))
+            self.stages.append(stage)
             start += steps
 
     @property
@@ -91,6 +92,20 @@ def check_stage_lengths(specs: list[StageSpec], method: str) -> None:
             f"num_train_epochs / max_steps; '{last.name}' has epochs={last.epochs}, max_steps={last.max_steps}). "
             "Fix the StageSpecs in stages()."
         )
+
+
+def check_stage_selection(method, names: list[str], done: set[str]) -> list[str]:
+    """The method's stage names, once `names` (for `train_stages`) are known stages whose earlier stages have run
+    (`done`) or run with them: a stage never runs on what an earlier one has not learnt yet."""
+    known = [s.name for s in method.stages()]
+    if (unknown := [n for n in names if n not in known]) or not names:
+        raise ValueError(f"Method {method.name!r} has no stage {unknown or names}: its stages are {known}.")
+    missing = [k for k in known[:max(known.index(n) for n in names)] if k not in done and k not in names]
+    if missing:
+        raise ValueError(f"train_stages({names}) would run before stage {missing} of method {method.name!r}, which "
+                         f"has not run yet and which they build on. Run train_stages({missing + list(names)}), or "
+                         f"the earlier stages first.")
+    return known
 
 
 def stage_steps(spec: StageSpec, steps_per_epoch: int | None, last_stage_steps: int) -> int:

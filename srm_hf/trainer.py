@@ -22,7 +22,7 @@ from .callbacks import StageCallback
 from .checkpoint import check_resume_plan, load_distillation_model, resolve_resume, save_distillation_model
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
-from .forward import compile_in_place, hook_guards, model_logits
+from .forward import compile_in_place, hook_guards, input_dtype, model_logits
 from .hooks import FeatureHooks, capturing
 from .hub import HubMixin
 from .logged_metrics import LoggedMetrics
@@ -33,7 +33,7 @@ from .optimizer import build_optimizer
 from .preflight import check_training
 from .reference import StageSelection
 from .stage_batches import parse_stage_batch_sizes, stage_batch_loader
-from .stages import StagePlan, resets_moments, stage_scheduler, stage_steps
+from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 from .trainer_options import RefusedTrainerFeatures, check_stage_groups, check_trainer_arguments
 
@@ -62,6 +62,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
                          callbacks=callbacks, optimizers=optimizers, **kwargs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns batch means
         self.teacher = prepare_teacher(teacher, self.accelerator, self.args, deepspeed=self.is_deepspeed_enabled)
+        self.teacher_dtype = input_dtype(self.teacher)  # its inputs are cast to it
         pairs = distill_model.pairs
         self.teacher_hooks = FeatureHooks(self.teacher, {p.key: p.teacher.path for p in pairs},
                                           armed=False) if pairs else None  # capturing in `teacher_forward` alone
@@ -94,8 +95,10 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         """The teacher's logits [N, num_labels] and tapped features keyed by pair key, in eval mode, no grad."""
         if self.teacher.training:  # `eval()` walks every module: only when user code has switched the teacher
             self.teacher.eval()
+        pixels = inputs.get("teacher_pixel_values", inputs["pixel_values"])
+        pixels = pixels if self.teacher_dtype is None else pixels.to(self.teacher_dtype)  # a bf16 teacher, say
         with torch.no_grad(), hook_guards(self.args.compile_teacher), capturing(self.teacher_hooks):
-            logits = model_logits(self.teacher(inputs.get("teacher_pixel_values", inputs["pixel_values"])))
+            logits = model_logits(self.teacher(pixels))
         return Features(logits, self.teacher_hooks.pop() if self.teacher_hooks else {})
 
     # ---- stages --------------------------------------------------------------------------------------------
@@ -134,9 +137,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
 
     def train_stages(self, names: list[str], resume_from_checkpoint: str | bool | None = None):
         """Run only these stages of the method now (e.g. SRM's dictionary); a later `train()` leaves them out."""
-        known = [s.name for s in self.method.stages()]
-        if unknown := [n for n in names if n not in known]:
-            raise ValueError(f"Method {self.method.name!r} has no stage {unknown}: its stages are {known}.")
+        known = check_stage_selection(self.method, names, self.stages_done)
         before, self.stages_done = self.stages_done, self.stages_done | (set(known) - set(names))
         try:
             output = self.train(resume_from_checkpoint)

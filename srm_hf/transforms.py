@@ -119,19 +119,30 @@ def to_pil(value) -> Image.Image:
     """A decoded image from a PIL image, an array, or an undecoded `{"bytes", "path"}` record (named on failure;
     turned upright by its EXIF orientation)."""
     if isinstance(value, Image.Image):
-        return value
+        return _eight_bit(value, "an image")
     if isinstance(value, dict):
         path = value.get("path")
         try:
             data = value.get("bytes")
             image = Image.open(io.BytesIO(data)) if data is not None else Image.open(path)
             image.load()
-            return ImageOps.exif_transpose(image)  # upright, as `datasets` and `pipeline()` decode it
         except (UnidentifiedImageError, OSError) as e:
             name = os.path.basename(path) if path else "<in-memory bytes>"
             raise ValueError(f"Cannot read image file {path or name!r}: {str(e).rstrip('.')}. Remove or replace "
                              "the file.") from e
+        # upright, as `datasets` and `pipeline()` decode it
+        return _eight_bit(ImageOps.exif_transpose(image), f"image file {path!r}" if path else "an image")
     return Image.fromarray(as_image_array(np.asarray(value)))
+
+
+def _eight_bit(image: Image.Image, name: str) -> Image.Image:
+    """Refuse 16- and 32-bit images (modes I, I;16*, F): converting them to 8 bits clips every value above 255."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        raise ValueError(f"{name[0].upper()}{name[1:]} is a {image.mode} image (16 or 32 bits per pixel): converting "
+                         "it to 8 bits would clip its values above 255 (a 16-bit image turns almost white). Convert "
+                         "the images to 8 bits first, scaled to their own range (e.g. "
+                         "Image.fromarray((array / array.max() * 255).astype('uint8'))).")
+    return image
 
 
 def as_image_array(array: np.ndarray) -> np.ndarray:

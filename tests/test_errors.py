@@ -1,5 +1,7 @@
 """Bad input fails at construction, before any training, with the input and the fix named."""
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -7,7 +9,7 @@ from conftest import NUM_LABELS, PatternDataset, hf_resnet, make_config, make_tr
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 
-from srm_hf import DistillationTrainer
+from srm_hf import DistillationTrainer, Method, StageSpec
 
 
 class OddGridNet(nn.Module):
@@ -125,3 +127,94 @@ def test_an_iterable_train_dataset_is_refused_before_the_models_load(tmp_path):
     with pytest.raises(ValueError, match="train_dataset is a Stream without a length.*map-style dataset"):
         DistillationTrainer(model="no/such/student", teacher_model=timm_resnet(), args=make_config(tmp_path),
                             train_dataset=Stream())
+
+
+class OwnTemperature(Method):
+    """A method that keeps a learnable parameter on itself rather than in a child module."""
+
+    name = "own_temperature"
+
+    def __init__(self):
+        super().__init__()
+        self.log_t = nn.Parameter(torch.zeros(()))
+
+    def stages(self):
+        return [StageSpec("kd")]
+
+
+def frozen(model):
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda t: dict(model=t, teacher_model=t), "teacher and the student are one model"),
+    (lambda t: dict(model=frozen(hf_resnet()), teacher_model=t), "No parameter of the student.*requires grad"),
+    (lambda t: dict(model=hf_resnet(), teacher_model=t, method=OwnTemperature()), r"parameters \['log_t'\] directly"),
+    (lambda t: dict(model=hf_resnet(), teacher_model=t, train_dataset=PatternDataset(0)), "train_dataset is empty"),
+    (lambda t: dict(model=hf_resnet(), teacher_model=t, train_dataset=PatternDataset(8, channels=1)),
+     r"teacher \(ResNet\) cannot take the first training images \(pixel_values torch.float32 of shape \(2, 1, 32"),
+    (lambda t: dict(model=hf_resnet(), teacher_model=t, train_dataset=AsBytes(8)),
+     r"'pixel_values' is torch.uint8.*float tensor"),
+])
+def test_models_methods_and_batches_that_cannot_train_are_refused_when_the_trainer_is_built(tmp_path, build, match):
+    kwargs = {"args": make_config(tmp_path, method="kd"), "train_dataset": PatternDataset(8), **build(timm_resnet())}
+    with pytest.raises(ValueError, match=match):
+        DistillationTrainer(**kwargs)
+
+
+class AsBytes(PatternDataset):
+    def __getitem__(self, i):
+        return {"pixel_values": (self.images[i].clamp(-2, 2) * 60 + 128).to(torch.uint8), "labels": self.labels[i]}
+
+
+def test_a_method_instance_serves_one_trainer_and_terms_must_be_scalars(tmp_path):
+    from srm_hf.methods import KD
+
+    method = KD.from_config(make_config(tmp_path, method="kd"))
+    DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method,
+                        args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+    with pytest.raises(ValueError, match="KD instance is already built for another trainer.*KD.from_config"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method,
+                            args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+
+    class PerSample(KD):
+        def loss(self, stage, student, teacher, labels):
+            return {"ce": nn.functional.cross_entropy(student.logits, labels, reduction="none")}
+
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=PerSample(),
+                                  args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+    with pytest.raises(ValueError, match=r"not scalars \(\{'ce': \(8,\)\}\).*\.mean\(\)"):
+        trainer.train()
+
+
+def test_a_stage_is_never_run_alone_before_what_it_builds_on(tmp_path):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(ValueError, match=r"train_stages\(\['srm'\]\) would run before stage \['dictionary'\]"):
+        trainer.train_stages(["srm"])
+    with pytest.raises(ValueError, match="has no stage"):
+        trainer.train_stages([])
+    assert trainer.state.global_step == 0
+
+
+def test_batch_features_dict_outputs_and_a_bfloat16_teacher_train(tmp_path):
+    from transformers import BatchFeature
+
+    class DictOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = hf_resnet()
+
+        def forward(self, pixel_values):
+            logits = self.net(pixel_values).logits
+            return {"pooled": torch.zeros(len(logits), 16), "logits": logits}
+
+    def collate(samples):
+        return BatchFeature({"pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+                             "labels": torch.stack([s["labels"] for s in samples])})
+
+    trainer = DistillationTrainer(model=DictOutput(), teacher_model=timm_resnet().to(torch.bfloat16),
+                                  args=make_config(tmp_path, method="kd", max_steps=2), data_collator=collate,
+                                  train_dataset=PatternDataset(16))
+    trainer.train()
+    assert trainer.state.global_step == 2 and all(math.isfinite(e["kd/kd"]) for e in trainer.state.log_history
+                                                  if "kd/kd" in e)

@@ -102,6 +102,51 @@ def test_a_last_batch_of_one_is_refused_where_batchnorm_would_train_on_it(tmp_pa
                  srm_dictionary_max_steps=1, srm_max_steps=1).train()
 
 
+@pytest.mark.parametrize("n, options, match", [
+    (3, dict(dataloader_drop_last=True), "drop_last=True drops every batch.*3 examples.*batch of 8"),
+    (12, dict(dataloader_drop_last=True, stage_batch_sizes={"dictionary": 16}), "fewer than one batch of 16"),
+    (8, dict(per_device_train_batch_size=1), "every batch holds one example.*batches of 2 or more"),
+    (1, dict(), "1 examples.*every batch holds one example.*batches of 2 or more"),
+])
+def test_batches_that_train_nothing_or_one_image_under_batchnorm_are_refused_before_any_step(tmp_path, n, options,
+                                                                                           match):
+    trainer = make_trainer(tmp_path, train_dataset=PatternDataset(n), **options)
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def relabelled(n: int, labels) -> PatternDataset:
+    dataset = PatternDataset(n)
+    dataset.labels = labels
+    return dataset
+
+
+@pytest.mark.parametrize("split, dataset, match", [
+    ("train", relabelled(16, torch.arange(16) % 6), r"training set has labels \[4, 5\] outside 0-3"),  # after the first
+    ("train", relabelled(16, (torch.arange(16) % 4).float()), "labels are torch.float32 of shape \\(2,\\).*int64"),
+    ("train", relabelled(16, torch.eye(4)[torch.arange(16) % 4]), "shape \\(2, 4\\).*class indices"),  # one-hot
+    ("eval", relabelled(16, torch.arange(16) % 5), r"evaluation set has labels \[4\] outside"),
+])
+def test_labels_the_losses_cannot_take_are_refused_before_any_step(tmp_path, split, dataset, match):
+    trainer = make_trainer(tmp_path, **({"train_dataset": dataset} if split == "train" else {}))
+    if split == "eval":
+        trainer.eval_dataset = dataset
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_a_datasets_label_column_is_read_whole(tmp_path):
+    from datasets import Dataset
+
+    images = PatternDataset(12).images
+    data = Dataset.from_dict({"pixel_values": images.numpy(), "labels": [0, 1, 2, 3] * 2 + [0, 1, 2, 7]})
+    trainer = make_trainer(tmp_path, train_dataset=data.with_format("torch"))
+    with pytest.raises(ValueError, match=r"labels \[7\] outside 0-3"):
+        trainer.train()
+
+
 def test_the_last_batch_check_runs_a_compiled_student_eagerly(tmp_path):
     """Its one-image forward adds BatchNorm hooks for a moment: compiling a graph with them would leave it behind."""
     from torch._dynamo.utils import counters

@@ -162,3 +162,14 @@ def test_array_images_channels_first_floats_in_0_1_and_out_of_range_values():
                        (np.zeros((5, 6, 7)), r"shape \(5, 6, 7\)")):
         with pytest.raises(ValueError, match=match):
             to_pil(bad)
+
+
+@pytest.mark.parametrize("mode, array", [("I;16", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16),
+                                         ("F", np.linspace(0, 1000, 64 * 64, dtype=np.float32).reshape(64, 64))])
+def test_16_and_32_bit_images_are_refused_rather_than_clipped_to_white(tmp_path, mode, array):
+    image = Image.fromarray(array, mode=mode) if mode != "I;16" else Image.fromarray(array)
+    assert image.mode == mode
+    image.save(tmp_path / "deep.tiff")
+    for value in (image, {"path": str(tmp_path / "deep.tiff"), "bytes": None}):
+        with pytest.raises(ValueError, match=f"{mode} image.*clip its values above 255.*8 bits first"):
+            to_pil(value)
