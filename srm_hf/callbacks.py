@@ -1,7 +1,9 @@
 """TrainerCallbacks of srm_hf."""
 
+import logging as pylogging
 import math
 import os
+import sys
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
@@ -15,12 +17,38 @@ from .taps import format_tap_plan
 logger = logging.get_logger(__name__)
 
 
+def follow_log_level(level: int) -> None:
+    """srm_hf's loggers (named `srm_hf.*`, outside transformers' tree) at the run's level
+    (`TrainingArguments.get_process_log_level`), printed to stderr as transformers prints its own."""
+    library = pylogging.getLogger("srm_hf")
+    library.setLevel(level)
+    if not library.handlers:
+        library.addHandler(_Stderr())
+        library.propagate = False
+
+
+class _Stderr(pylogging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (a notebook's or a test's capture swaps it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 class StageCallback(TrainerCallback):
     """Announces each stage as it starts, in the log and in the progress bar's description, and keeps evaluation
     to the last stage."""
 
     def __init__(self, trainer):
         self.trainer = trainer
+        follow_log_level(trainer.args.get_process_log_level())
         self._current = None
         self._finished: set[int] = set()  # indices of the stages the method has been told are finished
 

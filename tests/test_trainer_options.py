@@ -287,3 +287,10 @@ def test_fp16_on_the_cpu_and_hyperparameter_search_are_refused(tmp_path):
         make_config(tmp_path, fp16=True)
     with pytest.raises(NotImplementedError, match="one DistillationTrainer per trial"):
         make_trainer(tmp_path, method="kd").hyperparameter_search()
+
+
+def test_log_level_reaches_the_libraries_own_messages(tmp_path, capsys):
+    make_trainer(tmp_path / "a", log_level="info", srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=1).train()
+    assert "Stage plan of method 'srm'" in capsys.readouterr().err
+    make_trainer(tmp_path / "b", log_level="warning", srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=1).train()
+    assert "Stage plan" not in capsys.readouterr().err
