@@ -60,6 +60,8 @@ class StageCallback(TrainerCallback):
         trainer.nonfinite.start(read_marker(trainer.resuming).get("nonfinite") if isinstance(trainer.resuming, str)
                                 else None)
         trainer.logged.start(enabled=args.logging_strategy != "no")
+        if not trainer.stages_done:  # a whole plan: what an earlier run trained is retrained
+            trainer.stages_trained.clear()
         if state.is_world_process_zero:
             logger.info(f"Stage plan of method {self.trainer.method.name!r}: {self.trainer.plan}")
             logger.info(f"Tap pairs (teacher -> student):\n{format_tap_plan(self.trainer.tap_pairs)}")
@@ -89,6 +91,7 @@ class StageCallback(TrainerCallback):
     def _finish(self, stage) -> None:
         if stage.index not in self._finished:
             self._finished.add(stage.index)
+            self.trainer.stages_trained[stage.name] = stage.steps
             self.trainer.method.stage_finished(stage)
 
     def on_epoch_end(self, args, state, control, **kwargs):

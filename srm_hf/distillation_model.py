@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from .forward import compile_in_place, eval_mode, hook_guards, input_dtype, model_logits
 from .hooks import FeatureHooks, capturing
-from .loading import load_image_classifier
+from .loading import ClassifierAdapter, load_image_classifier
 from .methods import Features, Method
 from .stages import check_stage_lengths
 from .taps import plan_taps
@@ -133,6 +133,8 @@ class DistillationModel(nn.Module):
             raise ValueError("train_dataset is empty: give it the training images (check the split and any filter).")
         student = load_image_classifier(student) if isinstance(student, str) else student
         teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
+        # `for_trainer`'s adapter (for the plain Trainer) is unwrapped: the classifier inside is what trains and saves
+        student, teacher = (m.model if isinstance(m, ClassifierAdapter) else m for m in (student, teacher))
         if {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
             raise ValueError("The teacher and the student are one model, or share parameters: the teacher is frozen "
                              "for distillation, so the student would not train. Pass a student of its own (for "

@@ -54,7 +54,8 @@ def _as_list(value) -> list:
 def render_model_card(*, model_name: str, repo_id: str | None, library_name: str, teacher: str,
                       teacher_revision: str | None, student: str, dataset: str, method: dict, seed: int, tap_pairs,
                       stages: list[tuple[str, int]], metrics: dict[str, float], language=None, license=None,
-                      tags=None, finetuned_from=None, tasks=None, dataset_tags=None, dataset_args=None) -> str:
+                      tags=None, finetuned_from=None, tasks=None, dataset_tags=None, dataset_args=None,
+                      has_processor: bool = True) -> str:
     """The student's README.md: Hub metadata (library, pipeline tag, base model, Hub datasets, license, tags,
     model-index of the test metrics), then quick start, teacher, dataset, method settings, metrics, seed, versions,
     citation."""
@@ -77,6 +78,16 @@ def render_model_card(*, model_name: str, repo_id: str | None, library_name: str
     if library_name == "timm":
         source = f"hf-hub:{repo_id}" if repo_id else f"local-dir:{model_name}"  # a folder saved here, not pushed
         quickstart = f'import timm\nmodel = timm.create_model("{source}", pretrained=True).eval()'
+    elif library_name == "pytorch":  # weights alone: the code that builds the architecture is the user's
+        path = f'hf_hub_download("{repo_id}", "model.safetensors")' if repo_id else f'"{model_name}/model.safetensors"'
+        quickstart = (("from huggingface_hub import hf_hub_download\n" if repo_id else "") +
+                      "from safetensors.torch import load_file\n"
+                      f"model = {_shown(student)}()  # the student's architecture, built by its own code\n"
+                      f"model.load_state_dict(load_file({path}))")
+    elif not has_processor:  # no preprocessor_config.json: pipeline() could not prepare the images
+        quickstart = ("from transformers import AutoModelForImageClassification\n"
+                      f'model = AutoModelForImageClassification.from_pretrained("{repo}")  # no image processor '
+                      "was saved: prepare the images as in training")
     else:
         quickstart = ('from transformers import pipeline\n'
                       f'classify = pipeline("image-classification", model="{repo}")')
@@ -114,8 +125,9 @@ def model_card_for(trainer, model_name: str | None = None, dataset: str | None =
         teacher=teacher or args.teacher_model_name_or_path or type(unwrap_model(trainer.teacher)).__name__,
         teacher_revision=teacher_revision, student=student or type(distill_model.student).__name__,
         dataset=dataset or "custom", method=trainer.method.describe(), seed=args.seed, tap_pairs=trainer.tap_pairs,
-        stages=[(s.name, s.steps) for s in trainer.plan.stages] if trainer.plan else [], metrics=metrics or {},
-        **card_kwargs)
+        stages=list(trainer.stages_trained.items()) or ([(s.name, s.steps) for s in trainer.plan.stages]
+                                                        if trainer.plan else []),
+        metrics=metrics or {}, has_processor=trainer.processing_class is not None, **card_kwargs)
 
 
 def write_model_card(trainer, **kwargs) -> str:
@@ -138,7 +150,11 @@ def push_student(trainer, commit_message: str | None = None, token: str | None =
     token = token if token is not None else args.hub_token
     private = private if private is not None else args.hub_private_repo
     revision = revision if revision is not None else args.hub_revision
-    missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, f))]
+    from .loading import library_of
+
+    needed = ("model.safetensors",) if library_of(trainer.distill_model.student) == "pytorch" else \
+        ("config.json", "model.safetensors")  # a plain module's weights have no config
+    missing = [f for f in needed if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {missing}: save the student with trainer.save_model() first.")
     api = HfApi(token=token)

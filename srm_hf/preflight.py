@@ -126,14 +126,14 @@ def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples:
 
 
 def check_labels(dataset, collate, num_labels: int, split: str) -> None:
-    """Class labels the losses can take: int64 indices [N] in [0, num_labels) in the split's first samples, and all of
+    """Class labels the losses can take: int64 indices [N] in [0, num_labels) in the split's first sample, and all of
     them where they can be read without decoding images: a `datasets.Dataset`'s 'labels' column, or a `targets` /
     `labels` sequence as torchvision's datasets keep (torch would raise mid-run, after earlier stages trained)."""
     from transformers.trainer_utils import has_length
 
     if dataset is None or not has_length(dataset) or len(dataset) == 0:
         return
-    labels = collate([dataset[i] for i in range(min(2, len(dataset)))]).get("labels")
+    labels = collate([dataset[0]]).get("labels")
     if labels is None:
         return
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.dim() != 1:

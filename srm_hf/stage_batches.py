@@ -87,8 +87,20 @@ def stage_batch_loader(trainer) -> torch.utils.data.DataLoader:
     sampler = StageBatchSampler(len(dataset), trainer.plan, batch, args.gradient_accumulation_steps, seed,
                                 args.dataloader_drop_last, getattr(dataset, "pass_in_index", False),
                                 shuffle=args.train_sampling_strategy != "sequential")
-    return trainer.accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
-                                                                   **loader_options(trainer)))
+    loader = trainer.accelerator.prepare(torch.utils.data.DataLoader(dataset, batch_sampler=sampler,
+                                                                     **loader_options(trainer)))
+    loader.stage_plan = trainer.plan  # what `check_loader_plan` looks for
+    return loader
+
+
+def check_loader_plan(trainer, dataloader) -> None:
+    """Under `stage_batch_sizes`, the training loader must be `stage_batch_loader`'s: it plans the stages."""
+    if getattr(dataloader, "stage_plan", None) is None or dataloader.stage_plan is not trainer.plan:
+        raise ValueError(
+            f"stage_batch_sizes is set, but the training loader ({type(dataloader).__name__}) is not the one "
+            "DistillationTrainer.get_train_dataloader builds, which plans the stages at their batch sizes. An override "
+            "of get_train_dataloader must return super().get_train_dataloader() there; or unset stage_batch_sizes."
+        )
 
 
 def loader_options(trainer) -> dict:

@@ -32,7 +32,7 @@ from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
 from .preflight import check_training
 from .reference import StageSelection
-from .stage_batches import parse_stage_batch_sizes, stage_batch_loader
+from .stage_batches import check_loader_plan, parse_stage_batch_sizes, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 from .trainer_options import RefusedTrainerFeatures, check_stage_groups, check_trainer_arguments
@@ -71,6 +71,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         self.plan: StagePlan | None = None
         self.resuming: str | bool | None = None  # the checkpoint `train()` resumes from
         self.stages_done: set[str] = set()  # stages run on their own by `train_stages`, left out of later plans
+        self.stages_trained: dict[str, int] = {}  # each stage run to its end (train_stages too): steps, for the card
         self.logged = LoggedMetrics()  # what `log_metric` adds to the next training log
         self.nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
         self.step_losses: list[torch.Tensor] = []  # the current optimizer step's losses (one per micro-batch)
@@ -112,6 +113,8 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
             specs = self.distill_model.stage_specs(skip=self.stages_done)
             self.plan = StagePlan([(spec, stage_steps(spec, per_epoch, max_steps)) for spec in specs])
             self.steps_per_epoch = {stage.name: per_epoch for stage in self.plan.stages}
+        else:
+            check_loader_plan(self, dataloader)
         if isinstance(self.resuming, str):  # the checkpoint's step placed on this plan
             check_resume_plan(self.resuming, self.plan.describe())
         max_steps = self.plan.total_steps

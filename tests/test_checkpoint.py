@@ -102,3 +102,17 @@ def test_a_checkpoint_of_another_configuration_is_refused_naming_the_difference(
     kd = make_trainer(tmp_path, method="kd", max_steps=12)
     with pytest.raises(ValueError, match="another configuration.*'name': 'srm'.*'name': 'kd'"):
         kd.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+
+
+def test_a_model_adapted_for_the_plain_trainer_is_trained_and_saved_as_the_classifier_inside(tmp_path):
+    from srm_hf.loading import for_trainer
+
+    adapted = for_trainer(timm_resnet(seed=3))
+    trainer = make_trainer(tmp_path, teacher=for_trainer(timm_resnet()), student=adapted, method="kd", max_steps=1)
+    assert trainer.distill_model.student is adapted.model
+    trainer.train()
+    trainer.save_model()
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), adapted.model.eval()(x))

@@ -65,7 +65,8 @@ def test_push_transformers_student_round_trip(tmp_path, fake_hub):
     reloaded = AutoModelForImageClassification.from_pretrained(remote)
     torch.testing.assert_close(logits_of(reloaded, x), logits_of(trainer.distill_model.student, x))
     card = (remote / "README.md").read_text()
-    assert 'pipeline("image-classification", model="someone/student-srm")' in card
+    # no image processor was given, so none was saved: the card loads the model without pipeline()
+    assert 'AutoModelForImageClassification.from_pretrained("someone/student-srm")' in card and "pipeline(" not in card
     assert "someone/teacher" in card and "abc123" in card and "pattern-data" in card
 
 
@@ -107,6 +108,28 @@ def test_the_card_of_a_timm_student_saved_here_loads_it_from_its_folder():
     assert 'timm.create_model("local-dir:student-srm", pretrained=True)' in card and "hf-hub:" not in card
 
 
+@pytest.mark.parametrize("library, has_processor, repo_id, lines", [
+    ("transformers", True, "someone/s", ['classify = pipeline("image-classification", model="someone/s")']),
+    ("transformers", False, "someone/s", ['AutoModelForImageClassification.from_pretrained("someone/s")']),
+    ("pytorch", True, "someone/s", ['hf_hub_download("someone/s", "model.safetensors")', "model = TinyNet()"]),
+    ("pytorch", True, None, ['load_file("student-srm/model.safetensors")']),
+])
+def test_the_cards_quick_start_loads_what_was_saved(library, has_processor, repo_id, lines):
+    from srm_hf.hub import render_model_card
+
+    card = render_model_card(model_name="student-srm", repo_id=repo_id, library_name=library, teacher="teacher",
+                             teacher_revision=None, student="TinyNet", dataset="custom", method={"name": "kd"},
+                             seed=0, tap_pairs=[], stages=[("kd", 4)], metrics={}, has_processor=has_processor)
+    assert all(line in card for line in lines), card
+
+
+def test_the_card_lists_the_stages_run_alone_before(tmp_path):
+    trainer = make_trainer(tmp_path, srm_dictionary_max_steps=2, srm_max_steps=1, max_steps=1)
+    trainer.train_stages(["dictionary"])
+    trainer.train()
+    assert "dictionary (2 steps) → srm (1 steps) → kd (1 steps)" in trainer.create_model_card()
+
+
 def test_push_needs_a_saved_student(tmp_path):
     from srm_hf.hub import push_student
 
@@ -115,7 +138,7 @@ def test_push_needs_a_saved_student(tmp_path):
     args = SimpleNamespace(output_dir=str(tmp_path), hub_model_id="someone/nothing", hub_token=None,
                            hub_private_repo=None, hub_revision=None)
     with pytest.raises(FileNotFoundError, match="save_model"):
-        push_student(SimpleNamespace(args=args, hub_model_id=None))
+        push_student(SimpleNamespace(args=args, hub_model_id=None, distill_model=SimpleNamespace(student=hf_resnet())))
 
 
 def test_push_to_hub_takes_the_trainer_card_arguments_and_writes_hub_metadata(tmp_path, fake_hub):
@@ -161,3 +184,17 @@ def test_hub_strategy_every_save_pushes_each_checkpoint_student_in_the_backgroun
     commits = fake_hub["commits"]
     assert [c[1] for c in commits] == [f"Training in progress, step {s}" for s in (1, 2, 3)]
     assert all(c[2] == ["config.json", "model.safetensors"] for c in commits)  # no method state, no optimizer
+
+
+def test_a_plain_module_student_is_pushed_as_weights_with_a_card_that_loads_them(tmp_path, fake_hub):
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    trainer = make_trainer(tmp_path, student=plain, method="kd", max_steps=1, hub_model_id="someone/plain")
+    trainer.train()
+    trainer.push_to_hub()
+    remote = fake_hub["someone/plain"]
+    assert {p.name for p in remote.iterdir()} == {"model.safetensors", "README.md"}
+    assert 'hf_hub_download("someone/plain", "model.safetensors")' in (remote / "README.md").read_text()

@@ -124,8 +124,8 @@ def relabelled(n: int, labels) -> PatternDataset:
 
 @pytest.mark.parametrize("split, dataset, match", [
     ("train", relabelled(16, torch.arange(16) % 6), r"training set has labels \[4, 5\] outside 0-3"),  # after the first
-    ("train", relabelled(16, (torch.arange(16) % 4).float()), "labels are torch.float32 of shape \\(2,\\).*int64"),
-    ("train", relabelled(16, torch.eye(4)[torch.arange(16) % 4]), "shape \\(2, 4\\).*class indices"),  # one-hot
+    ("train", relabelled(16, (torch.arange(16) % 4).float()), "labels are torch.float32 of shape \\(1,\\).*int64"),
+    ("train", relabelled(16, torch.eye(4)[torch.arange(16) % 4]), "shape \\(1, 4\\).*class indices"),  # one-hot
     ("eval", relabelled(16, torch.arange(16) % 5), r"evaluation set has labels \[4\] outside"),
 ])
 def test_labels_the_losses_cannot_take_are_refused_before_any_step(tmp_path, split, dataset, match):

@@ -7,6 +7,7 @@ from test_augmentation_resume import PRE, image_split
 from transformers import default_data_collator
 from transformers.trainer_utils import seed_worker
 
+from srm_hf import DistillationTrainer
 from srm_hf.methods import SRM
 from srm_hf.stage_batches import StageBatchSampler, loader_options
 from srm_hf.stages import StagePlan
@@ -31,7 +32,7 @@ def test_each_stage_trains_on_its_own_batch_size_and_counts_its_epochs_at_it(tmp
     trainer.train()
     # 32 images: one pass is 2 batches of 16, 3 of 12 (the last of 8), then 4 KD steps of 8
     assert [s.steps for s in trainer.plan.stages] == [2, 3, 4]
-    assert seen == [1, 16, 16, 12, 12, 8, 8, 8, 8, 8]  # the 1: the pre-flight check's one-image example
+    assert seen == [1, 1, 1, 16, 16, 12, 12, 8, 8, 8, 8, 8]  # the 1s: the pre-flight checks' one-image examples
     assert trainer.state.global_step == 9
 
 
@@ -95,7 +96,7 @@ def test_a_loaded_dictionary_keeps_the_other_stage_sizes(tmp_path):
     trainer = make_trainer(tmp_path, stage_batch_sizes=SIZES, srm_dictionary_path=path)
     trainer.data_collator = recording_collator(seen)
     trainer.train()
-    assert [s.name for s in trainer.plan.stages] == ["srm", "kd"] and seen == [1, 12, 12, 8, 12] + [8] * 4
+    assert [s.name for s in trainer.plan.stages] == ["srm", "kd"] and seen == [1, 1, 1, 12, 12, 8, 12] + [8] * 4
 
 
 def test_a_checkpoint_with_other_stage_sizes_is_refused(tmp_path):
@@ -122,3 +123,14 @@ def test_the_stage_loader_takes_the_trainers_loader_options(tmp_path):
     options = loader_options(trainer)
     assert options["prefetch_factor"] == 3 and options["num_workers"] == 2
     assert options["worker_init_fn"].func is seed_worker  # per-worker seeds, as the Trainer's own loader
+
+
+def test_an_overridden_training_loader_is_refused_under_stage_batch_sizes(tmp_path):
+    class OwnLoader(DistillationTrainer):
+        def get_train_dataloader(self):
+            return torch.utils.data.DataLoader(self.train_dataset, batch_size=8, collate_fn=default_data_collator)
+
+    trainer = make_trainer(tmp_path, cls=OwnLoader, stage_batch_sizes=SIZES)
+    with pytest.raises(ValueError, match="stage_batch_sizes is set, but the training loader.*super\\(\\).get_train"):
+        trainer.train()
+    assert trainer.state.global_step == 0
