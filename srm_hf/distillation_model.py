@@ -135,6 +135,11 @@ class DistillationModel(nn.Module):
         teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
         # `for_trainer`'s adapter (for the plain Trainer) is unwrapped: the classifier inside is what trains and saves
         student, teacher = (m.model if isinstance(m, ClassifierAdapter) else m for m in (student, teacher))
+        for role, model in (("student", student), ("teacher", teacher)):
+            if any(p.is_meta for p in model.parameters()):
+                raise ValueError(f"The {role}'s parameters are on the meta device (shapes without data): load or "
+                                 "initialise its weights first (e.g. model.to_empty(device='cpu'), then "
+                                 "load_state_dict or init_weights).")
         if {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
             raise ValueError("The teacher and the student are one model, or share parameters: the teacher is frozen "
                              "for distillation, so the student would not train. Pass a student of its own (for "

@@ -151,6 +151,7 @@ def frozen(model):
     (lambda t: dict(model=frozen(hf_resnet()), teacher_model=t), "No parameter of the student.*requires grad"),
     (lambda t: dict(model=hf_resnet(), teacher_model=t, method=OwnTemperature()), r"parameters \['log_t'\] directly"),
     (lambda t: dict(model=hf_resnet(), teacher_model=t, train_dataset=PatternDataset(0)), "train_dataset is empty"),
+    (lambda t: dict(model=hf_resnet().to("meta"), teacher_model=t), "student's parameters are on the meta device"),
     (lambda t: dict(model=hf_resnet(), teacher_model=t, train_dataset=PatternDataset(8, channels=1)),
      r"teacher \(ResNet\) cannot take the first training images \(pixel_values torch.float32 of shape \(2, 1, 32"),
     (lambda t: dict(model=hf_resnet(), teacher_model=t, train_dataset=AsBytes(8)),
