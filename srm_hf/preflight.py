@@ -2,7 +2,9 @@
 
     check_images(splits.test, "test")          # every image decodes and is of a sane size; names the bad file
     check_output_dir(args.output_dir, bytes)   # the folder is writable and has room for a checkpoint
-    check_training(trainer)                    # the trainer's own: output folder, last batch of one, workers
+    check_training(trainer)                    # the trainer's own: output folder, batches, labels, workers
+    check_example_batch(batch); label_count(model, pixel_values, "student"); check_buildable(student, method)
+                                               # when a trainer is built: its first batch, its models and method
 
 The splits' own checks (no empty split, at least two classes, labels in range) run where the splits are built
 (`data.load_image_splits`).
@@ -12,11 +14,14 @@ import io
 import os
 import shutil
 import uuid
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 from PIL import Image
 
+from .forward import eval_mode, model_logits
+from .methods.base import Method
 from .transforms import to_pil
 
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
@@ -183,3 +188,54 @@ def check_training(trainer) -> None:
         for batch_size in {args.per_device_train_batch_size, *(args.stage_batch_sizes or {}).values()}:
             check_last_batch(trainer.distill_model.student, example, len(dataset), batch_size, args.world_size,
                              args.dataloader_drop_last)
+
+
+def check_example_batch(batch) -> None:
+    """A collated batch is a mapping (a dict, or the `BatchFeature` image processors return) with a float
+    'pixel_values' tensor [N, C, H, W]."""
+    if not isinstance(batch, Mapping) or "pixel_values" not in batch:
+        raise ValueError(
+            "Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); got "
+            f"{type(batch).__name__} with keys {list(batch) if isinstance(batch, Mapping) else '-'}. "
+            "Map the dataset with the model's image processor or transforms first."
+        )
+    pixels = batch["pixel_values"]
+    if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point() or pixels.dim() != 4:
+        described = f"{pixels.dtype} of shape {tuple(pixels.shape)}" if isinstance(pixels, torch.Tensor) else \
+            type(pixels).__name__
+        raise ValueError(f"A batch's 'pixel_values' is {described}; the models need a float tensor [N, C, H, W]. "
+                         "Convert the images with the model's image processor or transforms (e.g. ToTensor and "
+                         "Normalize, which give floats [C, H, W] per image).")
+
+
+def check_buildable(student: nn.Module, method: Method) -> None:
+    """A method instance not built for another trainer, holding no parameter the optimizer would miss, and a student
+    with something to train."""
+    if method.built:
+        raise ValueError(f"This {type(method).__name__} instance is already built for another trainer (its modules "
+                         "are sized for that pairing): pass each DistillationTrainer a fresh instance, e.g. "
+                         f"{type(method).__name__}.from_config(args), or method='{method.name}'.")
+    direct = [name for name, _ in method.named_parameters(recurse=False)]
+    if direct:
+        raise ValueError(f"Method {method.name!r} holds the parameters {direct} directly, and the optimizer's groups "
+                         "are its child modules (named in StageSpec.trains): they would never train. Put them in a "
+                         "child module, e.g. self.extras = nn.ParameterDict(...), and name it in StageSpec.trains.")
+    trains_student = any("student" in s.trains for s in method.stages())
+    if trains_student and not any(p.requires_grad for p in student.parameters()):
+        raise ValueError(f"No parameter of the student ({type(student).__name__}) requires grad, so it cannot be "
+                         "trained: unfreeze it (student.requires_grad_(True)), or pass a trainable model.")
+
+
+def label_count(model: nn.Module, pixel_values: torch.Tensor, role: str) -> int:
+    """How many labels the model predicts, from one eval-mode forward of the first training images; a batch the
+    model cannot take is named with the error."""
+    try:
+        with eval_mode(model):
+            return model_logits(model(pixel_values)).shape[-1]
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"The {role} ({type(model).__name__}) cannot take the first training images (pixel_values "
+            f"{pixel_values.dtype} of shape {tuple(pixel_values.shape)}): {str(e).strip()}. Give it images of the "
+            "channels, size and dtype it takes (its image processor or transforms; teacher_pixel_values when the "
+            "teacher takes others)."
+        ) from e
