@@ -17,15 +17,15 @@ from .taps import format_tap_plan
 logger = logging.get_logger(__name__)
 
 
-def follow_log_level(level: int) -> None:
-    """srm_hf's loggers (named `srm_hf.*`, outside transformers' tree) at the run's level
-    (`TrainingArguments.get_process_log_level`), printed to stderr as transformers prints its own."""
+def follow_log_level(args) -> None:
+    """srm_hf's loggers (named `srm_hf.*`, outside transformers' tree) at the run's `log_level` when one is set (under
+    "passive", the logging configuration's), printed to stderr as transformers prints its own unless the root logger
+    has handlers of its own (a `logging.basicConfig`), which then get the records."""
     library = pylogging.getLogger("srm_hf")
-    library.setLevel(level)
-    if not library.handlers:
+    chosen = args.log_level if args.should_log else args.log_level_replica
+    library.setLevel(args.get_process_log_level() if chosen != "passive" else pylogging.NOTSET)
+    if not library.handlers and not pylogging.getLogger().handlers:
         library.addHandler(_Stderr())
-        library.propagate = False
-
 
 class _Stderr(pylogging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (a notebook's or a test's capture swaps it)."""
@@ -48,7 +48,7 @@ class StageCallback(TrainerCallback):
 
     def __init__(self, trainer):
         self.trainer = trainer
-        follow_log_level(trainer.args.get_process_log_level())
+        follow_log_level(trainer.args)
         self._current = None
         self._finished: set[int] = set()  # indices of the stages the method has been told are finished
 

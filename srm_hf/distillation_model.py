@@ -57,7 +57,6 @@ class DistillationModel(nn.Module):
         self.num_labels: int | None = None  # the classes teacher and student predict (`from_models`)
         check_buildable(student, method)
         method.build(self.pairs)
-        method.built = True
         check_stage_lengths(method.stages(), method.name)
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs},
                                           armed=False) if pairs else None  # capturing in `forward` alone

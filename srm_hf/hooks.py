@@ -45,6 +45,7 @@ class FeatureHooks:
     def __init__(self, model: nn.Module, paths: list[str] | dict[str, str], armed: bool = True):
         self.paths = dict(paths) if isinstance(paths, dict) else {p: p for p in paths}
         self.armed = armed  # False: capture only inside `capturing()`
+        self._depth = 0  # nested `capturing()` blocks
         self._features: dict[str, torch.Tensor] = {}
         self._versions: dict[str, int] = {}  # each capture's version counter, to see in-place changes after it
         self._handles = [get_module(model, p).register_forward_hook(_Capture(self, p))
@@ -62,11 +63,15 @@ class FeatureHooks:
         return self
 
     def __enter__(self) -> "FeatureHooks":
-        self._armed_outside, self.armed = self.armed, True
+        if self._depth == 0:
+            self._armed_outside = self.armed
+        self._depth, self.armed = self._depth + 1, True
         return self
 
     def __exit__(self, *exc) -> None:
-        self.armed = self._armed_outside
+        self._depth -= 1
+        if self._depth == 0:
+            self.armed = self._armed_outside
 
     def pop(self) -> dict[str, torch.Tensor]:
         """The captured features by key, in the given order. Raises if a tap did not run in the last forward."""
@@ -75,7 +80,8 @@ class FeatureHooks:
             self.clear()
             raise RuntimeError(
                 f"Taps {missing} captured no tensor in the last forward pass. Check that these modules run in the "
-                "model's forward and return a tensor, or tap other modules."
+                "model's forward and return a tensor, or tap other modules"
+                + ("." if self.armed else "; these hooks capture only inside `with hooks.capturing():`.")
             )
         changed = [p for p in self.paths.values() if p in self._versions and
                    self._features[p]._version != self._versions[p]]

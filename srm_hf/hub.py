@@ -127,7 +127,9 @@ def model_card_for(trainer, model_name: str | None = None, dataset: str | None =
         dataset=dataset or "custom", method=trainer.method.describe(), seed=args.seed, tap_pairs=trainer.tap_pairs,
         stages=list(trainer.stages_trained.items()) or ([(s.name, s.steps) for s in trainer.plan.stages]
                                                         if trainer.plan else []),
-        metrics=metrics or {}, has_processor=trainer.processing_class is not None, **card_kwargs)
+        metrics=metrics or {}, **card_kwargs,
+        has_processor=trainer.processing_class is not None or os.path.isfile(os.path.join(args.output_dir,
+                                                                                          "preprocessor_config.json")))
 
 
 def write_model_card(trainer, **kwargs) -> str:

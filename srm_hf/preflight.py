@@ -132,8 +132,9 @@ def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples:
 
 def check_labels(dataset, collate, num_labels: int, split: str) -> None:
     """Class labels the losses can take: int64 indices [N] in [0, num_labels) in the split's first sample, and all of
-    them where they can be read without decoding images: a `datasets.Dataset`'s 'labels' column, or a `targets` /
-    `labels` sequence as torchvision's datasets keep (torch would raise mid-run, after earlier stages trained)."""
+    them where they can be read without decoding images and as the samples give them: the integer 'labels' column of
+    a `datasets.Dataset` without a transform (torch would raise mid-run, after earlier stages trained). Other
+    datasets (a transform or `target_transform` may map what they store) are checked on their first sample."""
     from transformers.trainer_utils import has_length
 
     if dataset is None or not has_length(dataset) or len(dataset) == 0:
@@ -146,12 +147,11 @@ def check_labels(dataset, collate, num_labels: int, split: str) -> None:
             type(labels).__name__
         raise ValueError(f"The {split} batches' labels are {found}; the losses take class indices, int64 of shape [N]. "
                          "Give each sample its class index as an int (one-hot or float labels: argmax / int()).")
-    if "labels" in (getattr(dataset, "column_names", None) or []):
-        labels = torch.as_tensor(dataset.with_format(None)["labels"])
-    else:
-        kept = next((getattr(dataset, a) for a in ("targets", "labels") if hasattr(dataset, a)), None)
-        if isinstance(kept, (list, tuple, torch.Tensor)) and len(kept) == len(dataset):
-            labels = torch.as_tensor(kept).reshape(-1)
+    untransformed = getattr(dataset, "format", {}).get("type") != "custom"  # `with_transform` sets "custom"
+    if untransformed and "labels" in (getattr(dataset, "column_names", None) or []):
+        column = dataset.with_format(None)["labels"]
+        if all(isinstance(v, int) for v in column):
+            labels = torch.as_tensor(column)
     outside = sorted(set(labels[(labels < 0) | (labels >= num_labels)].tolist()))
     if outside:
         raise ValueError(f"The {split} set has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} "
@@ -185,7 +185,8 @@ def check_training(trainer) -> None:
         for name, split in evaluated.items():
             check_labels(split, trainer.data_collator, trainer.distill_model.num_labels, f"evaluation {name}".strip())
         example = batch["pixel_values"].to(args.device)
-        for batch_size in {args.per_device_train_batch_size, *(args.stage_batch_sizes or {}).values()}:
+        sizes = args.stage_batch_sizes or {}  # the stages it does not name use per_device_train_batch_size
+        for batch_size in {sizes.get(s.name, args.per_device_train_batch_size) for s in trainer.method.stages()}:
             check_last_batch(trainer.distill_model.student, example, len(dataset), batch_size, args.world_size,
                              args.dataloader_drop_last)
 

@@ -29,6 +29,7 @@ import torch
 from transformers import TrainerCallback
 
 from .forward import on_device
+from .hooks import capturing
 
 # Epochs per learning rate (1x, 0.1x, 0.01x) in the reference's CIFAR-100 configuration, by stage name.
 PHASES = {"dictionary": (10, 60, 30), "srm": (30, 100, 30)}
@@ -113,7 +114,8 @@ class StageSelection(TrainerCallback):
         try:
             for batch in trainer.get_eval_dataloader():
                 batch = on_device(batch, trainer.args.device)
-                teacher = trainer.teacher_forward(batch) if stage.spec.uses_teacher else None
+                with capturing(trainer.teacher_hooks):
+                    teacher = trainer.teacher_forward(batch) if stage.spec.uses_teacher else None
                 out = model(pixel_values=batch["pixel_values"], labels=batch.get("labels"), stage=stage, teacher=teacher)
                 n = batch["pixel_values"].shape[0]
                 total, count = total + float(out.loss) * n, count + n

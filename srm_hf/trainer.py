@@ -77,6 +77,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         self.step_losses: list[torch.Tensor] = []  # the current optimizer step's losses (one per micro-batch)
         for callback in [StageCallback(self)] + ([StageSelection(self)] if args.preset == "reference" else []):
             self.add_callback(callback)
+        method.built = True  # only now: a construction that failed leaves the instance free for a retry
 
     @property
     def distill_model(self) -> DistillationModel:
@@ -188,7 +189,8 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
                                                                    self.args.label_smoothing_factor)
             return (loss, outputs) if return_outputs else loss
         stage = self.plan.stage_at(self.state.global_step)
-        teacher = self.teacher_forward(inputs) if stage.spec.uses_teacher else None
+        with capturing(self.teacher_hooks):  # also for a `teacher_forward` override that runs the teacher itself
+            teacher = self.teacher_forward(inputs) if stage.spec.uses_teacher else None
         outputs = model(pixel_values=inputs["pixel_values"], labels=labels, stage=stage, teacher=teacher)
         for name, value in outputs.terms.items():
             self.log_metric(f"{stage.name}/{name}", value)

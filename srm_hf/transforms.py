@@ -136,12 +136,16 @@ def to_pil(value) -> Image.Image:
 
 
 def _eight_bit(image: Image.Image, name: str) -> Image.Image:
-    """Refuse 16- and 32-bit images (modes I, I;16*, F): converting them to 8 bits clips every value above 255."""
+    """Refuse 16- and 32-bit images (modes I, I;16*, F) whose values leave [0, 255]: converting them to 8 bits clips
+    them (values within, as `datasets` decodes an integer grayscale array, convert exactly)."""
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        raise ValueError(f"{name[0].upper()}{name[1:]} is a {image.mode} image (16 or 32 bits per pixel): converting "
-                         "it to 8 bits would clip its values above 255 (a 16-bit image turns almost white). Convert "
-                         "the images to 8 bits first, scaled to their own range (e.g. "
-                         "Image.fromarray((array / array.max() * 255).astype('uint8'))).")
+        low, high = image.getextrema()
+        if low < 0 or high > 255 or (image.mode == "F" and 0 < high <= 1):
+            raise ValueError(
+                f"{name[0].upper()}{name[1:]} is a {image.mode} image (16 or 32 bits per pixel) with values from {low} "
+                f"to {high}: converting it to 8 bits would clip them into [0, 255] (a 16-bit image turns almost "
+                "white, floats in [0, 1] black). Convert the images to 8 bits first, scaled to their own range (e.g. "
+                "Image.fromarray((array / array.max() * 255).astype('uint8'))).")
     return image
 
 

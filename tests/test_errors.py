@@ -219,3 +219,31 @@ def test_batch_features_dict_outputs_and_a_bfloat16_teacher_train(tmp_path):
     trainer.train()
     assert trainer.state.global_step == 2 and all(math.isfinite(e["kd/kd"]) for e in trainer.state.log_history
                                                   if "kd/kd" in e)
+
+
+def test_a_method_instance_is_free_again_when_its_trainer_could_not_be_built(tmp_path):
+    from srm_hf.methods import KD
+
+    method = KD.from_config(make_config(tmp_path, method="kd"))
+    with pytest.raises(TypeError):  # a mistyped keyword: the Trainer refuses it after the method was built
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method, train_datset=None,
+                            args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+    DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=method,
+                        args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+
+
+def test_a_teacher_forward_override_that_runs_the_teacher_itself_still_feeds_the_taps(tmp_path):
+    from srm_hf.methods import Features
+
+    class FlipAveraged(DistillationTrainer):
+        def teacher_forward(self, inputs):
+            x = inputs["pixel_values"]
+            with torch.no_grad():
+                flipped = self.teacher(x.flip(-1))
+                logits = (self.teacher(x) + flipped) / 2  # the taps keep the last forward's maps
+            return Features(logits, self.teacher_hooks.pop())
+
+    trainer = FlipAveraged(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(16),
+                           args=make_config(tmp_path, srm_mode="joint", srm_dictionary_max_steps=1, max_steps=1))
+    trainer.train()
+    assert trainer.state.global_step == 2

@@ -123,10 +123,10 @@ def relabelled(n: int, labels) -> PatternDataset:
 
 
 @pytest.mark.parametrize("split, dataset, match", [
-    ("train", relabelled(16, torch.arange(16) % 6), r"training set has labels \[4, 5\] outside 0-3"),  # after the first
+    ("train", relabelled(16, torch.arange(16) % 4 + 4), r"training set has labels \[4\] outside 0-3"),
     ("train", relabelled(16, (torch.arange(16) % 4).float()), "labels are torch.float32 of shape \\(1,\\).*int64"),
     ("train", relabelled(16, torch.eye(4)[torch.arange(16) % 4]), "shape \\(1, 4\\).*class indices"),  # one-hot
-    ("eval", relabelled(16, torch.arange(16) % 5), r"evaluation set has labels \[4\] outside"),
+    ("eval", relabelled(16, torch.arange(16) % 4 - 1), r"evaluation set has labels \[-1\] outside"),
 ])
 def test_labels_the_losses_cannot_take_are_refused_before_any_step(tmp_path, split, dataset, match):
     trainer = make_trainer(tmp_path, **({"train_dataset": dataset} if split == "train" else {}))
@@ -137,7 +137,7 @@ def test_labels_the_losses_cannot_take_are_refused_before_any_step(tmp_path, spl
     assert trainer.state.global_step == 0
 
 
-def test_a_datasets_label_column_is_read_whole(tmp_path):
+def test_a_datasets_label_column_is_read_whole_unless_a_transform_maps_it(tmp_path):
     from datasets import Dataset
 
     images = PatternDataset(12).images
@@ -145,6 +145,14 @@ def test_a_datasets_label_column_is_read_whole(tmp_path):
     trainer = make_trainer(tmp_path, train_dataset=data.with_format("torch"))
     with pytest.raises(ValueError, match=r"labels \[7\] outside 0-3"):
         trainer.train()
+
+    def one_based(batch):  # the column holds 1-4; the samples give 0-3
+        return {"pixel_values": torch.as_tensor(batch["pixel_values"]), "labels": [v - 1 for v in batch["labels"]]}
+
+    data = Dataset.from_dict({"pixel_values": images.numpy(), "labels": [1, 2, 3, 4] * 3}).with_transform(one_based)
+    make_trainer(tmp_path, train_dataset=data, method="kd", max_steps=1).train()
+    # stage_batch_sizes naming every stage: per_device_train_batch_size (1 here) is no batch size of the run
+    make_trainer(tmp_path, method="kd", max_steps=1, per_device_train_batch_size=1, stage_batch_sizes={"kd": 4}).train()
 
 
 def test_the_last_batch_check_runs_a_compiled_student_eagerly(tmp_path):

@@ -166,10 +166,12 @@ def test_array_images_channels_first_floats_in_0_1_and_out_of_range_values():
 
 @pytest.mark.parametrize("mode, array", [("I;16", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16),
                                          ("F", np.linspace(0, 1000, 64 * 64, dtype=np.float32).reshape(64, 64))])
-def test_16_and_32_bit_images_are_refused_rather_than_clipped_to_white(tmp_path, mode, array):
+def test_16_and_32_bit_images_are_refused_rather_than_clipped(tmp_path, mode, array):
     image = Image.fromarray(array, mode=mode) if mode != "I;16" else Image.fromarray(array)
     assert image.mode == mode
     image.save(tmp_path / "deep.tiff")
     for value in (image, {"path": str(tmp_path / "deep.tiff"), "bytes": None}):
-        with pytest.raises(ValueError, match=f"{mode} image.*clip its values above 255.*8 bits first"):
+        with pytest.raises(ValueError, match=f"{mode} image.*would clip them into \\[0, 255\\].*8 bits first"):
             to_pil(value)
+    within = Image.fromarray((array.astype(np.float64) / array.max() * 255).astype(array.dtype))  # 0-255: exact
+    assert np.array_equal(np.asarray(to_pil(within).convert("L")), np.asarray(within).astype(np.uint8))

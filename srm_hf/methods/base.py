@@ -74,7 +74,7 @@ class Method(nn.Module):
         super().__init__()
         self.pairs: list = []
         self.teacher_fingerprint: str | None = None  # the teacher's weights, as the trainer names them before `build`
-        self.built = False  # set once a `DistillationModel` has built it: one instance serves one trainer
+        self.built = False  # set once a `DistillationTrainer` is built around it: one instance serves one trainer
 
     @classmethod
     def from_config(cls, args) -> "Method":
