@@ -94,13 +94,14 @@ def check_stage_lengths(specs: list[StageSpec], method: str) -> None:
         )
 
 
-def check_stage_selection(method, names: list[str], done: set[str]) -> list[str]:
+def check_stage_selection(method, names: list[str], done: set[str], resuming: bool = False) -> list[str]:
     """The method's stage names, once `names` (for `train_stages`) are known stages whose earlier stages have run
-    (`done`) or run with them: a stage never runs on what an earlier one has not learnt yet."""
+    (`done`), run with them, or are in the checkpoint resumed: a stage never runs on what an earlier one has not
+    learnt yet."""
     known = [s.name for s in method.stages()]
     if (unknown := [n for n in names if n not in known]) or not names:
         raise ValueError(f"Method {method.name!r} has no stage {unknown or names}: its stages are {known}.")
-    missing = [k for k in known[:max(known.index(n) for n in names)] if k not in done and k not in names]
+    missing = [] if resuming else [k for k in known[:max(known.index(n) for n in names)] if k not in done | set(names)]
     if missing:
         raise ValueError(f"train_stages({names}) would run before stage {missing} of method {method.name!r}, which "
                          f"has not run yet and which they build on. Run train_stages({missing + list(names)}), or "
