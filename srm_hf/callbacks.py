@@ -27,6 +27,7 @@ def follow_log_level(args) -> None:
     if not library.handlers and not pylogging.getLogger().handlers:
         library.addHandler(_Stderr())
 
+
 class _Stderr(pylogging.StreamHandler):
     """Writes to whatever `sys.stderr` is at the time (a notebook's or a test's capture swaps it)."""
 
@@ -43,8 +44,9 @@ class _Stderr(pylogging.StreamHandler):
 
 
 class StageCallback(TrainerCallback):
-    """Announces each stage as it starts, in the log and in the progress bar's description, and keeps evaluation
-    to the last stage."""
+    """Announces each stage as it starts, in the log and in the progress bar's description; keeps evaluation to the
+    method's final stage, and evaluation, saving and logs to each stage's own passes; tells the method each stage
+    finished; marks checkpoints complete."""
 
     def __init__(self, trainer):
         self.trainer = trainer

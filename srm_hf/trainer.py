@@ -65,7 +65,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         self.teacher_dtype = input_dtype(self.teacher)  # its inputs are cast to it
         pairs = distill_model.pairs
         self.teacher_hooks = FeatureHooks(self.teacher, {p.key: p.teacher.path for p in pairs},
-                                          armed=False) if pairs else None  # capturing in `teacher_forward` alone
+                                          armed=False) if pairs else None  # capturing in the trainer's steps alone
         if args.compile_teacher:
             compile_in_place(self.teacher, args)
         self.plan: StagePlan | None = None
