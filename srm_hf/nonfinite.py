@@ -3,12 +3,14 @@
 A forward pass writes BatchNorm running statistics before the gradient is known: `snapshot` copies every buffer
 at the start of each optimizer step, and a skipped step gets them back.
 
-Two ways to skip, chosen per step by `skip_if_nonfinite`:
+Three ways to skip, chosen per step by `skip_if_nonfinite`:
 - on the device, without the host waiting for the gradient norm, for torch's fused Adam, AdamW and Adagrad (the
   Trainer's default `adamw_torch_fused`), whose step takes a `found_inf` tensor and then leaves parameters and
   state as they were, with every parameter on the norm's device: the buffers are selected on the device, and the
   outcome is read one step later on CUDA (counted, warned about and checked at the same step on every rank), at
   once on the CPU, and at every log and at the end of training;
+- under fp16's gradient scaler, which skips the optimizer step itself: the buffers are selected on the device and
+  the outcome is counted as above;
 - on the host otherwise: the norm is read, and a skipped step drops the gradients and puts the buffers back.
 """
 
@@ -56,15 +58,18 @@ class NonFiniteGuard:
             for bufs, backup in self._groups:
                 torch.cat([b.detach().reshape(-1) for b in bufs], out=backup)
 
-    def skip_if_nonfinite(self, grad_norm, optimizer, model: nn.Module, stage_name: str, step: int) -> None:
-        """Make the optimizer step at `step` (1-based) a no-op, buffers included, if `grad_norm` is not finite."""
+    def skip_if_nonfinite(self, grad_norm, optimizer, model: nn.Module, stage_name: str, step: int,
+                          scaled: bool = False) -> None:
+        """Make the optimizer step at `step` (1-based) a no-op, buffers included, if `grad_norm` is not finite.
+        `scaled`: a gradient scaler steps the optimizer, and skips the step itself when `grad_norm` is not finite."""
         if optimizer is not self._optimizer:
             self._optimizer, self._on_device = optimizer, skips_on_device(optimizer, grad_norm)
-        if self._on_device:
-            finite = torch.isfinite(grad_norm)
+        if scaled or self._on_device:
+            finite = torch.isfinite(torch.as_tensor(grad_norm))
             self._put_back(finite)  # first: if `_watch` raises, the model in memory is as before the bad steps
             self._watch(finite, stage_name, step)  # may raise for an earlier step: before found_inf is set
-            optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
+            if not scaled:
+                optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
         elif not math.isfinite(float(grad_norm)):
             self._put_back(None)
             for p in model.parameters():

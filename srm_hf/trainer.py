@@ -219,13 +219,13 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
     # ---- overrides of Trainer internals (underscore methods; tests/test_trainer_internals.py guards them) ---
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """Skip the optimizer step when the gradient is not finite (bf16/fp32; fp16's scaler skips on its own)."""
+        """Skip the optimizer step when the gradient is not finite (under fp16, the scaler skips it), buffers included."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        if self.accelerator.scaler is not None or grad_norm is None:
+        if grad_norm is None:
             return grad_norm
         stage, optimizer = self.plan.stage_at(self.state.global_step), getattr(self.optimizer, "optimizer", None)
-        self.nonfinite.skip_if_nonfinite(grad_norm, optimizer or self.optimizer, model, stage.name,
-                                         self.state.global_step + 1)  # the torch optimizer inside Accelerate's
+        self.nonfinite.skip_if_nonfinite(grad_norm, optimizer or self.optimizer, model, stage.name,  # the torch
+                                         self.state.global_step + 1, scaled=self.accelerator.scaler is not None)
         return grad_norm
 
     def _build_accelerator_args(self, **kwargs) -> dict:

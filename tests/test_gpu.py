@@ -234,6 +234,9 @@ def test_a_nonfinite_step_is_skipped_on_the_device_and_counted(tmp_path):
     skipped = [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "nonfinite_steps_skipped" in e]
     assert skipped == [0, 0, 0, 0, 1, 1]
     assert all(torch.isfinite(p).all() for p in trainer.distill_model.parameters())
+    fp16 = nan_trainer(tmp_path / "fp16", use_cpu=False, fp16=True)  # the gradient scaler skips the step itself
+    fp16.train()
+    assert [e["nonfinite_steps_skipped"] for e in fp16.state.log_history if "loss" in e] == skipped
     with pytest.raises(FloatingPointError, match="stage 'joint', step 5"):
         nan_trainer(tmp_path / "stop", use_cpu=False, max_nonfinite_steps=0).train()
     # no log in between: each outcome is read one step later, the last ones at the end of training

@@ -228,3 +228,35 @@ def test_a_run_stopped_by_nonfinite_steps_keeps_its_model_as_before_them_and_sav
     assert all(torch.equal(states[3][k], now[k]) for k in now)  # weights and BatchNorm statistics of step 3
     trainer.save_model()  # refused when a buffer holds NaN: the run's training would be lost
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def under_fp16_scaler(trainer, monkeypatch):
+    """What accelerate sets up for fp16 on a GPU, on the CPU: fp16 autocast and a gradient scaler, which unscales
+    the gradients before their norm and skips the optimizer step itself when they are not finite."""
+    accelerator = trainer.accelerator
+    monkeypatch.setattr(accelerator, "scaler", torch.amp.GradScaler("cpu"))
+    monkeypatch.setattr(accelerator, "native_amp", True)
+    monkeypatch.setattr(accelerator.state, "_mixed_precision", "fp16")  # a shared state: put back after the test
+    return trainer
+
+
+@SKIP_PATHS
+def test_under_fp16s_scaler_a_skipped_step_is_counted_and_leaves_no_trace_in_batchnorm(tmp_path, optim, monkeypatch):
+    """The scaler skips the NaN step's update, but not the BatchNorm statistics its forward wrote: put back, or the
+    saved student would be refused (NaN buffers) and the run lost."""
+    trainer, states = poisoned_trainer(tmp_path, optim)
+    under_fp16_scaler(trainer, monkeypatch).train()
+    assert trainer.accelerator.scaler.get_scale() < 2.0 ** 16  # the scaler saw the NaN step
+    assert [e["nonfinite_steps_skipped"] for e in trainer.state.log_history if "loss" in e] == [0, 0, 0, 1, 1, 1]
+    assert all(torch.equal(states[3][k], states[4][k]) for k in states[3])  # nothing moved, buffers included
+    assert changed(states[4], states[6], "student.")
+    trainer.save_model()
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_under_fp16s_scaler_too_many_skipped_steps_stop_with_the_model_as_before_them(tmp_path, monkeypatch):
+    trainer, states = poisoned_trainer(tmp_path, "adamw_torch_fused", max_nonfinite_steps=0)
+    with pytest.raises(FloatingPointError, match="step 4.*model in memory is as it was before these steps"):
+        under_fp16_scaler(trainer, monkeypatch).train()
+    now = snapshot(trainer.distill_model)
+    assert all(torch.equal(states[3][k], now[k]) for k in now)
