@@ -138,12 +138,13 @@ def _stage_multiplier(windows: list[tuple[int, int, object]]):
     return multiplier
 
 
-def _stage_lambda(stage: Stage, args, last: bool) -> object:
-    """The `lr_lambda` transformers' `get_scheduler` builds for one stage of `stage.steps` steps (under
-    `preset="reference"`, the reference's step decay)."""
+def _stage_lambda(stage: Stage, args, last: bool, lr: float) -> object:
+    """The `lr_lambda` transformers' `get_scheduler` builds for one stage of `stage.steps` steps, for a param group
+    of learning rate `lr` (absolute kwargs such as `min_lr` or `lr_end` are read against it); under
+    `preset="reference"`, the reference's step decay."""
     if getattr(args, "preset", "trainer") == "reference":
         return step_decay(stage.name, stage.steps, last)
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr or 1.0)
     constant = stage.spec.constant_lr
     scheduler = get_scheduler(
         "constant" if constant else args.lr_scheduler_type,
@@ -177,11 +178,15 @@ def check_stage_scheduler(scheduler) -> None:
 
 def stage_scheduler(optimizer, plan: StagePlan, args) -> StageScheduler:
     """One LambdaLR over the whole run; each param group (tagged `stage_group`) follows its stages' schedules."""
-    lambdas = {s.index: _stage_lambda(s, args, s.final) for s in plan.stages}
+    lambdas = {}  # (stage, learning rate) -> lr_lambda
     multipliers = []
     for group in optimizer.param_groups:
-        windows = [(s.start, s.end, lambdas[s.index]) for s in plan.stages if group["stage_group"] in s.groups]
-        multipliers.append(_stage_multiplier(windows))
+        lr = group.get("initial_lr", group["lr"])
+        stages = [s for s in plan.stages if group["stage_group"] in s.groups]
+        for s in stages:
+            if (s.index, lr) not in lambdas:
+                lambdas[s.index, lr] = _stage_lambda(s, args, s.final, lr)
+        multipliers.append(_stage_multiplier([(s.start, s.end, lambdas[s.index, lr]) for s in stages]))
     return StageScheduler(optimizer, multipliers)
 
 

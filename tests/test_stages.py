@@ -27,6 +27,38 @@ def test_stage_steps():
         stage_steps(StageSpec("srm", epochs=1.0), None, 99)
 
 
+@pytest.mark.parametrize("name, kwargs", [("cosine_with_min_lr", {"min_lr": 5e-4}),
+                                          ("cosine_warmup_with_min_lr", {"min_lr": 5e-4}),
+                                          ("polynomial", {"lr_end": 5e-4})])
+def test_absolute_scheduler_kwargs_are_read_against_each_groups_learning_rate(tmp_path, name, kwargs):
+    """`min_lr` and `lr_end` are learning rates, not fractions: each group's stage follows the schedule
+    transformers gives an optimizer at that group's learning rate, as the Trainer's does."""
+    from transformers import get_scheduler
+
+    args = make_config(tmp_path, lr_scheduler_type=name, lr_scheduler_kwargs=kwargs, learning_rate=1e-3)
+    groups = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    opt = torch.optim.SGD([{"params": [groups[0]], "stage_group": "student"},
+                           {"params": [groups[1]], "stage_group": "heads", "lr": 2e-3}], lr=1e-3)
+    sched = stage_scheduler(opt, StagePlan([(SRM_STAGE, 6), (KD, 6)]), args)
+    lrs = []
+    for _ in range(12):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    for column, lr, stages in ((0, 1e-3, 2), (1, 2e-3, 1)):
+        alone = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        reference = get_scheduler(name, alone, num_warmup_steps=0, num_training_steps=6,
+                                  scheduler_specific_kwargs=kwargs)
+        want = []
+        for _ in range(6):
+            want.append(alone.param_groups[0]["lr"])
+            alone.step()
+            reference.step()
+        got = [row[column] for row in lrs]
+        assert got[:6] == pytest.approx(want) and min(got[:6]) >= 5e-4 - 1e-12
+        assert got[6:] == pytest.approx(want if stages == 2 else [0.0] * 6)
+
+
 def test_each_group_follows_its_stages_schedule(tmp_path):
     args = make_config(tmp_path, lr_scheduler_type="linear", warmup_steps=1, learning_rate=1.0)
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
