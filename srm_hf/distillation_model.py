@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.data import IterableDataset
+from transformers.trainer_utils import enable_full_determinism, set_seed
 from transformers.utils import ModelOutput
 
 from .forward import compile_in_place, hook_guards, input_dtype, model_logits
@@ -73,12 +75,15 @@ class DistillationModel(nn.Module):
         teacher = teacher if teacher is not None else args.teacher_model_name_or_path
         if teacher is None:
             raise ValueError("No teacher: pass `teacher_model=` or set `teacher_model_name_or_path` in the config.")
-        if not (hasattr(train_dataset, "__len__") and hasattr(train_dataset, "__getitem__")):
-            raise ValueError(f"train_dataset is a {type(train_dataset).__name__} without a length or indexing (an "
-                             "iterable or streaming dataset): the stage plan counts epochs and resumes by index. Pass "
-                             "a map-style dataset (load it without streaming=True).")
+        if isinstance(train_dataset, IterableDataset) or not (hasattr(train_dataset, "__len__")
+                                                              and hasattr(train_dataset, "__getitem__")):
+            raise ValueError(f"train_dataset is a {type(train_dataset).__name__}, an iterable or streaming dataset "
+                             "(no indexing): the stage plan counts epochs and resumes by index. Pass a map-style "
+                             "dataset (load it without streaming=True).")
         if len(train_dataset) == 0:
             raise ValueError("train_dataset is empty: give it the training images (check the split and any filter).")
+        # as the Trainer seeds before `model_init`: the seed draws the method's modules and any new classifier head
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
         student = load_image_classifier(student) if isinstance(student, str) else student
         teacher = load_image_classifier(teacher) if isinstance(teacher, str) else teacher
         # `for_trainer`'s adapter (for the plain Trainer) is unwrapped: the classifier inside is what trains and saves

@@ -119,12 +119,15 @@ def test_missing_dictionary_file(tmp_path):
         make_trainer(tmp_path, srm_dictionary_path=str(tmp_path / "nowhere.safetensors"))
 
 
-def test_an_iterable_train_dataset_is_refused_before_the_models_load(tmp_path):
+@pytest.mark.parametrize("sized", [False, True])
+def test_an_iterable_train_dataset_is_refused_before_the_models_load(tmp_path, sized):
     class Stream(torch.utils.data.IterableDataset):
         def __iter__(self):
             return iter(PatternDataset(8))
 
-    with pytest.raises(ValueError, match="train_dataset is a Stream without a length.*map-style dataset"):
+    if sized:  # a stream of known size: torch's Dataset base class has a `__getitem__` that only raises
+        Stream.__len__ = lambda self: 8
+    with pytest.raises(ValueError, match="train_dataset is a Stream, an iterable or streaming.*map-style dataset"):
         DistillationTrainer(model="no/such/student", teacher_model=timm_resnet(), args=make_config(tmp_path),
                             train_dataset=Stream())
 

@@ -1,8 +1,9 @@
 """Stages, frozen teacher, logged terms, joint mode, evaluation."""
 
 import numpy as np
+import pytest
 import torch
-from conftest import PatternDataset, changed, make_trainer, pretrain_dictionary, snapshot
+from conftest import PatternDataset, changed, hf_resnet, make_trainer, pretrain_dictionary, snapshot, timm_resnet
 from transformers import TrainerCallback
 
 from srm_hf.srm import dictionary_loss
@@ -162,3 +163,18 @@ def test_a_teacher_that_user_code_switched_to_training_runs_in_eval_mode(tmp_pat
     trainer.train()
     assert not trainer.teacher.training
     assert not changed(before, snapshot(trainer.teacher))  # its BatchNorm statistics untouched
+
+
+@pytest.mark.parametrize("method", ["srm", "fitnet"])
+def test_the_seed_draws_the_modules_the_method_builds(tmp_path, method):
+    """As the Trainer seeds before `model_init`: the dictionaries, heads or regressors depend on `seed` alone, not
+    on whatever the global random state was when the trainer was built."""
+    def modules(seed, earlier_draws):
+        student, teacher = hf_resnet(), timm_resnet()
+        torch.manual_seed(earlier_draws)
+        trainer = make_trainer(tmp_path, student=student, teacher=teacher, method=method, seed=seed)
+        return trainer.method.state_dict()
+
+    first, again, other = modules(0, 7), modules(0, 8), modules(1, 7)
+    assert first and all(torch.equal(first[k], again[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
