@@ -46,7 +46,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         args = DistillationConfig() if args is None else args
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig.")
-        check_trainer_arguments(args, kwargs, optimizers)
+        check_trainer_arguments(args, {**kwargs, "compute_metrics": compute_metrics}, optimizers)
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
         method = resolve_method(method, args)

@@ -7,6 +7,8 @@ from dataclasses import fields
 
 from transformers import TrainingArguments
 
+from .methods import method_class
+
 PER_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")  # `optim` names whose handlers take the model, not groups
 UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer arguments that cannot work here: the fix
                "compute_loss_func": "the method computes the loss: write a `srm_hf.Method`, pass it as `method=`."}
@@ -49,6 +51,20 @@ def check_trainer_options(args) -> None:
     if args.fp16 and args.device.type == "cpu":
         raise ValueError("fp16=True on the CPU: accelerate runs no fp16 autocast there, so the run would train in "
                          "float32 under an fp16 flag. Use bf16=True (the CPU's autocast), or train on a GPU.")
+    if args.bf16_full_eval or args.fp16_full_eval:
+        name = "bf16_full_eval" if args.bf16_full_eval else "fp16_full_eval"
+        raise ValueError(f"{name}=True casts the student's weights to half precision for evaluation (and leaves "
+                         "them so), while images stay float32: the student cannot run on them. Use bf16=True / "
+                         "fp16=True, whose autocast covers evaluation too.")
+    if args.remove_unused_columns:
+        raise ValueError("remove_unused_columns=True would drop the dataset columns an on-the-fly image transform "
+                         "reads (DistillationTrainer passes each batch whole to the method): leave it False, and "
+                         "drop columns yourself with dataset.remove_columns(...).")
+    if args.train_sampling_strategy not in ("random", "sequential"):
+        raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} balances text batches by their "
+                         "token counts; images have none. Use 'random' or 'sequential'.")
+    if args.ddp_find_unused_parameters is False or args.ddp_static_graph:
+        check_one_graph(args)
     if args.push_to_hub and args.hub_strategy in ("checkpoint", "all_checkpoints"):
         raise ValueError(f"hub_strategy={name_of(args.hub_strategy)}: the Hub receives the student alone (a model "
                          "any library loads), not the checkpoints a run resumes from. Use hub_strategy='every_save' "
@@ -68,9 +84,21 @@ def check_stage_batch_options(args) -> None:
     if args.ignore_data_skip:
         raise ValueError("ignore_data_skip=True with stage_batch_sizes: the sampler would restart the plan and give a "
                          "resumed stage another stage's batch size. Leave ignore_data_skip=False.")
-    if args.train_sampling_strategy == "group_by_length":
-        raise ValueError("train_sampling_strategy='group_by_length' groups text by length; images have none. Use "
-                         "'random' or 'sequential'.")
+    if args.accelerator_config.split_batches:
+        raise ValueError("accelerator_config split_batches=True with stage_batch_sizes: accelerate splits one batch "
+                         "size across processes, and the stages have several. Leave split_batches False (the sizes "
+                         "are per device), or unset stage_batch_sizes.")
+
+
+def check_one_graph(args) -> None:
+    """DDP told that every parameter gets a gradient at every step, or that the graph never changes: true only of a
+    method with one stage (each stage trains its own modules)."""
+    stages = method_class(args.method).from_config(args).stages()
+    if len(stages) > 1:
+        name = "ddp_static_graph=True" if args.ddp_static_graph else "ddp_find_unused_parameters=False"
+        raise ValueError(f"{name}: method {args.method!r} trains other modules in each of its stages "
+                         f"({', '.join(s.name for s in stages)}), so DDP must look for unused parameters at each "
+                         "step. Leave ddp_find_unused_parameters and ddp_static_graph unset.")
 
 
 def check_reference_overrides(args) -> None:
@@ -100,6 +128,11 @@ def check_trainer_arguments(args, kwargs: dict, optimizers: tuple) -> None:
                          "lr_scheduler_type, lr_scheduler_kwargs and warmup_steps.")
     if optimizer is not None:
         check_stage_groups(optimizer)
+    metric = args.metric_for_best_model
+    if kwargs.get("compute_metrics") is None and metric is not None and not metric.endswith("loss"):
+        raise ValueError(f"metric_for_best_model={metric!r}, but no compute_metrics gives it: evaluation reports "
+                         "the loss alone. Pass compute_metrics (e.g. srm_hf.metrics.make_compute_metrics()), or select "
+                         "on 'eval_loss'.")
     if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
         raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
                          "optimizer_cls_and_kwargs, or use preset='trainer'.")

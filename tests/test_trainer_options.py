@@ -196,15 +196,33 @@ def test_a_schedule_other_than_the_stages_is_refused_before_the_first_step(tmp_p
     (dict(stage_batch_sizes={"dictionary": 16}, eval_delay=2), "eval_delay=2.*eval_delay=0"),
     (dict(stage_batch_sizes={"dictionary": 16}, ignore_data_skip=True), "ignore_data_skip.*False"),
     (dict(train_sampling_strategy="group_by_length"), "group_by_length.*'random'"),
+    (dict(train_sampling_strategy="batch_rebalance"), "batch_rebalance.*'random'"),
+    (dict(stage_batch_sizes={"dictionary": 16}, train_sampling_strategy="batch_rebalance"), "batch_rebalance"),
+    (dict(stage_batch_sizes={"dictionary": 16}, accelerator_config={"split_batches": True}), "split_batches.*per dev"),
+    (dict(bf16_full_eval=True), "bf16_full_eval.*bf16=True"),
+    (dict(fp16_full_eval=True), "fp16_full_eval.*fp16=True"),
+    (dict(remove_unused_columns=True), "remove_unused_columns.*leave it False"),
+    (dict(ddp_find_unused_parameters=False), "find_unused_parameters=False.*dictionary, srm, kd"),
+    (dict(method="fitnet", ddp_static_graph=True), "ddp_static_graph=True.*'fitnet'"),
     (dict(preset="reference", eval_strategy="epoch", optim="sgd"), "reference.*not optim=sgd"),
     (dict(preset="reference", eval_strategy="epoch", optim_args="momentum=0.9"), "reference.*optim_args"),
     (dict(preset="reference", eval_strategy="epoch", max_grad_norm=5.0), "does not clip.*max_grad_norm=5.0"),
 ])
 def test_options_the_stages_cannot_honour_are_refused_when_the_config_is_built(tmp_path, options, match):
-    if options.get("train_sampling_strategy") == "group_by_length":
-        options = {**options, "stage_batch_sizes": {"dictionary": 16}}
     with pytest.raises(ValueError, match=match):
         make_config(tmp_path, **options)
+
+
+def test_one_stage_methods_keep_ddps_faster_options(tmp_path):
+    assert make_config(tmp_path, method="kd", ddp_find_unused_parameters=False, ddp_static_graph=True).ddp_static_graph
+
+
+def test_selecting_on_a_metric_nothing_computes_is_refused_before_training(tmp_path):
+    """Evaluation waits for the final stage: the Trainer's own KeyError came after the earlier stages had trained."""
+    best = dict(eval_strategy="steps", eval_steps=2, load_best_model_at_end=True, save_strategy="steps", save_steps=2)
+    with pytest.raises(ValueError, match="metric_for_best_model='accuracy'.*compute_metrics.*'eval_loss'"):
+        make_trainer(tmp_path, metric_for_best_model="accuracy", **best)
+    make_trainer(tmp_path, metric_for_best_model="eval_loss", greater_is_better=False, **best)  # computed: accepted
 
 
 def test_the_reference_preset_still_rebuilds_for_another_method(tmp_path):
