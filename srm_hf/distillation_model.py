@@ -197,16 +197,16 @@ class DistillationModel(nn.Module):
             raise
 
     def param_groups(self, decay_names: set[str], weight_decay: float) -> list[dict]:
-        """Optimizer groups tagged `stage_group`: the student's (with and without weight decay), then one per child
-        module of the method, with the method's options for it (e.g. the dictionaries' own learning rate)."""
-        named = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay,
-             "stage_group": "student"},
-            {"params": [p for n, p in named if n not in decay_names], "weight_decay": 0.0, "stage_group": "student"},
-        ]
-        for name, module in self.method.named_children():
-            options = {"weight_decay": weight_decay, **self.method.group_options(name)}
-            groups.append({"params": [p for p in module.parameters() if p.requires_grad], **options,
-                           "stage_group": name})
+        """Optimizer groups tagged `stage_group`: the student's, then those of each child module of the method with
+        the method's options for it (e.g. the dictionaries' own learning rate); each split into the parameters named
+        in `decay_names` (names in this module, e.g. 'student.fc.weight') and the others, without weight decay."""
+        groups = []
+        for tag, prefix, module, options in [("student", "student.", self.student, {})] + [
+                (name, f"method.{name}.", child, self.method.group_options(name))
+                for name, child in self.method.named_children()]:
+            named = [(prefix + n, p) for n, p in module.named_parameters() if p.requires_grad]
+            groups += [{"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay, **options,
+                        "stage_group": tag},
+                       {"params": [p for n, p in named if n not in decay_names], **options, "weight_decay": 0.0,
+                        "stage_group": tag}]
         return [g for g in groups if g["params"]]

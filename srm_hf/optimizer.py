@@ -4,12 +4,13 @@ from .reference import coupled_adam
 
 
 def build_optimizer(distill_model, args, decay_names: set[str], default_cls_and_kwargs):
-    """Groups: the student's (with and without weight decay) and one per child module of the method, each tagged
-    `stage_group`. The configured `optim` (`default_cls_and_kwargs`, the Trainer's choice), or under
-    `preset="reference"` Adam with coupled L2 on every student parameter, BatchNorm and biases included."""
+    """Groups: the student's and each child module's of the method, with and without weight decay (`decay_names`,
+    the Trainer's rule: no biases or norm layers), each tagged `stage_group`. The configured `optim`
+    (`default_cls_and_kwargs`, the Trainer's choice), or under `preset="reference"` Adam with coupled L2 on every
+    parameter, BatchNorm and biases included."""
     reference = args.preset == "reference"
     if reference:
-        decay_names = {n for n, _ in distill_model.student.named_parameters()}
+        decay_names = {n for n, _ in distill_model.named_parameters()}
     groups = distill_model.param_groups(decay_names, args.weight_decay)
     if reference:
         return coupled_adam(groups, args)

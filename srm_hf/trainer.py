@@ -155,7 +155,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
     def create_optimizer(self, model=None):
         """One optimizer, its groups tagged by what they hold: 'student' and each of the method's child modules."""
         if self.optimizer is None:
-            decay = set(self.get_decay_parameter_names(self.distill_model.student))
+            decay = set(self.get_decay_parameter_names(self.distill_model))  # student and method modules alike
             chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # the Trainer's `optimizer_cls_and_kwargs`
             default = (lambda args, model: chosen) if chosen is not None else self.get_optimizer_cls_and_kwargs
             self.optimizer = build_optimizer(self.distill_model, self.args, decay, default)

@@ -43,13 +43,24 @@ def test_coupled_adam_on_every_student_parameter(tmp_path):
     student = list(trainer.distill_model.student.named_parameters())
     assert any("norm" in n or "bias" in n for n, _ in student)
     assert all(id(p) in decay for _, p in student)  # BatchNorm and biases included
+    heads = list(trainer.distill_model.method.heads.named_parameters())
+    assert any("bias" in n for n, _ in heads) and all(id(p) in decay for _, p in heads)  # the method's modules too
     coders = next(g for g in optimizer.param_groups if g["stage_group"] == "coders")
     assert coders["weight_decay"] == 0.0 and coders["lr"] == 1e-3
     # the Trainer-style default keeps AdamW and exempts norms and biases
-    default = make_trainer(tmp_path, weight_decay=1e-4).create_optimizer()
+    plain = make_trainer(tmp_path, weight_decay=1e-4)
+    default = plain.create_optimizer()
     assert type(default) is torch.optim.AdamW
     assert sum(len(g["params"]) for g in default.param_groups if g["weight_decay"] == 0.0 and
                g["stage_group"] == "student") > 0
+    decayed = {id(p) for g in default.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    tagged = {id(p): g["stage_group"] for g in default.param_groups for p in g["params"]}
+    rule = set(plain.get_decay_parameter_names(plain.distill_model.student))  # the Trainer's: no biases, ...
+    for name, p in plain.distill_model.student.named_parameters():
+        assert (id(p) in decayed) == (name in rule) and tagged[id(p)] == "student", name
+    heads = list(plain.distill_model.method.heads.named_parameters())  # ... and the same for the method's modules
+    assert {n.split(".")[-1] for n, _ in heads} == {"weight", "bias"}
+    assert all((id(p) in decayed) == (n.endswith("weight")) and tagged[id(p)] == "heads" for n, p in heads)
 
 
 def test_step_decay_per_stage_with_fresh_moments_at_each_drop(tmp_path):
