@@ -16,11 +16,13 @@ from importlib import metadata
 from string import Template
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers.utils import logging
 
 CARD_TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "model_card.md")
 # What a student folder may publish: its library's files and the card; never method state / training args.
 STUDENT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+logger = logging.get_logger(__name__)
 
 
 def _versions() -> str:
@@ -192,9 +194,23 @@ class HubMixin:
     """The Trainer's Hub methods, for the student alone (see the module docstring)."""
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
-        """No network at construction: the repo is created when the student is first pushed."""
+        """Create the student's repo (with `push_to_hub=True`, when the trainer is built, as the Trainer does): a
+        run that cannot reach the Hub stops before training, not at its first save."""
         self.hub_model_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         self.push_in_progress = None
+        if not self.is_world_process_zero():
+            return
+        try:
+            repo = HfApi(token=token if token is not None else self.args.hub_token).create_repo(
+                self.hub_model_id, private=private if private is not None else self.args.hub_private_repo,
+                exist_ok=True)
+        except Exception as error:  # offline, no token, no such namespace: the Hub's own message follows
+            raise RuntimeError(
+                f"push_to_hub: the Hub repo {self.hub_model_id!r} cannot be created or reached ({type(error).__name__}"
+                f": {error}). Log in (`hf auth login`) or pass hub_token, check the connection and HF_HUB_OFFLINE, or "
+                "train with push_to_hub=False and push the saved student later with trainer.push_to_hub()."
+            ) from error
+        self.hub_model_id = getattr(repo, "repo_id", self.hub_model_id)  # with the user's namespace
 
     def create_model_card(self, **kwargs) -> str:
         """Write README.md for the student into `output_dir` (kwargs: see `model_card_for`)."""
@@ -224,6 +240,11 @@ class HubMixin:
         if not self.args.hub_always_push and running is not None and not running.is_done():
             return
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
-        future = push_student(self, f"Training in progress, step {self.state.global_step}", blocking=False,
-                              folder=checkpoint_folder)
+        try:
+            future = push_student(self, f"Training in progress, step {self.state.global_step}", blocking=False,
+                                  folder=checkpoint_folder)
+        except Exception as error:  # the checkpoint is not marked complete yet: training and it must go on
+            logger.warning(f"Pushing {checkpoint_folder} to {self.hub_model_id} failed ({type(error).__name__}: "
+                           f"{error}); the checkpoint is kept locally and training goes on.")
+            return
         self.push_in_progress = PushInProgress([future])

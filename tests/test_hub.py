@@ -198,3 +198,25 @@ def test_a_plain_module_student_is_pushed_as_weights_with_a_card_that_loads_them
     remote = fake_hub["someone/plain"]
     assert {p.name for p in remote.iterdir()} == {"model.safetensors", "README.md"}
     assert 'hf_hub_download("someone/plain", "model.safetensors")' in (remote / "README.md").read_text()
+
+
+def test_push_to_hub_without_the_hub_stops_when_the_trainer_is_built(tmp_path):
+    """As the Trainer does: offline (the tests' HF_HUB_OFFLINE=1), the repo cannot be created, so the run stops
+    before training instead of at its first save."""
+    with pytest.raises(RuntimeError, match="repo 'someone/student' cannot be created.*push_to_hub=False"):
+        make_trainer(tmp_path, push_to_hub=True, hub_model_id="someone/student")
+
+
+def test_a_checkpoint_push_that_fails_leaves_training_and_the_checkpoint_whole(tmp_path, fake_hub, monkeypatch):
+    from srm_hf.checkpoint import read_marker
+
+    trainer = make_trainer(tmp_path, method="kd", max_steps=2, push_to_hub=True, hub_model_id="someone/student",
+                           hub_strategy="every_save", save_strategy="steps", save_steps=1)
+
+    def unreachable(self, repo_id, **kwargs):
+        raise ConnectionError("the network is down")
+
+    monkeypatch.setattr(HfApi, "create_repo", unreachable)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert all(read_marker(str(tmp_path / "out" / f"checkpoint-{s}")) for s in (1, 2))  # complete: resumable
