@@ -178,6 +178,10 @@ def check_stage_scheduler(scheduler) -> None:
 
 def stage_scheduler(optimizer, plan: StagePlan, args) -> StageScheduler:
     """One LambdaLR over the whole run; each param group (tagged `stage_group`) follows its stages' schedules."""
+    if plan is None:
+        raise RuntimeError("The learning-rate schedule follows the stage plan, which train() builds from the "
+                           "training set's size: create the scheduler inside train() (override create_scheduler, "
+                           "which train() calls), not before it. create_optimizer() alone works before train().")
     lambdas = {}  # (stage, learning rate) -> lr_lambda
     multipliers = []
     for group in optimizer.param_groups:

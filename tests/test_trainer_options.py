@@ -318,3 +318,11 @@ def test_log_level_reaches_the_libraries_own_messages_and_the_root_loggers_handl
     caplog.clear()
     make_trainer(tmp_path / "c", srm_dictionary_max_steps=1, srm_max_steps=1, max_steps=1).train()  # "passive"
     assert any("Stage plan" in r.message for r in caplog.records)  # the logging configuration's level decides
+
+
+def test_a_scheduler_asked_for_before_train_is_refused_with_the_way_to_get_one(tmp_path):
+    trainer = make_trainer(tmp_path)
+    with pytest.raises(RuntimeError, match="schedule follows the stage plan, which train\\(\\) builds.*inside train"):
+        trainer.create_optimizer_and_scheduler(num_training_steps=12)
+    assert trainer.optimizer is not None  # the optimizer alone is fine before training
+    trainer.train()  # and the run is unharmed
