@@ -70,6 +70,9 @@ class StageCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer.nonfinite.settle()  # the last steps' outcomes, read from the device
+        stage = self.trainer.plan.stage_at(state.global_step - 1)
+        if stage.index not in self._finished and state.global_step > stage.start:  # stopped early (a callback)
+            self.trainer.stages_trained[stage.name] = state.global_step - stage.start  # the steps it ran, for the card
         self.trainer.logged.start(enabled=args.logging_strategy != "no")  # values after the last log: not kept
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -71,7 +71,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         self.plan: StagePlan | None = None
         self.resuming: str | bool | None = None  # the checkpoint `train()` resumes from
         self.stages_done: set[str] = set()  # stages run on their own by `train_stages`, left out of later plans
-        self.stages_trained: dict[str, int] = {}  # each stage run to its end (train_stages too): steps, for the card
+        self.stages_trained: dict[str, int] = {}  # each stage run (train_stages too): its steps, for the card
         self.logged = LoggedMetrics()  # what `log_metric` adds to the next training log
         self.nonfinite = NonFiniteGuard(args.max_nonfinite_steps)
         self.step_losses: list[torch.Tensor] = []  # the current optimizer step's losses (one per micro-batch)

@@ -326,3 +326,15 @@ def test_a_scheduler_asked_for_before_train_is_refused_with_the_way_to_get_one(t
         trainer.create_optimizer_and_scheduler(num_training_steps=12)
     assert trainer.optimizer is not None  # the optimizer alone is fine before training
     trainer.train()  # and the run is unharmed
+
+
+def test_a_final_stage_stopped_early_is_listed_with_the_steps_it_ran(tmp_path):
+    """Early stopping ends the KD stage (steps 9-12) at step 10: the card lists it, as the stage the student took."""
+    class StopAt10(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop |= state.global_step == 10
+
+    trainer = make_trainer(tmp_path, callbacks=[StopAt10()])
+    trainer.train()
+    assert trainer.stages_trained == {"dictionary": 4, "srm": 4, "kd": 2}
+    assert "kd (2 steps)" in trainer.create_model_card()
