@@ -62,6 +62,10 @@ class StageCallback(TrainerCallback):
         trainer.nonfinite.start(read_marker(trainer.resuming).get("nonfinite") if isinstance(trainer.resuming, str)
                                 else None)
         trainer.logged.start(enabled=args.logging_strategy != "no")
+        if isinstance(trainer.resuming, str):  # the checkpoint's learning rates are its plan's: this plan's instead
+            scheduler = trainer.lr_scheduler  # (a plan that goes on after the checkpoint's trains other groups)
+            for group, base, fn in zip(trainer.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * fn(scheduler.last_epoch)
         if not trainer.stages_done:  # a whole plan: what an earlier run trained is retrained
             trainer.stages_trained.clear()
         if state.is_world_process_zero:

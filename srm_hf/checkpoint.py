@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import safetensors.torch
@@ -172,7 +173,8 @@ def mark_complete(folder: str, step: int, model_only: bool = False, plan: list |
     `nonfinite`: the NaN guard's counts (`NonFiniteGuard.counts`)."""
     tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"global_step": step, "model_only": model_only, "plan": plan, "nonfinite": nonfinite}, f)
+        json.dump({"global_step": step, "model_only": model_only, "plan": plan, "nonfinite": nonfinite,
+                   "written_ns": time.time_ns()}, f)  # which checkpoint is newest, also in a copied folder
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_NAME))
@@ -193,36 +195,44 @@ def read_marker(folder: str) -> dict:
 
 def check_resume_plan(folder: str, plan: list) -> None:
     """Refuse to resume from a checkpoint written under another stage plan (its step would fall in another stage;
-    only the last stage may change length), or at the end of this one (nothing is left to train)."""
+    only the last stage may change length), or at the end of this one (nothing is left to train). A checkpoint at
+    the end of a plan that begins this one (`train_stages(["dictionary"])`, then `train()`) goes on into the rest."""
     marker = read_marker(folder)
     step, written = marker["global_step"], marker.get("plan")  # older checkpoints record no plan
 
     def described(stages):
         return " -> ".join(f"{name} ({steps} steps)" for name, steps in stages)
 
-    if written is not None and ([s[0] for s in written] != [s[0] for s in plan] or written[:-1] != plan[:-1]):
+    begins = written is not None and len(written) < len(plan) and [list(s) for s in plan[:len(written)]] == \
+        [list(s) for s in written] and step == sum(steps for _, steps in written)
+    if written is not None and not begins and ([s[0] for s in written] != [s[0] for s in plan]
+                                               or written[:-1] != plan[:-1]):
         raise ValueError(f"{folder} was written under the stage plan {described(written)}, and this run's is "
                          f"{described(plan)}: its step {step} would resume in another stage. Resume with the settings "
                          "it was written with (stage lengths, epochs, batch size, training-set size; only the last "
                          "stage may change length). A checkpoint written by `train()` after `train_stages()` resumes "
-                         "with `train_stages()` of the stages that followed.")
+                         "with `train_stages()` of the stages that followed; one written at the end of "
+                         "`train_stages()`, with `train()` (or `train_stages()` of those stages and the ones after).")
     if step >= sum(steps for _, steps in plan):
         raise ValueError(f"{folder} is at step {step}, the end of this run's plan ({described(plan)}): nothing is left "
-                         "to train. Load the student from it, or lengthen the last stage (num_train_epochs or "
-                         "max_steps) to train on.")
+                         f"to train. Load the student from it, lengthen the last stage ('{plan[-1][0]}') to train on, "
+                         "or go on with the stages after it: train(resume_from_checkpoint=...).")
 
 
 def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | None:
-    """`resume_from_checkpoint` for the Trainer: True becomes the newest complete checkpoint in `output_dir`
-    (interrupted ones after it are named and skipped); a given folder must be complete."""
+    """`resume_from_checkpoint` for the Trainer: True becomes the newest complete checkpoint in `output_dir`, the
+    one marked complete last (step numbers restart when `train()` follows `train_stages()` in the same folder;
+    interrupted ones are named and skipped); a given folder must be complete."""
     if resume is None or resume is False:
         return resume
     if resume is True:
         found = [f for f in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", f)] \
             if os.path.isdir(output_dir) else []
-        folders = sorted((os.path.join(output_dir, f) for f in found), key=lambda f: -int(f.rsplit("-", 1)[1]))
-        complete = [f for f in folders if os.path.isfile(os.path.join(f, COMPLETE_NAME))]
-        skipped = folders[:folders.index(complete[0])] if complete else folders
+        folders = [os.path.join(output_dir, f) for f in found]
+        markers = {f: os.path.join(f, COMPLETE_NAME) for f in folders if os.path.isfile(os.path.join(f, COMPLETE_NAME))}
+        complete = sorted(markers, reverse=True, key=lambda f: (  # older markers record no time: their file's
+            read_marker(f).get("written_ns") or os.stat(markers[f]).st_mtime_ns, int(f.rsplit("-", 1)[1])))
+        skipped = sorted(set(folders) - set(markers))
         if skipped:
             logger.warning(f"Skipping {skipped}: no {COMPLETE_NAME}, so their writing was interrupted.")
         if not complete:

@@ -287,6 +287,48 @@ def test_the_stages_after_train_stages_resume_with_train_stages(tmp_path):
     assert resumed.state.global_step == 6
 
 
+def test_a_checkpoint_at_the_end_of_train_stages_goes_on_with_train_in_a_new_trainer(tmp_path):
+    """The dictionary learnt by `train_stages(["dictionary"])` in an earlier process: `train()` resumes its last
+    checkpoint into the stages after it, as an uninterrupted `train()` would have gone on."""
+    plan = dict(srm_dictionary_max_steps=4, srm_max_steps=2, max_steps=2)
+    full = make_trainer(tmp_path / "full", **plan)
+    full.train()
+    first = make_trainer(tmp_path, save_strategy="steps", save_steps=2, **plan)
+    first.train_stages(["dictionary"])  # checkpoint-2, checkpoint-4 under the plan dictionary (4)
+    ended = str(tmp_path / "out" / "checkpoint-4")
+    with pytest.raises(ValueError, match="written at the end of `train_stages\(\)`, with `train\(\)`"):
+        make_trainer(tmp_path, **plan).train_stages(["srm", "kd"], resume_from_checkpoint=ended)
+    with pytest.raises(ValueError, match="lengthen the last stage \('dictionary'\).*train\(resume_from_checkpoint"):
+        make_trainer(tmp_path, **plan).train_stages(["dictionary"], resume_from_checkpoint=ended)
+    went_on = make_trainer(tmp_path, **plan)
+    went_on.train(resume_from_checkpoint=ended)
+    assert went_on.state.global_step == 8 and went_on.method.dictionary_learnt
+    assert [e["stage"] for e in went_on.state.log_history if "loss" in e][-4:] == [2, 2, 3, 3]
+    a, b = full.distill_model.state_dict(), went_on.distill_model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resuming_the_newest_checkpoint_means_the_one_written_last(tmp_path):
+    """`train()` after `train_stages()` counts steps from 0 again: its interrupted run's checkpoint-2 is newer than
+    the dictionary's checkpoint-4, and is the one `resume_from_checkpoint=True` takes."""
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt("crash")
+
+    plan = dict(srm_dictionary_max_steps=4, srm_max_steps=4, save_strategy="steps", save_steps=2)
+    first = make_trainer(tmp_path, **plan)
+    first.train_stages(["dictionary"])  # checkpoint-2, -4: dictionary (4)
+    first.add_callback(Crash())
+    with pytest.raises(KeyboardInterrupt):
+        first.train()  # srm (4) -> kd (4): checkpoint-2 written again, then the crash
+    resumed = make_trainer(tmp_path, **plan)
+    resumed.train_stages(["srm", "kd"], resume_from_checkpoint=True)
+    assert resumed.state.global_step == 8
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e][:3] == [1, 2, 3]  # from checkpoint-2
+
+
 def test_a_checkpoint_folder_written_again_is_incomplete_until_its_last_file(tmp_path, monkeypatch):
     make_trainer(tmp_path, method="kd", save_strategy="steps", save_steps=2).train()  # complete checkpoint-2, -4
     rerun = make_trainer(tmp_path, method="kd", save_strategy="steps", save_steps=2)  # the same output_dir
