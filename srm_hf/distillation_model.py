@@ -63,6 +63,17 @@ class DistillationModel(nn.Module):
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs},
                                           armed=False) if pairs else None  # capturing in `forward` alone
 
+    def __getattr__(self, name: str):
+        """`trainer.model` is this wrapper, not the student: a model's API asked of it names where it is."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("save_pretrained", "push_to_hub", "num_parameters", "device", "dtype", "get_input_embeddings"):
+                raise AttributeError(f"DistillationModel (trainer.model: the student plus the method's modules) has "
+                                     f"no attribute {name!r}: the student is trainer.distill_model.student; save or "
+                                     "publish it with trainer.save_model() / trainer.push_to_hub().") from None
+            raise
+
     @classmethod
     def from_models(cls, student: nn.Module | str | None, teacher: nn.Module | str | None, method: Method,
                     train_dataset, args, collate) -> tuple["DistillationModel", nn.Module]:

@@ -380,3 +380,12 @@ def test_a_final_stage_stopped_early_is_listed_with_the_steps_it_ran(tmp_path):
     trainer.train()
     assert trainer.stages_trained == {"dictionary": 4, "srm": 4, "kd": 2}
     assert "kd (2 steps)" in trainer.create_model_card()
+
+
+def test_a_model_api_asked_of_the_wrapper_names_where_the_student_is(tmp_path):
+    trainer = make_trainer(tmp_path, method="kd")
+    with pytest.raises(AttributeError, match="'save_pretrained'.*trainer.distill_model.student.*save_model"):
+        trainer.model.save_pretrained(str(tmp_path / "student"))
+    assert not hasattr(trainer.model, "device") and trainer.model.student is trainer.distill_model.student
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        trainer.model.no_such_thing
