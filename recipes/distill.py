@@ -244,7 +244,9 @@ def step_seconds(trainer, initial, teacher, config, baselines: list[str], train)
     probe_dir = os.path.join(config.output_dir, "timing")
     probes = {name: DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
                                         args=config.for_method(name, output_dir=probe_dir, report_to="none",
-                                                               eval_strategy="no"))
+                                                               eval_strategy="no", save_strategy="no",
+                                                               load_best_model_at_end=False,
+                                                               metric_for_best_model=None))
               for name in dict.fromkeys([config.method, *baselines])}
     return stage_step_seconds(probes, first_batch(trainer))
 

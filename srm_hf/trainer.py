@@ -32,7 +32,7 @@ from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
 from .preflight import check_training
 from .reference import StageSelection
-from .stage_batches import check_loader_plan, parse_stage_batch_sizes, stage_batch_loader
+from .stage_batches import check_loader_plan, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 from .trainer_options import RefusedTrainerFeatures, check_stage_groups, check_trainer_arguments
@@ -46,11 +46,11 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         args = DistillationConfig() if args is None else args
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args is a {type(args).__name__}; DistillationTrainer needs a DistillationConfig.")
-        check_trainer_arguments(args, {**kwargs, "compute_metrics": compute_metrics}, optimizers)
         if train_dataset is None:
             raise ValueError("DistillationTrainer needs a train_dataset: its first samples size the method's modules.")
-        method = resolve_method(method, args)
-        parse_stage_batch_sizes(args.stage_batch_sizes, [s.name for s in method.stages()])  # before it is built
+        method = resolve_method(method, args)  # then checked with it, before it is built:
+        check_trainer_arguments(args, method, optimizers, dict(kwargs, compute_metrics=compute_metrics,
+                                                               train_dataset=train_dataset, eval_dataset=eval_dataset))
         distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
                                                                data_collator or default_data_collator)
         if args.compile_student:

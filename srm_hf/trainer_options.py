@@ -7,7 +7,7 @@ from dataclasses import fields
 
 from transformers import TrainingArguments
 
-from .methods import method_class
+from .stage_batches import parse_stage_batch_sizes
 
 PER_PARAMETER_OPTIMIZERS = ("galore", "apollo", "lomo")  # `optim` names whose handlers take the model, not groups
 UNSUPPORTED = {"model_init": "pass the student as `model=`.",  # Trainer arguments that cannot work here: the fix
@@ -56,15 +56,9 @@ def check_trainer_options(args) -> None:
         raise ValueError(f"{name}=True casts the student's weights to half precision for evaluation (and leaves "
                          "them so), while images stay float32: the student cannot run on them. Use bf16=True / "
                          "fp16=True, whose autocast covers evaluation too.")
-    if args.remove_unused_columns:
-        raise ValueError("remove_unused_columns=True would drop the dataset columns an on-the-fly image transform "
-                         "reads (DistillationTrainer passes each batch whole to the method): leave it False, and "
-                         "drop columns yourself with dataset.remove_columns(...).")
     if args.train_sampling_strategy not in ("random", "sequential"):
         raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} balances text batches by their "
                          "token counts; images have none. Use 'random' or 'sequential'.")
-    if args.ddp_find_unused_parameters is False or args.ddp_static_graph:
-        check_one_graph(args)
     if args.push_to_hub and args.hub_strategy in ("checkpoint", "all_checkpoints"):
         raise ValueError(f"hub_strategy={name_of(args.hub_strategy)}: the Hub receives the student alone (a model "
                          "any library loads), not the checkpoints a run resumes from. Use hub_strategy='every_save' "
@@ -90,17 +84,6 @@ def check_stage_batch_options(args) -> None:
                          "are per device), or unset stage_batch_sizes.")
 
 
-def check_one_graph(args) -> None:
-    """DDP told that every parameter gets a gradient at every step, or that the graph never changes: true only of a
-    method with one stage (each stage trains its own modules)."""
-    stages = method_class(args.method).from_config(args).stages()
-    if len(stages) > 1:
-        name = "ddp_static_graph=True" if args.ddp_static_graph else "ddp_find_unused_parameters=False"
-        raise ValueError(f"{name}: method {args.method!r} trains other modules in each of its stages "
-                         f"({', '.join(s.name for s in stages)}), so DDP must look for unused parameters at each "
-                         "step. Leave ddp_find_unused_parameters and ddp_static_graph unset.")
-
-
 def check_reference_overrides(args) -> None:
     """`preset="reference"` sets the optimizer (Adam, coupled L2) and turns clipping off: options it would
     override are refused rather than dropped."""
@@ -115,11 +98,25 @@ def check_reference_overrides(args) -> None:
                          f"{args.max_grad_norm} would be dropped. Leave it unset, or use preset='trainer'.")
 
 
-def check_trainer_arguments(args, kwargs: dict, optimizers: tuple) -> None:
-    """The Trainer's own arguments (other than DistillationTrainer's) that cannot work with the stages."""
+def check_trainer_arguments(args, method, optimizers: tuple, kwargs: dict) -> None:
+    """The Trainer's own arguments (kwargs: also compute_metrics and the datasets) and the options that cannot work
+    with the stages of `method`."""
     for name, fix in UNSUPPORTED.items():
         if kwargs.get(name) is not None:
             raise ValueError(f"{name} is not supported: {fix}")
+    stages = [s.name for s in method.stages()]
+    parse_stage_batch_sizes(args.stage_batch_sizes, stages)  # names this method's stages
+    if (args.ddp_find_unused_parameters is False or args.ddp_static_graph) and len(stages) > 1:
+        name = "ddp_static_graph=True" if args.ddp_static_graph else "ddp_find_unused_parameters=False"
+        raise ValueError(f"{name}: method {method.name!r} trains other modules in each of its stages "
+                         f"({', '.join(stages)}), so DDP must look for unused parameters at each step. Leave "
+                         "ddp_find_unused_parameters and ddp_static_graph unset.")
+    evals = kwargs.get("eval_dataset")
+    datasets = [kwargs.get("train_dataset"), *(evals.values() if isinstance(evals, dict) else [evals])]
+    if args.remove_unused_columns and any(on_the_fly(d) for d in datasets):
+        raise ValueError("remove_unused_columns=True with a dataset transformed on the fly (with_transform / "
+                         "set_transform): the Trainer would drop the columns the transform reads. Set "
+                         "remove_unused_columns=False (srm_hf's default).")
     optimizer, scheduler = optimizers
     if scheduler is not None:
         raise ValueError(f"optimizers=(optimizer, {type(scheduler).__name__}): the stages need their own schedule "
@@ -136,6 +133,12 @@ def check_trainer_arguments(args, kwargs: dict, optimizers: tuple) -> None:
     if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
         raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
                          "optimizer_cls_and_kwargs, or use preset='trainer'.")
+
+
+def on_the_fly(dataset) -> bool:
+    """A `datasets.Dataset` with a transform applied at read time (`with_transform` / `set_transform`)."""
+    form = getattr(dataset, "format", None)
+    return isinstance(form, dict) and form.get("type") == "custom"
 
 
 def check_stage_groups(optimizer) -> None:

@@ -107,6 +107,16 @@ def test_distill_end_to_end_offline_with_teacher_cache(tmp_path, monkeypatch, ca
     assert trained == [1]  # a changed teacher recipe retrains it
 
 
+def test_selecting_the_best_checkpoint_on_accuracy_keeps_the_compared_runs_timing_probes_working(tmp_path):
+    """The timing probes of `--compare` are trainers without compute_metrics: they must not inherit the selection
+    (a trainer selecting on accuracy without compute_metrics is refused)."""
+    out = tmp_path / "run"
+    metrics = distill.main(["--dataset_dir", tiny_fashion_idx(tmp_path), "--output_dir", str(out), *TINY,
+                            "--metric_for_best_model", "accuracy", "--save_strategy", "best", "--eval_strategy",
+                            "steps", "--eval_steps", "1", "--report", "false"])
+    assert {"student_accuracy", "kd_student_accuracy", "alone_student_accuracy"} <= set(metrics)
+
+
 @pytest.mark.parametrize("name", HUB_CONFIGS)
 def test_hub_configs_fail_fast_offline(name, tmp_path):
     with pytest.raises(ConnectionError) as err:

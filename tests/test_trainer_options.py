@@ -201,9 +201,6 @@ def test_a_schedule_other_than_the_stages_is_refused_before_the_first_step(tmp_p
     (dict(stage_batch_sizes={"dictionary": 16}, accelerator_config={"split_batches": True}), "split_batches.*per dev"),
     (dict(bf16_full_eval=True), "bf16_full_eval.*bf16=True"),
     (dict(fp16_full_eval=True), "fp16_full_eval.*fp16=True"),
-    (dict(remove_unused_columns=True), "remove_unused_columns.*leave it False"),
-    (dict(ddp_find_unused_parameters=False), "find_unused_parameters=False.*dictionary, srm, kd"),
-    (dict(method="fitnet", ddp_static_graph=True), "ddp_static_graph=True.*'fitnet'"),
     (dict(preset="reference", eval_strategy="epoch", optim="sgd"), "reference.*not optim=sgd"),
     (dict(preset="reference", eval_strategy="epoch", optim_args="momentum=0.9"), "reference.*optim_args"),
     (dict(preset="reference", eval_strategy="epoch", max_grad_norm=5.0), "does not clip.*max_grad_norm=5.0"),
@@ -213,8 +210,33 @@ def test_options_the_stages_cannot_honour_are_refused_when_the_config_is_built(t
         make_config(tmp_path, **options)
 
 
-def test_one_stage_methods_keep_ddps_faster_options(tmp_path):
-    assert make_config(tmp_path, method="kd", ddp_find_unused_parameters=False, ddp_static_graph=True).ddp_static_graph
+@pytest.mark.parametrize("option", [dict(ddp_find_unused_parameters=False), dict(ddp_static_graph=True)])
+def test_ddps_one_graph_options_are_judged_on_the_method_the_trainer_runs(tmp_path, option):
+    """DDP told every parameter gets a gradient at every step (or that the graph never changes) fails in the
+    middle of a plan whose stages train other modules; a one-stage method keeps the faster option."""
+    args = make_config(tmp_path, method="kd", **option)  # the config's method: not the one that runs
+    with pytest.raises(ValueError, match="method 'srm' trains other modules.*dictionary, srm, kd"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=args, method="srm",
+                            train_dataset=PatternDataset(8))
+    two_stages = make_config(tmp_path, method="fitnet", **option)  # KD passed to the trainer: one stage, fine
+    DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=two_stages, method=KD(),
+                        train_dataset=PatternDataset(8))
+
+
+def test_remove_unused_columns_is_refused_only_where_it_drops_what_a_transform_reads(tmp_path):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"raw": [[float(i)] * 3 * 32 * 32 for i in range(8)], "label": [0, 1, 2, 3] * 2})
+
+    def to_pixels(batch):
+        return {"pixel_values": [torch.tensor(r).view(3, 32, 32) for r in batch["raw"]], "labels": batch["label"]}
+
+    with pytest.raises(ValueError, match="remove_unused_columns=True with a dataset transformed on the fly"):
+        make_trainer(tmp_path, remove_unused_columns=True, train_dataset=rows.with_transform(to_pixels))
+    stored = datasets.Dataset.from_dict({"pixel_values": [PatternDataset(8)[i]["pixel_values"].tolist()
+                                                          for i in range(8)], "labels": [0, 1, 2, 3] * 2})
+    trainer = make_trainer(tmp_path, method="kd", max_steps=1, remove_unused_columns=True, train_dataset=stored)
+    trainer.train()  # nothing computed on the fly: the Trainer's column removal is harmless, and kept
 
 
 def test_selecting_on_a_metric_nothing_computes_is_refused_before_training(tmp_path):
