@@ -229,10 +229,10 @@ def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | N
         found = [f for f in os.listdir(output_dir) if re.fullmatch(r"checkpoint-\d+", f)] \
             if os.path.isdir(output_dir) else []
         folders = [os.path.join(output_dir, f) for f in found]
-        markers = {f: os.path.join(f, COMPLETE_NAME) for f in folders if os.path.isfile(os.path.join(f, COMPLETE_NAME))}
-        complete = sorted(markers, reverse=True, key=lambda f: (  # older markers record no time: their file's
-            read_marker(f).get("written_ns") or os.stat(markers[f]).st_mtime_ns, int(f.rsplit("-", 1)[1])))
-        skipped = sorted(set(folders) - set(markers))
+        marked = [f for f in folders if os.path.isfile(os.path.join(f, COMPLETE_NAME))]
+        complete = sorted(marked, reverse=True, key=lambda f: (  # markers that record no time: by step alone
+            read_marker(f).get("written_ns", 0), int(f.rsplit("-", 1)[1])))
+        skipped = sorted(set(folders) - set(marked))
         if skipped:
             logger.warning(f"Skipping {skipped}: no {COMPLETE_NAME}, so their writing was interrupted.")
         if not complete:

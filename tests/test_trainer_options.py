@@ -411,3 +411,14 @@ def test_a_model_api_asked_of_the_wrapper_names_where_the_student_is(tmp_path):
     assert not hasattr(trainer.model, "device") and trainer.model.student is trainer.distill_model.student
     with pytest.raises(AttributeError, match="no_such_thing"):
         trainer.model.no_such_thing
+
+
+def test_checkpoints_whose_markers_record_no_time_are_resumed_by_step(tmp_path):
+    """Markers written before they recorded a time (or any copied folder's): the highest step is the newest."""
+    from srm_hf.checkpoint import COMPLETE_NAME, resolve_resume
+
+    for step in (12, 6):  # written in this order: file times would say checkpoint-6 is newer
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / COMPLETE_NAME).write_text(f'{{"global_step": {step}, "model_only": false}}')
+    assert resolve_resume(str(tmp_path), True) == str(tmp_path / "checkpoint-12")
