@@ -219,6 +219,22 @@ def check_resume_plan(folder: str, plan: list) -> None:
                          "or go on with the stages after it: train(resume_from_checkpoint=...).")
 
 
+def check_optimizer_layout(folder: str, optimizer) -> None:
+    """Refuse to resume an optimizer state saved for other parameter groups (another srm_hf version's grouping, or
+    a weight_decay that now splits a module's group), before torch's own error stops the run at its start."""
+    path = os.path.join(folder, "optimizer.pt")
+    if not os.path.isfile(path):  # DeepSpeed / FSDP write their own files
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # tensors left on disk
+    saved = [len(g["params"]) for g in state["param_groups"]]
+    here = [len(g["params"]) for g in optimizer.param_groups]
+    if saved != here:
+        raise ValueError(f"{folder} holds optimizer state for {len(saved)} parameter groups of {saved} tensors, and "
+                         f"this run's optimizer has {len(here)} of {here}: it was written with another weight_decay "
+                         "or srm_hf version. Resume with those, or start a new run from its student "
+                         "(trainer.save_model() saved it there).")
+
+
 def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | None:
     """`resume_from_checkpoint` for the Trainer: True becomes the newest complete checkpoint in `output_dir`, the
     one marked complete last (step numbers restart when `train()` follows `train_stages()` in the same folder;

@@ -216,8 +216,11 @@ class DistillationModel(nn.Module):
                 (name, f"method.{name}.", child, self.method.group_options(name))
                 for name, child in self.method.named_children()]:
             named = [(prefix + n, p) for n, p in module.named_parameters() if p.requires_grad]
-            groups += [{"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay, **options,
-                        "stage_group": tag},
-                       {"params": [p for n, p in named if n not in decay_names], **options, "weight_decay": 0.0,
-                        "stage_group": tag}]
+            decayed = {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay, **options,
+                       "stage_group": tag}
+            exempt = {"params": [p for n, p in named if n not in decay_names], **options, "weight_decay": 0.0,
+                      "stage_group": tag}
+            if tag != "student" and decayed["weight_decay"] == 0.0:  # nothing decayed: one group for the module
+                decayed, exempt = {**decayed, "params": [p for _, p in named]}, {"params": []}
+            groups += [decayed, exempt]
         return [g for g in groups if g["params"]]

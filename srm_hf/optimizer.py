@@ -1,9 +1,10 @@
 """The optimizer of a distillation run: one optimizer whose parameter groups are tagged by what they hold."""
 
+from .checkpoint import check_optimizer_layout
 from .reference import coupled_adam
 
 
-def build_optimizer(distill_model, args, decay_names: set[str], default_cls_and_kwargs):
+def build_optimizer(distill_model, args, decay_names: set[str], default_cls_and_kwargs, resuming=None):
     """Groups: the student's and each child module's of the method, with and without weight decay (`decay_names`,
     the Trainer's rule: no biases or norm layers), each tagged `stage_group`. The configured `optim`
     (`default_cls_and_kwargs`, the Trainer's choice), or under `preset="reference"` Adam with coupled L2 on every
@@ -13,6 +14,10 @@ def build_optimizer(distill_model, args, decay_names: set[str], default_cls_and_
         decay_names = {n for n, _ in distill_model.named_parameters()}
     groups = distill_model.param_groups(decay_names, args.weight_decay)
     if reference:
-        return coupled_adam(groups, args)
-    optimizer_cls, optimizer_kwargs = default_cls_and_kwargs(args, distill_model)
-    return optimizer_cls(groups, **optimizer_kwargs)
+        optimizer = coupled_adam(groups, args)
+    else:
+        optimizer_cls, optimizer_kwargs = default_cls_and_kwargs(args, distill_model)
+        optimizer = optimizer_cls(groups, **optimizer_kwargs)
+    if isinstance(resuming, str):  # the checkpoint `train()` resumes from
+        check_optimizer_layout(resuming, optimizer)
+    return optimizer

@@ -158,7 +158,7 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
             decay = set(self.get_decay_parameter_names(self.distill_model))  # student and method modules alike
             chosen = getattr(self, "optimizer_cls_and_kwargs", None)  # the Trainer's `optimizer_cls_and_kwargs`
             default = (lambda args, model: chosen) if chosen is not None else self.get_optimizer_cls_and_kwargs
-            self.optimizer = build_optimizer(self.distill_model, self.args, decay, default)
+            self.optimizer = build_optimizer(self.distill_model, self.args, decay, default, self.resuming)
             self._owns_optimizer = True
         return self.optimizer
 

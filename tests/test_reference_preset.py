@@ -1,5 +1,7 @@
 """`preset="reference"`: the SRM authors' optimizer, schedule, clipping and per-stage model selection."""
 
+import os
+
 import pytest
 import torch
 from conftest import PatternDataset, make_config, make_trainer
@@ -61,6 +63,19 @@ def test_coupled_adam_on_every_student_parameter(tmp_path):
     heads = list(plain.distill_model.method.heads.named_parameters())  # ... and the same for the method's modules
     assert {n.split(".")[-1] for n, _ in heads} == {"weight", "bias"}
     assert all((id(p) in decayed) == (n.endswith("weight")) and tagged[id(p)] == "heads" for n, p in heads)
+
+
+def test_a_method_module_without_weight_decay_keeps_one_group(tmp_path):
+    optimizer = make_trainer(tmp_path).create_optimizer()  # weight_decay 0: nothing to split the heads by
+    assert [g["stage_group"] for g in optimizer.param_groups] == ["student", "student", "coders", "heads"]
+
+
+def test_resuming_optimizer_state_of_other_groups_is_refused_naming_them(tmp_path):
+    make_trainer(tmp_path, save_strategy="steps", save_steps=6).train()
+    split = make_trainer(tmp_path, weight_decay=0.1)  # the heads' biases now in a group of their own
+    with pytest.raises(ValueError, match="optimizer state for 4 parameter groups.*has 5 of.*weight_decay"):
+        split.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-12", "checkpoint-6"]  # nothing trained or written
 
 
 def test_step_decay_per_stage_with_fresh_moments_at_each_drop(tmp_path):
