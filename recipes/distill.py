@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
             steps = steps_for_cost(cost, seconds[(name, only_stage(name))])
             run = DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
                                       args=config.for_method(name, output_dir=os.path.join(config.output_dir, name),
-                                                             max_steps=steps, eval_strategy="no", report_to="none"),
+                                                             max_steps=steps, eval_strategy="no", report_to="none",
+                                                             push_to_hub=False),  # the Hub gets the main student
                                       compute_metrics=compute_metrics)
             run.train()
             results[f"{name}_student"] = run.evaluate(test.with_transform(ImageTransform(student_pre)),
@@ -246,7 +247,7 @@ def step_seconds(trainer, initial, teacher, config, baselines: list[str], train)
                                         args=config.for_method(name, output_dir=probe_dir, report_to="none",
                                                                eval_strategy="no", save_strategy="no",
                                                                load_best_model_at_end=False,
-                                                               metric_for_best_model=None))
+                                                               metric_for_best_model=None, push_to_hub=False))
               for name in dict.fromkeys([config.method, *baselines])}
     return stage_step_seconds(probes, first_batch(trainer))
 

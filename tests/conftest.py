@@ -118,3 +118,37 @@ def make_trainer(tmp_path, teacher=None, student=None, train_dataset=None, callb
         callbacks=callbacks,
         optimizers=optimizers,
     )
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """Replaces HfApi's create_repo / upload_* with local copies; returns the 'remote' repos."""
+    import shutil
+    from concurrent.futures import Future
+
+    from huggingface_hub import HfApi
+
+    repos = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        repos.setdefault(repo_id, tmp_path / "hub" / repo_id.replace("/", "--"))
+        repos[repo_id].mkdir(parents=True, exist_ok=True)
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, repo_id, folder_path, run_as_future=False, commit_message=None, **kwargs):
+        shutil.copytree(folder_path, repos[repo_id], dirs_exist_ok=True)
+        repos.setdefault("commits", []).append((repo_id, commit_message, sorted(os.listdir(folder_path))))
+        if not run_as_future:
+            return "commit"
+        future = Future()
+        future.set_result("commit")
+        return future
+
+    def upload_file(self, path_or_fileobj, path_in_repo, repo_id, **kwargs):
+        shutil.copy(path_or_fileobj, repos[repo_id] / path_in_repo)
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    return repos

@@ -117,6 +117,20 @@ def test_selecting_the_best_checkpoint_on_accuracy_keeps_the_compared_runs_timin
     assert {"student_accuracy", "kd_student_accuracy", "alone_student_accuracy"} <= set(metrics)
 
 
+def test_only_the_main_student_reaches_the_hub_not_the_compared_runs(tmp_path, monkeypatch, fake_hub):
+    """With --push_to_hub and a checkpoint push per save, the compared runs (KD, the student alone) and the timing
+    probes train with the same settings: none of them may push into the main student's repo."""
+    import distill_checks
+
+    monkeypatch.setattr(distill_checks, "is_offline", lambda: False)
+    distill.main(["--dataset_dir", tiny_fashion_idx(tmp_path), "--output_dir", str(tmp_path / "run"), *TINY,
+                  "--push_to_hub", "true", "--hub_model_id", "someone/student", "--hub_strategy", "every_save",
+                  "--save_strategy", "steps", "--save_steps", "2", "--report", "false"])
+    messages = [c[1] for c in fake_hub["commits"]]
+    assert messages[:-1] == [f"Training in progress, step {s}" for s in (2, 4, 6)]  # the main run's 6 steps only
+    assert "Training in progress" not in messages[-1]  # then the student and its card, once
+
+
 @pytest.mark.parametrize("name", HUB_CONFIGS)
 def test_hub_configs_fail_fast_offline(name, tmp_path):
     with pytest.raises(ConnectionError) as err:
