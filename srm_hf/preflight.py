@@ -5,6 +5,7 @@
     check_training(trainer)                    # the trainer's own: output folder, batches, labels, workers
     check_example_batch(batch); label_count(model, pixel_values, "student"); check_buildable(student, method)
                                                # when a trainer is built: its first batch, its models and method
+    CheckedLabels(collate, num_labels)         # the trainer's collator: each batch's labels, as it is collated
 
 The splits' own checks (no empty split, at least two classes, labels in range) run where the splits are built
 (`data.load_image_splits`).
@@ -152,11 +153,33 @@ def check_labels(dataset, collate, num_labels: int, split: str) -> None:
         column = dataset.with_format(None)["labels"]
         if all(isinstance(v, int) for v in column):
             labels = torch.as_tensor(column)
+    check_label_range(labels, num_labels, f"The {split} set")
+
+
+def check_label_range(labels: torch.Tensor, num_labels: int, holder: str) -> None:
+    """Class indices [N] in [0, num_labels): one outside fails in the loss, on CUDA as a device-side assert."""
     outside = sorted(set(labels[(labels < 0) | (labels >= num_labels)].tolist()))
     if outside:
-        raise ValueError(f"The {split} set has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} "
-                         "classes the teacher and the student predict. Remap the labels, drop those samples, or give "
-                         "the models the data's label count.")
+        raise ValueError(f"{holder} has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} classes the "
+                         "teacher and the student predict. Remap the labels, drop those samples, or give the models "
+                         "the data's label count.")
+
+
+class CheckedLabels:
+    """The trainer's data collator, each batch's class labels checked on the CPU as it is collated (in the loader's
+    workers: no device wait). `check_labels` reads all the labels of a `datasets.Dataset` column before any step, but
+    only the first sample of other datasets; a bad label further on ends the run here, named, and not as an index
+    error inside the loss or, on CUDA, a device-side assert that leaves no checkpoint behind."""
+
+    def __init__(self, collate, num_labels: int):
+        self.collate, self.num_labels = collate, num_labels
+
+    def __call__(self, features):
+        batch = self.collate(features)
+        labels = batch.get("labels") if isinstance(batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and labels.device.type == "cpu":
+            check_label_range(labels, self.num_labels, f"A batch of {len(features)} samples")
+        return batch
 
 
 def check_training(trainer) -> None:
@@ -171,8 +194,10 @@ def check_training(trainer) -> None:
     if hasattr(dataset, "set_epoch") and args.dataloader_persistent_workers and args.dataloader_num_workers > 0:
         raise ValueError("Persistent loader workers keep the epoch they started with, so the training set's random "
                          "views (set_epoch) would repeat: set dataloader_persistent_workers=False.")
+    collate = trainer.data_collator
+    collate = collate.collate if isinstance(collate, CheckedLabels) else collate  # `check_labels` names the split
     if has_length(dataset) and len(dataset) > 0:
-        batch = trainer.data_collator([dataset[0]])
+        batch = collate([dataset[0]])
         labels_only = [s.name for s in trainer.method.stages() if s.runs_student and not s.uses_teacher]
         if labels_only and batch.get("labels") is None:
             raise ValueError(
@@ -180,10 +205,10 @@ def check_training(trainer) -> None:
                 "does not run there), but the training batches have no 'labels': give the dataset a label column"
                 + (", or set kd_alpha > 0." if "kd" in labels_only else ".")
             )
-        check_labels(dataset, trainer.data_collator, trainer.distill_model.num_labels, "training")
+        check_labels(dataset, collate, trainer.distill_model.num_labels, "training")
         evaluated = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"": trainer.eval_dataset}
         for name, split in evaluated.items():
-            check_labels(split, trainer.data_collator, trainer.distill_model.num_labels, f"evaluation {name}".strip())
+            check_labels(split, collate, trainer.distill_model.num_labels, f"evaluation {name}".strip())
         example = batch["pixel_values"].to(args.device)
         sizes = args.stage_batch_sizes or {}  # the stages it does not name use per_device_train_batch_size
         for batch_size in {sizes.get(s.name, args.per_device_train_batch_size) for s in trainer.method.stages()}:

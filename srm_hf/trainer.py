@@ -30,7 +30,7 @@ from .losses import classification_loss
 from .methods import Features, Method, resolve_method
 from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
-from .preflight import check_training
+from .preflight import CheckedLabels, check_training
 from .reference import StageSelection
 from .stage_batches import check_loader_plan, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
@@ -51,15 +51,15 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         method = resolve_method(method, args)  # then checked with it, before it is built:
         check_trainer_arguments(args, method, optimizers, dict(kwargs, compute_metrics=compute_metrics,
                                                                train_dataset=train_dataset, eval_dataset=eval_dataset))
-        distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
-                                                               data_collator or default_data_collator)
+        collate = data_collator or default_data_collator
+        distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args, collate)
         if args.compile_student:
             distill_model.compile_student(args)
         self._distill_model = distill_model  # wrappers (DDP, FSDP, DeepSpeed, compile) keep this very object inside
 
-        super().__init__(model=distill_model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=processing_class, compute_metrics=compute_metrics,
-                         callbacks=callbacks, optimizers=optimizers, **kwargs)
+        super().__init__(model=distill_model, args=args, data_collator=CheckedLabels(collate, distill_model.num_labels),
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processing_class,
+                         compute_metrics=compute_metrics, callbacks=callbacks, optimizers=optimizers, **kwargs)
         self.loss_is_scaled_for_ga = False  # compute_loss returns batch means
         self.teacher = prepare_teacher(teacher, self.accelerator, self.args, deepspeed=self.is_deepspeed_enabled)
         self.teacher_dtype = input_dtype(self.teacher)  # its inputs are cast to it

@@ -137,6 +137,19 @@ def test_labels_the_losses_cannot_take_are_refused_before_any_step(tmp_path, spl
     assert trainer.state.global_step == 0
 
 
+def test_a_bad_label_past_the_first_sample_of_a_plain_dataset_is_named_as_its_batch_is_collated(tmp_path):
+    labels = torch.arange(32) % 4
+    labels[21] = 7  # only sample 0 is read before training: the batch holding 21 fails, named, not inside the loss
+    trainer = make_trainer(tmp_path, train_dataset=relabelled(32, labels), method="kd", max_steps=8)
+    with pytest.raises(ValueError, match=r"A batch of 8 samples has labels \[7\] outside 0-3.*Remap the labels"):
+        trainer.train()
+    assert trainer.state.global_step < 8
+    trainer = make_trainer(tmp_path, method="kd", max_steps=1, eval_strategy="steps", eval_steps=1)
+    trainer.eval_dataset = relabelled(16, torch.arange(16) % 4 - (torch.arange(16) == 9).long() * 5)  # one -1 ... -4
+    with pytest.raises(ValueError, match=r"A batch of \d+ samples has labels \[-4\] outside 0-3"):
+        trainer.train()
+
+
 def test_a_datasets_label_column_is_read_whole_unless_a_transform_maps_it(tmp_path):
     from datasets import Dataset
 
