@@ -1,5 +1,8 @@
 """Teacher and student from different libraries, with different channel counts and layouts."""
 
+import math
+
+import pytest
 import timm
 import torch
 from conftest import NUM_LABELS, changed, hf_resnet, make_trainer, snapshot, timm_resnet
@@ -36,6 +39,32 @@ def test_cnn_teacher_to_vit_student_tokens(tmp_path):
     pair = trainer.tap_pairs[0]
     assert pair.teacher.spatial == (4, 4) and pair.student.spatial == (17,)
     check_trains(trainer)
+
+
+def test_tokens_laid_out_on_the_teacher_grid_are_its_map_in_row_major_order():
+    from srm_hf.methods.base import on_teacher_grid
+
+    fmap = torch.randn(2, 5, 3, 4)  # [N, C, H, W]
+    tokens = torch.cat([torch.randn(2, 1, 5), fmap.flatten(2).transpose(1, 2)], dim=1)  # a class token, then pixels
+    assert torch.equal(on_teacher_grid(tokens, (3, 4)), fmap)
+    vector = tokens[:, 0]
+    assert on_teacher_grid(fmap, (3, 4)) is fmap and on_teacher_grid(vector, ()) is vector  # other pairs: as they are
+
+
+@pytest.mark.parametrize("method, extra, regressed", [("fitnet", {"fitnet_max_steps": 2}, "method.regressors."),
+                                                      ("at", {}, None)])
+def test_position_methods_compare_vit_student_tokens_with_a_cnn_teacher_map(tmp_path, method, extra, regressed):
+    torch.manual_seed(0)
+    vit = timm.create_model("test_vit", num_classes=NUM_LABELS, img_size=32, patch_size=8)  # 16 patches + class token
+    trainer = make_trainer(tmp_path, teacher=timm_resnet(), student=vit, layer_pairs=["layer2:blocks.1"], method=method,
+                           max_steps=3, logging_steps=1, **extra)
+    before = snapshot(trainer.distill_model)
+    trainer.train()
+    after = snapshot(trainer.distill_model)
+    assert changed(before, after, "student.") and (regressed is None or changed(before, after, regressed))
+    term = "hint/mse" if method == "fitnet" else "at/at"
+    values = [e[term] for e in trainer.state.log_history if term in e]
+    assert values and all(math.isfinite(v) and v > 0 for v in values)
 
 
 def test_allow_resize_pairs_different_grids(tmp_path):

@@ -2,13 +2,14 @@
 
     L = α·T²·KL + (1-α)·CE + β/2 · Σ_taps ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖²
 
-Pooled-vector taps have no spatial attention and are skipped.
+Pooled-vector taps have no spatial attention and are skipped; student tokens against a teacher map are laid out as
+that map (class tokens dropped).
 """
 
 import torch
 import torch.nn.functional as F
 
-from .base import Method, StageSpec, check_same_grid
+from .base import Method, StageSpec, check_same_grid, on_teacher_grid
 from .kd import kd_terms
 
 
@@ -54,8 +55,9 @@ class AT(Method):
 
     def loss(self, stage, student, teacher, labels):
         terms = kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature, self.label_smoothing)
-        maps = [k for k, t in teacher.features.items() if t.dim() > 2]  # attention needs a spatial map
-        terms["at"] = self.beta / 2 * sum((at_loss(student.features[k], teacher.features[k]) for k in maps),
+        maps = [p for p in self.pairs if p.teacher.spatial]  # attention needs a spatial map
+        terms["at"] = self.beta / 2 * sum((at_loss(on_teacher_grid(student.features[p.key], p.teacher.spatial),
+                                                   teacher.features[p.key]) for p in maps),
                                           student.logits.new_zeros((), dtype=torch.float32))
         return terms
 

@@ -120,14 +120,26 @@ def check_stage_length(prefix: str, epochs: float, max_steps: int) -> None:
 
 
 def check_same_grid(pairs: list, method: str) -> None:
-    """Refuse, before training, a pair of different grids (a teacher map against student tokens, or maps of other
-    sizes under `allow_resize`) for a method that compares teacher and student features position by position."""
+    """Refuse, before training, a pair of different grids (maps of other sizes under `allow_resize`) for a method that
+    compares teacher and student features position by position. Student tokens against a teacher map of as many
+    pixels compare once `on_teacher_grid` has laid them out as that map."""
     for pair in pairs:
-        if pair.teacher.spatial != pair.student.spatial:
+        tokens_on_map = len(pair.student.spatial) == 1 and len(pair.teacher.spatial) == 2
+        if pair.teacher.spatial != pair.student.spatial and not tokens_on_map:
             raise ValueError(f"Method {method!r} compares features position by position, and the pair "
                              f"'{pair.teacher.path}:{pair.student.path}' joins teacher {pair.teacher} with student "
                              f"{pair.student}. Pair layers of one grid, or use method 'srm' (maps of other sizes "
-                             "with allow_resize=True, student tokens against a teacher map) or 'reviewkd' (maps).")
+                             "with allow_resize=True) or 'reviewkd' (maps).")
+
+
+def on_teacher_grid(feature: torch.Tensor, teacher_spatial: tuple[int, ...]) -> torch.Tensor:
+    """Student tokens [N, L, C] as a map [N, C, H, W] on the teacher's grid (H, W): the leading L − H·W (class)
+    tokens dropped, the others pixels in row-major order, as `taps.plan_taps` pairs them. A view; any other feature
+    is returned as it is."""
+    if feature.dim() != 3 or len(teacher_spatial) != 2:
+        return feature
+    h, w = teacher_spatial
+    return feature[:, feature.shape[1] - h * w:].transpose(1, 2).unflatten(2, (h, w))
 
 
 def linear_warmup(progress: float, warmup_ratio: float) -> float:

@@ -1,8 +1,9 @@
 """FitNets (Romero et al., ICLR 2015, arXiv 1412.6550): a hint stage, then KD.
 
 Stage `hint`: each student tap, mapped to the teacher's channels by a 1×1 regressor, regresses the paired teacher
-tap (MSE); the student's classifier is not trained. Stage `kd`: Hinton KD on the whole student. The regressors are
-training-only: they live on the method, never in the exported student.
+tap (MSE; student tokens against a teacher map are laid out as that map); the student's classifier is not trained.
+Stage `kd`: Hinton KD on the whole student. The regressors are training-only: they live on the method, never in the
+exported student.
 """
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..srm import project
-from .base import Method, StageSpec, check_same_grid, check_stage_length
+from .base import Method, StageSpec, check_same_grid, check_stage_length, on_teacher_grid
 from .kd import kd_stage, kd_terms
 
 
@@ -65,8 +66,9 @@ class FitNet(Method):
 
     def loss(self, stage, student, teacher, labels):
         if stage.name == "hint":
-            return {"mse": sum(fitnet_loss(self.regressors[k](student.features[k]), t)
-                               for k, t in teacher.features.items())}
+            regressed = {p.key: on_teacher_grid(self.regressors[p.key](student.features[p.key]), p.teacher.spatial)
+                         for p in self.pairs}  # as the teacher's: [N, C_t, H, W] or [N, C_t]
+            return {"mse": sum(fitnet_loss(regressed[k], t) for k, t in teacher.features.items())}
         return kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature, self.label_smoothing)
 
     def describe(self) -> dict:
