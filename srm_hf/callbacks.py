@@ -2,15 +2,13 @@
 
 import logging as pylogging
 import math
-import os
 import sys
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .checkpoint import mark_complete, read_marker
+from .checkpoint import read_marker
 from .stages import check_stage_scheduler
 from .taps import format_tap_plan
 
@@ -46,7 +44,7 @@ class _Stderr(pylogging.StreamHandler):
 class StageCallback(TrainerCallback):
     """Announces each stage as it starts, in the log and in the progress bar's description; keeps evaluation to the
     method's final stage, and evaluation, saving and logs to each stage's own passes; tells the method each stage
-    finished; marks checkpoints complete."""
+    finished."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -113,13 +111,6 @@ class StageCallback(TrainerCallback):
         dataset = self.trainer.train_dataset
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(math.floor(state.epoch + 1e-9))
-
-    def on_save(self, args, state, control, **kwargs):
-        """Called once the Trainer has written the whole checkpoint: mark it complete (`srm_hf.checkpoint`)."""
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            mark_complete(folder, state.global_step, model_only=args.save_only_model,
-                          plan=self.trainer.plan.describe(), nonfinite=self.trainer.nonfinite.counts())
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.step_losses.clear()

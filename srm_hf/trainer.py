@@ -10,8 +10,6 @@ the stage plan, the optimizer's groups, logging, saving. Batches are dicts with 
 the teacher wants other preprocessing, `teacher_pixel_values`.
 """
 
-import os
-
 import torch
 import torch.nn as nn
 from accelerate.utils import TorchDynamoPlugin
@@ -19,7 +17,7 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 
 from .callbacks import StageCallback
-from .checkpoint import check_resume_plan, load_distillation_model, resolve_resume, save_distillation_model
+from .checkpoint import check_resume_plan, resolve_resume
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import compile_in_place, hook_guards, input_dtype, model_logits
@@ -35,10 +33,11 @@ from .reference import StageSelection
 from .stage_batches import check_loader_plan, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
+from .trainer_checkpoints import CheckpointOverrides
 from .trainer_options import RefusedTrainerFeatures, check_stage_groups, check_trainer_arguments
 
 
-class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
+class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin, Trainer):
     def __init__(self, model: nn.Module | str | None = None, teacher_model: nn.Module | str | None = None,
                  args: DistillationConfig | None = None, method: Method | str | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, compute_metrics=None, callbacks=None,
@@ -216,7 +215,8 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
             logs["learning_rate"] = self.lr_scheduler.base_lrs[i] * self.lr_scheduler.lr_lambdas[i](step)
         super().log(logs, start_time)
 
-    # ---- overrides of Trainer internals (underscore methods; tests/test_trainer_internals.py guards them) ---
+    # ---- overrides of Trainer internals (underscore methods; tests/test_trainer_internals.py guards them; the ----
+    # ---- checkpoint ones are in trainer_checkpoints.py) ------------------------------------------------------
 
     def _get_grad_norm(self, model, grad_norm=None):
         """Skip the optimizer step when the gradient is not finite (under fp16, the scaler skips it), buffers included."""
@@ -232,18 +232,3 @@ class DistillationTrainer(RefusedTrainerFeatures, HubMixin, Trainer):
         """No whole-module compile by Accelerate: compile_student / compile_teacher compile each model in place (the
         config refuses the other ways to ask), and the backend / mode they use must not reach the dynamo plugin."""
         return {**super()._build_accelerator_args(**kwargs), "dynamo_plugin": TorchDynamoPlugin(backend="no")}
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """The student alone in its library's format, and the method's modules beside it (`srm_hf.checkpoint`)."""
-        if self.args.should_save:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            save_distillation_model(self.distill_model, output_dir, state_dict)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
-            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_distillation_model(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:  # the Trainer's own loads `model.safetensors` into the wrapper
-        self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,10 +1,10 @@
 """A tiny SRM run saving a checkpoint every 2 steps, for tests/test_checkpoint_faults.py.
 
-    python tests/checkpoint_run.py OUT_DIR [--kill STEP:POINT] [--resume]
+    python tests/checkpoint_run.py OUT_DIR [--kill STEP:POINT] [--resume] [--save_total_limit N]
 
 --kill makes the process SIGKILL itself while writing the checkpoint of STEP, at POINT: 'start' (nothing written
 yet), 'student' (the student and method state written, not the optimizer or trainer state), 'marker' (everything
-written but the completion marker).
+written but the completion marker, older checkpoints not yet rotated out).
 """
 
 import os
@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from conftest import make_trainer  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
+import srm_hf.trainer_checkpoints as checkpoints  # noqa: E402
 from srm_hf import DistillationTrainer  # noqa: E402
 
 
@@ -30,10 +30,13 @@ def main():
         if global_step == step and point == at:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    class Killer(TrainerCallback):  # runs before the trainer's own on_save, which writes the marker
-        def on_save(self, args, state, control, **kwargs):
-            die("marker", state.global_step)
+    original_mark = checkpoints.mark_complete
 
+    def mark_complete(folder, step, **kwargs):
+        die("marker", step)
+        original_mark(folder, step, **kwargs)
+
+    checkpoints.mark_complete = mark_complete
     original_save = DistillationTrainer._save
 
     def save(self, output_dir=None, state_dict=None):
@@ -43,8 +46,9 @@ def main():
 
     DistillationTrainer._save = save
     torch.use_deterministic_algorithms(True)
-    trainer = make_trainer(out, callbacks=[Killer()], max_steps=2, srm_dictionary_max_steps=2, srm_max_steps=2,
-                           save_strategy="steps", save_steps=2)
+    limit = int(sys.argv[sys.argv.index("--save_total_limit") + 1]) if "--save_total_limit" in sys.argv else None
+    trainer = make_trainer(out, max_steps=2, srm_dictionary_max_steps=2, srm_max_steps=2, save_strategy="steps",
+                           save_steps=2, save_total_limit=limit)
     trainer.train(resume_from_checkpoint=True if "--resume" in sys.argv else None)
     trainer.save_model(str(out / "final"))
 

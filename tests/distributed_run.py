@@ -8,6 +8,7 @@ the teacher and the student were wrapped.
 
 import os
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,7 +17,7 @@ import torch  # noqa: E402
 from conftest import PatternDataset, make_config  # noqa: E402
 from test_accumulation import NormFreeNet  # noqa: E402
 
-import srm_hf.trainer as trainer_module  # noqa: E402
+import srm_hf.trainer_checkpoints as checkpoints_module  # noqa: E402
 from srm_hf import DistillationTrainer  # noqa: E402
 from srm_hf.forward import unwrap_model  # noqa: E402
 
@@ -32,7 +33,17 @@ def recording(fn):
     return wrapper
 
 
-trainer_module.save_distillation_model = recording(trainer_module.save_distillation_model)
+checkpoints_module.save_distillation_model = recording(checkpoints_module.save_distillation_model)
+original_rng_save = DistillationTrainer._save_rng_state
+
+
+def late_rng_save(self, output_dir):  # rank 1 writes its RNG state late: the marker must still come after it
+    if self.accelerator.process_index == 1:
+        time.sleep(1.0)
+    original_rng_save(self, output_dir)
+
+
+DistillationTrainer._save_rng_state = late_rng_save
 
 args = make_config(__import__("pathlib").Path(out), srm_mode=mode, per_device_train_batch_size=batch, optim="sgd",
                    learning_rate=0.1, srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2, save_strategy="steps",

@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S
 
+from srm_hf.checkpoint import read_marker
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -51,3 +53,7 @@ def test_two_processes_match_one(tmp_path, mode):
     checkpoints = [name for name in written if name.startswith("checkpoint-")]
     assert "checkpoint-3" in checkpoints and {"model.safetensors", "method_state.safetensors"} <= written
     assert rank0["writes"].count("save_distillation_model") == len(checkpoints) + 1 and rank1["writes"] == []
+    # each checkpoint is marked complete once every rank's files are written (rank 1 writes its RNG state late)
+    for name in checkpoints:
+        folder = tmp_path / "two" / "out" / name
+        assert read_marker(str(folder))["written_ns"] >= (folder / "rng_state_1.pth").stat().st_mtime_ns

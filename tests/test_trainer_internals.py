@@ -17,6 +17,7 @@ OVERRIDDEN_INTERNALS = {
     "_get_grad_norm": ["model", "grad_norm"],
     "_build_accelerator_args": ["kwargs"],
     "_save": ["output_dir", "state_dict"],
+    "_save_checkpoint": ["model", "trial"],
     "_load_from_checkpoint": ["resume_from_checkpoint", "model"],
     "_load_best_model": [],
     "_push_from_checkpoint": ["checkpoint_folder"],
