@@ -52,10 +52,10 @@ DEFAULT_STUDENT_KWARGS = {"in_chans": 1, "channels": [8, 16, 32, 64], "stem_widt
 # reference feeds it sigmoid outputs): the best SRM variant on validation (recipes/benchmarks/results/srm_search_10*.md).
 RECIPE_DEFAULTS = dict(
     output_dir="outputs/fashion_mnist_srm", max_train_samples_per_class=10, per_device_train_batch_size=32,
-    per_device_eval_batch_size=512, learning_rate=3e-3, max_steps=2200, srm_dictionary_max_steps=300,
-    srm_max_steps=200, srm_pixel_ce_on_sigmoid=False, kd_alpha=0.5, logging_steps=100, eval_strategy="steps",
+    per_device_eval_batch_size=512, learning_rate=3e-3, max_steps=2200, logging_steps=100, eval_strategy="steps",
     eval_steps=550, save_strategy="no", report_to="tensorboard", seed=42,
 )
+SRM_RECIPE_DEFAULTS = dict(srm_dictionary_max_steps=300, srm_max_steps=200, srm_pixel_ce_on_sigmoid=False)  # srm only
 
 
 @dataclass
@@ -74,10 +74,11 @@ class ModelArguments:
 @dataclass
 class ScriptArguments:
     metrics: list[str] = field(default_factory=lambda: ["accuracy"], metadata={"help": "evaluate metric names."})
-    compare: list[str] = field(
-        default_factory=lambda: ["kd", "alone"],
+    compare: list[str] | None = field(
+        default=None,
         metadata={"help": "One-stage methods also trained on the same student (same initial weights), each for the "
-                          "main run's measured compute; 'none' for none."},
+                          "main run's measured compute; 'none' for none. Default: kd and alone, less the main run's "
+                          "method."},
     )
     report: bool = field(default=True, metadata={"help": "Write srm_report.png (loss curves, atom usage)."})
     push_dictionary_to_hub: str | None = field(default=None, metadata={"help": "Repo id for the dictionary."})
@@ -147,10 +148,21 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_arguments(argv: list[str] | None = None) -> tuple:
+    """The recipe's arguments: flags over a YAML `--config` over RECIPE_DEFAULTS, and for SRM over its recipe settings
+    too (another --method starts from the library's defaults of its own)."""
     parser = SRMParser((ScriptArguments, DataArguments, ModelArguments, TeacherArguments, DistillationConfig))
     parser.set_defaults(**RECIPE_DEFAULTS)
-    script_args, data_args, model_args, teacher_args, config = parser.parse(argv)
+    if parser.parse(argv)[-1].method == "srm":
+        parser.set_defaults(**SRM_RECIPE_DEFAULTS)  # under the YAML config and the flags: each parse reapplies them
+    script_args, *others, config = parser.parse(argv)
+    if script_args.compare is None:
+        script_args.compare = [m for m in ("kd", "alone") if m != config.method]
+    return (script_args, *others, config)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    script_args, data_args, model_args, teacher_args, config = parse_arguments(argv)
     check_engine(config, script_args)
     compute_metrics, resume = check_before_loading(script_args, model_args, config)
     set_seed(config.seed)

@@ -61,6 +61,9 @@ def check_before_loading(script_args, model_args, config):
             raise ValueError(f"--compare {name}: no such method. Name one-stage methods among {sorted(METHODS)}, or "
                              "none.")
         only_stage(name)
+        if name == config.method:
+            raise ValueError(f"--compare {name} names the main run's method: its run would repeat the main one. Name "
+                             "other one-stage methods, or none.")
     parse_kwargs(model_args.student_model_kwargs, "student_model_kwargs")
     parse_kwargs(model_args.teacher_model_kwargs, "teacher_model_kwargs")
     check_model_source(model_args.student_model_name_or_path, "--student_model_name_or_path")

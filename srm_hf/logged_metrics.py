@@ -3,6 +3,7 @@
 from collections import defaultdict
 
 import torch
+from accelerate.utils import gather_object
 
 
 class LoggedMetrics:
@@ -18,15 +19,27 @@ class LoggedMetrics:
         if self.enabled:
             self.values[name].append(torch.as_tensor(value).detach().float())
 
-    def pop_means(self, device, reduce) -> dict[str, float]:
-        """The mean of each name's finite values on `device`, passed through `reduce` (the mean over processes);
-        the store is then empty."""
-        means = {}
-        for name, values in self.values.items():
-            stacked = torch.stack(values).to(device)
-            means[name] = reduce(torch.where(stacked.isfinite(), stacked, torch.nan).nanmean()).item()
+    def pop_means(self, accelerator) -> dict[str, float]:
+        """Each name's mean over its finite values since the last log, pooled over the processes that logged it:
+        names are matched across processes (one may log a name the others do not, or in another order), with one
+        gather of the names and one reduction of every sum and count. The store is then empty."""
+        names = sorted(self.values)
+        if accelerator.num_processes > 1:
+            names = sorted(set(gather_object(names)))
+        if not names:
+            return {}
+        sums, counts = [], []
+        for name in names:
+            values = self.values.get(name) or [torch.zeros(0)]  # a name only other processes logged: none here
+            stacked = torch.cat([v.reshape(-1) for v in values]).to(accelerator.device)
+            finite = stacked.isfinite()
+            sums.append(torch.where(finite, stacked, 0.0).sum())
+            counts.append(finite.sum().float())
+        totals = torch.stack([torch.stack(sums), torch.stack(counts)])  # [2, names]
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals, "sum")
         self.values.clear()
-        return means
+        return dict(zip(names, (totals[0] / totals[1]).tolist()))  # no finite value: 0 / 0, NaN
 
     def start(self, enabled: bool) -> None:
         """At the start of training: values left by an earlier or interrupted run are not this run's."""

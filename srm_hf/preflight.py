@@ -119,7 +119,8 @@ def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples:
         raise ValueError(f"dataloader_drop_last=True drops every batch: the training set has {num_examples} examples, "
                          f"fewer than one batch of {batch_size} (per device) on {num_processes} process(es), so no "
                          "step would run. Set dataloader_drop_last=False or a smaller batch size; nothing was trained.")
-    if num_processes != 1 or not (batch_size == 1 or not drop_last and num_examples % batch_size == 1):
+    # each process's BatchNorm sees its own batch; over several, accelerate pads the last one (even_batches)
+    if not (batch_size == 1 or num_processes == 1 and not drop_last and num_examples % batch_size == 1):
         return
     norms = norms_on_one_value(model, pixel_values)
     if norms:

@@ -51,7 +51,8 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         check_trainer_arguments(args, method, optimizers, dict(kwargs, compute_metrics=compute_metrics,
                                                                train_dataset=train_dataset, eval_dataset=eval_dataset))
         collate = data_collator or default_data_collator
-        distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args, collate)
+        distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
+                                                               collate)
         if args.compile_student:
             distill_model.compile_student(args)
         self._distill_model = distill_model  # wrappers (DDP, FSDP, DeepSpeed, compile) keep this very object inside
@@ -207,7 +208,7 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
             logs["stage"] = self.plan.stage_at(step).index
         if "loss" in logs and self.plan is not None:
             self.nonfinite.settle()  # every step's outcome counted before `nonfinite_steps_skipped` is logged
-            logs.update(self.logged.pop_means(self.args.device, lambda t: self.accelerator.reduce(t, "mean")))
+            logs.update(self.logged.pop_means(self.accelerator))
             stage = self.plan.stage_at(step)
             logs["stage"] = stage.index
             logs["nonfinite_steps_skipped"] = self.nonfinite.skipped

@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 from conftest import PatternDataset, make_config  # noqa: E402
 from test_accumulation import NormFreeNet  # noqa: E402
 
@@ -50,6 +51,19 @@ args = make_config(__import__("pathlib").Path(out), srm_mode=mode, per_device_tr
                    save_steps=3)
 trainer = DistillationTrainer(model=NormFreeNet(8, 1), teacher_model=NormFreeNet(16, 0), args=args,
                               train_dataset=PatternDataset(64))
+
+
+class RankMetrics(TrainerCallback):  # names logged by some ranks only, in another order on each
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            trainer.log_metric("probe/b", 10.0)
+            trainer.log_metric("probe/a", 1.0)
+        else:
+            trainer.log_metric("probe/c", 5.0)
+            trainer.log_metric("probe/b", 20.0)
+
+
+trainer.add_callback(RankMetrics())
 trainer.train()
 trainer.save_model()
 rank = trainer.accelerator.process_index
@@ -58,6 +72,8 @@ torch.save(
         "world": trainer.accelerator.num_processes,
         "state": {k: v.cpu() for k, v in trainer.distill_model.state_dict().items()},
         "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
+        "probes": [{k: v for k, v in e.items() if k.startswith("probe/")} for e in trainer.state.log_history
+                   if "loss" in e],
         "writes": writes,
         "teacher_type": type(trainer.teacher).__name__,
         "teacher_unwrapped": unwrap_model(trainer.teacher) is trainer.teacher,

@@ -53,6 +53,9 @@ def test_two_processes_match_one(tmp_path, mode):
     checkpoints = [name for name in written if name.startswith("checkpoint-")]
     assert "checkpoint-3" in checkpoints and {"model.safetensors", "method_state.safetensors"} <= written
     assert rank0["writes"].count("save_distillation_model") == len(checkpoints) + 1 and rank1["writes"] == []
+    # log_metric values matched by name over the ranks that logged them, pooled
+    assert rank0["probes"] and all(p == {"probe/a": 1.0, "probe/b": 15.0, "probe/c": 5.0} for p in rank0["probes"])
+    assert all(p == {"probe/a": 1.0, "probe/b": 10.0} for p in single["probes"])
     # each checkpoint is marked complete once every rank's files are written (rank 1 writes its RNG state late)
     for name in checkpoints:
         folder = tmp_path / "two" / "out" / name

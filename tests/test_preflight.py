@@ -116,6 +116,13 @@ def test_batches_that_train_nothing_or_one_image_under_batchnorm_are_refused_bef
     assert trainer.state.global_step == 0
 
 
+def test_a_batch_of_one_image_per_process_is_refused_under_several_processes_too():
+    images = PatternDataset(4).images  # hf_resnet: BatchNorm at a 1x1 map for 32 px images
+    with pytest.raises(ValueError, match="64 examples: every batch holds one example"):
+        preflight.check_last_batch(hf_resnet(), images, 64, 1, 2, drop_last=False)
+    preflight.check_last_batch(hf_resnet(), images, 17, 8, 2, drop_last=False)  # padded by accelerate
+
+
 def relabelled(n: int, labels) -> PatternDataset:
     dataset = PatternDataset(n)
     dataset.labels = labels
@@ -264,10 +271,7 @@ def test_the_teacher_cache_is_retrained_for_other_data(tmp_path, monkeypatch):
     make_image_folder(second / "test", per_class=2, classes=("ant", "bee", "cow"))
 
     def get_teacher(data):
-        args = SRMParser((distill.ScriptArguments, DataArguments, distill.ModelArguments,
-                          distill.TeacherArguments, distill.DistillationConfig))
-        args.set_defaults(**distill.RECIPE_DEFAULTS)
-        script, data_args, model_args, teacher_args, config = args.parse(
+        script, data_args, model_args, teacher_args, config = distill.parse_arguments(
             ["--dataset_dir", str(data), "--output_dir", str(tmp_path / "out"), *TINY])
         distill.get_teacher(config, model_args, teacher_args, data_args, load_image_splits(data_args))
 

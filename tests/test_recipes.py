@@ -20,7 +20,7 @@ import distill  # noqa: E402
 import train_teacher  # noqa: E402
 
 from srm_hf import DistillationConfig  # noqa: E402
-from srm_hf.argparser import SRMParser  # noqa: E402
+from srm_hf.methods import METHODS, resolve_method  # noqa: E402
 from srm_hf.data import DEBIAN_FASHION_MNIST, DataArguments, load_image_splits  # noqa: E402
 
 OFFLINE_CONFIGS = ["fashion_mnist.yaml"]
@@ -30,33 +30,50 @@ TINY = ["--train_teacher", "true", "--teacher_max_steps", "3", "--srm_dictionary
         "--report_to", "none", "--disable_tqdm", "true"]
 
 
-def parser():
-    p = SRMParser((distill.ScriptArguments, DataArguments, distill.ModelArguments, train_teacher.TeacherArguments,
-                   DistillationConfig))
-    p.set_defaults(**distill.RECIPE_DEFAULTS)
-    return p
-
-
 def test_flags_override_yaml_and_unknown_keys_fail(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("srm_mode: joint\nkd_alpha: 0.7\nlearning_rate: 0.01\nlayer_pairs: ['a:b']\n")
-    _, _, _, _, config = parser().parse(["--config", str(cfg), "--kd_alpha", "0.3", "--use_cpu", "true"])
+    _, _, _, _, config = distill.parse_arguments(["--config", str(cfg), "--kd_alpha", "0.3", "--use_cpu", "true"])
     assert (config.srm_mode, config.kd_alpha, config.learning_rate, config.layer_pairs) == ("joint", 0.3, 0.01, ["a:b"])
     cfg.write_text("srm_mode: joint\nkd_alpah: 0.7\n")
     with pytest.raises(ValueError, match="kd_alpah"):
-        parser().parse(["--config", str(cfg)])
+        distill.parse_arguments(["--config", str(cfg)])
     with pytest.raises(ValueError, match="--not_a_flag"):
-        parser().parse(["--not_a_flag", "1"])
+        distill.parse_arguments(["--not_a_flag", "1"])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_from_the_recipe_with_its_own_defaults(tmp_path, method):
+    """The recipe's SRM stage lengths and pixel CE are SRM's: another --method would refuse them as ignored settings."""
+    script_args, *_, config = distill.parse_arguments(["--method", method, "--use_cpu", "true"])
+    resolve_method(None, config)  # refuses settings of other methods
+    assert script_args.compare == [m for m in ("kd", "alone") if m != method]  # not the main run twice
+    if method in ("kd", "alone"):  # asked for: refused before the data is read
+        script_args, _, model_args, _, config = distill.parse_arguments(["--method", method, "--compare", method,
+                                                                         "--use_cpu", "true"])
+        with pytest.raises(ValueError, match=f"--compare {method} names the main run's method"):
+            distill.check_before_loading(script_args, model_args, config)
+    defaults = DistillationConfig()
+    for key, value in distill.SRM_RECIPE_DEFAULTS.items():
+        assert getattr(config, key) == (value if method == "srm" else getattr(defaults, key)), key
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"method: {method}\nsrm_max_steps: 7\n")  # an SRM setting the user gives stays: refused unless srm
+    if method == "srm":
+        *_, config = distill.parse_arguments(["--config", str(cfg), "--use_cpu", "true"])
+        assert (config.srm_max_steps, config.srm_dictionary_max_steps) == (7, 300)
+    else:
+        with pytest.raises(ValueError, match=f"srm_max_steps=7 is a setting of method srm.*'{method}'"):
+            distill.parse_arguments(["--config", str(cfg), "--use_cpu", "true"])
 
 
 @pytest.mark.parametrize("name", OFFLINE_CONFIGS + HUB_CONFIGS)
 def test_shipped_configs_parse(name):
-    parser().parse(["--config", str(ROOT / "recipes" / "configs" / name), "--use_cpu", "true", "--bf16", "false"])
+    distill.parse_arguments(["--config", str(ROOT / "recipes" / "configs" / name), "--use_cpu", "true", "--bf16", "false"])
 
 
 def test_default_yaml_matches_the_no_argument_run():
-    defaults = parser().parse(["--use_cpu", "true"])
-    from_yaml = parser().parse(["--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--use_cpu", "true"])
+    defaults = distill.parse_arguments(["--use_cpu", "true"])
+    from_yaml = distill.parse_arguments(["--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--use_cpu", "true"])
     for a, b in zip(defaults, from_yaml):
         for key, value in vars(a).items():
             if key.startswith("_") or key == "distributed_state":
@@ -267,7 +284,7 @@ def test_bad_arguments_stop_the_recipe_before_the_data_or_a_teacher(tmp_path, fl
 def test_a_yaml_scalar_for_a_list_option_is_a_list_of_one(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("metrics: accuracy\ncompare: kd\nlayer_pairs: 'layer1:layer1'\n")
-    script, _, _, _, config = parser().parse(["--config", str(cfg), "--use_cpu", "true"])
+    script, _, _, _, config = distill.parse_arguments(["--config", str(cfg), "--use_cpu", "true"])
     assert (script.metrics, script.compare, config.layer_pairs) == (["accuracy"], ["kd"], ["layer1:layer1"])
 
 
