@@ -36,7 +36,7 @@ from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
-from srm_hf.loading import label_names_of, load_image_classifier, load_image_processor
+from srm_hf.loading import label_names_of, load_image_classifier, load_image_processor, same_label
 from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.plots import atom_usage, save_report
 from srm_hf.preflight import check_output_dir, check_split_images
@@ -84,12 +84,6 @@ class ScriptArguments:
     push_dictionary_to_hub: str | None = field(default=None, metadata={"help": "Repo id for the dictionary."})
 
 
-def same(label: str) -> str:
-    """A label name up to spacing and case: Fashion-MNIST's "T-shirt/top" (IDX files) is "T - shirt / top" on the
-    Hub."""
-    return "".join(label.split()).lower()
-
-
 def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits):
     """The given teacher (by default the shipped Fashion-MNIST one), or with --train_teacher one trained here (cached
     in output_dir/teacher while its recipe is unchanged). A given teacher must predict the data's labels: it is never
@@ -127,7 +121,7 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
     if names is None:
         print(f"The teacher {name!r} records no label names: its outputs are taken in the data's label order "
               f"({splits.source}), which cannot be checked.")
-    elif [same(n) for n in names] != [same(n) for n in splits.label_names]:
+    elif [same_label(n) for n in names] != [same_label(n) for n in splits.label_names]:
         raise ValueError(f"The teacher {name!r} was trained on the labels {names}, in that order; the data's are "
                          f"{splits.label_names} ({splits.source}). Pass a teacher trained on this data (or relabel the "
                          "data to the teacher's order), or --train_teacher true.")

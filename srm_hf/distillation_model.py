@@ -16,9 +16,9 @@ from transformers.utils import ModelOutput
 
 from .forward import compile_in_place, hook_guards, input_dtype, model_logits
 from .hooks import FeatureHooks, capturing
-from .loading import ClassifierAdapter, load_image_classifier
+from .loading import ClassifierAdapter, check_label_names, load_image_classifier
 from .methods import Features, Method
-from .preflight import check_buildable, check_example_batch, label_count
+from .preflight import check_buildable, check_example_batch, check_samples, label_count
 from .stages import check_stage_lengths
 from .taps import plan_taps
 
@@ -108,7 +108,9 @@ class DistillationModel(nn.Module):
             raise ValueError("The teacher and the student are one model, or share parameters: the teacher is frozen "
                              "for distillation, so the student would not train. Pass a student of its own (for "
                              "self-distillation, a fresh model or copy.deepcopy(teacher)).")
-        example = collate([train_dataset[i] for i in range(min(2, len(train_dataset)))])
+        samples = [train_dataset[i] for i in range(min(2, len(train_dataset)))]
+        check_samples(samples)
+        example = collate(samples)
         check_example_batch(example)
         pixel_values = example["pixel_values"].to(next(student.parameters()).device)
         teacher_pixel_values = example.get("teacher_pixel_values", example["pixel_values"])
@@ -120,6 +122,7 @@ class DistillationModel(nn.Module):
                 f"The teacher predicts {teacher_labels} labels but the student {student_labels}. Create the student "
                 "with the teacher's label count (num_labels= for transformers, num_classes= for timm)."
             )
+        check_label_names(teacher, student)
         if not method.uses_taps and args.layer_pairs:
             raise ValueError(f"layer_pairs is set but method {method.name!r} uses no taps: remove layer_pairs.")
         pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []

@@ -14,6 +14,9 @@ import torch.nn as nn
 from huggingface_hub import is_offline_mode, try_to_load_from_cache
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 def _is_timm_folder(path: str) -> bool:
@@ -153,6 +156,32 @@ def label_names_of(model: nn.Module) -> list[str] | None:
     id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
     names = [id2label[i] for i in sorted(id2label)]
     return None if all(re.fullmatch(r"LABEL_\d+", n) for n in names) else names
+
+
+def same_label(name) -> str:
+    """A label name up to spacing and case: Fashion-MNIST's "T-shirt/top" (IDX files) is "T - shirt / top" on the
+    Hub."""
+    return "".join(str(name).split()).lower()
+
+
+def check_label_names(teacher: nn.Module, student: nn.Module) -> None:
+    """Distillation matches teacher and student outputs by index. Refuse the two when they record the same class
+    names in another order (each student class would learn another's); warn when their names differ otherwise
+    (another naming, such as synset ids, or other classes). Models that record no names are not compared."""
+    names = label_names_of(teacher), label_names_of(student)
+    if None in names or len(names[0]) != len(names[1]):
+        return
+    keys = [[same_label(n) for n in ns] for ns in names]
+    if keys[0] == keys[1]:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(*keys)) if a != b)
+    found = f"class {first} is {names[0][first]!r} for the teacher and {names[1][first]!r} for the student"
+    if sorted(keys[0]) == sorted(keys[1]):
+        raise ValueError(f"The teacher and the student name the same classes in another order ({found}), and "
+                         "distillation matches their outputs by index. Create the student with the teacher's labels "
+                         "(id2label= and label2id= from teacher.config for transformers; timm: the same class order).")
+    logger.warning(f"The teacher's class names differ from the student's ({found}); distillation matches their "
+                   "outputs by index: check that index i is the same class for both.")
 
 
 def load_image_processor(name_or_path: str):

@@ -5,7 +5,6 @@
     check_training(trainer)                    # the trainer's own: output folder, batches, labels, workers
     check_example_batch(batch); label_count(model, pixel_values, "student"); check_buildable(student, method)
                                                # when a trainer is built: its first batch, its models and method
-    CheckedLabels(collate, num_labels)         # the trainer's collator: each batch's labels, as it is collated
 
 The splits' own checks (no empty split, at least two classes, labels in range) run where the splits are built
 (`data.load_image_splits`).
@@ -22,6 +21,7 @@ import torch.nn as nn
 from PIL import Image
 
 from .forward import eval_mode, model_logits
+from .label_checks import CheckedLabels, check_labels, check_unlabelled
 from .methods.base import Method
 from .transforms import to_pil
 
@@ -132,57 +132,6 @@ def check_last_batch(model: nn.Module, pixel_values: torch.Tensor, num_examples:
             f"1×1 map) cannot train. {fix}; nothing was trained.")
 
 
-def check_labels(dataset, collate, num_labels: int, split: str) -> None:
-    """Class labels the losses can take: int64 indices [N] in [0, num_labels) in the split's first sample, and all of
-    them where they can be read without decoding images and as the samples give them: the integer 'labels' column of
-    a `datasets.Dataset` without a transform (torch would raise mid-run, after earlier stages trained). Other
-    datasets (a transform or `target_transform` may map what they store) are checked on their first sample."""
-    from transformers.trainer_utils import has_length
-
-    if dataset is None or not has_length(dataset) or len(dataset) == 0:
-        return
-    labels = collate([dataset[0]]).get("labels")
-    if labels is None:
-        return
-    if not isinstance(labels, torch.Tensor) or labels.dtype != torch.long or labels.dim() != 1:
-        found = f"{labels.dtype} of shape {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else \
-            type(labels).__name__
-        raise ValueError(f"The {split} batches' labels are {found}; the losses take class indices, int64 of shape [N]. "
-                         "Give each sample its class index as an int (one-hot or float labels: argmax / int()).")
-    untransformed = getattr(dataset, "format", {}).get("type") != "custom"  # `with_transform` sets "custom"
-    if untransformed and "labels" in (getattr(dataset, "column_names", None) or []):
-        column = dataset.with_format(None)["labels"]
-        if all(isinstance(v, int) for v in column):
-            labels = torch.as_tensor(column)
-    check_label_range(labels, num_labels, f"The {split} set")
-
-
-def check_label_range(labels: torch.Tensor, num_labels: int, holder: str) -> None:
-    """Class indices [N] in [0, num_labels): one outside fails in the loss, on CUDA as a device-side assert."""
-    outside = sorted(set(labels[(labels < 0) | (labels >= num_labels)].tolist()))
-    if outside:
-        raise ValueError(f"{holder} has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} classes the "
-                         "teacher and the student predict. Remap the labels, drop those samples, or give the models "
-                         "the data's label count.")
-
-
-class CheckedLabels:
-    """The trainer's data collator, each batch's class labels checked on the CPU as it is collated (in the loader's
-    workers: no device wait). `check_labels` reads all the labels of a `datasets.Dataset` column before any step, but
-    only the first sample of other datasets; a bad label further on ends the run here, named, and not as an index
-    error inside the loss or, on CUDA, a device-side assert that leaves no checkpoint behind."""
-
-    def __init__(self, collate, num_labels: int):
-        self.collate, self.num_labels = collate, num_labels
-
-    def __call__(self, features):
-        batch = self.collate(features)
-        labels = batch.get("labels") if isinstance(batch, Mapping) else None
-        if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and labels.device.type == "cpu":
-            check_label_range(labels, self.num_labels, f"A batch of {len(features)} samples")
-        return batch
-
-
 def check_training(trainer) -> None:
     """The trainer's checks before `train()`: the output folder (main process), labels for stages that train on them
     alone, the last batch, and views keyed by epoch that persistent loader workers would freeze."""
@@ -206,6 +155,8 @@ def check_training(trainer) -> None:
                 "does not run there), but the training batches have no 'labels': give the dataset a label column"
                 + (", or set kd_alpha > 0." if "kd" in labels_only else ".")
             )
+        if batch.get("labels") is None:
+            check_unlabelled(dataset[0])
         check_labels(dataset, collate, trainer.distill_model.num_labels, "training")
         evaluated = trainer.eval_dataset if isinstance(trainer.eval_dataset, dict) else {"": trainer.eval_dataset}
         for name, split in evaluated.items():
@@ -215,6 +166,22 @@ def check_training(trainer) -> None:
         for batch_size in {sizes.get(s.name, args.per_device_train_batch_size) for s in trainer.method.stages()}:
             check_last_batch(trainer.distill_model.student, example, len(dataset), batch_size, args.world_size,
                              args.dataloader_drop_last)
+
+
+def check_samples(samples: list) -> None:
+    """Training samples as the collator gets them: dicts with no PIL image left in them (a tuple, or an image, fails
+    inside the collator with an error that names neither)."""
+    sample = samples[0]
+    if not isinstance(sample, Mapping):
+        tuples = " (torchvision datasets give (image, label) tuples)" if isinstance(sample, tuple) else ""
+        raise ValueError(f"Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); sample 0 is a "
+                         f"{type(sample).__name__}{tuples}. Return {{'pixel_values': transform(image), 'labels': "
+                         "label}} from the dataset's __getitem__ (or its transform).")
+    images = [k for k, v in sample.items() if isinstance(v, Image.Image)]
+    if images:
+        raise ValueError(f"Sample 0 holds PIL images under {images}; batches need a float 'pixel_values' tensor [C, H, "
+                         "W] per image. Transform the images first: the model's image processor, or "
+                         "srm_hf.transforms.ImageTransform (e.g. in dataset.with_transform).")
 
 
 def check_example_batch(batch) -> None:

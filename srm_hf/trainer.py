@@ -28,7 +28,8 @@ from .losses import classification_loss
 from .methods import Features, Method, resolve_method
 from .nonfinite import NonFiniteGuard
 from .optimizer import build_optimizer
-from .preflight import CheckedLabels, check_training
+from .label_checks import CheckedLabels
+from .preflight import check_training
 from .reference import StageSelection
 from .stage_batches import check_loader_plan, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps

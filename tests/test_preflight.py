@@ -3,6 +3,7 @@
 import builtins
 import errno
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -398,7 +399,7 @@ def test_label_names_compare_up_to_spacing_and_order_numerically(tmp_path):
     model = timm.create_model("resnet10t", num_classes=12, pretrained=False)
     model.pretrained_cfg = {**model.pretrained_cfg, "label_names": {str(i): f"c{i}" for i in range(12)}}
     assert label_names_of(model) == [f"c{i}" for i in range(12)]  # "10" after "9", not after "1"
-    assert distill.same("T - shirt / top") == distill.same("T-shirt/top")
+    assert distill.same_label("T - shirt / top") == distill.same_label("T-shirt/top")
 
 
 def test_a_yaml_choice_read_as_a_boolean_is_refused(tmp_path):
@@ -408,3 +409,62 @@ def test_a_yaml_choice_read_as_a_boolean_is_refused(tmp_path):
         SRMParser((DataArguments, distill.DistillationConfig)).parse(["--config", str(cfg)])
     cfg.write_text("save_strategy: 'no'\n")
     assert SRMParser((DataArguments, distill.DistillationConfig)).parse(["--config", str(cfg)])[1].save_strategy == "no"
+
+
+class TupleSamples(PatternDataset):  # as torchvision datasets give them
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+class PILSamples(PatternDataset):
+    def __getitem__(self, i):
+        return {"image": Image.new("RGB", (32, 32)), "labels": int(self.labels[i])}
+
+
+@pytest.mark.parametrize("dataset, match", [
+    (TupleSamples(8), r"sample 0 is a tuple \(torchvision datasets give \(image, label\) tuples\).*__getitem__"),
+    (PILSamples(8), r"Sample 0 holds PIL images under \['image'\].*Transform the images first"),
+])
+def test_samples_the_collator_cannot_batch_are_named_before_it_runs(tmp_path, dataset, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, train_dataset=dataset, method="kd")
+
+
+def test_a_teacher_and_student_naming_their_classes_in_another_order_are_refused(tmp_path, caplog):
+    names = ["ant", "bee", "cow", "dog"]
+    teacher = hf_resnet()
+    teacher.config.id2label = dict(enumerate(names))
+    student = hf_resnet(seed=1)
+    student.config.id2label = dict(enumerate(reversed(names)))
+    with pytest.raises(ValueError, match=r"same classes in another order \(class 0 is 'ant' for the teacher and "
+                                         r"'dog' for the student\).*id2label"):
+        make_trainer(tmp_path, teacher=teacher, student=student, method="kd")
+    student.config.id2label = {i: f"n0{i}" for i in range(4)}  # another naming: matched by index, with a warning
+    caplog.set_level(logging.WARNING)
+    make_trainer(tmp_path, teacher=teacher, student=student, method="kd")
+    assert any("class names differ" in r.message and "'n00'" in r.message for r in caplog.records)
+    student.config.id2label = {i: f" {n.upper()}" for i, n in enumerate(names)}  # the same up to spacing and case
+    caplog.clear()
+    make_trainer(tmp_path, teacher=teacher, student=student, method="kd")
+    assert not any("class names differ" in r.message for r in caplog.records)
+
+
+class OtherKeys(PatternDataset):
+    def __init__(self, n, key, value=None):
+        super().__init__(n)
+        self.key, self.value = key, value
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.images[i], self.key: self.value or int(self.labels[i])}
+
+
+def test_batches_without_labels_say_why_and_labels_the_collator_drops_are_refused(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, train_dataset=OtherKeys(16, "labels", "cat"), method="kd", max_steps=1)
+    with pytest.raises(ValueError, match=r"samples' 'labels' \('cat'\) did not reach the batches.*int indices"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    caplog.set_level(logging.WARNING)
+    trainer = make_trainer(tmp_path, train_dataset=OtherKeys(16, "fine_label"), method="kd", max_steps=1)
+    trainer.train()  # distillation from the teacher alone: allowed, and said
+    assert any("no 'labels'" in r.message and "['fine_label']: name the class labels 'labels'" in r.message
+               for r in caplog.records)

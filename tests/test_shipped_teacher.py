@@ -35,5 +35,5 @@ def test_shipped_teacher_has_its_recorded_test_accuracy(name):
     correct = int((predictions == labels).sum())
     # CPUs may round a convolution differently: at most 2 of 10,000 borderline images may flip
     assert abs(correct - round(recorded["metrics"]["test_accuracy"] * 10_000)) <= 2
-    recorded_names = [distill.same(name) for name in teacher.pretrained_cfg["label_names"]]
-    assert recorded_names == [distill.same(name) for name in splits.label_names]  # as the recipe checks them
+    recorded_names = [distill.same_label(name) for name in teacher.pretrained_cfg["label_names"]]
+    assert recorded_names == [distill.same_label(name) for name in splits.label_names]  # as the recipe checks them
