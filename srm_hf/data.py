@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
 
+from .class_labels import as_class_labels, check_labels, labels_of
 from .idx import FASHION_MNIST_LABELS, is_idx_dir, load_idx_dir, read_idx
 from .loading import is_offline
 
@@ -191,49 +192,6 @@ def _normalise(ds: Dataset, split: str, image_column: str, label_column: str) ->
     return ds
 
 
-def _as_class_labels(splits: dict[str, Dataset]) -> tuple[dict[str, Dataset], list[str]]:
-    feature = splits["train"].features["label"]
-    if isinstance(feature, ClassLabel):
-        return splits, list(feature.names)
-    values = set().union(*(set(ds.unique("label")) for ds in splits.values()))
-    if None in values:
-        raise ValueError("Column 'label' holds missing (null) labels, which are not a class. Drop those rows "
-                         "(e.g. `dataset.filter(lambda x: x['label'] is not None)`) first.")
-    values = sorted(values, key=lambda v: (not isinstance(v, (int, float)), v if isinstance(v, (int, float)) else str(v)))
-    names = [str(v) for v in values]
-    negative = [v for v in values if isinstance(v, (int, float)) and v < 0]
-    if negative:
-        raise ValueError(f"Column 'label' holds negative labels {negative} (often: unlabelled rows), which are not "
-                         "classes. Drop those rows (e.g. `dataset.filter(lambda x: x['label'] >= 0)`) first.")
-    if all(isinstance(v, int) for v in values) and values == list(range(len(values))):
-        target = ClassLabel(names=names)
-        return {k: ds.cast_column("label", target) for k, ds in splits.items()}, names
-    mapping = {v: i for i, v in enumerate(values)}
-    target = ClassLabel(names=names)
-    out = {}
-    for k, ds in splits.items():
-        ds = ds.map(lambda b: {"label": [mapping[v] for v in b["label"]]}, batched=True)
-        out[k] = ds.cast_column("label", target)
-    return out, names
-
-
-def labels_of(ds: Dataset) -> np.ndarray:
-    """The `label` column as an array, read through Arrow (no per-value formatting)."""
-    return ds.with_format("arrow")["label"].to_numpy()
-
-
-def check_labels(ds: Dataset, num_labels: int, split: str) -> None:
-    """Every label must index a class: 0 <= label < num_labels."""
-    labels = labels_of(ds)
-    bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
-    if split == "test" and len(labels) and (labels < 0).all():  # a Hub test split without labels (-1)
-        raise ValueError(f"Split 'test' has no labels (all {len(labels)} are negative, e.g. {labels[0]}): evaluate on "
-                         "another split with --test_split NAME, or on none with --test_split none.")
-    if bad.size:
-        raise ValueError(f"Split {split!r} column 'label' has {bad.size} labels outside [0, {num_labels}) (e.g. row "
-                         f"{bad[0]}: {labels[bad[0]]}). Fix the labels or the number of classes.")
-
-
 def stratified_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
     """`per_class` examples of every class (all of a smaller class), chosen by a seeded permutation."""
     labels = labels_of(ds)
@@ -276,7 +234,7 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
     elif args.test_split not in (None, "test"):  # the default may be absent: the validation split stands in
         raise ValueError(f"No split {args.test_split!r} in {source}; its splits are {list(raw)}. Pass one of them as "
                          "--test_split, or leave it unset.")
-    splits, names = _as_class_labels(splits)
+    splits, names = as_class_labels(splits)
     if "validation" not in splits:  # carve it from train, stratified
         splits["train"], splits["validation"] = stratified_split(splits["train"], args.validation_fraction,
                                                                  args.subset_seed)

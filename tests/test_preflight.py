@@ -228,14 +228,14 @@ def test_image_folders_with_an_empty_class_or_a_single_class_are_refused(tmp_pat
 def test_negative_labels_are_not_a_class(tmp_path):
     from datasets import Dataset, DatasetDict
 
-    from srm_hf.data import _as_class_labels
+    from srm_hf.class_labels import as_class_labels
 
     ds = Dataset.from_dict({"image": [np.zeros((2, 2), np.uint8)] * 3, "label": [0, 1, -1]})
     with pytest.raises(ValueError, match=r"negative labels \[-1\].*filter"):
-        _as_class_labels(DatasetDict({"train": ds}))
+        as_class_labels(DatasetDict({"train": ds}))
     ds = Dataset.from_dict({"image": [np.zeros((2, 2), np.uint8)] * 3, "label": [0, 1, None]})
     with pytest.raises(ValueError, match=r"missing \(null\) labels.*filter"):  # not a class named "None"
-        _as_class_labels(DatasetDict({"train": ds}))
+        as_class_labels(DatasetDict({"train": ds}))
 
 
 def test_a_teacher_trained_on_other_label_names_is_refused(tmp_path):
