@@ -109,12 +109,12 @@ def check_model_source(name_or_path: str, option: str = "") -> None:
 
 
 def _offline_and_not_cached(name: str) -> bool:
-    """Offline, a transformers Hub id whose config is not in the local Hub cache cannot load: likely a local folder's
-    path mistyped (`outputs/run`)."""
-    if not is_offline() or name.startswith(("timm:", "timm/", "hf-hub:")):
+    """Offline, a Hub id (transformers, `timm/<repo>`, `hf-hub:<repo>`) whose config is not in the local Hub cache
+    cannot load: for a transformers id, likely a local folder's path mistyped (`outputs/run`)."""
+    if not is_offline() or name.startswith("timm:"):
         return False
     try:
-        return not isinstance(try_to_load_from_cache(name, "config.json"), str)
+        return not isinstance(try_to_load_from_cache(name.removeprefix("hf-hub:"), "config.json"), str)
     except ValueError:  # not a valid repo id either
         return True
 

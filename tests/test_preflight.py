@@ -298,6 +298,9 @@ def test_model_sources_that_cannot_load_are_named_with_the_fix(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"No folder 'outputs/run' \(nor, offline, a Hub id in the cache\)"):
         load_image_classifier("outputs/run")  # a relative folder mistyped, not sent to the Hub
+    for name in ("timm/resnet10t.not_cached", "hf-hub:timm/resnet10t.not_cached"):  # before the data is read
+        with pytest.raises(FileNotFoundError, match=f"No folder '{name}' \\(nor, offline, a Hub id in the cache\\)"):
+            loading.check_model_source(name)
     with pytest.raises(OSError, match="build it from scratch with pretrained=False"):
         load_image_classifier("timm:resnet10t")  # pretrained weights, and no network
     model = load_image_classifier("timm:resnet10t", num_labels=12, id2label={str(i): f"c{i}" for i in range(12)},
