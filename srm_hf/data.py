@@ -187,7 +187,8 @@ def _normalise(ds: Dataset, split: str, image_column: str, label_column: str) ->
         ds = ds.rename_column(image_col, "image")
     if label_col != "label":
         ds = ds.rename_column(label_col, "label")
-    if isinstance(ds.features["image"], Image):
+    feature = ds.features["image"]
+    if isinstance(feature, Image) or getattr(feature, "dtype", None) in ("string", "large_string"):  # or file paths
         ds = ds.cast_column("image", Image(decode=False))  # decoded in the transform, which names bad files
     return ds
 

@@ -2,6 +2,7 @@
 
 import gzip
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from srm_hf.data import (
     read_idx,
     stratified_subset,
 )
+from srm_hf.preflight import check_images
 from srm_hf.transforms import ImageTransform, Preprocessing
 
 GRAY = Preprocessing(1, (8, 8), (0.5,), (0.5,))
@@ -99,6 +101,17 @@ def test_image_folder(tmp_path):
     assert np.bincount(labels_of(splits.validation)).tolist() == [2, 2, 2]  # stratified carve-out
     batch = splits.train.with_transform(ImageTransform(GRAY))[:4]
     assert batch["pixel_values"][0].shape == (1, 8, 8) and len(batch["labels"]) == 4
+
+
+def test_an_image_column_of_file_paths_is_read_as_the_files(tmp_path):
+    make_image_folder(tmp_path / "data")
+    paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))  # as a CSV of paths gives them
+    Dataset.from_dict({"image": paths, "label": [Path(p).parent.name for p in paths]}).save_to_disk(tmp_path / "csv")
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "csv"), validation_fraction=0.34))
+    assert splits.label_names == ["cat", "dog", "owl"]
+    check_images(splits.train, "train")  # every file decodes
+    batch = splits.train.with_transform(ImageTransform(GRAY))[:2]
+    assert batch["pixel_values"][0].shape == (1, 8, 8)
 
 
 def test_unreadable_image_is_named(tmp_path):
