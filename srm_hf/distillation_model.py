@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.utils.data import IterableDataset
+from transformers import default_data_collator
 from transformers.trainer_utils import enable_full_determinism, set_seed
 from transformers.utils import ModelOutput
 
@@ -109,7 +110,8 @@ class DistillationModel(nn.Module):
                              "for distillation, so the student would not train. Pass a student of its own (for "
                              "self-distillation, a fresh model or copy.deepcopy(teacher)).")
         samples = [train_dataset[i] for i in range(min(2, len(train_dataset)))]
-        check_samples(samples)
+        if collate is default_data_collator:  # a collator of the user's own may take tuples or images
+            check_samples(samples)
         example = collate(samples)
         check_example_batch(example)
         pixel_values = example["pixel_values"].to(next(student.parameters()).device)

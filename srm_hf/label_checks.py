@@ -39,9 +39,10 @@ def check_labels(dataset, collate, num_labels: int, split: str) -> None:
     check_label_range(labels, num_labels, f"The {split} set")
 
 
-def check_label_range(labels: torch.Tensor, num_labels: int, holder: str) -> None:
-    """Class indices [N] in [0, num_labels): one outside fails in the loss, on CUDA as a device-side assert."""
-    outside = sorted(set(labels[(labels < 0) | (labels >= num_labels)].tolist()))
+def check_label_range(labels: torch.Tensor, num_labels: int, holder: str, ignored: int | None = None) -> None:
+    """Class indices [N] in [0, num_labels) (or `ignored`): one outside fails in the loss, on CUDA as a device-side
+    assert."""
+    outside = sorted(set(labels[((labels < 0) | (labels >= num_labels)) & (labels != ignored)].tolist()))
     if outside:
         raise ValueError(f"{holder} has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} classes the "
                          "teacher and the student predict. Remap the labels, drop those samples, or give the models "
@@ -61,8 +62,14 @@ class CheckedLabels:
         batch = self.collate(features)
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and labels.device.type == "cpu":
-            check_label_range(labels, self.num_labels, f"A batch of {len(features)} samples")
+            # -100, cross-entropy's ignore index: the loss of an evaluation or prediction set skips those rows
+            check_label_range(labels, self.num_labels, f"A batch of {len(features)} samples", ignored=-100)
         return batch
+
+    def __getattr__(self, name: str):  # the user's collator's own attributes, as `trainer.data_collator.<name>`
+        if name == "collate" or name.startswith("__"):  # not set yet (unpickling), or copy / pickle protocol
+            raise AttributeError(name)
+        return getattr(self.collate, name)
 
 
 def check_unlabelled(sample) -> None:
@@ -73,7 +80,8 @@ def check_unlabelled(sample) -> None:
         raise ValueError(f"The training samples' {held[0]!r} ({sample[held[0]]!r}) did not reach the batches: class "
                          "labels must be int indices. Map them to indices (a datasets ClassLabel column, or the "
                          "models' label2id).")
-    others = [k for k in sample if k not in ("pixel_values", "teacher_pixel_values")]
+    others = [k for k in sample if k not in ("pixel_values", "teacher_pixel_values")] if isinstance(sample, Mapping) \
+        else []
     logger.warning("The training batches have no 'labels': the method learns from the teacher's outputs alone (no "
                    "label cross-entropy), and evaluation computes no accuracy."
                    + (f" The samples also hold {others}: name the class labels 'labels'." if others else ""))

@@ -169,19 +169,20 @@ def check_training(trainer) -> None:
 
 
 def check_samples(samples: list) -> None:
-    """Training samples as the collator gets them: dicts with no PIL image left in them (a tuple, or an image, fails
-    inside the collator with an error that names neither)."""
+    """Training samples as the default collator gets them: dicts with no PIL image left in them (a tuple, or an
+    image, fails inside it with an error that names neither)."""
     sample = samples[0]
     if not isinstance(sample, Mapping):
         tuples = " (torchvision datasets give (image, label) tuples)" if isinstance(sample, tuple) else ""
         raise ValueError(f"Training samples must be dicts with a 'pixel_values' tensor (and 'labels'); sample 0 is a "
                          f"{type(sample).__name__}{tuples}. Return {{'pixel_values': transform(image), 'labels': "
-                         "label}} from the dataset's __getitem__ (or its transform).")
+                         "label} from the dataset's __getitem__ (or its transform), or pass a data_collator that "
+                         "batches such samples.")
     images = [k for k, v in sample.items() if isinstance(v, Image.Image)]
     if images:
         raise ValueError(f"Sample 0 holds PIL images under {images}; batches need a float 'pixel_values' tensor [C, H, "
                          "W] per image. Transform the images first: the model's image processor, or "
-                         "srm_hf.transforms.ImageTransform (e.g. in dataset.with_transform).")
+                         "srm_hf.transforms.ImageTransform (e.g. in dataset.with_transform), or in a data_collator.")
 
 
 def check_example_batch(batch) -> None:

@@ -38,8 +38,9 @@ class CheckpointOverrides:
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             step = self.state.global_step
-            mark_complete(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}"), step,
-                          model_only=self.args.save_only_model, plan=self.plan.describe(),
+            folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+            torch.save(self.args, os.path.join(folder, "training_args.bin"))  # the run's limit, not the deferral
+            mark_complete(folder, step, model_only=self.args.save_only_model, plan=self.plan.describe(),
                           nonfinite=self.nonfinite.counts())
             rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 

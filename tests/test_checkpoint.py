@@ -80,6 +80,19 @@ def test_resume_in_the_middle_of_stage2_matches_an_uninterrupted_run(tmp_path):
             assert abs(e["loss"] - full_losses[e["step"]]) < 1e-4
 
 
+def test_save_total_limit_keeps_the_newest_complete_checkpoints_and_each_records_the_limit(tmp_path):
+    # the trainer rotates older checkpoints itself, once the new one is marked complete (trainer_checkpoints.py)
+    trainer = make_trainer(tmp_path, method="kd", max_steps=6, save_strategy="steps", save_steps=2,
+                           save_total_limit=2)
+    trainer.train()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    for name in ("checkpoint-4", "checkpoint-6"):
+        assert (out / name / "checkpoint_complete.json").is_file()
+        assert torch.load(out / name / "training_args.bin", weights_only=False).save_total_limit == 2
+    assert trainer.args.save_total_limit == 2
+
+
 def test_nonfinite_weights_are_never_written(tmp_path):
     trainer = make_trainer(tmp_path, max_steps=1, srm_dictionary_max_steps=1, srm_max_steps=1)
     trainer.train()

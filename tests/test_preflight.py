@@ -4,6 +4,7 @@ import builtins
 import errno
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import timm
-from conftest import PatternDataset, hf_resnet, make_trainer, timm_resnet
+from conftest import PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
 from PIL import Image
 from test_data import make_image_folder
 
@@ -431,6 +432,26 @@ class PILSamples(PatternDataset):
 def test_samples_the_collator_cannot_batch_are_named_before_it_runs(tmp_path, dataset, match):
     with pytest.raises(ValueError, match=match):
         make_trainer(tmp_path, train_dataset=dataset, method="kd")
+
+
+def test_a_collator_of_the_users_own_batches_tuples_and_stays_reachable(tmp_path):
+    from srm_hf import DistillationTrainer
+
+    class TupleCollator:
+        note = "the user's"
+
+        def __call__(self, rows):
+            return {"pixel_values": torch.stack([x for x, _ in rows]), "labels": torch.tensor([y for _, y in rows])}
+
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), data_collator=TupleCollator(),
+                                  train_dataset=TupleSamples(16), args=make_config(tmp_path, method="kd", max_steps=2))
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.data_collator.note == "the user's"
+    # -100, cross-entropy's ignore index, passes the batch check: the evaluation loss skips those rows
+    unlabelled = relabelled(16, torch.where(torch.arange(16) % 2 == 0, torch.arange(16) % 4, -100))
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(16),
+                                  args=make_config(tmp_path, method="kd"))
+    assert math.isfinite(trainer.predict(unlabelled).metrics["test_loss"])
 
 
 def test_a_teacher_and_student_naming_their_classes_in_another_order_are_refused(tmp_path, caplog):
