@@ -42,7 +42,10 @@ def check_labels(dataset, collate, num_labels: int, split: str) -> None:
 def check_label_range(labels: torch.Tensor, num_labels: int, holder: str, ignored: int | None = None) -> None:
     """Class indices [N] in [0, num_labels) (or `ignored`): one outside fails in the loss, on CUDA as a device-side
     assert."""
-    outside = sorted(set(labels[((labels < 0) | (labels >= num_labels)) & (labels != ignored)].tolist()))
+    bad = (labels < 0) | (labels >= num_labels)
+    if ignored is not None:
+        bad &= labels != ignored
+    outside = sorted(set(labels[bad].tolist()))
     if outside:
         raise ValueError(f"{holder} has labels {outside[:5]} outside 0-{num_labels - 1}, the {num_labels} classes the "
                          "teacher and the student predict. Remap the labels, drop those samples, or give the models "
