@@ -82,6 +82,21 @@ def make_config(tmp_path, **kwargs) -> DistillationConfig:
 
 
 @pytest.fixture
+def ieee_float32(request):
+    """IEEE float32 in torch's cuDNN convolutions and matmuls for the test's duration, unless it is marked
+    `own_float32_settings`. On a GPU cuDNN convolves float32 in TF32 by default, and TF32 rounds differently in cuDNN
+    and in a kernel's dot, by far more than the 1e-5 at which the fused tests compare the kernels with the eager maths
+    (on the CPU both are IEEE already)."""
+    from fused_helpers import fp32_precision
+
+    if request.node.get_closest_marker("own_float32_settings"):
+        yield
+        return
+    with fp32_precision("ieee", "ieee"):
+        yield
+
+
+@pytest.fixture
 def dataset():
     return PatternDataset(32)
 

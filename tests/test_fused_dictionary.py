@@ -7,7 +7,7 @@ from fused_helpers import DEVICE, LAYOUTS, PROJECTED, integer_coder, layout, req
 
 from srm_hf.srm import SparseCoder, top_k_mask
 
-pytestmark = requires_triton
+pytestmark = [requires_triton, pytest.mark.usefixtures("ieee_float32")]  # TF32 is tested on its own
 
 
 @pytest.mark.parametrize("name", LAYOUTS)

@@ -9,7 +9,7 @@ from fused_helpers import (DEVICE, LAYOUTS, PROJECTED, assert_fused_loss_equals_
 
 from srm_hf.srm import srm_loss, srm_loss_fused
 
-pytestmark = requires_triton
+pytestmark = [requires_triton, pytest.mark.usefixtures("ieee_float32")]  # TF32 is tested on its own
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -225,6 +225,7 @@ def test_the_srm_method_takes_the_head_into_the_kernels_unless_its_extension_poi
         method = make_trainer(tmp_path / name.replace(" ", "_"), srm_mode="joint", srm_kernels=kernels,
                               max_steps=1).method
         method.__class__ = method_class
+        method.to(DEVICE)  # the trainer's model stays on the CPU (use_cpu) until it trains
         pair = method.pairs[0]
         if name == "hooked head":
             method.heads[pair.key].register_forward_hook(lambda module, args, out: out)

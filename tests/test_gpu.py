@@ -62,10 +62,11 @@ def test_student_compiled_by_inductor_on_cuda(tmp_path):
 
 def test_a_teacher_replayed_as_cuda_graphs_gives_the_srm_run_an_eager_teacher_gives(tmp_path):
     """compile_teacher with mode 'reduce-overhead': the taps read CUDA-graph output buffers that the next replay
-    overwrites, so the targets must be taken before it. The loss terms follow the eager teacher's run: to 1e-3 up to
+    overwrites, so the targets must be taken before it. The loss terms follow the eager teacher's run: to 5e-3 up to
     the first joint step (labels from another batch would miss by far more), to 1e-2 after it, where Inductor's
     arithmetic (not the eager teacher's, bit for bit) has moved the students apart (2.2e-3 at the fifth step on an
-    H100)."""
+    H100). Inductor's teacher features also flip a few pixel labels at near ties: the first joint step's pixel term
+    differed by 2.4e-3 on an H200 (19.954 against 20.001)."""
     from srm_hf import DistillationTrainer
 
     terms = {}
@@ -81,7 +82,7 @@ def test_a_teacher_replayed_as_cuda_graphs_gives_the_srm_run_an_eager_teacher_gi
         terms[compiled] = [[v for k, v in sorted(e.items()) if "/" in k] for e in trainer.state.log_history]
     assert len(terms[True]) == len(terms[False]) > 0
     first_joint = next(i for i, e in enumerate(trainer.state.log_history) if any(k.startswith("joint/") for k in e))
-    torch.testing.assert_close(terms[True][:first_joint + 1], terms[False][:first_joint + 1], rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(terms[True][:first_joint + 1], terms[False][:first_joint + 1], rtol=5e-3, atol=1e-5)
     torch.testing.assert_close(terms[True], terms[False], rtol=1e-2, atol=1e-5)
     torch._dynamo.reset()
 
@@ -152,7 +153,10 @@ def test_fused_kernels_equal_eager_at_resnet18_tap_sizes(channels, size, k):
 def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k, tf32):
     """bf16 post-ReLU features, as a bf16 teacher leaves them: the kernel's own projection gives torch's labels at
     every pixel whose decisive gaps in a (float64) exceed the rounding of the precision in use (TF32 or IEEE float32,
-    torch's convolution and the kernel's dot alike); a pixel that may flip moves an image label by at most 1/S."""
+    torch's convolution and the kernel's dot alike); a pixel that may flip moves an image label by at most 1/S. TF32
+    keeps 10 bits of each of D's values (t in bf16 is exact), so each side's a is off by at most 2⁻¹⁰ Σ_c |t_c D_ck|:
+    a gap over twice the pixel's largest such bound is decided alike on both sides. (A fixed 1e-2 was below that
+    bound at 512 channels, and compared 47 % of the pixels on an H200.)"""
     from srm_hf.fused import srm_targets_projected
     from srm_hf.srm import SparseCoder, project
 
@@ -162,10 +166,12 @@ def test_targets_projected_in_the_kernel_at_resnet18_tap_sizes(channels, size, k
     with fp32_precision("tf32" if tf32 else "ieee", "ieee"):
         pixel, image = srm_targets_projected(t, coder.dictionary, coder.bias, k)
         want_pixel, want_image = coder.targets(t)
-    a = project(t.double(), coder.dictionary.double(), coder.bias.double()).sort(dim=1, descending=True).values
-    tol = 1e-2 if tf32 else 1e-4  # TF32 keeps 10 bits of each input
+    d = coder.dictionary.double()
+    a = project(t.double(), d, coder.bias.double()).sort(dim=1, descending=True).values
+    rounding = project(t.double().abs(), d.abs(), torch.zeros((), dtype=torch.float64, device="cuda")).amax(dim=1)
+    tol = 2 * 2**-10 * rounding if tf32 else 1e-4  # per pixel under TF32
     decisive = ((a[:, 0] - a[:, 1]) > tol) & ((a[:, k - 1] - a[:, k]) > tol)
-    assert bool(decisive.float().mean() > 0.5)  # most pixels are compared
+    assert bool(decisive.float().mean() > 0.2)  # a fair share of the pixels is compared
     assert torch.equal(pixel[decisive], want_pixel[decisive])
     may_flip = (~decisive).flatten(1).sum(dim=1, keepdim=True) / decisive[0].numel()
     assert bool(((image - want_image).abs() <= may_flip + 1e-5).all())

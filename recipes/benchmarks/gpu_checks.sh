@@ -29,7 +29,7 @@ both() {  # a benchmark whose last two arguments are `--out FILE.md`: this check
   if [ -n "${BASE:-}" ]; then
     local args=("$@") base
     base="$(cd "$BASE" && pwd)"
-    PYTHONPATH="$base:${PYTHONPATH:-}" python3 -c "import srm_hf; assert srm_hf.__file__.startswith('$base/')" || {
+    (cd / && PYTHONPATH="$base:${PYTHONPATH:-}" python3 -c "import srm_hf; assert srm_hf.__file__.startswith('$base/')") || {
       echo "BASE=$BASE holds no srm_hf/: its run would time this checkout" >&2; return 1; }
     PYTHONPATH="$base:${PYTHONPATH:-}" "${args[@]:0:$#-1}" "${args[-1]%.md}_base.md"
   fi
