@@ -61,6 +61,12 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "SRM targets, codes and loss: 'eager' (PyTorch), 'auto' (fused Triton kernels on CUDA, "
                           "eager elsewhere) or 'triton'.", "choices": list(KERNEL_CHOICES)},
     )
+    srm_kernel_projections: bool = field(
+        default=False,
+        metadata={"help": "With the Triton kernels, also make the SRM projections inside them (the teacher's codes, "
+                          "the heads' logits, stage 1's encode and decode) instead of by torch's convolutions and "
+                          "matmuls. Off by default: slower on an H200 (results/cost.md)."},
+    )
     srm_dictionary_epochs: float = field(default=1.0, metadata={"help": "Epochs of stage 1 (dictionary learning)."})
     srm_dictionary_max_steps: int = field(default=-1, metadata={"help": "Steps of stage 1; overrides its epochs."})
     srm_dictionary_learning_rate: float = field(default=1e-3, metadata={"help": "Learning rate of the dictionaries."})
@@ -197,6 +203,9 @@ class DistillationConfig(TrainingArguments):
         if self.srm_kernels == "triton" and not triton_available():
             raise ValueError("srm_kernels='triton' needs the `triton` package (it comes with CUDA builds of torch): "
                              "install it, or set srm_kernels='auto'.")
+        if self.srm_kernel_projections and self.srm_kernels == "eager":
+            raise ValueError("srm_kernel_projections=True puts the projections inside the Triton kernels, which "
+                             "srm_kernels='eager' turns off: set srm_kernels='auto', or drop srm_kernel_projections.")
         for name in ("kd_alpha", "dkd_warmup_ratio", "reviewkd_warmup_ratio"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1].")

@@ -1,8 +1,7 @@
 """The building blocks of Sparse Representation Matching (Tran, Gabbouj, Iosifidis, arXiv 2103.17012).
 
-`SparseCoder` learns a dictionary over one teacher tap, `srm_targets` turns its sparse codes into labels and
-`SRMHead` is the student's predictor of those labels. Feature maps come in three layouts and all are treated
-as a set of "pixels" with C channels each:
+`SparseCoder` learns a dictionary over one teacher tap, `srm_targets` turns its sparse codes into labels and `SRMHead`
+is the student's predictor of those labels. Feature maps come in three layouts, each a set of "pixels" of C channels:
 
     maps    [N, C, H, W]  (CNN stages)
     vectors [N, C]        (pooled features; one pixel per image)
@@ -103,14 +102,14 @@ class SparseCoder(nn.Module):
         """Dense z = sigmoid(Dᵀ t + b): C channels -> K channels, same layout."""
         return torch.sigmoid(project(x, self.dictionary, self.bias))
 
-    def encode(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, fused: bool = False, projected: bool = False) -> torch.Tensor:
         """Sparse codes λ with the layout of `x` and K channels, exactly k non-zero per pixel; `fused=True` computes
-        the sigmoid and top-k in one Triton kernel (`srm_hf.fused_dictionary`), the projection too where the
-        dictionary allows."""
+        the sigmoid and top-k in one Triton kernel (`srm_hf.fused_dictionary`), and with `projected=True` the
+        projection too where the dictionary allows."""
         if fused:
             from .fused_dictionary import sparse_codes_fused, sparse_codes_projected
 
-            codes = sparse_codes_projected(x, self.dictionary, self.bias, self.num_active)
+            codes = sparse_codes_projected(x, self.dictionary, self.bias, self.num_active) if projected else None
             if codes is not None:
                 return codes
             return sparse_codes_fused(project(x, self.dictionary, self.bias), self.num_active)
@@ -121,32 +120,33 @@ class SparseCoder(nn.Module):
         """t̂ = D λ: codes with K channels -> reconstruction with C channels, same layout."""
         return apply_per_pixel(codes, self.dictionary)  # D [C, K] is already (out, in): no transpose
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, fused: bool = False, projected: bool = False) -> tuple[torch.Tensor, ...]:
         """Returns (codes, reconstruction)."""
-        codes = self.encode(x, fused)
+        codes = self.encode(x, fused, projected)
         return codes, self.decode(codes)
 
-    def reconstruction_loss(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+    def reconstruction_loss(self, x: torch.Tensor, fused: bool = False, projected: bool = False) -> torch.Tensor:
         """Stage 1's loss over this tap: `dictionary_loss(x, self(x)[1])`. `fused=True` runs it through the Triton
-        kernels of `srm_hf.fused_dictionary`, encode, decode and MSE in one where the dictionary allows (and this
-        coder is a plain `SparseCoder`: a subclass or forward hooks go through `forward`)."""
-        if fused and runs_as_written(self, SparseCoder):
+        kernels of `srm_hf.fused_dictionary`; with `projected=True` encode, decode and MSE in one where the dictionary
+        allows (and this coder is a plain `SparseCoder`: a subclass or forward hooks go through `forward`)."""
+        if fused and projected and runs_as_written(self, SparseCoder):
             from .fused_dictionary import dictionary_loss_projected
 
             loss = dictionary_loss_projected(x, self.dictionary, self.bias, self.num_active)
             if loss is not None:
                 return loss
-        return dictionary_loss(x, self(x, fused)[1], fused)
+        return dictionary_loss(x, self(x, fused, projected)[1], fused)
 
     @torch.no_grad()
-    def targets(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def targets(self, x: torch.Tensor, fused: bool = False,
+                projected: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The teacher's labels for `x`, in float32 whatever its dtype: `srm_targets` of its sparse codes. `fused=True`
         computes the same labels with the Triton kernels of `srm_hf.fused` (the pixel label is the first maximal atom
-        in both), the projection inside the kernel where the dictionary allows."""
+        in both), and `projected=True` the projection inside the kernel too where the dictionary allows."""
         if fused:
             from .fused import srm_targets_fused, srm_targets_projected
 
-            targets = srm_targets_projected(x, self.dictionary, self.bias, self.num_active)
+            targets = srm_targets_projected(x, self.dictionary, self.bias, self.num_active) if projected else None
             if targets is not None:
                 return targets
             return srm_targets_fused(project(x.float(), self.dictionary, self.bias), self.num_active)

@@ -69,11 +69,12 @@ def test_a_nan_feature_makes_its_image_labels_and_the_loss_nan_as_in_eager():
     assert bool(loss["pixel"].isnan()) and bool(loss["image"].isnan())
 
 
-def test_a_coder_gives_the_same_targets_fused_and_eager():
+@pytest.mark.parametrize("projected", [False, True])  # torch's projection, then the kernel; or the kernel's own
+def test_a_coder_gives_the_same_targets_fused_and_eager(projected):
     torch.manual_seed(0)
     coder = SparseCoder(in_channels=6, num_atoms=12, num_active=2).to(DEVICE)
     x = torch.randn(2, 6, 4, 4, device=DEVICE)
-    fused, eager = coder.targets(x, fused=True), coder.targets(x)
+    fused, eager = coder.targets(x, fused=True, projected=projected), coder.targets(x)
     assert torch.equal(fused[0], eager[0])
     torch.testing.assert_close(fused[1], eager[1], rtol=1e-6, atol=1e-7)
 
@@ -118,7 +119,7 @@ def test_wide_dictionaries_that_keep_many_atoms_project_with_torch_first():
     coder = integer_coder(20, 600, WIDE_MAX_ACTIVE + 1, seed=0)
     t = torch.randint(-3, 4, (2, 20, 4, 4), generator=torch.Generator().manual_seed(0)).float().to(DEVICE)
     assert srm_targets_projected(t, coder.dictionary, coder.bias, coder.num_active) is None
-    got, want = coder.targets(t, fused=True), coder.targets(t)
+    got, want = coder.targets(t, fused=True, projected=True), coder.targets(t)
     assert torch.equal(got[0], want[0])
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-7)
 
@@ -283,23 +284,31 @@ def test_the_kernel_choice_is_automatic_and_can_be_forced(monkeypatch):
                     "sets it where there is no GPU); tests/test_gpu.py runs the kernels on CUDA")
 @pytest.mark.parametrize("mode", ["paper", "joint"])
 def test_an_srm_run_with_the_kernels_equals_the_eager_run(tmp_path, mode):
+    """The kernels with torch's projections (the default) and with their own (`srm_kernel_projections`)."""
     runs = {}
-    for kernels in ("eager", "triton"):
-        trainer = make_trainer(tmp_path / kernels, srm_mode=mode, srm_kernels=kernels, max_steps=3,
-                               srm_dictionary_max_steps=2, srm_max_steps=3)
+    for kernels, projections in (("eager", False), ("triton", False), ("triton", True)):
+        trainer = make_trainer(tmp_path / f"{kernels}{projections}", srm_mode=mode, srm_kernels=kernels, max_steps=3,
+                               srm_dictionary_max_steps=2, srm_max_steps=3, srm_kernel_projections=projections)
         trainer.train()
-        runs[kernels] = ([e["loss"] for e in trainer.state.log_history if "loss" in e],
-                         {k: v.clone() for k, v in trainer.distill_model.student.state_dict().items()})
-    torch.testing.assert_close(runs["triton"][0], runs["eager"][0], rtol=1e-5, atol=1e-6)
-    # Adam divides by √v: where a weight's gradient is near 0 its update is a ratio of rounding-sized numbers, so
-    # after 8 steps single weights may differ by a fraction of a step (lr 1e-3, seen up to 1.7e-4 with other library
-    # versions); a wrong gradient moves whole tensors by whole steps. So each tensor is compared as a whole
-    for key, value in runs["eager"][1].items():
-        got = runs["triton"][1][key]
-        if value.is_floating_point():
-            assert (got - value).norm() <= 1e-3 * value.norm() + 1e-6, key
-        else:
-            assert torch.equal(got, value), key  # e.g. BatchNorm's step counts
+        runs[kernels, projections] = ([e["loss"] for e in trainer.state.log_history if "loss" in e],
+                                      {k: v.clone() for k, v in trainer.distill_model.student.state_dict().items()})
+    want_losses, want_weights = runs.pop(("eager", False))
+    for losses, weights in runs.values():
+        torch.testing.assert_close(losses, want_losses, rtol=1e-5, atol=1e-6)
+        # Adam divides by √v: where a weight's gradient is near 0 its update is a ratio of rounding-sized numbers, so
+        # after 8 steps single weights may differ by a fraction of a step (lr 1e-3, seen up to 1.7e-4 with other
+        # library versions); a wrong gradient moves whole tensors by whole steps. So each tensor is compared whole
+        for key, value in want_weights.items():
+            got = weights[key]
+            if value.is_floating_point():
+                assert (got - value).norm() <= 1e-3 * value.norm() + 1e-6, key
+            else:
+                assert torch.equal(got, value), key  # e.g. BatchNorm's step counts
+
+
+def test_projections_in_the_kernels_without_the_kernels_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="srm_kernel_projections=True.*srm_kernels='eager'.*srm_kernels='auto'"):
+        make_trainer(tmp_path, srm_kernels="eager", srm_kernel_projections=True)
 
 
 def test_a_kernel_that_does_not_compile_names_the_eager_switch():

@@ -56,7 +56,7 @@ def test_codes_projected_in_the_kernel_come_as_torch_s_projection_gives_them(nam
     x_shape = (shape[0], 6, *shape[2:]) if len(shape) == 4 else (*shape[:-1], 6)
     x = layout(name, torch.randn(x_shape, generator=torch.Generator().manual_seed(1)).to(DEVICE))
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        got, want = coder.encode(x, fused=True), coder.encode(x)
+        got, want = coder.encode(x, fused=True, projected=True), coder.encode(x)
     assert got.dtype == want.dtype == torch.bfloat16 and got.stride() == want.stride()
     assert ((got != 0) == (want != 0)).float().mean() > 0.95
 
@@ -127,8 +127,9 @@ def test_stage_one_in_two_kernels_applies_only_where_it_can():
     narrow = integer_coder(20, 40, 3, seed=0)
     assert dictionary_loss_projected(t.clone().requires_grad_(), narrow.dictionary, narrow.bias, 3) is None
     for coder in (dense, narrow):
-        torch.testing.assert_close(coder.reconstruction_loss(t, fused=True), coder.reconstruction_loss(t),
-                                   rtol=1e-5, atol=1e-7)
+        for projected in (False, True):
+            torch.testing.assert_close(coder.reconstruction_loss(t, fused=True, projected=projected),
+                                       coder.reconstruction_loss(t), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice")  # the interpreter's max over a pixel of NaN

@@ -207,7 +207,7 @@ def test_the_loss_through_the_head_from_bf16_features_under_autocast(atoms):
 def test_the_srm_method_takes_the_head_into_the_kernels_unless_its_extension_points_are_overridden(tmp_path):
     """The fused SRM loss of a tap goes through `projected_tap_loss` (no head logits in memory); a method that
     overrides `head_logits` or `tap_loss`, or a head with a forward hook, has them called instead, and so do other
-    grids and the eager choice."""
+    grids, the eager choice and torch's projections (`srm_kernel_projections=False`, the default)."""
     from srm_hf.methods.srm import SRM
 
     class OwnHeadLogits(SRM):
@@ -220,10 +220,13 @@ def test_the_srm_method_takes_the_head_into_the_kernels_unless_its_extension_poi
 
     cases = {"plain": (SRM, "triton", True), "head_logits": (OwnHeadLogits, "triton", False),
              "tap_loss": (OwnTapLoss, "triton", False), "hooked head": (SRM, "triton", False),
-             "eager": (SRM, "eager", False), "resized": (SRM, "triton", False)}
+             "eager": (SRM, "eager", False), "resized": (SRM, "triton", False),
+             "torch's projections": (SRM, "triton", False)}
     for name, (method_class, kernels, projected) in cases.items():
-        method = make_trainer(tmp_path / name.replace(" ", "_"), srm_mode="joint", srm_kernels=kernels,
-                              max_steps=1).method
+        method = make_trainer(tmp_path / name.replace(" ", "_").replace("'", ""), srm_mode="joint",
+                              srm_kernels=kernels, max_steps=1).method
+        assert not method.kernel_projections  # the default
+        method.kernel_projections = name != "torch's projections"
         method.__class__ = method_class
         method.to(DEVICE)  # the trainer's model stays on the CPU (use_cpu) until it trains
         pair = method.pairs[0]

@@ -5,7 +5,8 @@
     python recipes/benchmarks/cost.py --steps 5 --out /tmp/cost.md   # a quick check
     python recipes/benchmarks/cost.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t
                                                              # the small-model setting
-On CUDA the SRM steps run twice, with the eager maths and with the fused Triton kernels (`srm_kernels`).
+On CUDA the SRM steps run three times: with the eager maths, with the fused Triton kernels (`srm_kernels`), and
+through the kernels that make the projections themselves (", kernel projections": `srm_kernel_projections`).
 
 All variants run interleaved (one step of each per round, in turn) on the same batch, after warm-up rounds; each
 reports the median step time over the rounds and its peak memory: on a GPU the allocator's peak during the step, on
@@ -87,6 +88,9 @@ def build(args):
     return trainer, batch
 
 
+FUSED = {", fused": False, ", fused, kernel projections": True}  # name suffix -> srm_kernel_projections
+
+
 def variants(trainer, batch, autocast, fused=None):
     """The steps to time, by name; SRM's steps also through the Triton kernels when `fused` (default: on CUDA)."""
     model, teacher = trainer.model, trainer.teacher
@@ -108,10 +112,10 @@ def variants(trainer, batch, autocast, fused=None):
         trainer.teacher_hooks.clear()
         student_alone()
 
-    def stage(name, kernels="eager"):
+    def stage(name, kernels="eager", projections=False):
         def run():
             trainer.plan = StagePlan([(STAGES[name], 1)])
-            trainer.method.kernels = kernels
+            trainer.method.kernels, trainer.method.kernel_projections = kernels, projections
             with autocast():
                 loss = trainer.compute_loss(model, batch)
             step(loss)
@@ -133,9 +137,10 @@ def variants(trainer, batch, autocast, fused=None):
         "dictionary step": stage("dictionary"),
     }
     if use_fused("auto", batch["pixel_values"]) if fused is None else fused:  # the kernels beside the eager maths
-        fns["SRM joint step, fused"] = stage("joint", "triton")
-        fns["SRM stage-2 step, fused"] = stage("srm", "triton")
-        fns["dictionary step, fused"] = stage("dictionary", "triton")
+        for suffix, projections in FUSED.items():
+            fns[f"SRM joint step{suffix}"] = stage("joint", "triton", projections)
+            fns[f"SRM stage-2 step{suffix}"] = stage("srm", "triton", projections)
+            fns[f"dictionary step{suffix}"] = stage("dictionary", "triton", projections)
     return fns
 
 
@@ -203,13 +208,14 @@ def report(args, trainer, times, mem) -> str:
         "|---|---|---|---|---|",
     ]
     steps = ("student step alone", floor_name, "KD step", "SRM joint step", "SRM stage-2 step",
-             "SRM joint step, fused", "SRM stage-2 step, fused")
+             *(f"SRM {stage} step{suffix}" for suffix in FUSED for stage in ("joint", "stage-2")))
     for name in (n for n in steps if n in times):
         ratio, lo, hi = paired_ratio(times, name, floor_name)
         lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] | "
                      f"{mem[name] / 2**20:.1f} | {mem[name] / max(floor_mem, 1):.3f} |")
     lines += ["", "| step | median time (ms) | vs teacher forward |", "|---|---|---|"]
-    for name in (n for n in ("teacher forward", "dictionary step", "dictionary step, fused") if n in times):
+    for name in (n for n in ("teacher forward", "dictionary step", *(f"dictionary step{x}" for x in FUSED))
+                 if n in times):
         ratio, lo, hi = paired_ratio(times, name, "teacher forward")
         lines.append(f"| {name} | {1000 * statistics.median(times[name]):.1f} | {ratio:.3f} [{lo:.3f}, {hi:.3f}] |")
     lines += ["", f"Command: `python {' '.join(sys.argv)}`", ""]

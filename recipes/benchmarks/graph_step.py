@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import cost  # noqa: E402
 
 FLOOR, TEACHER = "floor: student step + teacher forward", "teacher forward"
-STEPS = (FLOOR, "KD step", "SRM joint step, fused", "SRM stage-2 step, fused", TEACHER, "dictionary step, fused")
+STEPS = (FLOOR, "KD step", *(f"SRM {stage} step{suffix}" for suffix in cost.FUSED for stage in ("joint", "stage-2")),
+         TEACHER, *(f"dictionary step{suffix}" for suffix in cost.FUSED))
 
 
 def captured(step, warmup: int = 3):
@@ -73,7 +74,7 @@ def steps(args) -> dict:
     fns = {}
     for name in STEPS:
         if name not in variants:  # the fused steps where Triton cannot run them (the CPU)
-            name = name.removesuffix(", fused")
+            name = next(name.removesuffix(suffix) for suffix in cost.FUSED if name.endswith(suffix))
         fns[name] = feeding(batch, variants[name])
         if cuda:
             fns[f"{name}, graph"] = feeding(batch, captured(variants[name]))

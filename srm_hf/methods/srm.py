@@ -46,7 +46,8 @@ class SRM(Method):
                  pixel_ce_on_sigmoid: bool = True, weight: float = 1.0, kd_alpha: float = 0.5,
                  kd_temperature: float = 4.0, dictionary_epochs: float = 1.0, dictionary_max_steps: int = -1,
                  dictionary_learning_rate: float = 1e-3, dictionary_path: str | None = None,
-                 srm_epochs: float = 1.0, srm_max_steps: int = -1, kernels: str = "auto"):
+                 srm_epochs: float = 1.0, srm_max_steps: int = -1, kernels: str = "auto",
+                 kernel_projections: bool = False):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"srm_mode={mode!r} is not one of {MODES}: use 'paper' (three stages) or 'joint'.")
@@ -60,6 +61,7 @@ class SRM(Method):
         self.dictionary_epochs, self.dictionary_max_steps = dictionary_epochs, dictionary_max_steps
         self.dictionary_learning_rate, self.dictionary_path = dictionary_learning_rate, dictionary_path
         self.srm_epochs, self.srm_max_steps, self.kernels = srm_epochs, srm_max_steps, kernels
+        self.kernel_projections = kernel_projections  # the projections inside the kernels too (`fused=True` only)
         check_stage_length("srm_dictionary", dictionary_epochs, dictionary_max_steps)
         if mode == "paper":  # joint mode has no SRM stage of its own
             check_stage_length("srm", srm_epochs, srm_max_steps)
@@ -74,7 +76,7 @@ class SRM(Method):
                    args.srm_pixel_weight, args.srm_image_weight, args.srm_pixel_ce_on_sigmoid, args.srm_weight,
                    args.kd_alpha, args.kd_temperature, args.srm_dictionary_epochs, args.srm_dictionary_max_steps,
                    args.srm_dictionary_learning_rate, args.srm_dictionary_path, args.srm_epochs, args.srm_max_steps,
-                   args.srm_kernels)
+                   args.srm_kernels, args.srm_kernel_projections)
 
     def build(self, pairs):
         super().build(pairs)
@@ -112,7 +114,8 @@ class SRM(Method):
             terms = {}
             for key, features in teacher.features.items():
                 fused = use_fused(self.kernels, features)
-                add_terms(terms, {"mse": self.coders[key].reconstruction_loss(features, fused)})
+                loss = self.coders[key].reconstruction_loss(features, fused, projected=self.kernel_projections)
+                add_terms(terms, {"mse": loss})
             return terms
         terms = {}
         if stage.name in ("kd", "joint"):
@@ -160,10 +163,12 @@ class SRM(Method):
                            image_labels: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """`tap_loss(pair, head_logits(pair, feature), ...)` with the head's projection inside the fused loss kernels
         (`srm_hf.fused_loss`: no logits in memory), or None where that path does not apply: the eager maths chosen
-        (`srm_kernels`), `head_logits` or `tap_loss` overridden (they run instead), a head that is not a plain
+        (`srm_kernels`) or the projections left to torch (`srm_kernel_projections`), `head_logits` or `tap_loss`
+        overridden (they run instead), a head that is not a plain
         `SRMHead` (a subclass, forward hooks, a wrapper: it is called instead), head logits that need class tokens
         dropped or a resize onto the teacher's grid."""
-        if not use_fused(self.kernels, feature) or type(self).head_logits is not SRM.head_logits or \
+        if not self.kernel_projections or not use_fused(self.kernels, feature) or \
+                type(self).head_logits is not SRM.head_logits or \
                 type(self).tap_loss is not SRM.tap_loss or not runs_as_written(self.heads[pair.key], SRMHead):
             return None
         if grid(feature) != tuple(pair.teacher.spatial):
@@ -177,7 +182,7 @@ class SRM(Method):
         whatever precision the teacher ran in."""
         device = next(self.coders.parameters()).device.type
         with torch.autocast(device_type=device, enabled=False):
-            return {k: self.coders[k].targets(v, fused=use_fused(self.kernels, v))
+            return {k: self.coders[k].targets(v, use_fused(self.kernels, v), projected=self.kernel_projections)
                     for k, v in teacher_features.items()}
 
     # ---- dictionary files ----------------------------------------------------------------------------------
