@@ -11,11 +11,14 @@ from collections.abc import Mapping
 import torch
 from transformers.utils import logging
 
+from .losses import IGNORE_INDEX
+
 logger = logging.get_logger(__name__)
 
 
 def check_labels(dataset, collate, num_labels: int, split: str) -> None:
-    """Class labels the losses can take: int64 indices [N] in [0, num_labels) in the split's first sample, and all of
+    """Class labels the losses can take: int64 indices [N] in [0, num_labels) or IGNORE_INDEX (-100: no label term
+    trains on that image) in the split's first sample, and all of
     them where they can be read without decoding images and as the samples give them: the integer 'labels' column of
     a `datasets.Dataset` without a transform (torch would raise mid-run, after earlier stages trained). Other
     datasets (a transform or `target_transform` may map what they store) are checked on their first sample."""
@@ -36,7 +39,7 @@ def check_labels(dataset, collate, num_labels: int, split: str) -> None:
         column = dataset.with_format(None)["labels"]
         if all(isinstance(v, int) for v in column):
             labels = torch.as_tensor(column)
-    check_label_range(labels, num_labels, f"The {split} set")
+    check_label_range(labels, num_labels, f"The {split} set", ignored=IGNORE_INDEX)
 
 
 def check_label_range(labels: torch.Tensor, num_labels: int, holder: str, ignored: int | None = None) -> None:
@@ -65,8 +68,8 @@ class CheckedLabels:
         batch = self.collate(features)
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and labels.device.type == "cpu":
-            # -100, cross-entropy's ignore index: the loss of an evaluation or prediction set skips those rows
-            check_label_range(labels, self.num_labels, f"A batch of {len(features)} samples", ignored=-100)
+            # cross-entropy's ignore index: the label terms skip those rows (the KD terms need no label)
+            check_label_range(labels, self.num_labels, f"A batch of {len(features)} samples", ignored=IGNORE_INDEX)
         return batch
 
     def __getattr__(self, name: str):  # the user's collator's own attributes, as `trainer.data_collator.<name>`

@@ -4,6 +4,8 @@ precision. Each method's own losses live in its file (`srm_hf.srm`, `srm_hf.meth
 import torch
 import torch.nn.functional as F
 
+IGNORE_INDEX = -100  # `F.cross_entropy`'s default ignore_index: an image with this label trains no label term
+
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton KD term: T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), batch mean. Logits [N, num_labels].
@@ -19,5 +21,7 @@ def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smooth
     """Cross-entropy with the class labels, in float32. Logits [N, num_labels], labels [N].
 
     With label smoothing ε the target is (1-ε)·one-hot + ε/num_labels, as `TrainingArguments.label_smoothing_factor`
-    gives it in the Trainer: (1-ε)·NLL + ε·mean over labels of -log p."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    gives it in the Trainer: (1-ε)·NLL + ε·mean over labels of -log p. The mean is over the labelled images: those
+    labelled IGNORE_INDEX (-100) are left out, and a batch with none labelled gives 0 (torch's mean would be NaN)."""
+    per_image = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")  # [N]
+    return per_image.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -97,6 +97,23 @@ def test_dkd_is_zero_for_identical_logits_and_finite_when_confident():
     assert torch.isfinite(dkd_loss(confident, TEACHER, LABEL, 1.0, 8.0, 1.0))
 
 
+def test_images_labelled_minus_100_are_left_out_as_the_cross_entropy_leaves_them():
+    """-100 (cross-entropy's ignore index) has no target class to split by: the DKD term is the mean over the labelled
+    images alone, and 0 with its gradient finite when none is labelled (the label CE is then NaN, as in torch)."""
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 4, generator=g).requires_grad_(), torch.randn(5, 4, generator=g)
+    labels = torch.tensor([2, -100, 0, -100, 3])
+    kept = labels != -100
+    got = dkd_loss(student, teacher, labels, 1.0, 8.0, 4.0)
+    torch.testing.assert_close(got, dkd_loss(student[kept], teacher[kept], labels[kept], 1.0, 8.0, 4.0))
+    got.backward()
+    assert torch.equal(student.grad[~kept], torch.zeros(2, 4)) and student.grad[kept].abs().sum() > 0
+    none = dkd_loss(student, teacher, torch.full((5,), -100), 1.0, 8.0, 4.0)
+    assert none.item() == 0.0
+    none.backward()
+    assert torch.isfinite(student.grad).all()
+
+
 def test_dkd_computes_in_float32_and_gives_gradients():
     s = STUDENT.clone().bfloat16().requires_grad_()
     loss = dkd_loss(s, TEACHER.bfloat16(), LABEL, 1.0, 8.0, 4.0)

@@ -454,6 +454,19 @@ def test_a_collator_of_the_users_own_batches_tuples_and_stays_reachable(tmp_path
     assert math.isfinite(trainer.predict(unlabelled).metrics["test_loss"])
 
 
+@pytest.mark.parametrize("method", ["alone", "kd", "dkd"])
+def test_images_labelled_minus_100_train_no_label_term(tmp_path, method):
+    """-100, cross-entropy's ignore index, in the first sample and further in: the label terms are means over the
+    labelled images (DKD's too), and a batch with none labelled gives them 0, not NaN."""
+    labels = torch.where(torch.arange(16) % 3 == 0, -100, torch.arange(16) % 4)  # samples 0, 3, ... and batch [12,15]
+    labels[12:16] = -100  # one whole batch of 4 unlabelled
+    trainer = make_trainer(tmp_path, train_dataset=relabelled(16, labels), method=method, max_steps=4,
+                           per_device_train_batch_size=4, logging_steps=1, max_nonfinite_steps=0)
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logged) == 4 and all(math.isfinite(e["loss"]) for e in logged)
+
+
 def test_a_teacher_and_student_naming_their_classes_in_another_order_are_refused(tmp_path, caplog):
     names = ["ant", "bee", "cow", "dog"]
     teacher = hf_resnet()

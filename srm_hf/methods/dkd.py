@@ -13,7 +13,7 @@ Defaults follow megvii-research/mdistiller (`mdistiller/engine/cfg.py`, the `CFG
 import torch
 import torch.nn.functional as F
 
-from ..losses import classification_loss
+from ..losses import IGNORE_INDEX, classification_loss
 from .base import Method, StageSpec, linear_warmup
 
 
@@ -47,7 +47,10 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     z_s = student_logits.float() / temperature  # [N, C]
     z_t = teacher_logits.float() / temperature  # [N, C]
     # Gathered rather than masked: a boolean index has a data-dependent size, which makes the host wait for the GPU.
-    target = labels.long().view(n, 1)  # [N, 1]
+    # Images labelled IGNORE_INDEX (-100, as the cross-entropy ignores them) have no target class to split by: they
+    # are left out of the mean, over the labelled images, and count as class 0 for the gathers.
+    labelled = labels.long().view(n, 1) != IGNORE_INDEX  # [N, 1]
+    target = labels.long().view(n, 1) * labelled  # [N, 1]
     columns = torch.arange(num_classes - 1, device=z_s.device).expand(n, -1)  # [N, C-1]
     other = columns + (columns >= target)  # [N, C-1], every class but the label, in class order
     z_s_other, z_t_other = z_s.gather(1, other), z_t.gather(1, other)  # [N, C-1]
@@ -58,10 +61,13 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         log_p_rest = torch.logsumexp(z_other, dim=1, keepdim=True) - log_total  # [N, 1]
         return torch.cat([log_p_target, log_p_rest], dim=1)  # [N, 2]
 
-    tckd = F.kl_div(binary_log_probs(z_s, z_s_other), binary_log_probs(z_t, z_t_other),
-                    reduction="batchmean", log_target=True)
-    nckd = F.kl_div(F.log_softmax(z_s_other, dim=1), F.log_softmax(z_t_other, dim=1),
-                    reduction="batchmean", log_target=True)
+    def labelled_mean(kl: torch.Tensor) -> torch.Tensor:  # [N, *] -> its sum over the labelled rows / their count
+        return (kl.sum(dim=1, keepdim=True) * labelled).sum() / labelled.sum().clamp(min=1)
+
+    tckd = labelled_mean(F.kl_div(binary_log_probs(z_s, z_s_other), binary_log_probs(z_t, z_t_other),
+                                  reduction="none", log_target=True))
+    nckd = labelled_mean(F.kl_div(F.log_softmax(z_s_other, dim=1), F.log_softmax(z_t_other, dim=1),
+                                  reduction="none", log_target=True))
     return temperature**2 * (alpha * tckd + beta * nckd)
 
 
