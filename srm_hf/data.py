@@ -76,6 +76,8 @@ class ImageSplits:
     label_names: list[str]
     source: str
     fingerprint: str = ""  # the train split's contents as read (datasets' fingerprint), before any subset
+    # split -> (the split it was read as, that split's row of each of its rows; None: row for row), for errors
+    origin: dict[str, tuple[str, list[int] | None]] = field(default_factory=dict)
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -195,17 +197,26 @@ def _normalise(ds: Dataset, split: str, image_column: str, label_column: str) ->
 
 def stratified_subset(ds: Dataset, per_class: int, seed: int) -> Dataset:
     """`per_class` examples of every class (all of a smaller class), chosen by a seeded permutation."""
+    return ds.select(_subset_rows(ds, per_class, seed))
+
+
+def stratified_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Split off `fraction` of every class (at least one example of each class with two or more)."""
+    kept, held = _split_rows(ds, fraction, seed)
+    return ds.select(kept), ds.select(held)
+
+
+def _subset_rows(ds: Dataset, per_class: int, seed: int) -> list[int]:
     labels = labels_of(ds)
     rng = np.random.default_rng(seed)
     keep = []
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         keep.extend(rng.permutation(idx)[:per_class].tolist())
-    return ds.select(sorted(keep))
+    return sorted(keep)
 
 
-def stratified_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    """Split off `fraction` of every class (at least one example of each class with two or more)."""
+def _split_rows(ds: Dataset, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     labels = labels_of(ds)
     rng = np.random.default_rng(seed)
     held = []
@@ -214,8 +225,7 @@ def stratified_split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
         n = int(round(fraction * len(idx))) if len(idx) > 1 else 0
         held.extend(idx[: max(n, 1 if len(idx) > 1 else 0)].tolist())
     held_set = set(held)
-    kept = [i for i in range(len(ds)) if i not in held_set]
-    return ds.select(kept), ds.select(sorted(held))
+    return [i for i in range(len(ds)) if i not in held_set], sorted(held)
 
 
 def load_image_splits(args: DataArguments) -> ImageSplits:
@@ -236,9 +246,18 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
         raise ValueError(f"No split {args.test_split!r} in {source}; its splits are {list(raw)}. Pass one of them as "
                          "--test_split, or leave it unset.")
     splits, names = as_class_labels(splits)
+    read_as = {"train": args.train_split, "validation": validation, "test": args.test_split}
+    rows = {split: list(range(len(ds))) for split, ds in splits.items()}  # each row's row in the split as read
+
+    def select(split: str, kept: list[int], source: str | None = None) -> Dataset:
+        rows[split] = [rows[source or split][i] for i in kept]
+        return splits[source or split].select(kept)
+
     if "validation" not in splits:  # carve it from train, stratified
-        splits["train"], splits["validation"] = stratified_split(splits["train"], args.validation_fraction,
-                                                                 args.subset_seed)
+        read_as["validation"] = args.train_split
+        kept, held = _split_rows(splits["train"], args.validation_fraction, args.subset_seed)
+        splits["validation"] = select("validation", held, source="train")
+        splits["train"] = select("train", kept)
     if len(names) < 2:
         raise ValueError(f"{source} has {len(names)} class(es) {names}: a classifier needs two or more.")
     for split, ds in splits.items():
@@ -249,11 +268,15 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
                 else "."))
         check_labels(ds, len(names), split)
     if args.max_train_samples_per_class is not None:
-        splits["train"] = stratified_subset(splits["train"], args.max_train_samples_per_class, args.subset_seed)
+        splits["train"] = select("train", _subset_rows(splits["train"], args.max_train_samples_per_class,
+                                                       args.subset_seed))
     if args.max_eval_samples is not None:
         for split in ("validation", "test"):
-            if split in splits and len(splits[split]) > args.max_eval_samples:
-                splits[split] = splits[split].shuffle(seed=args.subset_seed).select(range(args.max_eval_samples))
+            if split in splits and len(splits[split]) > args.max_eval_samples:  # as `shuffle(seed).select(range)`
+                order = np.random.default_rng(args.subset_seed).permutation(len(splits[split]))
+                splits[split] = select(split, order[: args.max_eval_samples].tolist())
+    origin = {split: (read_as[split], None if rows[split] == list(range(len(rows[split]))) else rows[split])
+              for split in splits}
     return ImageSplits(splits["train"], splits["validation"], splits.get("test"), names, source,
-                       raw[args.train_split]._fingerprint)
+                       raw[args.train_split]._fingerprint, origin)
 

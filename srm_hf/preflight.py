@@ -28,9 +28,11 @@ from .transforms import to_pil
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
 
 
-def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_size: int = 256) -> None:
+def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_size: int = 256,
+                 origin: tuple[str, list[int] | None] | None = None) -> None:
     """Decode every image of a split (`image` column) once, so that an unreadable or oversized one stops the run
-    before training, named by its file (or row)."""
+    before training, named by its file (or row: with `origin`, `ImageSplits.origin[split]`, its row in the split as
+    the dataset gives it, before any carve-out or subset)."""
     images = dataset.with_format(None).select_columns(["image"])
     for start in range(0, len(images), batch_size):
         for offset, value in enumerate(images[start : start + batch_size]["image"]):
@@ -42,17 +44,27 @@ def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_
             except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
                 path = value.get("path") if isinstance(value, dict) else None
                 where = f"{path!r} (split {split!r}, row {start + offset})" if path else \
-                    f"at row {start + offset} of split {split!r}"
+                    f"at {dataset_row(start + offset, split, origin)}"
                 raise ValueError(f"Image {where} cannot be used: {str(e).rstrip('.')}. Remove or replace it (or fix "
                                  "the dataset) and start again (--check_images false skips this check); nothing was "
                                  "trained.") from e
+
+
+def dataset_row(row: int, split: str, origin: tuple[str, list[int] | None] | None) -> str:
+    """Where row `row` of `split` is in the dataset as read: "row 7 of split 'train'" (of its own split, or of the one
+    it was carved from)."""
+    if origin is None:
+        return f"row {row} of split {split!r}"
+    read_as, rows = origin
+    return f"row {row if rows is None else rows[row]} of split {read_as!r}" + (
+        "" if read_as == split and rows is None else f" (row {row} of the {split} set used here)")
 
 
 def check_split_images(splits) -> None:
     """`check_images` on every split of an `ImageSplits`."""
     for split in ("train", "validation", "test"):
         if getattr(splits, split) is not None:
-            check_images(getattr(splits, split), split)
+            check_images(getattr(splits, split), split, origin=splits.origin.get(split))
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:

@@ -1,6 +1,7 @@
 """Loading Hub-style datasets, image folders and IDX files; column detection; stratified subsets; bad data."""
 
 import gzip
+import io
 import struct
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from srm_hf.data import (
     read_idx,
     stratified_subset,
 )
-from srm_hf.preflight import check_images
+from srm_hf.preflight import check_images, check_split_images
 from srm_hf.transforms import ImageTransform, Preprocessing
 
 GRAY = Preprocessing(1, (8, 8), (0.5,), (0.5,))
@@ -141,6 +142,31 @@ def test_hub_style_schema_through_load_dataset(tmp_path):
     splits = load_image_splits(DataArguments(dataset_name=name, validation_fraction=0.25))
     assert splits.train.column_names == ["image", "label"] and splits.label_names == ["a", "b", "c"]
     assert (len(splits.train), len(splits.validation), len(splits.test)) == (18, 6, 24)
+
+
+@pytest.mark.parametrize("bad, subset, used_as", [(13, {}, "train"), (14, {}, "validation"),
+                                                   (25, {"max_train_samples_per_class": 12}, "train"),
+                                                   (19, {"max_eval_samples": 5}, "validation")])
+def test_a_bad_image_is_named_by_its_row_in_the_split_as_read(tmp_path, bad, subset, used_as):
+    """Images stored in the dataset (no file path to name): the row named is the one in the split the dataset gives,
+    not in the set left after the validation carve-out, the per-class subset or the evaluation subset."""
+    def png(i):
+        out = io.BytesIO()
+        Image.fromarray(np.full((4, 4, 3), i, dtype=np.uint8)).save(out, format="PNG")
+        return out.getvalue()
+
+    images = [{"bytes": png(i), "path": None} for i in range(40)]
+    images[bad] = {"bytes": b"not an image", "path": None}
+    Dataset.from_dict({"image": images, "label": [i % 2 for i in range(40)]},
+                      features=Features({"image": ImageFeature(), "label": ClassLabel(names=["a", "b"])})
+                      ).save_to_disk(tmp_path / "data")
+    args = DataArguments(dataset_dir=str(tmp_path / "data"), validation_fraction=0.3, **subset)
+    splits = load_image_splits(args)
+    read_as, rows = splits.origin[used_as]
+    assert read_as == "train" and bad in rows and rows.index(bad) != bad  # the row moved
+    with pytest.raises(ValueError, match=rf"Image at row {bad} of split 'train' \(row {rows.index(bad)} of the "
+                                         rf"{used_as} set used here\) cannot be used"):
+        check_split_images(splits)
 
 
 def test_stratified_subset_is_stratified_and_reproducible():
