@@ -13,6 +13,8 @@ def test_compute_metrics_takes_the_argmax():
     compute = make_compute_metrics()
     logits = np.array([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert compute(EvalPrediction(predictions=logits, label_ids=np.array([0, 1, 1]))) == {"accuracy": 2 / 3}
+    # -100 (cross-entropy's ignore index): that image is left out, as the losses leave it out
+    assert compute(EvalPrediction(predictions=logits, label_ids=np.array([0, -100, 1]))) == {"accuracy": 1 / 2}
 
 
 def test_report_png(tmp_path):

@@ -5,6 +5,8 @@ import os
 import evaluate
 import numpy as np
 
+from ..losses import IGNORE_INDEX
+
 ACCURACY_PATH = os.path.join(os.path.dirname(__file__), "accuracy", "accuracy.py")
 
 
@@ -21,15 +23,18 @@ def load_metric(name: str):
 
 
 def make_compute_metrics(names: tuple[str, ...] = ("accuracy",)):
-    """A `compute_metrics` for the Trainer: argmax of the logits against the labels, for every metric named."""
+    """A `compute_metrics` for the Trainer: argmax of the logits against the labels, for every metric named, over the
+    labelled images (those labelled IGNORE_INDEX, -100, are left out, as the losses leave them out)."""
     metrics = [load_metric(n) for n in names]
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-        predictions = np.argmax(logits, axis=-1)
+        references = np.asarray(eval_pred.label_ids)
+        labelled = references != IGNORE_INDEX
+        predictions = np.argmax(logits, axis=-1)[labelled]
         results = {}
         for metric in metrics:
-            results.update(metric.compute(predictions=predictions, references=eval_pred.label_ids))
+            results.update(metric.compute(predictions=predictions, references=references[labelled]))
         return results
 
     return compute_metrics
