@@ -211,7 +211,8 @@ class ClassifierAdapter(nn.Module):
         from .losses import classification_loss
 
         logits = model_logits(self.model(pixel_values))
-        loss = classification_loss(logits, labels) if labels is not None else None
+        none_labelled = 0.0 if self.training else float("nan")  # in evaluation the Trainer's NaN filter drops it
+        loss = None if labels is None else classification_loss(logits, labels, if_none_labelled=none_labelled)
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 

@@ -467,6 +467,19 @@ def test_images_labelled_minus_100_train_no_label_term(tmp_path, method):
     assert len(logged) == 4 and all(math.isfinite(e["loss"]) for e in logged)
 
 
+def test_an_evaluation_batch_with_no_labelled_image_is_left_out_of_the_loss(tmp_path):
+    """In evaluation a batch of -100 labels gives NaN, which the Trainer's NaN filter drops (as torch's mean would):
+    the evaluation loss stays the mean over the labelled images (not lowered by a 0 for that batch)."""
+    from srm_hf.losses import classification_loss
+
+    trainer = make_trainer(tmp_path, method="kd", per_device_eval_batch_size=4)
+    dataset = relabelled(8, torch.tensor([0, 1, 2, 3, -100, -100, -100, -100]))
+    loss = trainer.evaluate(dataset)["eval_loss"]
+    with torch.no_grad():
+        logits = trainer.model.eval()(pixel_values=dataset.images).logits
+    assert loss == pytest.approx(classification_loss(logits, dataset.labels).item(), rel=1e-5)
+
+
 def test_a_teacher_and_student_naming_their_classes_in_another_order_are_refused(tmp_path, caplog):
     names = ["ant", "bee", "cow", "dog"]
     teacher = hf_resnet()
