@@ -211,8 +211,7 @@ class ClassifierAdapter(nn.Module):
         from .losses import classification_loss
 
         logits = model_logits(self.model(pixel_values))
-        none_labelled = 0.0 if self.training else float("nan")  # in evaluation the Trainer's NaN filter drops it
-        loss = None if labels is None else classification_loss(logits, labels, if_none_labelled=none_labelled)
+        loss = None if labels is None else classification_loss(logits, labels, training=self.training)
         return ImageClassifierOutput(loss=loss, logits=logits)
 
 

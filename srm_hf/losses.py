@@ -18,14 +18,15 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0,
-                        if_none_labelled: float = 0.0) -> torch.Tensor:
+                        training: bool = True) -> torch.Tensor:
     """Cross-entropy with the class labels, in float32. Logits [N, num_labels], labels [N].
 
     With label smoothing ε the target is (1-ε)·one-hot + ε/num_labels, as `TrainingArguments.label_smoothing_factor`
     gives it in the Trainer: (1-ε)·NLL + ε·mean over labels of -log p. The mean is over the labelled images: those
-    labelled IGNORE_INDEX (-100) are left out. A batch with none labelled gives `if_none_labelled`: 0 for a training
-    term (it trains nothing; torch's mean would be NaN), NaN for an evaluation loss (the Trainer's NaN filter then
-    leaves the batch out of `eval_loss`, as with torch's mean)."""
-    per_image = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="none")  # [N]
-    labelled = (labels != IGNORE_INDEX).sum()
-    return torch.where(labelled > 0, per_image.sum() / labelled.clamp(min=1), if_none_labelled)
+    labelled IGNORE_INDEX (-100) are left out. A batch with none labelled gives 0 in `training` (it trains nothing;
+    torch's mean would be NaN), and torch's NaN otherwise: an evaluation loss, where the Trainer's NaN filter leaves
+    the batch out of `eval_loss`."""
+    if not training:
+        return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+    total = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -186,8 +186,8 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         labels = inputs.get("labels")
         if not model.training:  # evaluation: the student's classification loss
             outputs = model(pixel_values=inputs["pixel_values"])
-            loss = None if labels is None else classification_loss(  # NaN for no labelled image: left out
-                outputs.logits, labels, self.args.label_smoothing_factor, if_none_labelled=float("nan"))
+            loss = None if labels is None else classification_loss(outputs.logits, labels,
+                                                                   self.args.label_smoothing_factor, training=False)
             return (loss, outputs) if return_outputs else loss
         stage = self.plan.stage_at(self.state.global_step)
         with capturing(self.teacher_hooks):  # also for a `teacher_forward` override that runs the teacher itself
