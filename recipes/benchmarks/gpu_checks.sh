@@ -10,7 +10,8 @@
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR pipeline  # small_model_pipeline.py (FASHION_MNIST_DIR: IDX files)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR sweep     # srm_ops.py --sweep: the fused kernels' launch settings
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR profile   # torch.profiler tables at 224 px / batch 128: the floor,
-#                                                           # the fused joint and dictionary steps, a teacher forward
+#                                                           # the fused joint and dictionary steps (both projection
+#                                                           # paths), a teacher forward
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR quality   # fused_quality.py: SRM's quality runs eager and fused
 #                                                           # (FASHION_MNIST_DIR: IDX files)
 #
@@ -58,6 +59,7 @@ case $part in
     python3 $B/srm_ops.py --sweep | tee "$out/srm_ops_sweep.txt" ;;
   profile)
     for step in "floor: student step + teacher forward" "SRM joint step, fused" "dictionary step, fused" \
+                "SRM joint step, fused, kernel projections" "dictionary step, fused, kernel projections" \
                 "teacher forward"; do
       python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 3 --warmup 3 --profile "$step" \
           > "$out/profile_$(echo "$step" | cut -d: -f1 | tr -c 'a-zA-Z0-9\n' _).txt"
