@@ -126,6 +126,12 @@ class DistillationConfig(TrainingArguments):
         default=False,
         metadata={"help": "torch.compile the teacher's forward like compile_student ('reduce-overhead': CUDA graphs)."},
     )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Student, teacher and images in channels_last memory format (NHWC, as timm's "
+                          "--channels-last): convolutions under bf16/fp16 on NVIDIA GPUs run without layout "
+                          "conversions. Same results; no gain on the CPU (results/cost.md)."},
+    )
     max_nonfinite_steps: int = field(
         default=10,
         metadata={"help": "Consecutive optimizer steps with a NaN/inf gradient that are skipped before training stops."},

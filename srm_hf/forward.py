@@ -50,6 +50,12 @@ def input_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+def in_layout(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """Images [N, C, H, W] in channels_last memory format when asked (no copy if they already are); else as given.
+    A convolution whose input or weight is channels_last returns channels_last maps, so the whole model follows."""
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
+
+
 def on_device(batch: dict, device) -> dict:
     """The batch's tensors on `device` (other entries dropped)."""
     return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}

@@ -20,7 +20,7 @@ from .callbacks import StageCallback
 from .checkpoint import check_resume_plan, resolve_resume
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
-from .forward import compile_in_place, hook_guards, input_dtype, model_logits
+from .forward import compile_in_place, hook_guards, in_layout, input_dtype, model_logits
 from .hooks import FeatureHooks, capturing
 from .hub import HubMixin
 from .logged_metrics import LoggedMetrics
@@ -54,6 +54,9 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         collate = data_collator or default_data_collator
         distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
                                                                collate)
+        if args.channels_last:  # 4-D weights in NHWC before any wrapper; the images follow in each forward
+            for module in (distill_model, teacher):
+                module.to(memory_format=torch.channels_last)
         if args.compile_student:
             distill_model.compile_student(args)
         self._distill_model = distill_model  # wrappers (DDP, FSDP, DeepSpeed, compile) keep this very object inside
@@ -100,6 +103,7 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
             self.teacher.eval()
         pixels = inputs.get("teacher_pixel_values", inputs["pixel_values"])
         pixels = pixels if self.teacher_dtype is None else pixels.to(self.teacher_dtype)  # a bf16 teacher, say
+        pixels = in_layout(pixels, self.args.channels_last)
         with torch.no_grad(), hook_guards(self.args.compile_teacher), capturing(self.teacher_hooks):
             logits = model_logits(self.teacher(pixels))
         return Features(logits, self.teacher_hooks.pop() if self.teacher_hooks else {})
@@ -183,16 +187,16 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
     # ---- loss and logging ----------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs.get("labels")
+        labels, pixel_values = inputs.get("labels"), in_layout(inputs["pixel_values"], self.args.channels_last)
         if not model.training:  # evaluation: the student's classification loss
-            outputs = model(pixel_values=inputs["pixel_values"])
+            outputs = model(pixel_values=pixel_values)
             loss = None if labels is None else classification_loss(outputs.logits, labels,
                                                                    self.args.label_smoothing_factor, training=False)
             return (loss, outputs) if return_outputs else loss
         stage = self.plan.stage_at(self.state.global_step)
         with capturing(self.teacher_hooks):  # also for a `teacher_forward` override that runs the teacher itself
             teacher = self.teacher_forward(inputs) if stage.spec.uses_teacher else None
-        outputs = model(pixel_values=inputs["pixel_values"], labels=labels, stage=stage, teacher=teacher)
+        outputs = model(pixel_values=pixel_values, labels=labels, stage=stage, teacher=teacher)
         for name, value in outputs.terms.items():
             self.log_metric(f"{stage.name}/{name}", value)
         self.step_losses.append(outputs.loss.detach())

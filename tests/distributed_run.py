@@ -22,7 +22,8 @@ import srm_hf.trainer_checkpoints as checkpoints_module  # noqa: E402
 from srm_hf import DistillationTrainer  # noqa: E402
 from srm_hf.forward import unwrap_model  # noqa: E402
 
-out, mode, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+out, batch = sys.argv[1], int(sys.argv[3])
+mode, _, layout = sys.argv[2].partition("+")  # e.g. "joint+channels_last"
 writes = []
 
 
@@ -48,7 +49,7 @@ DistillationTrainer._save_rng_state = late_rng_save
 
 args = make_config(__import__("pathlib").Path(out), srm_mode=mode, per_device_train_batch_size=batch, optim="sgd",
                    learning_rate=0.1, srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2, save_strategy="steps",
-                   save_steps=3)
+                   save_steps=3, channels_last=layout == "channels_last")
 trainer = DistillationTrainer(model=NormFreeNet(8, 1), teacher_model=NormFreeNet(16, 0), args=args,
                               train_dataset=PatternDataset(64))
 
@@ -70,6 +71,8 @@ rank = trainer.accelerator.process_index
 torch.save(
     {
         "world": trainer.accelerator.num_processes,
+        "nhwc": [p.is_contiguous(memory_format=torch.channels_last) for p in trainer.distill_model.parameters()
+                 if p.dim() == 4],
         "state": {k: v.cpu() for k, v in trainer.distill_model.state_dict().items()},
         "losses": [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e],
         "probes": [{k: v for k, v in e.items() if k.startswith("probe/")} for e in trainer.state.log_history

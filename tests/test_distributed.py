@@ -31,11 +31,12 @@ def launch(out: Path, mode: str, processes: int, batch: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
-@pytest.mark.parametrize("mode", ["paper", "joint"])
+@pytest.mark.parametrize("mode", ["paper", "joint", "joint+channels_last"])
 def test_two_processes_match_one(tmp_path, mode):
     rank0, rank1 = launch(tmp_path / "two", mode, processes=2, batch=8)
     (single,) = launch(tmp_path / "one", mode, processes=1, batch=16)
     assert rank0["world"] == 2 and single["world"] == 1
+    assert rank0["nhwc"] and set(rank0["nhwc"] + single["nhwc"]) == {mode.endswith("channels_last")}
     # the student (with its dictionaries and heads) is wrapped in DDP; the teacher never is, and stays frozen
     assert rank0["model_type"] == "DistributedDataParallel"
     assert rank0["teacher_unwrapped"] and not rank0["teacher_grad"]

@@ -5,6 +5,7 @@
     python recipes/benchmarks/cost.py --steps 5 --out /tmp/cost.md   # a quick check
     python recipes/benchmarks/cost.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t
                                                              # the small-model setting
+    python recipes/benchmarks/cost.py --device cuda --bf16 --channels_last   # models and images in NHWC
 On CUDA the SRM steps run three times: with the eager maths, with the fused Triton kernels (`srm_kernels`), and
 through the kernels that make the projections themselves (", kernel projections": `srm_kernel_projections`).
 
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from srm_hf import DistillationConfig, DistillationTrainer  # noqa: E402
+from srm_hf.forward import in_layout  # noqa: E402
 from srm_hf.fused import use_fused  # noqa: E402
 from srm_hf.methods import SRM  # noqa: E402
 from srm_hf.stages import StagePlan  # noqa: E402
@@ -79,12 +81,14 @@ def build(args):
     student = timm.create_model(args.student, num_classes=classes)
     config = DistillationConfig(output_dir="/tmp/srm_cost", use_cpu=args.device == "cpu", bf16=args.bf16,
                                 report_to="none", srm_mode="joint", per_device_train_batch_size=args.batch,
-                                disable_tqdm=True, max_steps=1, srm_dictionary_max_steps=1)
+                                disable_tqdm=True, max_steps=1, srm_dictionary_max_steps=1,
+                                channels_last=args.channels_last)
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config,
                                   train_dataset=Batches(args.batch, args.size, classes))
     trainer.create_optimizer()
     trainer.plan = StagePlan([(STAGES["joint"], 1)])
     batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(args.batch)]))
+    batch["pixel_values"] = in_layout(batch["pixel_values"], args.channels_last)  # as the trainer's steps give it
     return trainer, batch
 
 
@@ -196,7 +200,7 @@ def report(args, trainer, times, mem) -> str:
               else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     memory_kind = "peak allocated during the step" if args.device == "cuda" else "bytes saved for backward"
     lines = [
-        f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}",
+        f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}",
         "",
         f"Pair: `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, 100 classes, "
         f"m = {trainer.args.srm_codeword_multiplier}, s = {trainer.args.srm_sparsity_multiplier}, "
@@ -236,6 +240,7 @@ def add_pair_arguments(p: argparse.ArgumentParser, teacher="resnet34", student="
     p.add_argument("--student", default=student)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--size", type=int, default=size)
+    p.add_argument("--channels_last", action="store_true", help="Models and images in NHWC (`channels_last`).")
 
 
 def main(argv=None):

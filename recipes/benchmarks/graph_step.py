@@ -83,7 +83,8 @@ def steps(args) -> dict:
 
 def report(args, trainer, times) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (eager steps only: graphs need CUDA)"
-    lines = [f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}: eager and CUDA-graph steps", "",
+    layout = ", channels_last" if args.channels_last else ""
+    lines = [f"## {device}, {'bf16 autocast' if args.bf16 else 'fp32'}{layout}: eager and CUDA-graph steps", "",
              f"Pair `{args.teacher}` → `{args.student}`, batch {args.batch}, {args.size}×{args.size} inputs, taps: "
              f"{', '.join(f'{p.teacher.path}→{p.student.path}' for p in trainer.tap_pairs)}. {args.steps} "
              f"interleaved rounds after {args.warmup} warm-up rounds; ratios are medians of per-round ratios.", "",
