@@ -4,6 +4,7 @@
 #
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR tests     # tests/test_fused*.py, tests/test_gpu.py (not FSDP/DeepSpeed)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR large     # cost.py at 224 px / batch 128 and 112 px / batch 16
+#   bash recipes/benchmarks/gpu_checks.sh OUT_DIR layout    # the same with models and images in NHWC (--channels_last)
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR small     # cost.py at 28 px, srm_ops.py, host_overhead.py,
 #                                                           # launch_cost.py
 #   bash recipes/benchmarks/gpu_checks.sh OUT_DIR graphs    # graph_step.py: eager and CUDA-graph steps, small batches
@@ -19,8 +20,8 @@
 # BASE=DIR), `large` and `graphs` also time that code on the same machine, right after this checkout's run (reports
 # *_base.md): the comparison a change of the kernels needs, since timings from different machine starts differ.
 set -uo pipefail
-out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile|quality}
-part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|small|graphs|pipeline|sweep|profile|quality}
+out=${1:?usage: gpu_checks.sh OUT_DIR tests|large|layout|small|graphs|pipeline|sweep|profile|quality}
+part=${2:?usage: gpu_checks.sh OUT_DIR tests|large|layout|small|graphs|pipeline|sweep|profile|quality}
 mkdir -p "$out"
 B=recipes/benchmarks
 export HF_HUB_OFFLINE=1
@@ -42,6 +43,13 @@ case $part in
   large)
     both python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 20 --warmup 3 --out "$out/cost_224.md"
     both python3 $B/cost.py --device cuda --bf16 --batch 16 --size 112 --steps 30 --warmup 5 --out "$out/cost_112.md" ;;
+  layout)
+    python3 $B/cost.py --device cuda --bf16 --batch 128 --size 224 --steps 20 --warmup 3 --channels_last \
+        --out "$out/cost_224_nhwc.md"
+    python3 $B/cost.py --device cuda --bf16 --batch 16 --size 112 --steps 30 --warmup 5 --channels_last \
+        --out "$out/cost_112_nhwc.md"
+    python3 $B/graph_step.py --device cuda --bf16 --batch 16 --size 112 --channels_last \
+        --out "$out/graph_step_112_nhwc.md" ;;
   small)
     python3 $B/cost.py --device cuda --bf16 --size 28 --batch 64 --teacher resnet18 --student resnet10t --steps 30 \
         --warmup 5 --out "$out/cost_28.md"
@@ -69,5 +77,5 @@ case $part in
         --methods "SRM paper" "SRM joint" --runs "$out/fused_quality_runs.jsonl" --out "$out/fused_quality.md" \
         --work_dir /tmp/fused_quality ;;
   *)
-    echo "unknown part $part: tests, large, small, graphs, pipeline, sweep, profile or quality" >&2; exit 2 ;;
+    echo "unknown part $part: tests, large, layout, small, graphs, pipeline, sweep, profile or quality" >&2; exit 2 ;;
 esac
