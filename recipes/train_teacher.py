@@ -17,6 +17,7 @@ from offline import go_offline_if_hub_unreachable
 
 go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
 
+import torch
 from transformers import Trainer, TrainingArguments
 
 from srm_hf.argparser import SRMParser, parse_kwargs
@@ -78,6 +79,8 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
     model = load_image_classifier(teacher_args.teacher_architecture, num_labels=len(splits.label_names),
                                   id2label=splits.id2label, pretrained=teacher_args.teacher_pretrained,
                                   **architecture_kwargs)
+    if getattr(base, "channels_last", False):  # the distillation run's layout; convolutions take NCHW images to it
+        model.to(memory_format=torch.channels_last)
     pre = preprocessing_for(model, load_image_processor(teacher_args.teacher_architecture))
     train = splits.train.with_transform(ImageTransform(pre, train=True))
     trainer = Trainer(

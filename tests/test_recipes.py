@@ -345,3 +345,23 @@ def test_the_teacher_recipe_checks_every_image_it_trains_on_first(tmp_path):
     with pytest.raises(ValueError, match="5.png.*cannot be used.*nothing was trained"):
         train_teacher.train_teacher(teacher, data, base, str(tmp_path / "teacher"))
     assert not (tmp_path / "teacher").exists()
+
+
+def test_the_teacher_recipe_trains_in_the_distillation_runs_layout(tmp_path, monkeypatch):
+    seen = []
+
+    class Recording(train_teacher.Trainer):
+        def training_step(self, model, inputs, *args, **kwargs):
+            seen.append({p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4})
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(train_teacher, "Trainer", Recording)
+    data = tiny_fashion_idx(tmp_path)
+    base = DistillationConfig(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", channels_last=True)
+    kwargs = json.dumps({"in_chans": 1, "pretrained_cfg_overlay": train_teacher.FASHION_MNIST_INPUT})  # 28 px
+    teacher = train_teacher.TeacherArguments(teacher_architecture="timm:resnet10t", teacher_max_steps=1,
+                                             teacher_architecture_kwargs=kwargs)
+    folder = train_teacher.train_teacher(teacher, DataArguments(dataset_dir=data), base, str(tmp_path / "teacher"))
+    assert seen == [{True}]
+    loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)  # written contiguous: loads as usual
+    assert all(p.is_contiguous() for p in loaded.parameters())
