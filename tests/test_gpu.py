@@ -304,3 +304,18 @@ def test_a_fused_srm_step_captured_in_a_cuda_graph_replays_what_it_computes_eage
     for got, expected in zip(captured_grads, want_grads):
         if expected is not None:
             torch.testing.assert_close(got, expected, rtol=1e-2, atol=1e-4)
+
+
+def test_channels_last_on_cuda_trains_the_nchw_student_through_the_kernels(tmp_path):
+    """NHWC maps through cuDNN and the fused SRM kernels (the default on CUDA) give the NCHW run's training in IEEE
+    float32; under bf16 the NHWC run stays finite."""
+    from test_channels_last import assert_same_student, run
+
+    with fp32_precision("ieee", "ieee"):
+        _, want_losses, want_weights = run(tmp_path / "nchw", use_cpu=False)
+        trainer, losses, weights = run(tmp_path / "nhwc", use_cpu=False, channels_last=True)
+    assert trainer.layouts == {"teacher": {True}, "student": {True}}
+    torch.testing.assert_close(losses, want_losses, rtol=1e-4, atol=1e-6)
+    assert_same_student({k: v.cpu() for k, v in weights.items()}, {k: v.cpu() for k, v in want_weights.items()})
+    trainer, _, _ = run(tmp_path / "bf16", use_cpu=False, channels_last=True, bf16=True)
+    assert trainer.layouts == {"teacher": {True}, "student": {True}} and finite_logs(trainer)
