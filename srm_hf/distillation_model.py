@@ -15,7 +15,7 @@ from transformers import default_data_collator
 from transformers.trainer_utils import enable_full_determinism, set_seed
 from transformers.utils import ModelOutput
 
-from .forward import compile_in_place, hook_guards, input_dtype, model_logits
+from .forward import compile_in_place, hook_guards, in_layout, input_dtype, model_logits, to_channels_last
 from .hooks import FeatureHooks, capturing
 from .loading import ClassifierAdapter, check_label_names, load_image_classifier
 from .methods import Features, Method
@@ -58,6 +58,7 @@ class DistillationModel(nn.Module):
         self.pairs = list(pairs)
         self.provenance: dict = {}  # the teacher and data it was built for (`from_models`), checked on resume
         self.num_labels: int | None = None  # the classes teacher and student predict (`from_models`)
+        self.nhwc = {"student": False, "teacher": False}  # which of the two run in channels_last (`from_models`)
         check_buildable(student, method)
         method.build(self.pairs)
         check_stage_lengths(method.stages(), method.name)
@@ -117,8 +118,13 @@ class DistillationModel(nn.Module):
         pixel_values = example["pixel_values"].to(next(student.parameters()).device)
         teacher_pixel_values = example.get("teacher_pixel_values", example["pixel_values"])
         teacher_pixel_values = teacher_pixel_values.to(next(teacher.parameters()).device, input_dtype(teacher))
-        teacher_labels = label_count(teacher, teacher_pixel_values, "teacher")
-        student_labels = label_count(student, pixel_values, "student")
+        # channels_last: weights and images in NHWC before the first forward, so that a model that cannot run so fails
+        nhwc = {role: args.channels_last and to_channels_last(m) for role, m in (("student", student),
+                                                                                  ("teacher", teacher))}
+        pixel_values = in_layout(pixel_values, nhwc["student"])
+        teacher_pixel_values = in_layout(teacher_pixel_values, nhwc["teacher"])
+        teacher_labels = label_count(teacher, teacher_pixel_values, "teacher", nhwc["teacher"])
+        student_labels = label_count(student, pixel_values, "student", nhwc["student"])
         if teacher_labels != student_labels:
             raise ValueError(
                 f"The teacher predicts {teacher_labels} labels but the student {student_labels}. Create the student "
@@ -130,7 +136,9 @@ class DistillationModel(nn.Module):
         pairs = plan_taps(teacher, student, teacher_pixel_values, pixel_values, args) if method.uses_taps else []
         method.teacher_fingerprint = fingerprint(teacher)  # before `build`, which may load artefacts made for one
         model = cls(student, method, pairs)
-        model.num_labels = teacher_labels
+        if nhwc["student"]:  # the method's own convolutions (ReviewKD's) take the student's NHWC maps
+            method.to(memory_format=torch.channels_last)
+        model.num_labels, model.nhwc = teacher_labels, nhwc
         model.provenance = {"teacher": method.teacher_fingerprint, "train_examples": len(train_dataset),
                             "stage_batch_sizes": args.stage_batch_sizes}
         return model, teacher

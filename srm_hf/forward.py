@@ -50,6 +50,15 @@ def input_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
+def to_channels_last(model: nn.Module) -> bool:
+    """Put the model's 4-D weights in channels_last memory format, in place; False (and nothing done) for a model
+    without any, whose images then stay NCHW (its first layer may flatten them with `.view`)."""
+    if not any(p.dim() == 4 for p in model.parameters()):
+        return False
+    model.to(memory_format=torch.channels_last)
+    return True
+
+
 def in_layout(images: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """Images [N, C, H, W] in channels_last memory format when asked (no copy if they already are); else as given.
     A convolution whose input or weight is channels_last returns channels_last maps, so the whole model follows."""

@@ -233,9 +233,9 @@ def check_buildable(student: nn.Module, method: Method) -> None:
                          "trained: unfreeze it (student.requires_grad_(True)), or pass a trainable model.")
 
 
-def label_count(model: nn.Module, pixel_values: torch.Tensor, role: str) -> int:
+def label_count(model: nn.Module, pixel_values: torch.Tensor, role: str, channels_last: bool = False) -> int:
     """How many labels the model predicts, from one eval-mode forward of the first training images; a batch the
-    model cannot take is named with the error."""
+    model cannot take is named with the error (and `channels_last`, when the model runs in NHWC)."""
     try:
         with eval_mode(model):
             return model_logits(model(pixel_values)).shape[-1]
@@ -244,5 +244,7 @@ def label_count(model: nn.Module, pixel_values: torch.Tensor, role: str) -> int:
             f"The {role} ({type(model).__name__}) cannot take the first training images (pixel_values "
             f"{pixel_values.dtype} of shape {tuple(pixel_values.shape)}): {str(e).strip()}. Give it images of the "
             "channels, size and dtype it takes (its image processor or transforms; teacher_pixel_values when the "
-            "teacher takes others)."
+            "teacher takes others)." + (" It runs with channels_last=True: its weights and maps are NHWC, which a "
+                                        "`.view` of a map cannot take. Use `.reshape` or `.flatten` in the model, "
+                                        "or set channels_last=False." if channels_last else "")
         ) from e

@@ -54,9 +54,6 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         collate = data_collator or default_data_collator
         distill_model, teacher = DistillationModel.from_models(model, teacher_model, method, train_dataset, args,
                                                                collate)
-        if args.channels_last:  # 4-D weights in NHWC before any wrapper; the images follow in each forward
-            for module in (distill_model, teacher):
-                module.to(memory_format=torch.channels_last)
         if args.compile_student:
             distill_model.compile_student(args)
         self._distill_model = distill_model  # wrappers (DDP, FSDP, DeepSpeed, compile) keep this very object inside
@@ -103,7 +100,7 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
             self.teacher.eval()
         pixels = inputs.get("teacher_pixel_values", inputs["pixel_values"])
         pixels = pixels if self.teacher_dtype is None else pixels.to(self.teacher_dtype)  # a bf16 teacher, say
-        pixels = in_layout(pixels, self.args.channels_last)
+        pixels = in_layout(pixels, self.distill_model.nhwc["teacher"])
         with torch.no_grad(), hook_guards(self.args.compile_teacher), capturing(self.teacher_hooks):
             logits = model_logits(self.teacher(pixels))
         return Features(logits, self.teacher_hooks.pop() if self.teacher_hooks else {})
@@ -187,7 +184,8 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
     # ---- loss and logging ----------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels, pixel_values = inputs.get("labels"), in_layout(inputs["pixel_values"], self.args.channels_last)
+        labels = inputs.get("labels")
+        pixel_values = in_layout(inputs["pixel_values"], self.distill_model.nhwc["student"])
         if not model.training:  # evaluation: the student's classification loss
             outputs = model(pixel_values=pixel_values)
             loss = None if labels is None else classification_loss(outputs.logits, labels,

@@ -5,6 +5,7 @@ import os
 import pytest
 import timm
 import torch
+import torch.nn as nn
 
 from conftest import PatternDataset, hf_resnet, make_trainer, timm_resnet
 from srm_hf import DistillationTrainer
@@ -22,8 +23,10 @@ class LayoutTrainer(DistillationTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.layouts = {"teacher": set(), "student": set()}
-        self.distill_model.student.resnet.embedder.register_forward_hook(
-            lambda module, inputs, output: self.layouts["student"].add(is_nhwc(output)))
+        first = getattr(self.distill_model.student, "resnet", None)  # the transformers ResNet of make_trainer
+        if first is not None:
+            first.embedder.register_forward_hook(lambda module, inputs, output: self.layouts["student"].add(
+                is_nhwc(output)))
 
     def teacher_forward(self, inputs):
         features = super().teacher_forward(inputs)
@@ -66,6 +69,37 @@ def test_channels_last_trains_the_same_student_in_nhwc(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(images).logits, trainer.distill_model.student.eval()(images).logits,
                                    rtol=1e-5, atol=1e-5)
+
+
+class Flat(nn.Module):
+    """No 4-D weights: its images stay NCHW, which its `.view` needs."""
+
+    def __init__(self, convolution: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Conv2d(3, 3, 3, padding=1) if convolution else nn.Identity()
+        self.fc = nn.Linear(3 * 32 * 32, 4)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_a_model_without_convolutions_keeps_nchw_images_beside_an_nhwc_teacher(tmp_path):
+    trainer = make_trainer(tmp_path, student=Flat(), cls=LayoutTrainer, method="kd", max_steps=2, channels_last=True)
+    trainer.distill_model.student.register_forward_pre_hook(
+        lambda module, inputs: trainer.layouts["student"].add(inputs[0].is_contiguous()))
+    trainer.teacher.register_forward_pre_hook(lambda module, inputs: trainer.layouts["teacher"].add(is_nhwc(inputs[0])))
+    trainer.train()
+    assert trainer.distill_model.nhwc == {"student": False, "teacher": True}
+    assert trainer.layouts == {"teacher": {True}, "student": {True}}  # NHWC images for the teacher, NCHW here
+
+
+def test_a_model_that_views_nhwc_maps_is_refused_before_training_naming_channels_last(tmp_path):
+    with pytest.raises(ValueError, match=r"student \(Flat\) cannot take.*channels_last=True.*\.reshape.*"
+                                         "channels_last=False"):
+        make_trainer(tmp_path, student=Flat(convolution=True), method="kd", channels_last=True)
+    make_trainer(tmp_path, student=Flat(convolution=True), method="kd")  # in NCHW it runs
 
 
 def test_a_timm_student_in_channels_last_saves_a_checkpoint_timm_loads(tmp_path):
