@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 from offline import go_offline_if_hub_unreachable
@@ -56,6 +57,8 @@ RECIPE_DEFAULTS = dict(
     eval_steps=550, save_strategy="no", report_to="tensorboard", seed=42,
 )
 SRM_RECIPE_DEFAULTS = dict(srm_dictionary_max_steps=300, srm_max_steps=200, srm_pixel_ce_on_sigmoid=False)  # srm only
+EPOCHS_OF = {"max_steps": "num_train_epochs", "srm_dictionary_max_steps": "srm_dictionary_epochs",
+             "srm_max_steps": "srm_epochs"}  # a step count above is left out where its epochs are given
 
 
 @dataclass
@@ -144,12 +147,23 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
 
 def parse_arguments(argv: list[str] | None = None) -> tuple:
     """The recipe's arguments: flags over a YAML `--config` over RECIPE_DEFAULTS, and for SRM over its recipe settings
-    too (another --method starts from the library's defaults of its own)."""
-    parser = SRMParser((ScriptArguments, DataArguments, ModelArguments, TeacherArguments, DistillationConfig))
-    parser.set_defaults(**RECIPE_DEFAULTS)
-    if parser.parse(argv)[-1].method == "srm":
-        parser.set_defaults(**SRM_RECIPE_DEFAULTS)  # under the YAML config and the flags: each parse reapplies them
-    script_args, *others, config = parser.parse(argv)
+    too (another --method starts from the library's defaults of its own). A step count of those defaults gives way
+    to the matching epochs where the config or a flag sets them."""
+    def parser():
+        return SRMParser((ScriptArguments, DataArguments, ModelArguments, TeacherArguments, DistillationConfig))
+
+    probe = parser()  # what the config and the flags give: the method, and the options set
+    probe.set_defaults(**RECIPE_DEFAULTS)
+    method = probe.parse(argv)[-1].method
+    defaults = {**RECIPE_DEFAULTS, **(SRM_RECIPE_DEFAULTS if method == "srm" else {})}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for steps, epochs in EPOCHS_OF.items():  # `num_train_epochs: 20` in a config must not lose to max_steps=2200,
+        if epochs in probe.given:  # nor an epochs flag to the step count of the config under it
+            defaults.pop(steps, None)
+            argv += ["--" + steps, "-1"] if epochs in probe.flags and steps not in probe.flags else []
+    final = parser()
+    final.set_defaults(**defaults)  # under the YAML config and the flags
+    script_args, *others, config = final.parse(argv)
     if script_args.compare is None:
         script_args.compare = [m for m in ("kd", "alone") if m != config.method]
     return (script_args, *others, config)

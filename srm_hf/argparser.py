@@ -3,34 +3,72 @@
     parser = SRMParser((DataArguments, ModelArguments, DistillationConfig))
     data_args, model_args, config = parser.parse(["--config", "recipes/configs/cifar10.yaml", "--max_steps", "5"])
 
-Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored. An
+Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored. A field
+that may be None takes `none` (or `null`) on the command line, YAML's null in the file; other fields refuse it. An
 `env:` mapping (as in TRL's configs) sets environment variables for the run; those a library reads when imported
 (HF_HUB_OFFLINE, HF_HOME) must be set before the launch instead.
 """
 
 import argparse
+import dataclasses
 import json
 import os
+import types
+import typing
 
 import yaml
 from transformers import HfArgumentParser
 
 
+def _or_none(kind):
+    """argparse's `type` for a field that may be None: 'none' / 'null' give None, anything else `kind`."""
+    def convert(text: str):
+        return None if text.strip().lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in its errors ("invalid int value")
+    return convert
+
+
+def _allows_none(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+
+
 class SRMParser(HfArgumentParser):
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        # from the annotations: HfArgumentParser strips None from the fields' own `type`, for every later parser too
+        nullable = {name for d in self.dataclass_types for name, hint in typing.get_type_hints(d).items()
+                    if name in {f.name for f in dataclasses.fields(d)} and _allows_none(hint)}
+        self.nullable = nullable  # fields that may be None: a flag's 'none', YAML's null
+        for action in self._actions:
+            if action.dest in nullable and action.type in (int, float):
+                action.value_type, action.type = action.type, _or_none(action.type)
+        self.given: set[str] = set()  # after `parse`: the fields the YAML config or a flag set
+        self.flags: set[str] = set()  # after `parse`: those a flag set
+
     def parse(self, args: list[str] | None = None) -> tuple:
-        """Parse `args` (default: sys.argv[1:]) with `--config file.yaml` as defaults under the flags."""
+        """Parse `args` (default: sys.argv[1:]) with `--config file.yaml` (or `--config=file.yaml`) as defaults under
+        the flags."""
         import sys
 
         args = list(sys.argv[1:] if args is None else args)
         config_path = None
-        if "--config" in args:
-            i = args.index("--config")
-            if i + 1 >= len(args):
-                raise ValueError("--config needs a YAML file path.")
-            config_path = args[i + 1]
-            del args[i : i + 2]
-        if config_path is not None:
-            self.set_defaults(**self._read_yaml(config_path))
+        for i, arg in enumerate(args):
+            if arg.startswith("--config="):
+                config_path = arg.split("=", 1)[1]
+                del args[i]
+                break
+            if arg == "--config":
+                if i + 1 >= len(args):
+                    raise ValueError("--config needs a YAML file path.")
+                config_path = args[i + 1]
+                del args[i : i + 2]
+                break
+        values = self._read_yaml(config_path) if config_path is not None else {}
+        self.set_defaults(**values)
+        flags = {self._option_string_actions[a.split("=", 1)[0]].dest for a in args
+                 if a.startswith("--") and a.split("=", 1)[0] in self._option_string_actions}
+        self.given, self.flags = set(values) | flags, flags
         outputs = self.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
         *dataclasses, remaining = outputs
         if remaining:
@@ -54,6 +92,9 @@ class SRMParser(HfArgumentParser):
         os.environ.update({str(k): str(v) for k, v in env.items() if v is not None})
         actions = {action.dest: action for action in self._actions}
         for key, value in values.items():
+            if value is None and key not in self.nullable:
+                raise ValueError(f"{key}: null in {path}, but {key} needs a value: give one, or remove the key to "
+                                 "keep its default.")
             _check_type(actions[key], key, value, path)
         # argparse leaves non-string defaults as they are: keep mappings as JSON text for str-typed fields, and give
         # list options a list (`metrics: accuracy` is one metric, not eight letters)
@@ -64,7 +105,7 @@ class SRMParser(HfArgumentParser):
 def _check_type(action, key: str, value, path: str) -> None:
     """argparse converts only strings: a YAML number or boolean must already be of the option's type (`max_steps:
     2.5` is refused, not truncated)."""
-    kind = action.type
+    kind = getattr(action, "value_type", action.type)  # int or float under `_or_none`
     if kind is None or isinstance(value, dict):
         return
     if isinstance(value, list) and action.nargs is None:

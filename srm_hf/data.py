@@ -65,7 +65,8 @@ class DataArguments:
         for name in ("max_train_samples_per_class", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name}={value} must be at least 1: leave it unset to keep every image.")
+                raise ValueError(f"{name}={value} must be at least 1: set it to none (null in YAML) to keep every "
+                                 "image.")
 
 
 @dataclass

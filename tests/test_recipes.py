@@ -71,6 +71,32 @@ def test_shipped_configs_parse(name):
     distill.parse_arguments(["--config", str(ROOT / "recipes" / "configs" / name), "--use_cpu", "true", "--bf16", "false"])
 
 
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_a_hub_config_trains_the_epochs_it_names_on_every_image(name):
+    """The recipe's own defaults (the offline run: 10 images per class, step counts) yield to what a config says."""
+    _, data, _, _, config = distill.parse_arguments(["--config", str(ROOT / "recipes" / "configs" / name), "--use_cpu",
+                                                     "true", "--bf16", "false"])
+    assert data.max_train_samples_per_class is None
+    assert (config.max_steps, config.srm_dictionary_max_steps, config.srm_max_steps) == (-1, -1, -1)
+    assert (config.num_train_epochs, config.srm_dictionary_epochs, config.srm_epochs) == (20, 2, 5)
+
+
+def test_an_epochs_flag_overrides_the_step_count_under_it_and_none_unsets_an_option(tmp_path):
+    _, data, _, _, config = distill.parse_arguments(["--num_train_epochs", "3", "--use_cpu", "true"])
+    assert (config.max_steps, config.num_train_epochs, config.srm_max_steps) == (-1, 3, 200)  # the others stay
+    yaml = str(ROOT / "recipes/configs/fashion_mnist.yaml")
+    _, data, _, _, config = distill.parse_arguments([f"--config={yaml}", "--srm_epochs", "2", "--use_cpu", "true",
+                                                     "--max_train_samples_per_class", "none"])
+    assert (config.srm_max_steps, config.srm_epochs, config.max_steps) == (-1, 2, 2200)
+    assert data.max_train_samples_per_class is None
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: null\n")
+    with pytest.raises(ValueError, match="max_steps: null in .*c.yaml, but max_steps needs a value"):
+        distill.parse_arguments(["--config", str(cfg), "--use_cpu", "true"])
+    with pytest.raises(SystemExit):  # argparse: "invalid int value"
+        distill.parse_arguments(["--max_steps", "none", "--use_cpu", "true"])
+
+
 def test_default_yaml_matches_the_no_argument_run():
     defaults = distill.parse_arguments(["--use_cpu", "true"])
     from_yaml = distill.parse_arguments(["--config", str(ROOT / "recipes/configs/fashion_mnist.yaml"), "--use_cpu", "true"])
