@@ -143,7 +143,8 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
 
     def train_stages(self, names: list[str], resume_from_checkpoint: str | bool | None = None):
         """Run only these stages of the method now (e.g. SRM's dictionary); a later `train()` leaves them out."""
-        known = check_stage_selection(self.method, names, self.stages_done, bool(resume_from_checkpoint))
+        ran = self.stages_done | set(self.stages_trained)  # by train_stages, or by a whole train()
+        known = check_stage_selection(self.method, names, ran, bool(resume_from_checkpoint))
         before, self.stages_done = self.stages_done, self.stages_done | (set(known) - set(names))
         try:
             output = self.train(resume_from_checkpoint)

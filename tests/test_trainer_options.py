@@ -297,6 +297,15 @@ def test_resuming_under_another_stage_plan_or_at_its_end_is_refused(tmp_path):
     assert longer.state.global_step == 10 and longer.state.log_history[-2]["stage"] == 3
 
 
+def test_train_stages_after_a_whole_train_runs_a_later_stage_again(tmp_path):
+    trainer = make_trainer(tmp_path, srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2)
+    trainer.train()
+    trainer.train_stages(["kd"])  # the stages it builds on have run in train()
+    assert trainer.plan.describe() == [["kd", 2]] and trainer.state.global_step == 2
+    with pytest.raises(ValueError, match="would run before stage \\['dictionary', 'srm'\\]"):
+        make_trainer(tmp_path / "new").train_stages(["kd"])
+
+
 def test_the_stages_after_train_stages_resume_with_train_stages(tmp_path):
     plan = dict(srm_dictionary_max_steps=2, srm_max_steps=2, save_strategy="steps", save_steps=2)
     trainer = make_trainer(tmp_path, **plan)
