@@ -151,6 +151,25 @@ def check_stage_groups(optimizer) -> None:
         )
 
 
+def check_optimizer_holds(optimizer, model, plan) -> None:
+    """Every trainable parameter of what each stage trains is in the optimizer (one passed in, or built by an
+    override, may hold the student alone: the method's modules are made by the trainer), else they never change."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    modules = {"student": ("student.", model.student),
+               **{name: (f"method.{name}.", child) for name, child in model.method.named_children()}}
+    for stage in plan.stages:
+        for name in stage.groups:
+            prefix, module = modules[name]
+            missing = [prefix + n for n, p in module.named_parameters() if p.requires_grad and id(p) not in held]
+            if missing:
+                raise ValueError(
+                    f"Stage '{stage.name}' trains '{name}', but the optimizer lacks {len(missing)} of its parameters "
+                    f"(e.g. {missing[0]!r}), which would never change. Build it from "
+                    "trainer.distill_model.param_groups(decay_names, weight_decay) (it holds the method's modules, "
+                    "made by the trainer), or let DistillationTrainer build it: optimizer_cls_and_kwargs chooses "
+                    "the class.")
+
+
 class RefusedTrainerFeatures:
     """Trainer methods that cannot drive a stage plan, refused with the way around."""
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
+from conftest import PatternDataset, changed, hf_resnet, make_config, make_trainer, snapshot, timm_resnet
 from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, TrainerCallback
 
@@ -182,6 +182,33 @@ def test_a_schedule_other_than_the_stages_is_refused_before_the_first_step(tmp_p
     with pytest.raises(ValueError, match="CosineAnnealingLR, not the stage schedule.*stage_scheduler"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_an_optimizer_passed_in_without_the_methods_modules_is_refused_before_the_first_step(tmp_path):
+    student = hf_resnet()
+    optimizer = torch.optim.AdamW([{"params": list(student.parameters()), "stage_group": "student"}], lr=1e-3)
+    trainer = make_trainer(tmp_path, student=student, optimizers=(optimizer, None))
+    before = snapshot(trainer.distill_model)
+    with pytest.raises(ValueError, match="Stage 'dictionary' trains 'coders', but the optimizer lacks 8 of its "
+                                         "parameters \\(e.g. 'method.coders.layer1.dictionary'\\).*param_groups.*optimizer_cls_and_kwargs"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not changed(before, snapshot(trainer.distill_model))
+    groups = trainer.distill_model.param_groups(set(), 0.0)  # the way the error names: every module, trained
+    trainer = make_trainer(tmp_path, student=student, optimizers=(torch.optim.AdamW(groups, lr=1e-3), None),
+                           method="kd")
+    trainer.train()
+
+
+@pytest.mark.parametrize("spec, match", [
+    (dict(trains="student"), "trains='student' must be a non-empty tuple of names.*trains=\\('student',\\)"),
+    (dict(trains=()), "trains=\\(\\) must be a non-empty tuple"),
+    (dict(epochs=0), "epochs=0 must be > 0.*leave the stage out"),
+])
+def test_a_stage_spec_that_cannot_run_as_meant_is_refused_when_written(spec, match):
+    from srm_hf import StageSpec
+
+    with pytest.raises(ValueError, match=f"StageSpec 'warm': {match}"):
+        StageSpec("warm", **spec)
 
 
 @pytest.mark.parametrize("options, match", [

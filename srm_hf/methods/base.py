@@ -43,6 +43,14 @@ class StageSpec:
     runs_student: bool = True  # False: the student does not run (e.g. SRM's dictionary stage)
     constant_lr: bool = False  # True: a constant learning rate instead of the configured schedule
 
+    def __post_init__(self):
+        if isinstance(self.trains, str) or not self.trains or not all(isinstance(t, str) for t in self.trains):
+            raise ValueError(f"StageSpec {self.name!r}: trains={self.trains!r} must be a non-empty tuple of names, "
+                             "'student' and/or the method's child modules, e.g. trains=('student',).")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"StageSpec {self.name!r}: epochs={self.epochs} must be > 0 (a stage always runs at "
+                             "least one step): leave the stage out of `stages()` to skip it.")
+
 
 @dataclass
 class Features:
