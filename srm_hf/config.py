@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 from .fused import KERNEL_CHOICES, triton_available
 from .methods import METHOD_PREFIXES, check_method_fields, method_class
 from .stage_batches import parse_stage_batch_sizes
+from .stages import check_schedule
 from .trainer_options import check_reference_overrides, check_trainer_options
 
 
@@ -198,6 +199,7 @@ class DistillationConfig(TrainingArguments):
         # the names are checked against the trainer's method (`DistillationTrainer`), which may be a custom one
         self.stage_batch_sizes = parse_stage_batch_sizes(self.stage_batch_sizes) or None
         check_trainer_options(self)
+        check_schedule(self)
         if not self.srm_codeword_multiplier > 0:  # NaN fails too
             raise ValueError(f"srm_codeword_multiplier={self.srm_codeword_multiplier} must be > 0 (the paper: 1.5-4).")
         if not 0 < self.srm_sparsity_multiplier <= 1:  # NaN fails too

@@ -146,19 +146,30 @@ def _stage_lambda(stage: Stage, args, last: bool, lr: float) -> object:
         return step_decay(stage.name, stage.steps, last)
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr or 1.0)
     constant = stage.spec.constant_lr
-    scheduler = get_scheduler(
-        "constant" if constant else args.lr_scheduler_type,
-        optimizer=dummy,
-        num_warmup_steps=0 if constant else args.get_warmup_steps(stage.steps),
-        num_training_steps=stage.steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
-    )
+    kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))  # as the user wrote it
+    try:
+        scheduler = get_scheduler(
+            "constant" if constant else args.lr_scheduler_type,
+            optimizer=dummy,
+            num_warmup_steps=0 if constant else args.get_warmup_steps(stage.steps),
+            num_training_steps=stage.steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+        )
+    except (TypeError, ValueError) as e:  # e.g. a keyword the schedule needs, missing from lr_scheduler_kwargs
+        raise ValueError(f"lr_scheduler_type={kind!r} with lr_scheduler_kwargs={args.lr_scheduler_kwargs or {}} "
+                         f"cannot build its schedule: {e}. Give the schedule's keywords in lr_scheduler_kwargs.") from e
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         raise ValueError(
-            f"lr_scheduler_type={args.lr_scheduler_type!r} cannot be restarted per stage; use a step-based schedule "
+            f"lr_scheduler_type={kind!r} cannot be restarted per stage; use a step-based schedule "
             "such as 'linear', 'cosine', 'constant' or 'constant_with_warmup'."
         )
     return scheduler.lr_lambdas[0]
+
+
+def check_schedule(args) -> None:
+    """Build the schedule of a 10-step final stage once, so that a schedule that cannot follow the stages (or lacks
+    its keywords) is refused with the config, before anything trains."""
+    _stage_lambda(Stage(StageSpec("check"), 1, 0, 10), args, True, args.learning_rate)
 
 
 class StageScheduler(torch.optim.lr_scheduler.LambdaLR):

@@ -458,3 +458,16 @@ def test_checkpoints_whose_markers_record_no_time_are_resumed_by_step(tmp_path):
         folder.mkdir()
         (folder / COMPLETE_NAME).write_text(f'{{"global_step": {step}, "model_only": false}}')
     assert resolve_resume(str(tmp_path), True) == str(tmp_path / "checkpoint-12")
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=1),
+     "lr_scheduler_type='reduce_lr_on_plateau' cannot be restarted per stage"),
+    (dict(lr_scheduler_type="warmup_stable_decay"),
+     "lr_scheduler_type='warmup_stable_decay' with lr_scheduler_kwargs=\\{\\} cannot build its schedule.*"
+     "num_decay_steps.*lr_scheduler_kwargs"),
+])
+def test_a_schedule_that_cannot_follow_the_stages_is_refused_with_the_config(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        make_config(tmp_path, **options)
+    make_config(tmp_path, lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs={"num_decay_steps": 2})
