@@ -8,6 +8,7 @@ used is an error. The SRM maths and its reference settings: `srm_hf/srm.py` and 
 
 import math
 import os
+import typing
 from dataclasses import dataclass, field, fields, replace
 
 from transformers import TrainingArguments
@@ -192,6 +193,10 @@ class DistillationConfig(TrainingArguments):
             self.weight_decay = 1e-4  # the reference's coupled L2
 
     def _check(self):
+        for name in NEEDS_VALUE:  # e.g. srm_max_steps=None, meant as "unset", would fail deep inside with a TypeError
+            if getattr(self, name) is None:
+                default = next(f.default for f in fields(self) if f.name == name)
+                raise ValueError(f"{name}=None: {name} needs a value (its default is {default!r}).")
         if self.preset not in ("trainer", "reference"):
             raise ValueError(f"preset={self.preset!r}: use 'trainer' or 'reference'.")
         check_method_fields(self, method_class(self.method))
@@ -246,3 +251,8 @@ class DistillationConfig(TrainingArguments):
     @property
     def explicit_pairs(self) -> list[tuple[str, str]] | None:
         return [tuple(p.split(":")) for p in self.layer_pairs] if self.layer_pairs else None
+
+
+_HINTS = typing.get_type_hints(DistillationConfig)
+NEEDS_VALUE = sorted(f.name for f in fields(DistillationConfig) if f.name not in TrainingArguments.__dataclass_fields__
+                     and type(None) not in typing.get_args(_HINTS[f.name]))  # srm_hf's fields that None would break

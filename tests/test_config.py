@@ -139,3 +139,9 @@ def test_one_compile_switch(tmp_path):
     assert teacher_only.compile_teacher and not teacher_only.torch_compile and not teacher_only.compile_student
     with pytest.raises(ValueError, match="compile_teacher alone compiles the teacher: add compile_student=True"):
         make_config(tmp_path, compile_teacher=True, torch_compile=True)  # the student is not silently left out
+
+
+def test_none_for_a_field_that_needs_a_value_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="srm_max_steps=None: srm_max_steps needs a value \\(its default is -1\\)"):
+        make_config(tmp_path, srm_max_steps=None)
+    make_config(tmp_path, layer_pairs=None, teacher_model_name_or_path=None)  # these may be None

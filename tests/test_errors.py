@@ -2,6 +2,8 @@
 
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -189,6 +191,16 @@ def test_a_method_instance_serves_one_trainer_and_terms_must_be_scalars(tmp_path
                                   args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
     with pytest.raises(ValueError, match=r"not scalars \(\{'ce': \(8,\)\}\).*\.mean\(\)"):
         trainer.train()
+    for returned, named in (({"ce": 0.0}, "{'ce': 'float'}"), (torch.ones(()), "Tensor"), ({}, "{}")):
+        class Wrong(KD):
+            def loss(self, stage, student, teacher, labels, returned=returned):
+                return returned
+
+        trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Wrong(),
+                                      args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+        with pytest.raises(TypeError, match=f"returned {re.escape(named)} from loss\\(\\) in stage 'kd'.*non-empty "
+                                            "dict of scalar tensors"):
+            trainer.train()
 
 
 def test_a_stage_is_never_run_alone_before_what_it_builds_on(tmp_path):
