@@ -229,6 +229,20 @@ def _split_rows(ds: Dataset, fraction: float, seed: int) -> tuple[list[int], lis
     return [i for i in range(len(ds)) if i not in held_set], sorted(held)
 
 
+def check_every_class_trains(splits: dict[str, Dataset], names: list[str], source: str) -> None:
+    """A class with no training image (named only in a validation or test split, or in the label names) cannot be
+    learnt, and would add an output no image trains: most often a misspelt folder or label."""
+    present = set(np.unique(labels_of(splits["train"])).tolist())
+    missing = [name for i, name in enumerate(names) if i not in present]
+    if missing:
+        elsewhere = {split: sorted({names[i] for i in np.unique(labels_of(ds)).tolist() if 0 <= i < len(names)}
+                                   & set(missing)) for split, ds in splits.items() if split != "train"}
+        where = "; ".join(f"{split} has {found}" for split, found in elsewhere.items() if found) or "in the label names"
+        raise ValueError(f"{source}: class(es) {missing} have no training image ({where}). Check their names against "
+                         f"the training classes {[n for n in names if n not in missing]} (a typo or a case "
+                         "difference?), or give them training images.")
+
+
 def load_image_splits(args: DataArguments) -> ImageSplits:
     """Train / validation / test splits with `image` and `label` columns (see module docstring)."""
     raw, source = _load_raw(args)
@@ -247,6 +261,7 @@ def load_image_splits(args: DataArguments) -> ImageSplits:
         raise ValueError(f"No split {args.test_split!r} in {source}; its splits are {list(raw)}. Pass one of them as "
                          "--test_split, or leave it unset.")
     splits, names = as_class_labels(splits)
+    check_every_class_trains(splits, names, source)
     read_as = {"train": args.train_split, "validation": validation, "test": args.test_split}
     rows = {split: list(range(len(ds))) for split, ds in splits.items()}  # each row's row in the split as read
 

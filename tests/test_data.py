@@ -104,6 +104,14 @@ def test_image_folder(tmp_path):
     assert batch["pixel_values"][0].shape == (1, 8, 8) and len(batch["labels"]) == 4
 
 
+def test_a_class_with_no_training_image_is_refused_naming_where_it_appears(tmp_path):
+    make_image_folder(tmp_path / "data" / "train", classes=("ant", "bee"))
+    make_image_folder(tmp_path / "data" / "test", classes=("ant", "Bee"), per_class=2)  # a misspelt folder
+    with pytest.raises(ValueError, match="class\\(es\\) \\['Bee'\\] have no training image \\(test has \\['Bee'\\]\\)"
+                                         ".*training classes \\['ant', 'bee'\\].*case difference"):
+        load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data")))
+
+
 def test_an_image_column_of_file_paths_is_read_as_the_files(tmp_path):
     make_image_folder(tmp_path / "data")
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))  # as a CSV of paths gives them
