@@ -109,8 +109,8 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
                 cached = {k: v for k, v in json.load(f).items() if k in wanted}
         if cached != wanted:
             if cached:
-                changed = [k for k in wanted if cached.get(k) != wanted[k]]
-                print(f"Retraining the cached teacher in {name}: its {changed} differ from this run's.")
+                print(f"Retraining the cached teacher in {name}: its {changed_keys(cached, wanted)} differ from "
+                      "this run's.")
             train_teacher(teacher_args, data_args, config, name)
     kwargs = parse_kwargs(model_args.teacher_model_kwargs, "teacher_model_kwargs")
     if model_args.teacher_revision:
@@ -143,6 +143,18 @@ def evaluate_teacher(trainer: DistillationTrainer, dataset, compute_metrics, pre
         labels.append(trainer.accelerator.gather_for_metrics(batch["labels"]).cpu())
     metrics = compute_metrics(EvalPrediction(predictions=torch.cat(logits).numpy(), label_ids=torch.cat(labels).numpy()))
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def changed_keys(cached: dict, wanted: dict) -> list[str]:
+    """The keys whose values differ, one level into mappings ('data.validation_fraction')."""
+    changed = []
+    for key, value in wanted.items():
+        old = cached.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            changed += [f"{key}.{k}" for k in sorted(set(value) | set(old)) if value.get(k) != old.get(k)]
+        elif old != value:
+            changed.append(key)
+    return changed
 
 
 def parse_arguments(argv: list[str] | None = None) -> tuple:

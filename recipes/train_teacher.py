@@ -94,11 +94,12 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
     check_last_batch(model, trainer.data_collator([train[0]])["pixel_values"].to(args.device), len(train),
                      args.per_device_train_batch_size, args.world_size, args.dataloader_drop_last)
     trainer.train()
+    if trainer.args.should_save:  # before evaluating: an evaluation that fails leaves the trained weights
+        save_student(model, output_dir)
     metrics = trainer.evaluate()
     if splits.test is not None:
         metrics |= trainer.evaluate(splits.test.with_transform(ImageTransform(pre)), metric_key_prefix="test")
-    if trainer.args.should_save:
-        save_student(model, output_dir)
+    if trainer.args.should_save:  # the recipe last: what marks the folder a finished teacher
         with open(os.path.join(output_dir, "teacher_recipe.json"), "w") as f:
             json.dump({"teacher_args": dataclasses.asdict(teacher_args), "data": data_signature(data_args),
                        "label_names": splits.label_names, "train_fingerprint": splits.fingerprint,
@@ -108,9 +109,12 @@ def train_teacher(teacher_args: TeacherArguments, data_args: DataArguments, base
 
 
 def data_signature(data_args: DataArguments) -> dict:
-    """What identifies the teacher's training data (the per-class cap of the students does not)."""
-    return {k: v for k, v in dataclasses.asdict(data_args).items()
-            if k not in ("max_train_samples_per_class", "max_eval_samples", "check_images")}
+    """What identifies the teacher's training data: not the students' per-class cap, the test split (it only reports)
+    or the Hub name beside a local `dataset_dir` (which is what is read)."""
+    skip = {"max_train_samples_per_class", "max_eval_samples", "check_images", "test_split"}
+    if data_args.dataset_dir:
+        skip |= {"dataset_name", "dataset_config"}
+    return {k: v for k, v in dataclasses.asdict(data_args).items() if k not in skip}
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -23,7 +23,7 @@ from PIL import Image
 from .forward import eval_mode, model_logits
 from .label_checks import CheckedLabels, check_labels, check_unlabelled
 from .methods.base import Method
-from .transforms import to_pil
+from .transforms import to_mode, to_pil
 
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own decompression-bomb limit
 
@@ -40,7 +40,10 @@ def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_
                 if isinstance(value, dict):  # a file: its header first, so that a bomb is never decoded
                     with Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]) as header:
                         _check_size(header, max_pixels)
-                _check_size(to_pil(value), max_pixels)
+                image = to_pil(value)
+                _check_size(image, max_pixels)
+                if image.mode not in ("L", "RGB"):  # as the transforms will: to 1 channel or 3, whichever models take
+                    to_mode(image, 1), to_mode(image, 3)
             except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
                 path = value.get("path") if isinstance(value, dict) else None
                 where = f"{path!r} (split {split!r}, row {start + offset})" if path else \

@@ -138,6 +138,8 @@ def to_pil(value) -> Image.Image:
 def _eight_bit(image: Image.Image, name: str) -> Image.Image:
     """Refuse 16- and 32-bit images (modes I, I;16*, F) whose values leave [0, 255]: converting them to 8 bits clips
     them (values within, as `datasets` decodes an integer grayscale array, convert exactly)."""
+    if image.mode.startswith("I;16") and image.mode != "I;16":  # byte orders Pillow reads no extrema of
+        image = image.convert("I")
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         low, high = image.getextrema()
         if low < 0 or high > 255 or (image.mode == "F" and 0 < high <= 1):
@@ -171,9 +173,15 @@ def as_image_array(array: np.ndarray) -> np.ndarray:
     return np.rint(array).astype(np.uint8)
 
 
-def _to_mode(image: Image.Image, channels: int) -> Image.Image:
+def to_mode(image: Image.Image, channels: int) -> Image.Image:
+    """The image in mode L (1 channel) or RGB (3), as the models take it."""
     mode = "L" if channels == 1 else "RGB"
-    return image if image.mode == mode else image.convert(mode)
+    if image.mode == mode:
+        return image
+    try:
+        return image.convert(mode)
+    except ValueError:  # a mode Pillow converts to RGB alone (LAB, HSV: not to L)
+        return image.convert("RGB").convert(mode)
 
 
 def random_resized_crop(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -204,7 +212,7 @@ class ImageTransform:
         self.teacher = teacher if teacher is not None and teacher != student else None
 
     def _view(self, image: Image.Image, pre: Preprocessing, crop, flip: bool) -> torch.Tensor:
-        image = _to_mode(image, pre.channels)
+        image = to_mode(image, pre.channels)
         if crop is not None:
             image = F.resized_crop(image, *crop, size=list(pre.size), interpolation=_interp(pre.interpolation))
         else:  # timm's eval transform: a square size scales the shorter side (aspect kept), then a centre crop

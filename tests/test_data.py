@@ -24,6 +24,7 @@ from srm_hf.preflight import check_images, check_split_images
 from srm_hf.transforms import ImageTransform, Preprocessing
 
 GRAY = Preprocessing(1, (8, 8), (0.5,), (0.5,))
+RGB = Preprocessing(3, (8, 8), (0.5,) * 3, (0.5,) * 3)
 
 
 @pytest.mark.parametrize(
@@ -121,6 +122,19 @@ def test_an_image_column_of_file_paths_is_read_as_the_files(tmp_path):
     check_images(splits.train, "train")  # every file decodes
     batch = splits.train.with_transform(ImageTransform(GRAY))[:2]
     assert batch["pixel_values"][0].shape == (1, 8, 8)
+
+
+def test_images_in_modes_pillow_converts_only_some_ways_pass_the_check_and_train(tmp_path):
+    """LAB converts to RGB but not to L directly; a big-endian 16-bit image has no extrema until read as I."""
+    make_image_folder(tmp_path / "data", per_class=4, classes=("cat", "dog"))
+    Image.new("RGB", (10, 8), (200, 30, 60)).convert("LAB").save(tmp_path / "data" / "cat" / "lab.tif")
+    values = (np.arange(80).reshape(8, 10) * 2).astype(">u2")
+    Image.frombytes("I;16B", (10, 8), values.tobytes()).save(tmp_path / "data" / "dog" / "big_endian.tif")
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data"), validation_fraction=0.2))
+    check_split_images(splits)
+    for pre in (GRAY, RGB):
+        ds = splits.train.with_transform(ImageTransform(pre))
+        assert all(ds[i]["pixel_values"].shape[0] == pre.channels for i in range(len(ds)))
 
 
 def test_unreadable_image_is_named(tmp_path):

@@ -144,10 +144,12 @@ def test_distill_end_to_end_offline_with_teacher_cache(tmp_path, monkeypatch, ca
     trained = []
     real_train_teacher = distill.train_teacher
     monkeypatch.setattr(distill, "train_teacher", lambda *a, **k: trained.append(1) or real_train_teacher(*a, **k))
-    distill.main(args + ["--compare", "none", "--report", "false"])
-    assert trained == []  # cached teacher reused
+    distill.main(args + ["--compare", "none", "--report", "false", "--test_split", "none"])
+    assert trained == []  # cached teacher reused: the test split only reports
+    capsys.readouterr()
     distill.main(args + ["--compare", "none", "--report", "false", "--teacher_max_steps", "4"])
-    assert trained == [1]  # a changed teacher recipe retrains it
+    assert trained == [1]  # a changed teacher recipe retrains it, naming what changed
+    assert "its ['teacher_args.teacher_max_steps'] differ" in capsys.readouterr().out
 
 
 def test_selecting_the_best_checkpoint_on_accuracy_keeps_the_compared_runs_timing_probes_working(tmp_path):
