@@ -165,16 +165,31 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
+SCHEDULE_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
+                   "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon")  # what resuming restores, not reads
+
+
+def schedule_settings(args) -> dict:
+    """The options whose values a resumed run takes from the checkpoint's optimizer and scheduler state instead of
+    the config (learning rates, betas, weight decay: saved in the param groups; the schedule's base rates)."""
+    settings = {}
+    for name in SCHEDULE_FIELDS:
+        value = getattr(args, name, None)
+        plain = isinstance(value, (bool, int, float, dict, type(None)))
+        settings[name] = value if plain else str(getattr(value, "value", value))  # enums as written
+    return settings
+
+
 def mark_complete(folder: str, step: int, model_only: bool = False, plan: list | None = None,
-                  nonfinite: dict | None = None) -> None:
+                  nonfinite: dict | None = None, settings: dict | None = None) -> None:
     """Mark a checkpoint folder complete, once everything else in it is written: the marker is written under a
     temporary name and renamed, so it exists only whole. `model_only`: saved with save_only_model (nothing to resume
     the optimizer, schedule or stage from); `plan`: the stage plan it was written under (`StagePlan.describe`);
-    `nonfinite`: the NaN guard's counts (`NonFiniteGuard.counts`)."""
+    `nonfinite`: the NaN guard's counts (`NonFiniteGuard.counts`); `settings`: `schedule_settings` of the run."""
     tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"global_step": step, "model_only": model_only, "plan": plan, "nonfinite": nonfinite,
-                   "written_ns": time.time_ns()}, f)  # which checkpoint is newest, also in a copied folder
+                   "settings": settings, "written_ns": time.time_ns()}, f)  # which checkpoint is newest, also in a copied folder
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_NAME))
@@ -193,11 +208,19 @@ def read_marker(folder: str) -> dict:
         return json.load(f)
 
 
-def check_resume_plan(folder: str, plan: list) -> None:
+def check_resume_plan(folder: str, plan: list, settings: dict | None = None) -> None:
     """Refuse to resume from a checkpoint written under another stage plan (its step would fall in another stage;
-    only the last stage may change length), or at the end of this one (nothing is left to train). A checkpoint at
-    the end of a plan that begins this one (`train_stages(["dictionary"])`, then `train()`) goes on into the rest."""
+    only the last stage may change length), or at the end of this one (nothing is left to train), or with other
+    `settings` (`schedule_settings`), which the restored optimizer and schedule would silently override. A
+    checkpoint at the end of a plan that begins this one (`train_stages(["dictionary"])`, then `train()`) goes on
+    into the rest."""
     marker = read_marker(folder)
+    written_settings = marker.get("settings") or {}  # older checkpoints record none
+    if changed := [f"{k}: {written_settings[k]!r} there, {v!r} here" for k, v in (settings or {}).items()
+                   if k in written_settings and written_settings[k] != v]:
+        raise ValueError(f"{folder} was written with other optimizer or schedule settings ({'; '.join(changed)}); "
+                         "resuming restores its optimizer and schedule, which would keep those and ignore this "
+                         "run's. Resume with the settings it was written with, or start a new run from its student.")
     step, written = marker["global_step"], marker.get("plan")  # older checkpoints record no plan
 
     def described(stages):

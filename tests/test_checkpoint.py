@@ -80,6 +80,20 @@ def test_resume_in_the_middle_of_stage2_matches_an_uninterrupted_run(tmp_path):
             assert abs(e["loss"] - full_losses[e["step"]]) < 1e-4
 
 
+def test_resuming_with_another_learning_rate_or_schedule_is_refused_naming_it(tmp_path):
+    """The restored optimizer and schedule keep the checkpoint's rates: a changed one would be silently ignored."""
+    make_trainer(tmp_path, method="kd", max_steps=4, save_strategy="steps", save_steps=2).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    for changed, named in ((dict(learning_rate=0.5), "learning_rate: 0.001 there, 0.5 here"),
+                           (dict(lr_scheduler_type="cosine"), "lr_scheduler_type: 'linear' there, 'cosine' here"),
+                           (dict(weight_decay=0.1), "weight_decay: 0.0 there, 0.1 here")):
+        trainer = make_trainer(tmp_path, method="kd", max_steps=4, **changed)
+        with pytest.raises(ValueError, match=f"other optimizer or schedule settings \\({named}\\).*Resume with"):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        assert trainer.state.global_step == 0
+    make_trainer(tmp_path, method="kd", max_steps=4).train(resume_from_checkpoint=checkpoint)
+
+
 def test_save_total_limit_keeps_the_newest_complete_checkpoints_and_each_records_the_limit(tmp_path):
     # the trainer rotates older checkpoints itself, once the new one is marked complete (trainer_checkpoints.py)
     trainer = make_trainer(tmp_path, method="kd", max_steps=6, save_strategy="steps", save_steps=2,

@@ -1,5 +1,6 @@
 """`preset="reference"`: the SRM authors' optimizer, schedule, clipping and per-stage model selection."""
 
+import json
 import os
 
 import pytest
@@ -73,6 +74,10 @@ def test_a_method_module_without_weight_decay_keeps_one_group(tmp_path):
 def test_resuming_optimizer_state_of_other_groups_is_refused_naming_them(tmp_path):
     make_trainer(tmp_path, save_strategy="steps", save_steps=6).train()
     split = make_trainer(tmp_path, weight_decay=0.1)  # the heads' biases now in a group of their own
+    with pytest.raises(ValueError, match="other optimizer or schedule settings \\(weight_decay: 0.0 there, 0.1 here"):
+        split.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    marker = tmp_path / "out" / "checkpoint-6" / "checkpoint_complete.json"  # as a checkpoint that records no
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "settings": None}))  # settings: the groups tell
     with pytest.raises(ValueError, match="optimizer state for 4 parameter groups.*has 5 of.*weight_decay"):
         split.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-12", "checkpoint-6"]  # nothing trained or written
