@@ -166,7 +166,8 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
 
 
 SCHEDULE_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
-                   "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon")  # what resuming restores, not reads
+                   "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
+                   "srm_dictionary_learning_rate")  # what resuming restores from the checkpoint, not from the config
 
 
 def schedule_settings(args) -> dict:
