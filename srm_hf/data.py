@@ -15,6 +15,7 @@ import numpy as np
 from datasets import Dataset, DatasetDict, Image, load_dataset, load_from_disk
 
 from .class_labels import as_class_labels, check_labels, labels_of
+from .image_folder import check_image_folder
 from .idx import FASHION_MNIST_LABELS, is_idx_dir, load_idx_dir, read_idx
 from .loading import is_offline
 
@@ -140,45 +141,6 @@ def _load_raw(args: DataArguments) -> tuple[DatasetDict, str]:
             f"Could not load the Hub dataset {args.dataset_name!r}{' (HF_HUB_OFFLINE is set)' if is_offline() else ''}: "
             f"{e}. Download it once online, or point --dataset_dir at a local copy."
         ) from e
-
-
-SPLIT_FOLDERS = ("train", "test", "validation", "valid", "val", "dev", "eval", "evaluation", "training", "testing")
-
-
-def _visible(entries) -> list:
-    return [e for e in entries if not e.name.startswith((".", "__"))]  # as the loader: no .DS_Store, __MACOSX
-
-
-def _files_in(folder: str) -> list[str]:
-    """The images the `imagefolder` loader would read in `folder` (by extension; other files it skips)."""
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
-
-    return [e.name for e in _visible(os.scandir(folder))
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in ImageFolder.EXTENSIONS]
-
-
-def check_image_folder(directory: str) -> None:
-    """An image folder labelled by its class subfolders (`dir/<class>/` or `dir/<split>/<class>/`) has two classes
-    or more, and none of them empty (the `imagefolder` loader would drop an empty one, or the labels of a single
-    one, without a word). Other layouts, and folders labelled by a metadata file, are left to the loader."""
-    if any(f.startswith("metadata.") for _, _, files in os.walk(directory) for f in files):
-        return
-    subfolders = sorted(e.path for e in _visible(os.scandir(directory)) if e.is_dir())
-    splits = [f for f in subfolders if os.path.basename(f).lower() in SPLIT_FOLDERS]
-    if splits and len(splits) != len(subfolders):
-        return  # split folders beside other folders: not a layout this check knows
-    for split in splits or [directory]:
-        classes = sorted(e.path for e in _visible(os.scandir(split)) if e.is_dir())
-        if any(not _files_in(c) and any(e.is_dir() for e in _visible(os.scandir(c))) for c in classes):
-            return  # deeper nesting (e.g. dir/images/<class>/): left to the loader
-        empty = [c for c in classes if not _files_in(c)]
-        if empty:
-            raise ValueError(f"Class folder(s) {empty} hold no images (none with an image extension the loader "
-                             "reads): add images or remove the folder.")
-        if len(classes) < 2:
-            names = [os.path.basename(c) for c in classes]
-            raise ValueError(f"{split!r} has {len(classes)} class subfolder(s) {names}; a classifier needs two "
-                             "classes or more, one subfolder of images per class.")
 
 
 def _normalise(ds: Dataset, split: str, image_column: str, label_column: str) -> Dataset:

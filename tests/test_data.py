@@ -113,6 +113,16 @@ def test_a_class_with_no_training_image_is_refused_naming_where_it_appears(tmp_p
         load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data")))
 
 
+@pytest.mark.parametrize("extra, named", [("stray.png", "image file\\(s\\) \\['stray.png'\\] directly in"),
+                                          ("cat/more/0.png", "subfolder\\(s\\) \\[.*cat/more'\\] of images inside class")])
+def test_images_at_two_depths_are_refused_naming_what_to_move(tmp_path, extra, named):
+    make_image_folder(tmp_path / "data")
+    (tmp_path / "data" / extra).parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (10, 8)).save(tmp_path / "data" / extra)
+    with pytest.raises(ValueError, match=f"{named}.*Move them into their class folder"):
+        load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data")))
+
+
 def test_an_image_column_of_file_paths_is_read_as_the_files(tmp_path):
     make_image_folder(tmp_path / "data")
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))  # as a CSV of paths gives them
