@@ -167,6 +167,10 @@ def parse_arguments(argv: list[str] | None = None) -> tuple:
     probe = parser()  # what the config and the flags give: the method, and the options set
     probe.set_defaults(**RECIPE_DEFAULTS)
     method = probe.parse(argv)[-1].method
+    if ignored := sorted({"do_train", "do_eval", "do_predict"} & probe.given):
+        raise ValueError(f"{', '.join(ignored)}: the recipe always trains, evaluates on the validation split and tests "
+                         "on --test_split, so these would change nothing. Remove them (--test_split none skips the "
+                         "test; --eval_strategy no, the evaluations during training).")
     defaults = {**RECIPE_DEFAULTS, **(SRM_RECIPE_DEFAULTS if method == "srm" else {})}
     argv = list(sys.argv[1:] if argv is None else argv)
     for steps, epochs in EPOCHS_OF.items():  # `num_train_epochs: 20` in a config must not lose to max_steps=2200,

@@ -99,6 +99,9 @@ class SRMParser(HfArgumentParser):
         # argparse leaves non-string defaults as they are: keep mappings as JSON text for str-typed fields, and give
         # list options a list (`metrics: accuracy` is one metric, not eight letters)
         lists = {k for k, v in values.items() if actions[k].nargs in ("+", "*") and isinstance(v, (str, int, float))}
+        # a number for a text option (`output_dir: 5`, `hub_model_id: 2024`) is the text YAML read as a number
+        values = {k: str(v) if actions[k].type is str and isinstance(v, (int, float)) and not isinstance(v, bool)
+                  else v for k, v in values.items()}
         return {k: json.dumps(v) if isinstance(v, dict) else [v] if k in lists else v for k, v in values.items()}
 
 

@@ -95,6 +95,10 @@ def test_an_epochs_flag_overrides_the_step_count_under_it_and_none_unsets_an_opt
         distill.parse_arguments(["--config", str(cfg), "--use_cpu", "true"])
     with pytest.raises(SystemExit):  # argparse: "invalid int value"
         distill.parse_arguments(["--max_steps", "none", "--use_cpu", "true"])
+    cfg.write_text("output_dir: 5\n")  # a number YAML read for a text option: the text
+    assert distill.parse_arguments(["--config", str(cfg), "--use_cpu", "true"])[-1].output_dir == "5"
+    with pytest.raises(ValueError, match="do_predict: the recipe always trains.*--test_split none"):
+        distill.parse_arguments(["--do_predict", "false", "--use_cpu", "true"])
 
 
 def test_default_yaml_matches_the_no_argument_run():
