@@ -107,6 +107,8 @@ def get_teacher(config, model_args, teacher_args, data_args, splits: ImageSplits
         if os.path.isfile(recipe):
             with open(recipe) as f:
                 cached = {k: v for k, v in json.load(f).items() if k in wanted}
+            if isinstance(cached.get("data"), dict):  # keys an earlier version recorded and this one ignores
+                cached["data"] = {k: v for k, v in cached["data"].items() if k in wanted["data"]}
         if cached != wanted:
             if cached:
                 print(f"Retraining the cached teacher in {name}: its {changed_keys(cached, wanted)} differ from "

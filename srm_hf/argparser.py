@@ -3,8 +3,9 @@
     parser = SRMParser((DataArguments, ModelArguments, DistillationConfig))
     data_args, model_args, config = parser.parse(["--config", "recipes/configs/cifar10.yaml", "--max_steps", "5"])
 
-Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored. A field
-that may be None takes `none` (or `null`) on the command line, YAML's null in the file; other fields refuse it. An
+Every YAML key must be a field of one of the dataclasses: an unknown key is an error, not silently ignored. A
+single-valued field that may be None takes `none` (or `null`) on the command line (not `report_to`, whose `none`
+is a value of its own), YAML's null in the file; other fields refuse null. Flags are not abbreviated. An
 `env:` mapping (as in TRL's configs) sets environment variables for the run; those a library reads when imported
 (HF_HUB_OFFLINE, HF_HOME) must be set before the launch instead.
 """
@@ -18,6 +19,9 @@ import typing
 
 import yaml
 from transformers import HfArgumentParser
+
+
+NONE_IS_A_VALUE = {"report_to"}  # fields where the text "none" means something of its own (lists too: --compare none)
 
 
 def _or_none(kind):
@@ -35,13 +39,14 @@ def _allows_none(annotation) -> bool:
 
 class SRMParser(HfArgumentParser):
     def __init__(self, dataclass_types, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--num_train_epoch 3` is an unknown flag, not a guess
         super().__init__(dataclass_types, **kwargs)
         # from the annotations: HfArgumentParser strips None from the fields' own `type`, for every later parser too
         nullable = {name for d in self.dataclass_types for name, hint in typing.get_type_hints(d).items()
                     if name in {f.name for f in dataclasses.fields(d)} and _allows_none(hint)}
         self.nullable = nullable  # fields that may be None: a flag's 'none', YAML's null
         for action in self._actions:
-            if action.dest in nullable and action.type in (int, float):
+            if action.dest in nullable - NONE_IS_A_VALUE and action.type is not None and action.nargs in (None, "?"):
                 action.value_type, action.type = action.type, _or_none(action.type)
         self.given: set[str] = set()  # after `parse`: the fields the YAML config or a flag set
         self.flags: set[str] = set()  # after `parse`: those a flag set
@@ -100,7 +105,8 @@ class SRMParser(HfArgumentParser):
         # list options a list (`metrics: accuracy` is one metric, not eight letters)
         lists = {k for k, v in values.items() if actions[k].nargs in ("+", "*") and isinstance(v, (str, int, float))}
         # a number for a text option (`output_dir: 5`, `hub_model_id: 2024`) is the text YAML read as a number
-        values = {k: str(v) if actions[k].type is str and isinstance(v, (int, float)) and not isinstance(v, bool)
+        text = {k for k, a in actions.items() if getattr(a, "value_type", a.type) is str}
+        values = {k: str(v) if k in text and isinstance(v, (int, float)) and not isinstance(v, bool)
                   else v for k, v in values.items()}
         return {k: json.dumps(v) if isinstance(v, dict) else [v] if k in lists else v for k, v in values.items()}
 

@@ -10,6 +10,7 @@ from transformers.utils import logging
 
 from .checkpoint import read_marker
 from .stages import check_stage_scheduler
+from .trainer_options import check_optimizer_holds
 from .taps import format_tap_plan
 
 logger = logging.get_logger(__name__)
@@ -57,6 +58,8 @@ class StageCallback(TrainerCallback):
         afresh, or from what the resumed checkpoint recorded."""
         trainer, self._current, self._finished = self.trainer, None, set()
         check_stage_scheduler(trainer.lr_scheduler)
+        if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):  # those hold flattened copies
+            check_optimizer_holds(trainer.optimizer, trainer.distill_model, trainer.plan)  # also under an override
         trainer.nonfinite.start(read_marker(trainer.resuming).get("nonfinite") if isinstance(trainer.resuming, str)
                                 else None)
         trainer.logged.start(enabled=args.logging_strategy != "no")

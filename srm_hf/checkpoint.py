@@ -165,9 +165,9 @@ def load_distillation_model(model: nn.Module, folder: str) -> None:
     model.load_state_dict(saved, strict=False)
 
 
-SCHEDULE_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
-                   "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon",
-                   "srm_dictionary_learning_rate")  # what resuming restores from the checkpoint, not from the config
+SCHEDULE_FIELDS = ("learning_rate", "srm_dictionary_learning_rate", "weight_decay", "adam_beta1", "adam_beta2",
+                   "adam_epsilon", "optim_args")  # kept in the param groups and the schedule's base rates, which
+# resuming restores from the checkpoint (the schedule's shape and the optimizer's class are built from the config)
 
 
 def schedule_settings(args) -> dict:

@@ -21,8 +21,9 @@ def _files_in(folder: str) -> list[str]:
 
 def check_image_folder(directory: str) -> None:
     """An image folder labelled by its class subfolders (`dir/<class>/` or `dir/<split>/<class>/`) has two classes
-    or more, and none of them empty (the `imagefolder` loader would drop an empty one, or the labels of a single
-    one, without a word). Other layouts, and folders labelled by a metadata file, are left to the loader."""
+    or more, none of them empty, and its images at one depth (the `imagefolder` loader would drop an empty class,
+    or the labels of a single one or of all, without a word). Other layouts, and folders labelled by a metadata
+    file, are left to the loader."""
     if any(f.startswith("metadata.") for _, _, files in os.walk(directory) for f in files):
         return
     subfolders = sorted(e.path for e in _visible(os.scandir(directory)) if e.is_dir())
@@ -31,7 +32,7 @@ def check_image_folder(directory: str) -> None:
         return  # split folders beside other folders: not a layout this check knows
     for split in splits or [directory]:
         classes = sorted(e.path for e in _visible(os.scandir(split)) if e.is_dir())
-        if any(not _files_in(c) and any(e.is_dir() for e in _visible(os.scandir(c))) for c in classes):
+        if classes and all(not _files_in(c) and any(e.is_dir() for e in _visible(os.scandir(c))) for c in classes):
             return  # deeper nesting (e.g. dir/images/<class>/): left to the loader
         # images at two depths leave the loader without labels ("no label column"): name what to move
         stray = _files_in(split) if classes else []

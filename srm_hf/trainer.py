@@ -35,8 +35,7 @@ from .stage_batches import check_loader_plan, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
 from .trainer_checkpoints import CheckpointOverrides
-from .trainer_options import (RefusedTrainerFeatures, check_optimizer_holds, check_stage_groups,
-                              check_trainer_arguments)
+from .trainer_options import RefusedTrainerFeatures, check_stage_groups, check_trainer_arguments
 
 
 class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin, Trainer):
@@ -170,9 +169,7 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         if self.lr_scheduler is None:
             optimizer = self.optimizer if optimizer is None else optimizer
             check_stage_groups(optimizer)
-            scheduler = stage_scheduler(optimizer, self.plan, self.args)  # refuses a missing plan
-            check_optimizer_holds(optimizer, self.distill_model, self.plan)
-            self.lr_scheduler = scheduler
+            self.lr_scheduler = stage_scheduler(optimizer, self.plan, self.args)
             self._owns_scheduler = True
         return self.lr_scheduler
 

@@ -111,10 +111,19 @@ def test_a_class_with_no_training_image_is_refused_naming_where_it_appears(tmp_p
     with pytest.raises(ValueError, match="class\\(es\\) \\['Bee'\\] have no training image \\(test has \\['Bee'\\]\\)"
                                          ".*training classes \\['ant', 'bee'\\].*case difference"):
         load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data")))
+    # a label name no image uses anywhere is kept (an output nothing trains), and said
+    names = ClassLabel(names=["cat", "dog", "other"])
+    features = Features({"image": ImageFeature(), "label": names})
+    DatasetDict({split: Dataset.from_dict({"image": [Image.new("RGB", (5, 5))] * 4, "label": [0, 1, 0, 1]},
+                                          features=features) for split in ("train", "test")}).save_to_disk(
+        str(tmp_path / "saved"))
+    splits = load_image_splits(DataArguments(dataset_dir=str(tmp_path / "saved")))
+    assert splits.label_names == ["cat", "dog", "other"]
 
 
 @pytest.mark.parametrize("extra, named", [("stray.png", "image file\\(s\\) \\['stray.png'\\] directly in"),
-                                          ("cat/more/0.png", "subfolder\\(s\\) \\[.*cat/more'\\] of images inside class")])
+                                          ("cat/more/0.png", "subfolder\\(s\\) \\[.*cat/more'\\] of images inside class"),
+                                          ("bird/sub/0.png", "subfolder\\(s\\) \\[.*bird/sub'\\] of images inside class")])
 def test_images_at_two_depths_are_refused_naming_what_to_move(tmp_path, extra, named):
     make_image_folder(tmp_path / "data")
     (tmp_path / "data" / extra).parent.mkdir(parents=True, exist_ok=True)

@@ -397,3 +397,13 @@ def test_the_teacher_recipe_trains_in_the_distillation_runs_layout(tmp_path, mon
     assert seen == [{True}]
     loaded = timm.create_model(f"local-dir:{folder}", pretrained=True)  # written contiguous: loads as usual
     assert all(p.is_contiguous() for p in loaded.parameters())
+
+
+def test_none_unsets_text_and_boolean_options_but_report_to_keeps_its_own_none():
+    script_args, _, model_args, _, config = distill.parse_arguments(
+        ["--use_cpu", "true", "--resume_from_checkpoint", "none", "--teacher_revision", "null", "--report_to", "none",
+         "--ddp_find_unused_parameters", "none"])
+    assert config.resume_from_checkpoint is None and model_args.teacher_revision is None
+    assert config.report_to in ([], "none", ["none"]) and config.ddp_find_unused_parameters is True
+    with pytest.raises(ValueError, match="Unknown command-line arguments \\['--num_train_epoch'"):
+        distill.parse_arguments(["--num_train_epoch", "3", "--use_cpu", "true"])  # no abbreviations

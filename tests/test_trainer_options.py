@@ -193,6 +193,18 @@ def test_an_optimizer_passed_in_without_the_methods_modules_is_refused_before_th
                                          "parameters \\(e.g. 'method.coders.layer1.dictionary'\\).*param_groups.*optimizer_cls_and_kwargs"):
         trainer.train()
     assert trainer.state.global_step == 0 and not changed(before, snapshot(trainer.distill_model))
+    class OwnSchedule(DistillationTrainer):  # an override that builds the stage schedule itself: still checked
+        def create_scheduler(self, num_training_steps, optimizer=None):
+            from srm_hf.stages import stage_scheduler
+
+            self.lr_scheduler = stage_scheduler(self.optimizer, self.plan, self.args)
+            return self.lr_scheduler
+
+    optimizer = torch.optim.AdamW([{"params": list(student.parameters()), "stage_group": "student"}], lr=1e-3)
+    trainer = make_trainer(tmp_path, student=student, optimizers=(optimizer, None), cls=OwnSchedule)
+    with pytest.raises(ValueError, match="Stage 'dictionary' trains 'coders', but the optimizer lacks"):
+        trainer.train()
+    assert trainer.state.global_step == 0
     groups = trainer.distill_model.param_groups(set(), 0.0)  # the way the error names: every module, trained
     trainer = make_trainer(tmp_path, student=student, optimizers=(torch.optim.AdamW(groups, lr=1e-3), None),
                            method="kd")
@@ -209,6 +221,7 @@ def test_a_stage_spec_that_cannot_run_as_meant_is_refused_when_written(spec, mat
 
     with pytest.raises(ValueError, match=f"StageSpec 'warm': {match}"):
         StageSpec("warm", **spec)
+    StageSpec("warm", trains=["student"], epochs=0, max_steps=2)  # max_steps overrides the epochs
 
 
 @pytest.mark.parametrize("options, match", [

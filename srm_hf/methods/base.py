@@ -47,7 +47,7 @@ class StageSpec:
         if isinstance(self.trains, str) or not self.trains or not all(isinstance(t, str) for t in self.trains):
             raise ValueError(f"StageSpec {self.name!r}: trains={self.trains!r} must be a non-empty tuple of names, "
                              "'student' and/or the method's child modules, e.g. trains=('student',).")
-        if self.epochs is not None and not self.epochs > 0:
+        if self.max_steps <= 0 and self.epochs is not None and not self.epochs > 0:  # max_steps > 0 overrides it
             raise ValueError(f"StageSpec {self.name!r}: epochs={self.epochs} must be > 0 (a stage always runs at "
                              "least one step): leave the stage out of `stages()` to skip it.")
 
