@@ -34,7 +34,8 @@ def _or_none(kind):
 
 
 def _allows_none(annotation) -> bool:
-    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    return union and type(None) in typing.get_args(annotation)
 
 
 class SRMParser(HfArgumentParser):

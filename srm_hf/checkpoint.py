@@ -190,7 +190,8 @@ def mark_complete(folder: str, step: int, model_only: bool = False, plan: list |
     tmp = os.path.join(folder, COMPLETE_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump({"global_step": step, "model_only": model_only, "plan": plan, "nonfinite": nonfinite,
-                   "settings": settings, "written_ns": time.time_ns()}, f)  # which checkpoint is newest, also in a copied folder
+                   "settings": settings,
+                   "written_ns": time.time_ns()}, f)  # which checkpoint is newest, also in a copied folder
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(folder, COMPLETE_NAME))

@@ -203,7 +203,8 @@ class DistillationModel(nn.Module):
         if not isinstance(terms, dict) or not terms or not all(isinstance(v, torch.Tensor) for v in terms.values()):
             got = {k: type(v).__name__ for k, v in terms.items()} if isinstance(terms, dict) else type(terms).__name__
             raise TypeError(f"Method {self.method.name!r} returned {got} from loss() in stage '{stage.name}': it must "
-                            "return a non-empty dict of scalar tensors, one per term, e.g. {'ce': F.cross_entropy(...)}.")
+                            "return a non-empty dict of scalar tensors, one per term, e.g. "
+                            "{'ce': F.cross_entropy(...)}.")
         if not_scalar := {k: tuple(v.shape) for k, v in terms.items() if v.dim()}:
             raise ValueError(f"Method {self.method.name!r} returned loss terms that are not scalars ({not_scalar}): "
                              "each term is one number for the batch; reduce it in loss(), e.g. with .mean().")

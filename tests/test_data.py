@@ -121,9 +121,11 @@ def test_a_class_with_no_training_image_is_refused_naming_where_it_appears(tmp_p
     assert splits.label_names == ["cat", "dog", "other"]
 
 
-@pytest.mark.parametrize("extra, named", [("stray.png", "image file\\(s\\) \\['stray.png'\\] directly in"),
-                                          ("cat/more/0.png", "subfolder\\(s\\) \\[.*cat/more'\\] of images inside class"),
-                                          ("bird/sub/0.png", "subfolder\\(s\\) \\[.*bird/sub'\\] of images inside class")])
+@pytest.mark.parametrize("extra, named", [
+    ("stray.png", "image file\\(s\\) \\['stray.png'\\] directly in"),
+    ("cat/more/0.png", "subfolder\\(s\\) \\[.*cat/more'\\] of images inside class"),
+    ("bird/sub/0.png", "subfolder\\(s\\) \\[.*bird/sub'\\] of images inside class"),
+])
 def test_images_at_two_depths_are_refused_naming_what_to_move(tmp_path, extra, named):
     make_image_folder(tmp_path / "data")
     (tmp_path / "data" / extra).parent.mkdir(parents=True, exist_ok=True)

@@ -384,7 +384,8 @@ def test_the_teacher_recipe_trains_in_the_distillation_runs_layout(tmp_path, mon
 
     class Recording(train_teacher.Trainer):
         def training_step(self, model, inputs, *args, **kwargs):
-            seen.append({p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4})
+            seen.append({p.is_contiguous(memory_format=torch.channels_last)
+                         for p in model.parameters() if p.dim() == 4})
             return super().training_step(model, inputs, *args, **kwargs)
 
     monkeypatch.setattr(train_teacher, "Trainer", Recording)

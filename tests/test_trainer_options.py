@@ -190,7 +190,8 @@ def test_an_optimizer_passed_in_without_the_methods_modules_is_refused_before_th
     trainer = make_trainer(tmp_path, student=student, optimizers=(optimizer, None))
     before = snapshot(trainer.distill_model)
     with pytest.raises(ValueError, match="Stage 'dictionary' trains 'coders', but the optimizer lacks 8 of its "
-                                         "parameters \\(e.g. 'method.coders.layer1.dictionary'\\).*param_groups.*optimizer_cls_and_kwargs"):
+                                         "parameters \\(e.g. 'method.coders.layer1.dictionary'\\)"
+                                         ".*param_groups.*optimizer_cls_and_kwargs"):
         trainer.train()
     assert trainer.state.global_step == 0 and not changed(before, snapshot(trainer.distill_model))
     class OwnSchedule(DistillationTrainer):  # an override that builds the stage schedule itself: still checked
