@@ -33,7 +33,8 @@ def _or_none(kind):
     return convert
 
 
-def _allows_none(annotation) -> bool:
+def allows_none(annotation) -> bool:
+    """Whether a type annotation admits None (`int | None`, `Optional[str]`)."""
     union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
     return union and type(None) in typing.get_args(annotation)
 
@@ -43,11 +44,10 @@ class SRMParser(HfArgumentParser):
         kwargs.setdefault("allow_abbrev", False)  # `--num_train_epoch 3` is an unknown flag, not a guess
         super().__init__(dataclass_types, **kwargs)
         # from the annotations: HfArgumentParser strips None from the fields' own `type`, for every later parser too
-        nullable = {name for d in self.dataclass_types for name, hint in typing.get_type_hints(d).items()
-                    if name in {f.name for f in dataclasses.fields(d)} and _allows_none(hint)}
-        self.nullable = nullable  # fields that may be None: a flag's 'none', YAML's null
+        self.nullable = {f.name for d in self.dataclass_types for hints in [typing.get_type_hints(d)]
+                         for f in dataclasses.fields(d) if allows_none(hints[f.name])}  # a flag's 'none', YAML's null
         for action in self._actions:
-            if action.dest in nullable - NONE_IS_A_VALUE and action.type is not None and action.nargs in (None, "?"):
+            if action.dest in self.nullable - NONE_IS_A_VALUE and action.type is not None and action.nargs in (None, "?"):
                 action.value_type, action.type = action.type, _or_none(action.type)
         self.given: set[str] = set()  # after `parse`: the fields the YAML config or a flag set
         self.flags: set[str] = set()  # after `parse`: those a flag set

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from transformers import TrainingArguments
 
+from .argparser import allows_none
 from .fused import KERNEL_CHOICES, triton_available
 from .methods import METHOD_PREFIXES, check_method_fields, method_class
 from .stage_batches import parse_stage_batch_sizes
@@ -195,7 +196,7 @@ class DistillationConfig(TrainingArguments):
     def _check(self):
         for name in NEEDS_VALUE:  # e.g. srm_max_steps=None, meant as "unset", would fail deep inside with a TypeError
             if getattr(self, name) is None:
-                default = next(f.default for f in fields(self) if f.name == name)
+                default = DistillationConfig.__dataclass_fields__[name].default
                 raise ValueError(f"{name}=None: {name} needs a value (its default is {default!r}).")
         if self.preset not in ("trainer", "reference"):
             raise ValueError(f"preset={self.preset!r}: use 'trainer' or 'reference'.")
@@ -255,4 +256,4 @@ class DistillationConfig(TrainingArguments):
 
 _HINTS = typing.get_type_hints(DistillationConfig)
 NEEDS_VALUE = sorted(f.name for f in fields(DistillationConfig) if f.name not in TrainingArguments.__dataclass_fields__
-                     and type(None) not in typing.get_args(_HINTS[f.name]))  # srm_hf's fields that None would break
+                     and not allows_none(_HINTS[f.name]))  # srm_hf's fields that None would break

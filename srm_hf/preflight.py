@@ -43,7 +43,8 @@ def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_
                 image = to_pil(value)
                 _check_size(image, max_pixels)
                 if image.mode not in ("L", "RGB"):  # as the transforms will: to 1 channel or 3, whichever models take
-                    to_mode(image, 1), to_mode(image, 3)
+                    for channels in (1, 3):
+                        to_mode(image, channels)
             except (OSError, ValueError, TypeError, Image.DecompressionBombError) as e:
                 path = value.get("path") if isinstance(value, dict) else None
                 where = f"{path!r} (split {split!r}, row {start + offset})" if path else \
