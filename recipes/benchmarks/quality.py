@@ -83,10 +83,11 @@ METHODS = {
 # measured compute on validation (results/srm_search_100.md).
 EXTRA = 0.05
 # Two settings per method, chosen on validation: the student alone tunes its learning rate, DKD its β (mdistiller's
-# CIFAR-100 range), ReviewKD its loss weight (the authors' range), SRM joint its λ, SRM paper its pixel CE, the
-# others KD's α.
+# CIFAR-100 range), ReviewKD its loss weight (the authors' range), SRM joint its λ, SRM paper its pixel CE, AT
+# whether KD joins it (α 0: the AT of the paper's tables and of mdistiller; 0.9: the paper's AT+KD), the others KD's α.
 GRID = {name: [{"kd_alpha": a} for a in (0.5, 0.9)] for name in METHODS} | {
     "alone": [{"learning_rate": lr} for lr in (3e-3, 1e-2)],
+    "AT": [{"kd_alpha": a} for a in (0.0, 0.9)],
     "DKD": [{"dkd_beta": b} for b in (2.0, 8.0)],
     "ReviewKD": [{"reviewkd_weight": w} for w in (1.0, 5.0)],
     "SRM joint": [{"kd_alpha": 0.9, "srm_weight": w} for w in (0.1, 1.0)],

@@ -1,6 +1,11 @@
 """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928), together with Hinton KD.
 
-    L = α·T²·KL + (1-α)·CE + β/2 · Σ_taps ‖Q_s/‖Q_s‖ − Q_t/‖Q_t‖‖²
+    L = α·T²·KL + (1-α)·CE + β · Σ_taps mean (Q_s/‖Q_s‖ − Q_t/‖Q_t‖)²
+
+The paper writes β/2 times a squared norm, with β = 1000 divided by the number of elements; the authors' code (and
+mdistiller's) takes the mean instead and weights it by β = 1000, without the half: so does this file. With
+`kd_alpha=0` the loss is CE + β·Σ, the AT of the paper's tables and of mdistiller; with α > 0 it is the paper's
+AT+KD.
 
 Pooled-vector taps have no spatial attention and are skipped; student tokens against a teacher map are laid out as
 that map (class tokens dropped).
@@ -24,8 +29,8 @@ def attention_map(feature: torch.Tensor, p: int = 2) -> torch.Tensor:
 
 def at_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor, p: int = 2) -> torch.Tensor:
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017, arXiv 1612.03928) for one pair of taps of equal grid:
-    mean of (Q_s/‖Q_s‖ − Q_t/‖Q_t‖)², as the authors' code computes it. The paper's default weight is β = 1000,
-    applied as β/2 · Σ_taps, together with Hinton KD (`DistillationConfig.at_beta`)."""
+    mean of (Q_s/‖Q_s‖ − Q_t/‖Q_t‖)², as the authors' code computes it; their weight is β = 1000 on the sum over
+    taps (`DistillationConfig.at_beta`)."""
     return (attention_map(student_feature, p) - attention_map(teacher_feature, p)).pow(2).mean()
 
 
@@ -56,9 +61,9 @@ class AT(Method):
     def loss(self, stage, student, teacher, labels):
         terms = kd_terms(student.logits, teacher, labels, self.kd_alpha, self.kd_temperature, self.label_smoothing)
         maps = [p for p in self.pairs if p.teacher.spatial]  # attention needs a spatial map
-        terms["at"] = self.beta / 2 * sum((at_loss(on_teacher_grid(student.features[p.key], p.teacher.spatial),
-                                                   teacher.features[p.key]) for p in maps),
-                                          student.logits.new_zeros((), dtype=torch.float32))
+        terms["at"] = self.beta * sum((at_loss(on_teacher_grid(student.features[p.key], p.teacher.spatial),
+                                               teacher.features[p.key]) for p in maps),
+                                      student.logits.new_zeros((), dtype=torch.float32))
         return terms
 
     def describe(self) -> dict:
