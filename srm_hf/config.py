@@ -94,7 +94,8 @@ class DistillationConfig(TrainingArguments):
     fitnet_epochs: float = field(default=1.0, metadata={"help": "Epochs of the FitNet hint stage."})
     fitnet_max_steps: int = field(default=-1, metadata={"help": "Steps of the FitNet hint stage; overrides epochs."})
     # ---- AT ----
-    at_beta: float = field(default=1000.0, metadata={"help": "β of attention transfer, on the sum over taps of each tap's mean (the authors' 1000)."})
+    at_beta: float = field(default=1000.0, metadata={
+        "help": "β of attention transfer, on the sum over taps of each tap's mean (the authors' 1000)."})
     # ---- ReviewKD ----
     reviewkd_weight: float = field(default=5.0, metadata={"help": "Weight of the hierarchical context loss."})
     reviewkd_ce_weight: float = field(default=1.0, metadata={"help": "Weight of the label cross-entropy."})
