@@ -76,7 +76,7 @@ class DKD(Method):
 
     Defaults, from mdistiller `mdistiller/engine/cfg.py` (CFG.DKD): ALPHA 1.0, BETA 8.0, T 4.0, CE_WEIGHT 1.0,
     WARMUP 20 epochs out of SOLVER.EPOCHS 240. Its CIFAR-100 configs lower β for some pairs (`configs/cifar100/dkd/`:
-    2.0 for res56→res20 and res110→res32, 6.0 for the VGG and WRN pairs).
+    2.0 for res56→res20 and res110→res32, 6.0 for VGG→VGG and WRN→WRN).
     """
 
     name = "dkd"

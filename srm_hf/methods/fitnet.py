@@ -4,6 +4,11 @@ Stage `hint`: each student tap, mapped to the teacher's channels by a 1×1 regre
 tap (MSE; student tokens against a teacher map are laid out as that map); the student's classifier is not trained.
 Stage `kd`: Hinton KD on the whole student. The regressors are training-only: they live on the method, never in the
 exported student.
+
+Against the paper and mdistiller (`FitNet`, `ConvReg`): they guide one middle layer (mdistiller's hint layer 2)
+with a regressor of 1×1 convolution, batch norm and ReLU; here every tap pair is a hint (with the default pairing:
+every stage map and the pooled vector, the MSEs summed) and the regressor is linear. For the paper's single hint,
+pass one pair, e.g. `layer_pairs=["layer2:layer2"]`.
 """
 
 import torch
