@@ -21,6 +21,11 @@ from .stages import check_schedule
 from .trainer_options import check_reference_overrides, check_trainer_options
 
 
+# An optional boolean's flag given alone means true (`--bf16`), as TrainingArguments' own booleans do; HfArgumentParser
+# passes a field's metadata on to argparse, and gives a `bool | None` field no such default itself.
+BARE_FLAG = {"nargs": "?", "const": True}
+
+
 @dataclass
 class DistillationConfig(TrainingArguments):
     """Distillation settings: the method, the taps, and each method's own fields."""
@@ -118,9 +123,12 @@ class DistillationConfig(TrainingArguments):
                           "SRM reference's): other stages use per_device_train_batch_size (srm_hf/stage_batches.py)."},
     )
     # ---- precision and device: None follows the `accelerate launch` config (else False); a value given is kept ----
-    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: the launch config's."})
-    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: the launch config's."})
-    use_cpu: bool | None = field(default=None, metadata={"help": "Train on the CPU; default: the launch config's."})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 mixed precision; default: the launch config's.", **BARE_FLAG})
+    fp16: bool | None = field(default=None, metadata={
+        "help": "fp16 mixed precision; default: the launch config's.", **BARE_FLAG})
+    use_cpu: bool | None = field(default=None, metadata={
+        "help": "Train on the CPU; default: the launch config's.", **BARE_FLAG})
     # ---- engineering ----
     compile_student: bool = field(
         default=False,

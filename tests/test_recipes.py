@@ -408,3 +408,18 @@ def test_none_unsets_text_and_boolean_options_but_report_to_keeps_its_own_none()
     assert config.report_to in ([], "none", ["none"]) and config.ddp_find_unused_parameters is True
     with pytest.raises(ValueError, match="Unknown command-line arguments \\['--num_train_epoch'"):
         distill.parse_arguments(["--num_train_epoch", "3", "--use_cpu", "true"])  # no abbreviations
+
+
+def test_bare_mixed_precision_and_cpu_flags_mean_true_as_in_training_arguments(monkeypatch):
+    """bf16 / fp16 / use_cpu are `bool | None` here (unset: the launch config decides), yet a bare flag still means
+    true, in the recipe and in a user's HfArgumentParser, as TrainingArguments' own booleans do."""
+    from transformers import HfArgumentParser
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    *_, config = distill.parse_arguments(["--use_cpu", "--bf16"])
+    assert config.use_cpu is True and config.bf16 is True
+    (cfg,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(["--output_dir", "x", "--use_cpu"])
+    assert cfg.use_cpu is True and cfg.bf16 is False
+    (cfg,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
+        ["--output_dir", "x", "--use_cpu", "--bf16", "false"])
+    assert cfg.use_cpu is True and cfg.bf16 is False
