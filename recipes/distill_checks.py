@@ -5,7 +5,7 @@ import os
 
 from srm_hf import DistillationConfig
 from srm_hf.argparser import parse_kwargs
-from srm_hf.checkpoint import resolve_resume
+from srm_hf.resume import resolve_resume
 from srm_hf.loading import check_model_source, is_offline
 from srm_hf.methods import METHODS
 from srm_hf.metrics import make_compute_metrics

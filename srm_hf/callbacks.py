@@ -8,7 +8,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
-from .checkpoint import read_marker
+from .resume import read_marker
 from .stages import check_stage_scheduler
 from .trainer_options import check_optimizer_holds
 from .taps import format_tap_plan

@@ -1,6 +1,6 @@
 """The optimizer of a distillation run: one optimizer whose parameter groups are tagged by what they hold."""
 
-from .checkpoint import check_optimizer_layout
+from .resume import check_optimizer_layout
 from .reference import coupled_adam
 
 

@@ -17,7 +17,7 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 
 from .callbacks import StageCallback
-from .checkpoint import check_resume_plan, resolve_resume, schedule_settings
+from .resume import check_resume_plan, data_settings, resolve_resume, schedule_settings
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import compile_in_place, hook_guards, in_layout, input_dtype, model_logits
@@ -119,7 +119,8 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         else:
             check_loader_plan(self, dataloader)
         if isinstance(self.resuming, str):  # the checkpoint's step placed on this plan
-            check_resume_plan(self.resuming, self.plan.describe(), schedule_settings(self.args))
+            check_resume_plan(self.resuming, self.plan.describe(), schedule_settings(self.args),
+                              data_settings(self.args))
         max_steps = self.plan.total_steps
         if per_epoch is not None:
             num_train_epochs = -(-max_steps // per_epoch)

@@ -11,7 +11,8 @@ import os
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .checkpoint import load_distillation_model, mark_complete, save_distillation_model, schedule_settings
+from .checkpoint import load_distillation_model, save_distillation_model
+from .resume import data_settings, mark_complete, schedule_settings
 
 
 class CheckpointOverrides:
@@ -41,7 +42,8 @@ class CheckpointOverrides:
             folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
             torch.save(self.args, os.path.join(folder, "training_args.bin"))  # the run's limit, not the deferral
             mark_complete(folder, step, model_only=self.args.save_only_model, plan=self.plan.describe(),
-                          nonfinite=self.nonfinite.counts(), settings=schedule_settings(self.args))
+                          nonfinite=self.nonfinite.counts(), settings=schedule_settings(self.args),
+                          data=data_settings(self.args))
             rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

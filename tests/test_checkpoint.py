@@ -96,6 +96,43 @@ def test_resuming_with_another_learning_rate_or_schedule_is_refused_naming_it(tm
     make_trainer(tmp_path, method="kd", max_steps=4, lr_scheduler_type="cosine", warmup_steps=1,
                  optim="adamw_torch").train(resume_from_checkpoint=checkpoint)
 
+    # another kind of optimizer would meet AdamW's state only inside its first step (a bare KeyError there)
+    trainer = make_trainer(tmp_path, method="kd", max_steps=4, optim="sgd")
+    with pytest.raises(ValueError, match=r"state of another optimizer: its parameter groups have no \[.*'momentum'.*"
+                                         r"this run's SGD needs\. Resume with the `optim`"):
+        trainer.train(resume_from_checkpoint=checkpoint)  # refused when the optimizer is built, before a step
+
+
+def test_resuming_with_other_batches_is_refused_naming_them(tmp_path):
+    """A step's place in the data is counted in images per optimizer step: other batches would resume elsewhere."""
+    make_trainer(tmp_path, method="kd", max_steps=4, save_strategy="steps", save_steps=2).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    batch = make_trainer(tmp_path, method="kd", max_steps=4).args.per_device_train_batch_size
+    for changed, named in ((dict(gradient_accumulation_steps=2), f"images_per_step: {batch} there, {2 * batch} here"),
+                           (dict(dataloader_drop_last=True), "dataloader_drop_last: False there, True here")):
+        trainer = make_trainer(tmp_path, method="kd", max_steps=4, **changed)
+        with pytest.raises(ValueError, match=f"other batches \\({named};.*Resume with the batch settings"):
+            trainer.train(resume_from_checkpoint=checkpoint)
+        assert trainer.state.global_step == 0
+
+
+@pytest.mark.parametrize("damage", ["remove", "truncate"])
+def test_a_complete_checkpoint_whose_files_changed_since_is_refused_naming_them(tmp_path, damage):
+    """Without optimizer.pt or scheduler.pt the Trainer restores neither and silently restarts the stage schedule at
+    step 0 (the dictionaries trained in the KD stage); a truncated file failed after the weights had loaded."""
+    make_trainer(tmp_path, method="kd", max_steps=4, save_strategy="steps", save_steps=2).train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    for name in ("optimizer.pt", "scheduler.pt"):
+        if damage == "remove":
+            (checkpoint / name).unlink()
+        else:
+            (checkpoint / name).write_bytes((checkpoint / name).read_bytes()[:10])
+    trainer = make_trainer(tmp_path, method="kd", max_steps=4)
+    detail = "missing" if damage == "remove" else "10 bytes, written"
+    with pytest.raises(ValueError, match=f"marked complete, but its files changed since: optimizer.pt \\({detail}.*"
+                                         f"scheduler.pt \\({detail}.*Resume from another checkpoint"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 0
 
 def test_save_total_limit_keeps_the_newest_complete_checkpoints_and_each_records_the_limit(tmp_path):
     # the trainer rotates older checkpoints itself, once the new one is marked complete (trainer_checkpoints.py)

@@ -11,7 +11,8 @@ import torch
 from conftest import HANG_GUARD_S
 from safetensors.torch import load_file
 
-from srm_hf.checkpoint import COMPLETE_NAME, resolve_resume
+from srm_hf.checkpoint import COMPLETE_NAME
+from srm_hf.resume import resolve_resume
 
 SCRIPT = Path(__file__).resolve().parent / "checkpoint_run.py"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import HANG_GUARD_S
 
-from srm_hf.checkpoint import read_marker
+from srm_hf.resume import read_marker
 
 HERE = Path(__file__).resolve().parent
 

@@ -177,7 +177,7 @@ def test_push_to_hub_without_the_hub_stops_when_the_trainer_is_built(tmp_path):
 
 
 def test_a_checkpoint_push_that_fails_leaves_training_and_the_checkpoint_whole(tmp_path, fake_hub, monkeypatch):
-    from srm_hf.checkpoint import read_marker
+    from srm_hf.resume import read_marker
 
     trainer = make_trainer(tmp_path, method="kd", max_steps=2, push_to_hub=True, hub_model_id="someone/student",
                            hub_strategy="every_save", save_strategy="steps", save_steps=1)

@@ -465,7 +465,8 @@ def test_a_model_api_asked_of_the_wrapper_names_where_the_student_is(tmp_path):
 
 def test_checkpoints_whose_markers_record_no_time_are_resumed_by_step(tmp_path):
     """Markers written before they recorded a time (or any copied folder's): the highest step is the newest."""
-    from srm_hf.checkpoint import COMPLETE_NAME, resolve_resume
+    from srm_hf.checkpoint import COMPLETE_NAME
+    from srm_hf.resume import resolve_resume
 
     for step in (12, 6):  # written in this order: file times would say checkpoint-6 is newer
         folder = tmp_path / f"checkpoint-{step}"
