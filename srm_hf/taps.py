@@ -5,7 +5,7 @@ A tap is a module path plus what a dry-run forward shows there (timm vocabulary:
 the pair and their state-dict entries.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ class TapInfo:
     channels: int
     spatial: tuple[int, ...]  # (H, W) for maps, (L,) for tokens, () for pooled vectors
     reduction: float  # input height / tap height for maps; 0 otherwise
+    nesting: int = field(default=0, compare=False)  # enclosing modules whose output has another size (dry run)
 
     @property
     def num_pixels(self) -> int:
@@ -84,22 +85,55 @@ def dry_run(model: nn.Module, pixel_values: torch.Tensor) -> tuple[list[TapInfo]
     finally:
         for h in handles:
             h.remove()
+    batch, image_size = logits.shape[0], pixel_values.shape[2:]
+    token_lengths = {name: out.shape[1] for name, out in records
+                     if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[0] == batch}
+    features = [(name, out) for name, out in records if _is_feature(name, out, logits, image_size, token_lengths)]
+    nesting = _nesting({name: tap_info(name, out, image_size[0]).spatial for name, out in features})
     taps: dict[int, TapInfo] = {}  # keyed by tensor identity; later (outer) modules overwrite inner ones
-    for name, out in records:
-        if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.dim() > 4 or out.shape[0] != logits.shape[0]:
-            continue
-        if out.data_ptr() == logits.data_ptr() or not out.is_floating_point():
-            continue
-        if out.dim() == 4 and not _same_aspect(out.shape[2:], pixel_values.shape[2:]):
-            continue  # not a [N, C, H, W] map of this image (e.g. NHWC or attention scores)
-        taps[id(out)] = tap_info(name, out, pixel_values.shape[-2])
+    for name, out in features:
+        taps[id(out)] = replace(tap_info(name, out, image_size[0]), nesting=nesting[name])
     order = {id(out): i for i, (_, out) in enumerate(records) if id(out) in taps}
     return [taps[k] for k in sorted(taps, key=lambda k: order[k])], logits
+
+
+def _is_feature(name: str, out, logits: torch.Tensor, image_size: tuple[int, int],
+                token_lengths: dict[str, int]) -> bool:
+    """Whether a module's output is a feature of this batch: a map [N, C, H, W], tokens [N, L, C] or a vector."""
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.dim() > 4 or out.shape[0] != logits.shape[0]:
+        return False
+    if out.data_ptr() == logits.data_ptr() or not out.is_floating_point():
+        return False
+    if out.dim() == 4 and not _same_aspect(out.shape[2:], image_size):
+        return False  # not a [N, C, H, W] map of this image (e.g. NHWC or attention scores)
+    # [N, heads, L, head_dim] inside a module that gives L tokens is attention, not a map, even when nearly square
+    return out.dim() != 4 or all(token_lengths.get(a) != out.shape[2] for a in _ancestors(name))
+
+
+def _nesting(sizes: dict[str, tuple[int, ...]]) -> dict[str, int]:
+    """For each module path, how many enclosing modules output another size: a block that strides encloses its
+    first layers. Containers of stages, whose children give three map sizes or more (timm's `stages`), don't count.
+    """
+    child_sizes: dict[str, set] = {}
+    for name, size in sizes.items():
+        if len(size) == 2 and _ancestors(name):
+            child_sizes.setdefault(_ancestors(name)[0], set()).add(size)
+
+    def encloses_another_size(path: str, size: tuple[int, ...]) -> bool:
+        return path in sizes and sizes[path] != size and len(child_sizes.get(path, ())) < 3
+
+    return {name: sum(encloses_another_size(a, size) for a in _ancestors(name)) for name, size in sizes.items()}
 
 
 def _same_aspect(size: tuple[int, int], image_size: tuple[int, int]) -> bool:
     h, w = size
     return (h, w) == (1, 1) or abs(w - h * image_size[1] / image_size[0]) <= 1
+
+
+def _ancestors(path: str) -> list[str]:
+    """The paths of the modules that contain `path`, innermost first ('a.b.c' -> ['a.b', 'a'])."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def describe_taps(model: nn.Module, pixel_values: torch.Tensor, paths: list[str]) -> list[TapInfo]:
@@ -115,20 +149,21 @@ def describe_taps(model: nn.Module, pixel_values: torch.Tensor, paths: list[str]
 
 
 def stage_taps(taps: list[TapInfo], min_reduction: float) -> list[TapInfo]:
-    """The automatic tap candidates: one per spatial size, the shallowest module there (the stage, not a layer
-    inside it), the last one run among equals; pooled vectors count as one size.
+    """The automatic tap candidates: one per spatial size, the last module run at that size (the end of the stage,
+    not the stem before it) among those that the fewest modules of other sizes enclose (not a layer of the next
+    stage that runs before its stride); pooled vectors count as one size.
 
     Maps finer than `min_reduction` (e.g. the stem at reduction 2) are left out: their codes cost the most memory.
     So is the one map size of a model that also gives tokens, with the modules around it: a transformer's patch
     embedding, not a stage.
     """
     embedding = _patch_embedding(taps)
-    best: dict[tuple[int, ...], tuple[int, int]] = {}  # spatial -> (depth, -position) of the best tap so far
+    best: dict[tuple[int, ...], tuple[int, int]] = {}  # spatial -> (nesting, -position) of the best tap so far
     for i, t in enumerate(taps):
         if len(t.spatial) == 2 and t.reduction < min_reduction or \
                 any(path == t.path or path.startswith(t.path + ".") for path in embedding):
             continue
-        rank = (t.path.count("."), -i)
+        rank = (t.nesting, -i)
         if t.spatial not in best or rank < best[t.spatial]:
             best[t.spatial] = rank
     chosen = sorted(-pos for _, pos in best.values())

@@ -1,6 +1,7 @@
 """Taps: description by a dry run, automatic candidates, pairing by grid size."""
 
 import pytest
+import timm
 import torch
 from conftest import hf_resnet, small_net, timm_resnet
 
@@ -34,6 +35,23 @@ def test_pairing_by_spatial_size():
                      ("layer3", "resnet.encoder.stages.2"), ("global_pool", "classifier.0")]
 
 
+def test_automatic_taps_end_the_stages_not_the_stem():
+    from transformers import ConvNextConfig, ConvNextForImageClassification, ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    bottleneck = ResNetForImageClassification(ResNetConfig(layer_type="bottleneck", embedding_size=16, num_labels=4,
+                                                           hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1]))
+    convnext = ConvNextForImageClassification(ConvNextConfig(hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1],
+                                                             num_labels=4))
+    x = torch.randn(2, 3, 64, 64)
+    for model, stages in [(bottleneck, "resnet.encoder.stages"), (convnext, "convnext.encoder.stages"),
+                          (timm.create_model("test_convnext", num_classes=4), "stages")]:
+        maps = [t.path for t in stage_taps(dry_run(model, x)[0], 4) if len(t.spatial) == 2]
+        assert maps[:3] == [f"{stages}.{i}" for i in range(3)]  # not the stem, nor the next stage's first layers
+    paths = [t.path for t in stage_taps(dry_run(timm.create_model("resnet26", num_classes=4), x)[0], 4)]
+    assert paths == ["layer1", "layer2", "layer3", "layer4", "global_pool"]
+
+
 def test_a_transformers_patch_embedding_is_no_automatic_tap():
     from transformers import ViTConfig, ViTForImageClassification
 
@@ -62,3 +80,11 @@ def test_the_tap_plan_reads_as_lines_of_pairs():
     assert "resnet.encoder.stages.0" in lines[0] and "reduction 4" in lines[0]
     assert format_tap_plan([]).startswith("no taps")
 
+
+def test_a_vits_attention_heads_are_no_feature_map():
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2, num_classes=4)
+    x = torch.randn(2, 3, 32, 32)  # 65 tokens, head_dim 64: q and k are [2, 3, 65, 64], nearly square
+    taps = dry_run(vit, x)[0]
+    assert [t.path for t in taps if len(t.spatial) == 2] == ["patch_embed.proj"]
+    pairs = pair_taps(stage_taps(dry_run(timm_resnet(), x)[0], 4), stage_taps(taps, 4))
+    assert [(p.teacher.path, p.student.path) for p in pairs] == [("global_pool", "head_drop")]  # pooled vectors only
