@@ -1,4 +1,5 @@
-"""The values added to the training logs (each method's loss terms, `trainer.log_metric`), averaged at each log."""
+"""The values added to the training logs (the loss, each method's loss terms, `trainer.log_metric`), averaged at each
+log over the optimizer steps that the NaN guard kept."""
 
 from collections import defaultdict
 
@@ -6,23 +7,48 @@ import torch
 from accelerate.utils import gather_object
 
 
+def kept_values(values: list[torch.Tensor], kept: bool | torch.Tensor) -> list[torch.Tensor]:
+    """One optimizer step's `values` as its log window keeps them: all or none (`kept` read on the host), or, for a
+    flag on the device, each value where it holds and NaN where it does not, selected there without the host waiting
+    (a value in host memory is copied to the flag's device without waiting either)."""
+    if isinstance(kept, bool):
+        return values if kept else []
+    return [torch.where(kept, v.to(kept.device, non_blocking=v.device.type == "cpu"), float("nan")) for v in values]
+
+
 class LoggedMetrics:
-    """Values by name since the last training log. A value that is not finite (a step the NaN guard skipped) is
-    left out of the mean, as `logging_nan_inf_filter` leaves it out of the logged loss; a name with no finite value
-    logs NaN. Nothing is kept while the run logs nothing (`logging_strategy="no"`)."""
+    """Values by name since the last training log. The values of an optimizer step, from its first forward (`hold`)
+    to the NaN guard's decision on it (`end_step`), are held: a skipped step's are left out of the means, as is any
+    value that is not finite; a name with no value left logs nothing. Nothing is kept while the run logs nothing
+    (`logging_strategy="no"`)."""
 
     def __init__(self):
-        self.values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.values: dict[str, list[torch.Tensor]] = defaultdict(list)  # kept for the next log
+        self.step: dict[str, list[torch.Tensor]] = defaultdict(list)  # held for the guard's decision
+        self.holding = False
         self.enabled = True
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
         if self.enabled:
-            self.values[name].append(torch.as_tensor(value).detach().float())
+            (self.step if self.holding else self.values)[name].append(torch.as_tensor(value).detach().float())
+
+    def hold(self) -> None:
+        """An optimizer step's forward starts: its values wait for `end_step`."""
+        self.holding = True
+
+    def end_step(self, kept: bool | torch.Tensor) -> None:
+        """The guard has decided: the held values join the window's if it `kept` the step (a bool, or a boolean
+        tensor on the device); later values join it at once."""
+        for name, values in self.step.items():
+            self.values[name].extend(kept_values(values, kept))
+        self.step.clear()
+        self.holding = False
 
     def pop_means(self, accelerator) -> dict[str, float]:
-        """Each name's mean over its finite values since the last log, pooled over the processes that logged it:
-        names are matched across processes (one may log a name the others do not, or in another order), with one
-        gather of the names and one reduction of every sum and count. The store is then empty."""
+        """Each name's mean over its kept finite values since the last log, pooled over the processes that logged
+        it: names are matched across processes (one may log a name the others do not, or in another order), with
+        one gather of the names and one reduction of every sum and count. The store is then empty, but for values
+        still held."""
         names = sorted(self.values)
         if accelerator.num_processes > 1:
             names = sorted(set(gather_object(names)))
@@ -31,7 +57,7 @@ class LoggedMetrics:
         sums, counts = [], []
         for name in names:
             values = self.values.get(name) or [torch.zeros(0)]  # a name only other processes logged: none here
-            stacked = torch.cat([v.reshape(-1) for v in values]).to(accelerator.device)
+            stacked = torch.cat([v.reshape(-1).to(accelerator.device) for v in values])
             finite = stacked.isfinite()
             sums.append(torch.where(finite, stacked, 0.0).sum())
             counts.append(finite.sum().float())
@@ -39,9 +65,11 @@ class LoggedMetrics:
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, "sum")
         self.values.clear()
-        return dict(zip(names, (totals[0] / totals[1]).tolist()))  # no finite value: 0 / 0, NaN
+        return {name: total / count for name, total, count in zip(names, *totals.tolist()) if count}
 
     def start(self, enabled: bool) -> None:
         """At the start of training: values left by an earlier or interrupted run are not this run's."""
         self.values.clear()
+        self.step.clear()
+        self.holding = False
         self.enabled = enabled

@@ -12,6 +12,8 @@ Three ways to skip, chosen per step by `skip_if_nonfinite`:
 - under fp16's gradient scaler, which skips the optimizer step itself: the buffers are selected on the device and
   the outcome is counted as above;
 - on the host otherwise: the norm is read, and a skipped step drops the gradients and puts the buffers back.
+Each tells whether the step is kept (on the device, as a flag), so that a skipped step's loss and terms drop out of
+the training logs (`logged_metrics.py`).
 """
 
 import math
@@ -59,9 +61,10 @@ class NonFiniteGuard:
                 torch.cat([b.detach().reshape(-1) for b in bufs], out=backup)
 
     def skip_if_nonfinite(self, grad_norm, optimizer, model: nn.Module, stage_name: str, step: int,
-                          scaled: bool = False) -> None:
+                          scaled: bool = False) -> bool | torch.Tensor:
         """Make the optimizer step at `step` (1-based) a no-op, buffers included, if `grad_norm` is not finite.
-        `scaled`: a gradient scaler steps the optimizer, and skips the step itself when `grad_norm` is not finite."""
+        `scaled`: a gradient scaler steps the optimizer, and skips the step itself when `grad_norm` is not finite.
+        Returns whether the step is kept: a bool, or a boolean tensor on the device where the host does not read it."""
         if optimizer is not self._optimizer:
             self._optimizer, self._on_device = optimizer, skips_on_device(optimizer, grad_norm)
         if scaled or self._on_device:
@@ -70,13 +73,13 @@ class NonFiniteGuard:
             self._watch(finite, stage_name, step)  # may raise for an earlier step: before found_inf is set
             if not scaled:
                 optimizer.found_inf = (~finite).float()  # read by the optimizer's step, removed by `step_done`
-        elif not math.isfinite(float(grad_norm)):
+            return finite
+        finite = math.isfinite(float(grad_norm))  # the host waits for the norm
+        if not finite:
             self._put_back(None)
             for p in model.parameters():
                 p.grad = None  # optimizers skip parameters without a gradient
-            self._count(False, stage_name, step)
-        else:
-            self._count(True, stage_name, step)
+        return self._count(finite, stage_name, step)
 
     def step_done(self) -> None:
         """After the optimizer step: its `found_inf` goes, so that no later step reads it."""

@@ -193,6 +193,7 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
             loss = None if labels is None else classification_loss(outputs.logits, labels,
                                                                    self.args.label_smoothing_factor, training=False)
             return (loss, outputs) if return_outputs else loss
+        self.logged.hold()  # the step's loss and terms wait for the NaN guard's decision (`_get_grad_norm`)
         stage = self.plan.stage_at(self.state.global_step)
         with capturing(self.teacher_hooks):  # also for a `teacher_forward` override that runs the teacher itself
             teacher = self.teacher_forward(inputs) if stage.spec.uses_teacher else None
@@ -207,13 +208,15 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
         self.logged.add(name, value)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the logged metrics (averaged since the last log), the stage and its learning rate; eval logs: the stage."""
+        """Adds the logged metrics (averaged since the last log), the stage and its learning rate; eval logs: the
+        stage."""
         step = max(self.state.global_step - 1, 0)  # the step just taken
         if self.plan is not None and any(k.endswith("_runtime") and not k.startswith("train") for k in logs):
             logs["stage"] = self.plan.stage_at(step).index
         if "loss" in logs and self.plan is not None:
             self.nonfinite.settle()  # every step's outcome counted before `nonfinite_steps_skipped` is logged
-            logs.update(self.logged.pop_means(self.accelerator))
+            means = self.logged.pop_means(self.accelerator)  # the loss too: the Trainer's counts the skipped steps
+            logs.update(means, loss=means.get("loss", float("nan")))  # a window of skipped steps alone: no mean
             stage = self.plan.stage_at(step)
             logs["stage"] = stage.index
             logs["nonfinite_steps_skipped"] = self.nonfinite.skipped
@@ -225,13 +228,18 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
     # ---- checkpoint ones are in trainer_checkpoints.py) ------------------------------------------------------
 
     def _get_grad_norm(self, model, grad_norm=None):
-        """Skip the optimizer step when the gradient is not finite (under fp16, the scaler skips it), buffers included."""
+        """Skip the optimizer step when the gradient is not finite (under fp16, the scaler skips it), buffers
+        included, and with it the step's loss and terms in the logs."""
         grad_norm = super()._get_grad_norm(model, grad_norm)
-        if grad_norm is None:
-            return grad_norm
-        stage, optimizer = self.plan.stage_at(self.state.global_step), getattr(self.optimizer, "optimizer", None)
-        self.nonfinite.skip_if_nonfinite(grad_norm, optimizer or self.optimizer, model, stage.name,  # the torch
-                                         self.state.global_step + 1, scaled=self.accelerator.scaler is not None)
+        kept = True  # no norm: nothing to judge
+        if grad_norm is not None:
+            stage, optimizer = self.plan.stage_at(self.state.global_step), getattr(self.optimizer, "optimizer", None)
+            kept = self.nonfinite.skip_if_nonfinite(grad_norm, optimizer or self.optimizer, model,  # the torch one
+                                                    stage.name, self.state.global_step + 1,
+                                                    scaled=self.accelerator.scaler is not None)
+        if self.step_losses:  # the step's loss as the Trainer adds it up: its micro-batches' mean
+            self.logged.add("loss", torch.stack(self.step_losses).mean())
+        self.logged.end_step(kept)  # a skipped step's loss and terms drop out of the log's means
         return grad_norm
 
     def _build_accelerator_args(self, **kwargs) -> dict:
