@@ -8,18 +8,18 @@ from accelerate.utils import gather_object
 
 
 def kept_values(values: list[torch.Tensor], kept: bool | torch.Tensor) -> list[torch.Tensor]:
-    """One optimizer step's `values` as its log window keeps them: all or none (`kept` read on the host), or, for a
-    flag on the device, each value where it holds and NaN where it does not, selected there without the host waiting
-    (a value in host memory is copied to the flag's device without waiting either)."""
+    """One optimizer step's `values` as its log window keeps them: each value if the step is kept, NaN (left out of
+    the means) if not; for a flag on the device, selected there without the host waiting (a value in host memory is
+    copied to the flag's device without waiting either)."""
     if isinstance(kept, bool):
-        return values if kept else []
+        return values if kept else [torch.full_like(v, float("nan")) for v in values]
     return [torch.where(kept, v.to(kept.device, non_blocking=v.device.type == "cpu"), float("nan")) for v in values]
 
 
 class LoggedMetrics:
     """Values by name since the last training log. The values of an optimizer step, from its first forward (`hold`)
     to the NaN guard's decision on it (`end_step`), are held: a skipped step's are left out of the means, as is any
-    value that is not finite; a name with no value left logs nothing. Nothing is kept while the run logs nothing
+    value that is not finite; a name with no finite value left logs NaN. Nothing is kept while the run logs nothing
     (`logging_strategy="no"`)."""
 
     def __init__(self):
@@ -65,7 +65,7 @@ class LoggedMetrics:
         if accelerator.num_processes > 1:
             totals = accelerator.reduce(totals, "sum")
         self.values.clear()
-        return {name: total / count for name, total, count in zip(names, *totals.tolist()) if count}
+        return {name: total / count if count else float("nan") for name, total, count in zip(names, *totals.tolist())}
 
     def start(self, enabled: bool) -> None:
         """At the start of training: values left by an earlier or interrupted run are not this run's."""

@@ -215,8 +215,8 @@ class DistillationTrainer(RefusedTrainerFeatures, CheckpointOverrides, HubMixin,
             logs["stage"] = self.plan.stage_at(step).index
         if "loss" in logs and self.plan is not None:
             self.nonfinite.settle()  # every step's outcome counted before `nonfinite_steps_skipped` is logged
-            means = self.logged.pop_means(self.accelerator)  # the loss too: the Trainer's counts the skipped steps
-            logs.update(means, loss=means.get("loss", float("nan")))  # a window of skipped steps alone: no mean
+            logs.update(self.logged.pop_means(self.accelerator))  # the loss too (the Trainer's counts skipped steps)
+            # unless a `compute_loss` override recorded no step losses: the Trainer's stays
             stage = self.plan.stage_at(step)
             logs["stage"] = stage.index
             logs["nonfinite_steps_skipped"] = self.nonfinite.skipped

@@ -54,7 +54,8 @@ def test_a_skipped_steps_loss_and_terms_drop_out_of_its_log_windows_means(tmp_pa
     each = training_logs(poisoned(tmp_path / "each", where, logging_steps=1, **config))
     pairs = training_logs(poisoned(tmp_path / "pairs", where, logging_steps=2, **config))
     assert [e["nonfinite_steps_skipped"] for e in each.values()] == [0, 0, 1, 1]
-    assert not terms(each[BAD_STEP]) and math.isnan(each[BAD_STEP]["loss"])  # a window of skipped steps alone
+    alone = each[BAD_STEP]  # a window of skipped steps alone: nothing finite to average
+    assert terms(alone) and all(math.isnan(v) for v in terms(alone).values()) and math.isnan(alone["loss"])
     kept = each[BAD_STEP + 1]  # the window of steps 3-4 averages step 4 alone
     assert terms(pairs[BAD_STEP + 1]) == pytest.approx(terms(kept)) and terms(kept)
     assert pairs[BAD_STEP + 1]["loss"] == pytest.approx(kept["loss"])
@@ -82,6 +83,22 @@ def test_a_steps_values_wait_for_the_guards_decision(skipped):
     logged.end_step(torch.tensor(True))
     logged.hold()
     logged.add("a/x", 7.0)  # still held at the log: left for the next one
-    assert logged.pop_means(OneProcess()) == {"a/x": 1.0, "late/z": 2.0}  # a/y: no kept value, no mean
+    means = logged.pop_means(OneProcess())
+    assert {k: v for k, v in means.items() if k != "a/y"} == {"a/x": 1.0, "late/z": 2.0}
+    assert math.isnan(means["a/y"])  # no kept value: NaN
     logged.end_step(True)
     assert logged.pop_means(OneProcess()) == {"a/x": 7.0}
+
+
+def test_a_compute_loss_override_that_records_no_step_losses_logs_the_trainers_loss(tmp_path):
+    """An override that computes the loss itself (no `super().compute_loss`) logs the Trainer's own figure."""
+    from srm_hf import DistillationTrainer
+
+    class OwnLoss(DistillationTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            logits = self.distill_model.student(inputs["pixel_values"])
+            logits = logits.logits if hasattr(logits, "logits") else logits
+            return torch.nn.functional.cross_entropy(logits, inputs["labels"])
+
+    logs = training_logs(make_trainer(tmp_path, cls=OwnLoss, method="kd", logging_steps=1, max_steps=2))
+    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in logs.values())
