@@ -423,3 +423,53 @@ def test_bare_mixed_precision_and_cpu_flags_mean_true_as_in_training_arguments(m
     (cfg,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
         ["--output_dir", "x", "--use_cpu", "--bf16", "false"])
     assert cfg.use_cpu is True and cfg.bf16 is False
+
+
+def test_a_recipe_killed_in_a_compared_run_resumes_it_and_retrains_nothing(tmp_path, monkeypatch):
+    """Killed while the compared runs train (the main run's last checkpoint is at the end of its plan), the recipe
+    resumed loads the finished students, resumes each compared run from its own newest complete checkpoint (or
+    starts it afresh without one) for the lengths measured at the start, and ends as the uninterrupted run did."""
+    from srm_hf.checkpoint import COMPLETE_NAME
+
+    out = tmp_path / "run"
+    args = ["--dataset_dir", tiny_fashion_idx(tmp_path), "--output_dir", str(out), *TINY, "--report", "false",
+            "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no"]
+    first = distill.main(args)
+    steps = json.loads((out / "results.json").read_text())["equal_compute"]["steps"]
+    assert (out / "checkpoint-6" / COMPLETE_NAME).is_file()  # the end of the main plan: 2 + 2 + 2 steps
+    assert (out / "kd" / f"checkpoint-{steps['kd']}" / COMPLETE_NAME).is_file()  # kd finished
+    kept = sorted(int(p.name.rsplit("-", 1)[1]) for p in (out / "alone").glob("checkpoint-*"))[0]
+    for later in (out / "alone").glob("checkpoint-*"):  # killed in the run alone, after its first checkpoint
+        if later.name != f"checkpoint-{kept}":
+            (later / COMPLETE_NAME).unlink()
+    (out / "results.json").unlink()
+
+    trained = []
+    real_train = distill.DistillationTrainer.train
+
+    def train(self, resume_from_checkpoint=None, *a, **k):
+        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
+        return real_train(self, resume_from_checkpoint, *a, **k)
+
+    def no_timing(*a, **k):
+        raise AssertionError("the step times measured at the start are reused")
+
+    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
+    monkeypatch.setattr(distill, "stage_step_seconds", no_timing)
+    again = distill.main(args + ["--resume_from_checkpoint", "true"])
+    assert trained == [("alone", str(out / "alone" / f"checkpoint-{kept}"))]  # neither the main run nor kd again
+    assert again == first
+    assert json.loads((out / "results.json").read_text())["equal_compute"]["steps"] == steps
+
+    trained.clear()
+    for folder in (out / "alone").glob("checkpoint-*"):  # no checkpoint of its own: it starts afresh
+        for name in os.listdir(folder):
+            os.remove(folder / name)
+        folder.rmdir()
+    assert distill.main(args + ["--resume_from_checkpoint", "true"]) == first
+    assert trained == [("alone", None)]
+    # a main run shortened past its checkpoint cannot go on: refused before the step times and any training
+    monkeypatch.setattr(distill, "step_seconds", no_timing)
+    with pytest.raises(ValueError, match="checkpoint-6 is at step 6, the end of this run's plan.*nothing is left"):
+        distill.main(args + ["--resume_from_checkpoint", "true", "--max_steps", "1"])
+    assert trained == [("alone", None)]
