@@ -154,6 +154,10 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        for name in NEEDS_VALUE:  # e.g. srm_max_steps=None or max_grad_norm=None, meant as "unset": a TypeError deep
+            if getattr(self, name) is None:  # inside the Trainer or the optimizer, after earlier stages had trained
+                default = DistillationConfig.__dataclass_fields__[name].default
+                raise ValueError(f"{name}=None: {name} needs a value (its default is {default!r}).")
         # Method modules are unused in some stages, so DDP must look for unused parameters.
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
@@ -203,10 +207,6 @@ class DistillationConfig(TrainingArguments):
             self.weight_decay = 1e-4  # the reference's coupled L2
 
     def _check(self):
-        for name in NEEDS_VALUE:  # e.g. srm_max_steps=None, meant as "unset", would fail deep inside with a TypeError
-            if getattr(self, name) is None:
-                default = DistillationConfig.__dataclass_fields__[name].default
-                raise ValueError(f"{name}=None: {name} needs a value (its default is {default!r}).")
         if self.preset not in ("trainer", "reference"):
             raise ValueError(f"preset={self.preset!r}: use 'trainer' or 'reference'.")
         check_method_fields(self, method_class(self.method))
@@ -264,5 +264,4 @@ class DistillationConfig(TrainingArguments):
 
 
 _HINTS = typing.get_type_hints(DistillationConfig)
-NEEDS_VALUE = sorted(f.name for f in fields(DistillationConfig) if f.name not in TrainingArguments.__dataclass_fields__
-                     and not allows_none(_HINTS[f.name]))  # srm_hf's fields that None would break
+NEEDS_VALUE = sorted(f.name for f in fields(DistillationConfig) if not allows_none(_HINTS[f.name]))  # None breaks them

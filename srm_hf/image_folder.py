@@ -31,6 +31,10 @@ def check_image_folder(directory: str) -> None:
     if splits and len(splits) != len(subfolders):
         return  # split folders beside other folders: not a layout this check knows
     for split in splits or [directory]:
+        if linked := sorted(e.path for e in _visible(os.scandir(split)) if e.is_dir() and e.is_symlink()):
+            raise ValueError(f"Class folder(s) {linked[:3]} are symbolic links to folders, which the loader does not "
+                             "follow: their class would be dropped without a word. Copy the folder in, or link its "
+                             "image files one by one.")
         classes = sorted(e.path for e in _visible(os.scandir(split)) if e.is_dir())
         if classes and all(not _files_in(c) and any(e.is_dir() for e in _visible(os.scandir(c))) for c in classes):
             return  # deeper nesting (e.g. dir/images/<class>/): left to the loader

@@ -130,6 +130,16 @@ def check_trainer_arguments(args, method, optimizers: tuple, kwargs: dict) -> No
         raise ValueError(f"metric_for_best_model={metric!r}, but no compute_metrics gives it: evaluation reports "
                          "the loss alone. Pass compute_metrics (e.g. srm_hf.metrics.make_compute_metrics()), or select "
                          "on 'eval_loss'.")
+    if args.prediction_loss_only and metric is not None and not metric.endswith("loss"):
+        raise ValueError(f"metric_for_best_model={metric!r} with prediction_loss_only=True: evaluation then computes "
+                         "the loss alone, never compute_metrics, so the first evaluation (in the last stage, after "
+                         "the others have trained) would fail. Select on 'eval_loss', or drop prediction_loss_only.")
+    if isinstance(evals, dict) and metric is not None and not any(
+            metric.removeprefix("eval_").startswith(f"{name}_") for name in evals):
+        raise ValueError(f"metric_for_best_model={metric!r} with eval_dataset of several sets ({', '.join(evals)}): "
+                         f"evaluation reports each set's metrics as eval_<set>_<metric>, never {metric!r}, so the "
+                         "first evaluation (in the last stage, after the others have trained) would fail. Name the "
+                         f"set, e.g. metric_for_best_model='{next(iter(evals))}_{metric.removeprefix('eval_')}'.")
     if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
         raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
                          "optimizer_cls_and_kwargs, or use preset='trainer'.")

@@ -144,4 +144,7 @@ def test_one_compile_switch(tmp_path):
 def test_none_for_a_field_that_needs_a_value_is_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match="srm_max_steps=None: srm_max_steps needs a value \\(its default is -1\\)"):
         make_config(tmp_path, srm_max_steps=None)
-    make_config(tmp_path, layer_pairs=None, teacher_model_name_or_path=None)  # these may be None
+    for name, default in (("max_grad_norm", 1.0), ("warmup_steps", 0), ("seed", 42), ("weight_decay", 0.0)):
+        with pytest.raises(ValueError, match=f"{name}=None: {name} needs a value \\(its default is {default}\\)"):
+            make_config(tmp_path, **{name: None})  # TrainingArguments' fields too, before its own checks
+    make_config(tmp_path, layer_pairs=None, teacher_model_name_or_path=None, eval_steps=None)  # these may be None

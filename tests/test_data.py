@@ -134,6 +134,15 @@ def test_images_at_two_depths_are_refused_naming_what_to_move(tmp_path, extra, n
         load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data")))
 
 
+def test_a_class_folder_linked_in_is_refused_not_dropped(tmp_path):
+    """The loader does not follow a linked class folder: its class vanished, and the student had one class less."""
+    make_image_folder(tmp_path / "data", classes=("cat", "dog"))
+    make_image_folder(tmp_path / "elsewhere", classes=("owl",))
+    (tmp_path / "data" / "owl").symlink_to(tmp_path / "elsewhere" / "owl", target_is_directory=True)
+    with pytest.raises(ValueError, match="owl'\\] are symbolic links to folders.*Copy the folder in"):
+        load_image_splits(DataArguments(dataset_dir=str(tmp_path / "data")))
+
+
 def test_an_image_column_of_file_paths_is_read_as_the_files(tmp_path):
     make_image_folder(tmp_path / "data")
     paths = sorted(str(p) for p in (tmp_path / "data").rglob("*.png"))  # as a CSV of paths gives them

@@ -286,6 +286,20 @@ def test_selecting_on_a_metric_nothing_computes_is_refused_before_training(tmp_p
     with pytest.raises(ValueError, match="metric_for_best_model='accuracy'.*compute_metrics.*'eval_loss'"):
         make_trainer(tmp_path, metric_for_best_model="accuracy", **best)
     make_trainer(tmp_path, metric_for_best_model="eval_loss", greater_is_better=False, **best)  # computed: accepted
+    from srm_hf.metrics import make_compute_metrics
+
+    def trainer(eval_dataset, **config):
+        return DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path, **config),
+                                   train_dataset=PatternDataset(8), eval_dataset=eval_dataset,
+                                   compute_metrics=make_compute_metrics())
+
+    with pytest.raises(ValueError, match="'accuracy' with prediction_loss_only=True: evaluation then computes the loss"):
+        trainer(PatternDataset(4), metric_for_best_model="accuracy", prediction_loss_only=True, **best)
+    sets = {"val": PatternDataset(4), "test": PatternDataset(4, seed=1)}
+    with pytest.raises(ValueError, match="'loss' with eval_dataset of several sets \\(val, test\\).*"
+                                         "metric_for_best_model='val_loss'"):
+        trainer(sets, **best)  # load_best_model_at_end selects on 'loss' by default
+    trainer(sets, metric_for_best_model="test_accuracy", **best)
 
 
 def test_the_reference_preset_still_rebuilds_for_another_method(tmp_path):
