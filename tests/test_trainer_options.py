@@ -293,7 +293,7 @@ def test_selecting_on_a_metric_nothing_computes_is_refused_before_training(tmp_p
                                    train_dataset=PatternDataset(8), eval_dataset=eval_dataset,
                                    compute_metrics=make_compute_metrics())
 
-    with pytest.raises(ValueError, match="'accuracy' with prediction_loss_only=True: evaluation then computes the loss"):
+    with pytest.raises(ValueError, match="'accuracy' with prediction_loss_only=True: evaluation then computes"):
         trainer(PatternDataset(4), metric_for_best_model="accuracy", prediction_loss_only=True, **best)
     sets = {"val": PatternDataset(4), "test": PatternDataset(4, seed=1)}
     with pytest.raises(ValueError, match="'loss' with eval_dataset of several sets \\(val, test\\).*"
