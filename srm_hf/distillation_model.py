@@ -169,6 +169,10 @@ class DistillationModel(nn.Module):
         elif hasattr(student, "gradient_checkpointing_enable") and every_n_layers == 1 and not offload:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         elif hasattr(student, "set_grad_checkpointing") and every_n_layers == 1 and not offload:
+            if extra := {k: v for k, v in kwargs.items() if (k, v) != ("use_reentrant", False)}:
+                raise ValueError(f"activation_checkpointing_kwargs={extra}: timm's checkpointing of the student "
+                                 f"({type(student).__name__}, set_grad_checkpointing) takes no options, so they would "
+                                 "be ignored. Leave them unset (it checkpoints non-reentrantly).")
             student.set_grad_checkpointing(True)
             self.timm_checkpointing = True
         else:

@@ -74,6 +74,13 @@ def test_timm_checkpointing_of_tapped_stages_says_what_to_tap(tmp_path):
         trainer.train()
 
 
+def test_options_for_timms_checkpointing_which_takes_none_are_refused(tmp_path):
+    trainer = make_trainer(tmp_path, student=timm_resnet(seed=1), method="kd", gradient_checkpointing=True,
+                           gradient_checkpointing_kwargs={"preserve_rng_state": False})
+    with pytest.raises(ValueError, match="\\{'preserve_rng_state': False\\}: timm's checkpointing.*takes no options"):
+        trainer.train()
+
+
 def test_gradient_checkpointing_needs_a_student_that_has_it(tmp_path):
     student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                   torch.nn.Linear(4, 4))
