@@ -53,14 +53,16 @@ def _as_list(value) -> list:
     return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
+RUN_STATISTICS = ("_runtime", "_samples_per_second", "_steps_per_second")  # of an evaluation, not results
+
 def render_model_card(*, model_name: str, repo_id: str | None, library_name: str, teacher: str,
                       teacher_revision: str | None, student: str, dataset: str, method: dict, seed: int, tap_pairs,
                       stages: list[tuple[str, int]], metrics: dict[str, float], language=None, license=None,
                       tags=None, finetuned_from=None, tasks=None, dataset_tags=None, dataset_args=None,
-                      has_processor: bool = True) -> str:
+                      has_processor: bool = True, citation: str = "") -> str:
     """The student's README.md: Hub metadata (library, pipeline tag, base model, Hub datasets, license, tags,
-    model-index of the test metrics), then quick start, teacher, dataset, method settings, metrics, seed, versions,
-    citation."""
+    model-index of the test metrics), then quick start, teacher, dataset, method settings, metrics (not the runtimes
+    nor the stage and epoch an evaluation logs), seed, versions, the method's citation (BibTeX)."""
     datasets = [d for d in (_as_list(dataset_tags) or [dataset]) if hub_id(d)]
     task = (_as_list(tasks) or ["image-classification"])[0]
     results = [EvalResult(task_type=task, dataset_type=datasets[0] if datasets else "imagefolder",
@@ -101,11 +103,13 @@ def render_model_card(*, model_name: str, repo_id: str | None, library_name: str
             teacher_ref=teacher_ref, teacher_revision=teacher_revision or "local", student=_shown(student),
             quickstart=quickstart, method=method["name"],
             metrics_table="\n".join(["| metric | value |", "|---|---|"] +
-                                    [f"| {k} | {v:.4f} |" for k, v in metrics.items()]),
+                                    [f"| {k} | {v:.4f} |" for k, v in metrics.items()
+                                     if not k.endswith(RUN_STATISTICS) and k not in ("stage", "epoch")]),
             stages=" → ".join(f"{n} ({steps} steps)" for n, steps in stages),
             settings="\n".join(f"| {k} | {v} |" for k, v in method.items() if k != "name"), seed=seed,
             taps="\n".join(f"- `{p.teacher}` → `{p.student}`" for p in tap_pairs) or "- none (logits only)",
-            versions=_versions())
+            versions=_versions(),
+            citation=f"## Citation\n\n```bibtex\n{citation}\n```\n" if citation else "")
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
@@ -129,7 +133,7 @@ def model_card_for(trainer, model_name: str | None = None, dataset: str | None =
         dataset=dataset or "custom", method=trainer.method.describe(), seed=args.seed, tap_pairs=trainer.tap_pairs,
         stages=list(trainer.stages_trained.items()) or ([(s.name, s.steps) for s in trainer.plan.stages]
                                                         if trainer.plan else []),
-        metrics=metrics or {}, **card_kwargs,
+        metrics=metrics or {}, citation=trainer.method.citation, **card_kwargs,
         has_processor=trainer.processing_class is not None or os.path.isfile(os.path.join(args.output_dir,
                                                                                           "preprocessor_config.json")))
 

@@ -68,6 +68,22 @@ def test_model_card_content(tmp_path):
         assert text in card, text
 
 
+def test_the_card_lists_results_not_run_statistics_and_cites_the_methods_paper():
+    from srm_hf.hub import render_model_card
+    from srm_hf.methods import METHODS
+
+    metrics = {"eval_accuracy": 0.5, "eval_loss": 1.25, "eval_runtime": 3.0, "eval_samples_per_second": 9.0,
+               "eval_steps_per_second": 1.0, "stage": 1.0, "epoch": 2.0}
+    common = dict(model_name="s", repo_id=None, library_name="timm", teacher="t", teacher_revision=None,
+                  student="timm:resnet10t", dataset="custom", seed=0, tap_pairs=[], stages=[("kd", 2)],
+                  metrics=metrics)
+    card = render_model_card(method={"name": "kd"}, citation=METHODS["kd"].citation, **common)
+    assert "| eval_accuracy | 0.5000 |" in card and "| eval_loss | 1.2500 |" in card
+    assert not any(f"| {k} |" in card for k in ("eval_runtime", "eval_samples_per_second", "stage", "epoch"))
+    assert "arXiv:1503.02531" in card and "2103.17012" not in card  # KD's paper, not SRM's
+    assert "## Citation" not in render_model_card(method={"name": "alone"}, **common)  # no paper: no section
+
+
 def test_the_card_of_a_timm_student_saved_here_loads_it_from_its_folder():
     from srm_hf.hub import render_model_card
 

@@ -38,6 +38,13 @@ class AT(Method):
     name = "at"
     uses_taps = True
     config_prefixes = ("at", "kd")
+    citation = """@inproceedings{zagoruyko2017at,
+  title     = {Paying More Attention to Attention: Improving the Performance of Convolutional Neural Networks via
+               Attention Transfer},
+  author    = {Zagoruyko, Sergey and Komodakis, Nikos},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2017}
+}"""
 
     def __init__(self, beta: float = 1000.0, kd_alpha: float = 0.5, kd_temperature: float = 4.0):
         super().__init__()

@@ -71,12 +71,14 @@ class Method(nn.Module):
             fields of other methods' prefixes are refused when set.
         label_smoothing: ε of every cross-entropy with the class labels (`classification_loss(..., ε)`); the trainer
             sets it from `TrainingArguments.label_smoothing_factor`.
+        citation: the BibTeX of the method's paper, cited by the student's model card ("" for none).
     """
 
     name: str = "method"
     uses_taps: bool = False
     config_prefixes: tuple[str, ...] = ()
     label_smoothing: float = 0.0  # for every CE with the class labels; the trainer sets `label_smoothing_factor`
+    citation: str = ""
 
     def __init__(self):
         super().__init__()

@@ -81,6 +81,12 @@ class DKD(Method):
 
     name = "dkd"
     config_prefixes = ("dkd",)
+    citation = """@inproceedings{zhao2022dkd,
+  title     = {Decoupled Knowledge Distillation},
+  author    = {Zhao, Borui and Cui, Quan and Song, Renjie and Qiu, Yiyu and Liang, Jiajun},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2022}
+}"""
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, ce_weight: float = 1.0,
                  warmup_ratio: float = 20 / 240):  # mdistiller: 20 warm-up epochs of 240

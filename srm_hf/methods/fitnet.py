@@ -45,6 +45,13 @@ class FitNet(Method):
     name = "fitnet"
     uses_taps = True
     config_prefixes = ("fitnet", "kd")
+    citation = """@inproceedings{romero2015fitnets,
+  title     = {FitNets: Hints for Thin Deep Nets},
+  author    = {Romero, Adriana and Ballas, Nicolas and Kahou, Samira Ebrahimi and Chassang, Antoine and Gatta, Carlo
+               and Bengio, Yoshua},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2015}
+}"""
 
     def __init__(self, hint_epochs: float = 1.0, hint_max_steps: int = -1, kd_alpha: float = 0.5,
                  kd_temperature: float = 4.0):

@@ -38,6 +38,12 @@ def kd_terms(student_logits: torch.Tensor, teacher: Features | None, labels: tor
 class KD(Method):
     name = "kd"
     config_prefixes = ("kd",)
+    citation = """@article{hinton2015kd,
+  title   = {Distilling the Knowledge in a Neural Network},
+  author  = {Hinton, Geoffrey and Vinyals, Oriol and Dean, Jeff},
+  journal = {arXiv preprint arXiv:1503.02531},
+  year    = {2015}
+}"""
 
     def __init__(self, alpha: float = 0.5, temperature: float = 4.0):
         super().__init__()

@@ -122,6 +122,12 @@ class ReviewKD(Method):
     name = "reviewkd"
     uses_taps = True
     config_prefixes = ("reviewkd",)
+    citation = """@inproceedings{chen2021reviewkd,
+  title     = {Distilling Knowledge via Knowledge Review},
+  author    = {Chen, Pengguang and Liu, Shu and Zhao, Hengshuang and Jia, Jiaya},
+  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2021}
+}"""
 
     def __init__(self, weight: float = 5.0, ce_weight: float = 1.0, warmup_ratio: float = 20 / 240,
                  mid_channels: int | None = None):  # warm-up: mdistiller's 20 epochs of 240; None: min(512, ...)

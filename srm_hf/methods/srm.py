@@ -40,6 +40,12 @@ class SRM(Method):
     name = "srm"
     uses_taps = True
     config_prefixes = ("srm", "kd")
+    citation = """@article{tran2021srm,
+  title   = {Knowledge Distillation By Sparse Representation Matching},
+  author  = {Tran, Dat Thanh and Gabbouj, Moncef and Iosifidis, Alexandros},
+  journal = {arXiv preprint arXiv:2103.17012},
+  year    = {2021}
+}"""
 
     def __init__(self, mode: str = "paper", codeword_multiplier: float = 2.0, sparsity_multiplier: float = 0.02,
                  targets: str = "both", pixel_weight: float = 1.0, image_weight: float = 1.0,
