@@ -35,7 +35,6 @@ from transformers import EvalPrediction, TrainerState, set_seed
 from srm_hf import DistillationConfig, DistillationTrainer
 from srm_hf.argparser import SRMParser, parse_kwargs
 from srm_hf.checkpoint import load_distillation_model
-from srm_hf.resume import data_settings, schedule_settings
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
@@ -43,6 +42,7 @@ from srm_hf.loading import label_names_of, load_image_classifier, load_image_pro
 from srm_hf.methods.srm import DICTIONARY_NAME
 from srm_hf.plots import atom_usage, save_report
 from srm_hf.preflight import check_output_dir, check_split_images
+from srm_hf.resume import data_settings, schedule_settings
 from srm_hf.taps import format_tap_plan
 from srm_hf.transforms import AugmentedDataset, ImageTransform, image_processor_for, preprocessing_for
 
