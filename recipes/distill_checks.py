@@ -7,10 +7,10 @@ import re
 from srm_hf import DistillationConfig
 from srm_hf.argparser import parse_kwargs
 from srm_hf.checkpoint import COMPLETE_NAME
-from srm_hf.resume import check_resume_plan, read_marker, resolve_resume
 from srm_hf.loading import check_model_source, is_offline
 from srm_hf.methods import METHODS
 from srm_hf.metrics import make_compute_metrics
+from srm_hf.resume import check_resume_plan, read_marker, resolve_resume
 
 
 def compared(script_args) -> list[str]:

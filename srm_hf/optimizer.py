@@ -1,7 +1,7 @@
 """The optimizer of a distillation run: one optimizer whose parameter groups are tagged by what they hold."""
 
-from .resume import check_optimizer_layout
 from .reference import coupled_adam
+from .resume import check_optimizer_layout
 
 
 def build_optimizer(distill_model, args, decay_names: set[str], default_cls_and_kwargs, resuming=None):

@@ -17,7 +17,6 @@ from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import has_length
 
 from .callbacks import StageCallback
-from .resume import check_resume_plan, data_settings, resolve_resume, schedule_settings
 from .config import DistillationConfig
 from .distillation_model import DistillationModel
 from .forward import compile_in_place, hook_guards, in_layout, input_dtype, model_logits
@@ -31,6 +30,7 @@ from .optimizer import build_optimizer
 from .label_checks import CheckedLabels
 from .preflight import check_training
 from .reference import StageSelection
+from .resume import check_resume_plan, data_settings, resolve_resume, schedule_settings
 from .stage_batches import check_loader_plan, stage_batch_loader
 from .stages import StagePlan, check_stage_selection, resets_moments, stage_scheduler, stage_steps
 from .teacher_placement import prepare_teacher
