@@ -12,9 +12,12 @@ from dataclasses import dataclass, replace
 
 import torch
 from transformers import get_scheduler
+from transformers.utils import logging
 
 from .methods.base import StageSpec
 from .reference import phase_starts, step_decay
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,6 +150,10 @@ def _stage_lambda(stage: Stage, args, last: bool, lr: float) -> object:
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr or 1.0)
     constant = stage.spec.constant_lr
     kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))  # as the user wrote it
+    if not constant and (warmup := args.get_warmup_steps(stage.steps)) >= stage.steps > 1:
+        logger.warning_once(f"warmup_steps={args.warmup_steps} warms stage '{stage.name}' up over {warmup} steps of "
+                            f"its {stage.steps}: it never reaches its learning rate (each stage restarts the schedule)."
+                            " Give warmup_steps as a share of each stage (e.g. 0.1), or fewer steps.")
     try:
         scheduler = get_scheduler(
             "constant" if constant else args.lr_scheduler_type,

@@ -82,3 +82,16 @@ def test_each_group_follows_its_stages_schedule(tmp_path):
     assert set(sched.state_dict()) >= {"last_epoch"}
     torch.save(sched.state_dict(), tmp_path / "s.pt")
     torch.load(tmp_path / "s.pt", weights_only=True)  # what the Trainer does on resume
+
+
+def test_a_warmup_as_long_as_a_stage_is_named(tmp_path, caplog):
+    """Each stage restarts the schedule: warmup_steps=10 meant for a long last stage never lets a 4-step one reach
+    its learning rate."""
+    import logging
+
+    caplog.set_level(logging.WARNING)
+    args = make_config(tmp_path, warmup_steps=10)
+    opt = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "stage_group": "student"}], lr=1e-3)
+    stage_scheduler(opt, StagePlan([(SRM_STAGE, 4), (KD, 20)]), args)
+    assert any("warms stage 'srm' up over 10 steps of its 4" in r.message for r in caplog.records)
+    assert not any("stage 'kd'" in r.message for r in caplog.records)
