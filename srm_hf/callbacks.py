@@ -83,8 +83,8 @@ class StageCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         """The student is judged only in the method's final stage (before it, its classifier is frozen or untrained):
         no evaluation earlier, so early stopping and best-model selection see the final stage alone (also when
-        `train_stages` runs earlier stages alone). "epoch" strategies count each stage's own passes over the data,
-        which need not line up with the Trainer's epochs; a log window ends with its stage."""
+        `train_stages` runs earlier stages alone). "epoch" strategies (evaluation, saving, logging) count each stage's
+        own passes over the data, which need not line up with the Trainer's epochs; a log window ends with its stage."""
         self.trainer.nonfinite.step_done()
         stage = self.trainer.plan.stage_at(state.global_step - 1)
         ends = state.global_step == stage.end
@@ -95,6 +95,7 @@ class StageCallback(TrainerCallback):
         if ends or per_epoch and (state.global_step - stage.start) % per_epoch == 0:
             control.should_evaluate |= args.eval_strategy == "epoch" and (state.epoch or 0) >= args.eval_delay
             control.should_save |= args.save_strategy == "epoch"
+            control.should_log |= args.logging_strategy == "epoch"
         if control.should_evaluate and not stage.final:
             control.should_evaluate = False
 
@@ -107,6 +108,8 @@ class StageCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         """The Trainer's epoch-end requests are dropped: the stages' own passes have asked already (`on_step_end`)."""
         control.should_evaluate = control.should_save = False
+        if args.logging_strategy == "epoch":
+            control.should_log = False
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         """A training set whose random views are keyed by epoch (`AugmentedDataset`) learns which epoch starts:

@@ -123,6 +123,10 @@ def test_epoch_evaluation_counts_the_final_stage_passes_and_eval_delay_in_traine
     delayed = make_trainer(tmp_path / "b", eval_delay=4, **common)
     delayed.train()
     assert [e["step"] for e in delayed.state.log_history if "eval_loss" in e] == [18]
+    # logs follow the stages' passes too: the dictionary's 1.5 epochs end at 6, SRM's at 10, KD's at 14 and 18
+    logged = make_trainer(tmp_path / "c", **{**common, "eval_strategy": "no"}, logging_strategy="epoch")
+    logged.train()
+    assert [e["step"] for e in logged.state.log_history if "loss" in e] == [4, 6, 10, 14, 18]
 
 
 def test_stages_run_alone_are_never_judged_stopped_or_rolled_back(tmp_path):
