@@ -49,7 +49,8 @@ def check_images(dataset, split: str, max_pixels: int = MAX_IMAGE_PIXELS, batch_
                 path = value.get("path") if isinstance(value, dict) else None
                 where = f"{path!r} (split {split!r}, row {start + offset})" if path else \
                     f"at {dataset_row(start + offset, split, origin)}"
-                raise ValueError(f"Image {where} cannot be used: {str(e).rstrip('.')}. Remove or replace it (or fix "
+                reason = str(e).rstrip(".").removesuffix(". Remove or replace the file")  # `to_pil`'s, said below
+                raise ValueError(f"Image {where} cannot be used: {reason}. Remove or replace it (or fix "
                                  "the dataset) and start again (--check_images false skips this check); nothing was "
                                  "trained.") from e
 

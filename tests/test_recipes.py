@@ -374,8 +374,9 @@ def test_the_teacher_recipe_checks_every_image_it_trains_on_first(tmp_path):
     base = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
     teacher = train_teacher.TeacherArguments(teacher_architecture="timm:resnet10t", teacher_max_steps=1)
     data = DataArguments(dataset_dir=str(tmp_path / "data"), max_train_samples_per_class=1)
-    with pytest.raises(ValueError, match="5.png.*cannot be used.*nothing was trained"):
+    with pytest.raises(ValueError, match="5.png.*cannot be used.*nothing was trained") as refused:
         train_teacher.train_teacher(teacher, data, base, str(tmp_path / "teacher"))
+    assert str(refused.value).count("Remove or replace") == 1  # the fix said once
     assert not (tmp_path / "teacher").exists()
 
 
