@@ -65,7 +65,16 @@ class CheckedLabels:
         self.collate, self.num_labels = collate, num_labels
 
     def __call__(self, features):
-        batch = self.collate(features)
+        try:
+            batch = self.collate(features)
+        except RuntimeError as e:  # torch.stack of images of other sizes: name them, not the collator's internals
+            shapes = {tuple(f["pixel_values"].shape) for f in features
+                      if isinstance(f, Mapping) and isinstance(f.get("pixel_values"), torch.Tensor)}
+            if len(shapes) < 2:
+                raise
+            raise ValueError(f"A batch of {len(features)} training samples holds 'pixel_values' of {len(shapes)} "
+                             f"shapes ({sorted(shapes)[:4]}): a batch needs images of one size. Resize them in the "
+                             "dataset's transform (as the model's image processor does).") from e
         labels = batch.get("labels") if isinstance(batch, Mapping) else None
         if isinstance(labels, torch.Tensor) and labels.dtype == torch.long and labels.device.type == "cpu":
             # cross-entropy's ignore index: the label terms skip those rows (the KD terms need no label)

@@ -159,6 +159,22 @@ def test_a_bad_label_past_the_first_sample_of_a_plain_dataset_is_named_as_its_ba
         trainer.train()
 
 
+def test_images_of_other_sizes_past_the_first_sample_are_named_as_their_batch_is_collated(tmp_path):
+    class MixedSizes(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            size = 32 if i < 10 else 24
+            return {"pixel_values": torch.rand(3, size, size), "labels": i % 4}
+
+    trainer = make_trainer(tmp_path, train_dataset=MixedSizes(), method="kd", max_steps=2, seed=0,
+                           train_sampling_strategy="sequential")
+    with pytest.raises(ValueError, match=r"A batch of 8 training samples holds 'pixel_values' of 2 shapes \(\[\(3, 24, "
+                                         r"24\), \(3, 32, 32\)\]\).*Resize them"):
+        trainer.train()
+
+
 def test_a_datasets_label_column_is_read_whole_unless_a_transform_maps_it(tmp_path):
     from datasets import Dataset
 
