@@ -264,4 +264,5 @@ class DistillationConfig(TrainingArguments):
 
 
 _HINTS = typing.get_type_hints(DistillationConfig)
-NEEDS_VALUE = sorted(f.name for f in fields(DistillationConfig) if not allows_none(_HINTS[f.name]))  # None breaks them
+NEEDS_VALUE = sorted(f.name for f in fields(DistillationConfig) if not allows_none(_HINTS[f.name]) and (  # None breaks
+    f.name not in TrainingArguments.__dataclass_fields__ or _HINTS[f.name] in (int, float)))  # them: ours, numbers

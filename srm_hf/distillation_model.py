@@ -19,7 +19,7 @@ from .forward import compile_in_place, hook_guards, in_layout, input_dtype, mode
 from .hooks import FeatureHooks, capturing
 from .loading import ClassifierAdapter, check_label_names, load_image_classifier
 from .methods import Features, Method
-from .preflight import check_buildable, check_example_batch, check_method_modules_train, check_samples, label_count
+from .preflight import check_buildable, check_example_batch, check_samples, label_count
 from .stages import check_stage_lengths
 from .taps import plan_taps
 
@@ -61,7 +61,6 @@ class DistillationModel(nn.Module):
         self.nhwc = {"student": False, "teacher": False}  # which of the two run in channels_last (`from_models`)
         check_buildable(student, method)
         method.build(self.pairs)
-        check_method_modules_train(method)
         check_stage_lengths(method.stages(), method.name)
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs},
                                           armed=False) if pairs else None  # capturing in `forward` alone

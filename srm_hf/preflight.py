@@ -238,21 +238,6 @@ def check_buildable(student: nn.Module, method: Method) -> None:
                          "trained: unfreeze it (student.requires_grad_(True)), or pass a trainable model.")
 
 
-def check_method_modules_train(method: Method) -> None:
-    """Every child module of a built method with trainable parameters is trained by some stage (StageSpec.trains);
-    one that none names would keep its initial weights, and with them its term's meaning, without a word."""
-    trained = {name for spec in method.stages() for name in spec.trains}
-    children = dict(method.named_children())
-    if not trained <= {"student", *children}:
-        return  # a name that is no module (a typo): refused, with the modules that exist, by `stage_specs`
-    if idle := [name for name, child in children.items()
-                if name not in trained and any(p.requires_grad for p in child.parameters())]:
-        raise ValueError(f"Method {method.name!r} has the trainable child modules {idle}, which no stage trains "
-                         f"(StageSpec.trains of {[s.name for s in method.stages()]}): they would keep their initial "
-                         "weights. Name them in the `trains` of the stage that should train them, or freeze them "
-                         "(requires_grad_(False)) if they are fixed.")
-
-
 def label_count(model: nn.Module, pixel_values: torch.Tensor, role: str, channels_last: bool = False) -> int:
     """How many labels the model predicts, from one eval-mode forward of the first training images; a batch the
     model cannot take is named with the error (and `channels_last`, when the model runs in NHWC)."""
