@@ -10,7 +10,7 @@ from srm_hf.checkpoint import COMPLETE_NAME
 from srm_hf.loading import check_model_source, is_offline
 from srm_hf.methods import METHODS
 from srm_hf.metrics import make_compute_metrics
-from srm_hf.resume import check_resume_plan, read_marker, resolve_resume
+from srm_hf.resume import changed, check_resume_plan, read_marker, resolve_resume
 
 
 def compared(script_args) -> list[str]:
@@ -98,10 +98,9 @@ def ends_plan(folder: str, plan: list, settings: dict, data: dict | None = None)
         check_resume_plan(folder, plan, settings, data)
         return False
     written = marker.get("settings") or {}  # older checkpoints record none
-    if changed := [f"{k}: {written[k]!r} there, {v!r} here" for k, v in settings.items()
-                   if k in written and written[k] != v]:
+    if different := changed(written, settings):
         raise ValueError(f"{folder} ends this run's plan, but was trained with other optimizer or schedule settings "
-                         f"({'; '.join(changed)}): its student would be reported under this run's. Rerun with the "
+                         f"({'; '.join(different)}): its student would be reported under this run's. Rerun with the "
                          "settings it was written with, or start this run fresh in another output_dir.")
     return True
 

@@ -77,6 +77,12 @@ def read_marker(folder: str) -> dict:
         return json.load(f)
 
 
+def changed(written: dict, here: dict) -> list[str]:
+    """The recorded settings that differ from this run's, each as 'name: there, here' (keys an older marker lacks are
+    not compared)."""
+    return [f"{k}: {written[k]!r} there, {v!r} here" for k, v in (here or {}).items() if k in written and written[k] != v]
+
+
 def check_resume_plan(folder: str, plan: list, settings: dict | None = None, data: dict | None = None) -> None:
     """Refuse to resume from a checkpoint written under another stage plan (its step would fall in another stage;
     only the last stage may change length), or at the end of this one (nothing is left to train), or with other
@@ -86,15 +92,13 @@ def check_resume_plan(folder: str, plan: list, settings: dict | None = None, dat
     into the rest."""
     marker = read_marker(folder)
     written_settings = marker.get("settings") or {}  # older checkpoints record none
-    if changed := [f"{k}: {written_settings[k]!r} there, {v!r} here" for k, v in (settings or {}).items()
-                   if k in written_settings and written_settings[k] != v]:
-        raise ValueError(f"{folder} was written with other optimizer or schedule settings ({'; '.join(changed)}); "
+    if different := changed(written_settings, settings):
+        raise ValueError(f"{folder} was written with other optimizer or schedule settings ({'; '.join(different)}); "
                          "resuming restores its optimizer and schedule, which would keep those and ignore this "
                          "run's. Resume with the settings it was written with, or start a new run from its student.")
     written_data = marker.get("data") or {}
-    if changed := [f"{k}: {written_data[k]!r} there, {v!r} here" for k, v in (data or {}).items()
-                   if k in written_data and written_data[k] != v]:
-        raise ValueError(f"{folder} was written with other batches ({'; '.join(changed)}; images_per_step is "
+    if different := changed(written_data, data):
+        raise ValueError(f"{folder} was written with other batches ({'; '.join(different)}; images_per_step is "
                          "per_device_train_batch_size × gradient_accumulation_steps × processes): the resumed run "
                          "would place its step elsewhere in the epoch and train on other images than the interrupted "
                          "one. Resume with the batch settings it was written with, or start a new run from its "
