@@ -80,7 +80,8 @@ def read_marker(folder: str) -> dict:
 def changed(written: dict, here: dict) -> list[str]:
     """The recorded settings that differ from this run's, each as 'name: there, here' (keys an older marker lacks are
     not compared)."""
-    return [f"{k}: {written[k]!r} there, {v!r} here" for k, v in (here or {}).items() if k in written and written[k] != v]
+    return [f"{k}: {written[k]!r} there, {v!r} here" for k, v in (here or {}).items()
+            if k in written and written[k] != v]
 
 
 def check_resume_plan(folder: str, plan: list, settings: dict | None = None, data: dict | None = None) -> None:
