@@ -27,14 +27,14 @@ from offline import go_offline_if_hub_unreachable
 go_offline_if_hub_unreachable()  # before the Hugging Face libraries are imported
 
 import torch
-from distill_checks import check_before_loading, check_engine, compared, compared_checkpoint, ends_plan, only_stage
-from compute import first_batch, run_cost, stage_step_seconds, steps_for_cost
+from compute import run_cost, steps_for_cost
+from distill_checks import check_before_loading, check_engine, compared, only_stage
+from distill_resume import compared_checkpoint, ends_plan, load_trained, planned, step_seconds
 from train_teacher import FASHION_MNIST_INPUT, TeacherArguments, data_signature, train_teacher
-from transformers import EvalPrediction, TrainerState, set_seed
+from transformers import EvalPrediction, set_seed
 
 from srm_hf import DistillationConfig, DistillationTrainer
 from srm_hf.argparser import SRMParser, parse_kwargs
-from srm_hf.checkpoint import load_distillation_model
 from srm_hf.data import DataArguments, ImageSplits, load_image_splits
 from srm_hf.forward import on_device
 from srm_hf.hub import push_dictionary
@@ -59,7 +59,6 @@ RECIPE_DEFAULTS = dict(
     eval_steps=550, save_strategy="no", report_to="tensorboard", seed=42,
 )
 SRM_RECIPE_DEFAULTS = dict(srm_dictionary_max_steps=300, srm_max_steps=200, srm_pixel_ce_on_sigmoid=False)  # srm only
-STEP_SECONDS = os.path.join("timing", "step_seconds.json")  # in output_dir: what a resumed run's compared runs reuse
 EPOCHS_OF = {"max_steps": "num_train_epochs", "srm_dictionary_max_steps": "srm_dictionary_epochs",
              "srm_max_steps": "srm_epochs"}  # a step count above is left out where its epochs are given
 
@@ -255,20 +254,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     compute = {}
     if compared(script_args):
-        compute = {"seconds_per_step": {f"{m}/{s}": v for (m, s), v in seconds.items()}, "main_run_seconds": cost}
-        for name, steps, checkpoint in runs:
-            args = compared_args(config, name, steps)  # (new TrainingArguments reset accelerate's state: built here,
-            done = checkpoint is not None and ends_plan(  # just before the trainer that sets it up again)
-                checkpoint, [[only_stage(name), steps]], schedule_settings(args), data_settings(args))
-            run = DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
-                                      args=args, compute_metrics=compute_metrics)
-            if done:
-                load_trained(run, checkpoint)
-            else:
-                run.train(resume_from_checkpoint=checkpoint)
-            results[f"{name}_student"] = run.evaluate(test.with_transform(ImageTransform(student_pre)),
-                                                     metric_key_prefix="test")
-            compute.setdefault("steps", {})[name] = steps
+        compute = {"seconds_per_step": {f"{m}/{s}": v for (m, s), v in seconds.items()}, "main_run_seconds": cost,
+                   "steps": {name: steps for name, steps, _ in runs}}
+    for name, run in train_compared(config, runs, initial, teacher, train, compute_metrics):
+        results[f"{name}_student"] = run.evaluate(test.with_transform(ImageTransform(student_pre)),
+                                                 metric_key_prefix="test")
 
     metrics = {f"{who}_{k.removeprefix('test_')}": v for who, m in results.items() for k, v in m.items()
                if k.startswith("test_") and k.removeprefix("test_") in script_args.metrics}
@@ -301,65 +291,20 @@ def compared_args(config, name: str, steps: int):
                              push_to_hub=False)  # the Hub gets the main student
 
 
-def planned(trainer):
-    """The trainer's stage plan as `train()` lays it out (`StagePlan`), known before training."""
-    resuming, trainer.resuming = trainer.resuming, None  # the checkpoint is checked by the caller
-    try:
-        trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())
-    finally:
-        trainer.resuming = resuming
-    return trainer.plan
-
-
-def load_trained(trainer, folder: str) -> None:
-    """What `train()` would leave, without training, from a checkpoint that ends the trainer's plan (`ends_plan`):
-    its student and the method's modules, its trainer state (the logs of the report, the best checkpoint), the stages
-    finished, and with load_best_model_at_end the best checkpoint's student."""
-    plan = trainer.plan or planned(trainer)
-    print(f"{folder} ends this run's plan ({plan}): its student is loaded, not trained again.")
-    load_distillation_model(trainer.distill_model, folder)
-    trainer.state = TrainerState.load_from_json(os.path.join(folder, "trainer_state.json"))
-    for stage in plan.stages:
-        trainer.method.stage_finished(stage)
-        trainer.stages_trained[stage.name] = stage.steps
-    best = trainer.state.best_model_checkpoint
-    if trainer.args.load_best_model_at_end and best is not None and os.path.isdir(best):
-        load_distillation_model(trainer.distill_model, best)
-
-
-def step_seconds(trainer, initial, teacher, config, baselines: list[str], train, resuming: bool) -> dict:
-    """Per-step cost of every stage of the main method and of the compared ones, measured before training on
-    throwaway copies of the initial student (timing takes optimizer steps) and kept in output_dir/STEP_SECONDS. A
-    resumed run reuses the times measured at its start, so its compared runs keep the lengths they were started
-    (and checkpointed) with."""
-    if not baselines:
-        return {}
-    path = os.path.join(config.output_dir, STEP_SECONDS)
-    needed = [(config.method, s.name) for s in trainer.method.stages()] + [(m, only_stage(m)) for m in baselines]
-    if resuming and os.path.isfile(path):
-        with open(path) as f:
-            kept = json.load(f)
-        seconds = {tuple(k.split("/", 1)): v for k, v in kept["seconds_per_step"].items()}
-        if kept.get("per_device_train_batch_size") == config.per_device_train_batch_size and \
-                all(key in seconds for key in needed):
-            print(f"Step times as measured at this run's start ({path}): the compared runs keep their lengths.")
-            return {key: seconds[key] for key in needed}
-        print(f"{path} was measured for other methods or another batch size: measuring the step times again (the "
-              "compared runs' lengths follow them).")
-    probe_dir = os.path.dirname(path)
-    probes = {name: DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
-                                        args=config.for_method(name, output_dir=probe_dir, report_to="none",
-                                                               eval_strategy="no", save_strategy="no",
-                                                               load_best_model_at_end=False,
-                                                               metric_for_best_model=None, push_to_hub=False))
-              for name in dict.fromkeys([config.method, *baselines])}
-    seconds = stage_step_seconds(probes, first_batch(trainer))
-    if trainer.is_world_process_zero():
-        os.makedirs(probe_dir, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({"per_device_train_batch_size": config.per_device_train_batch_size,
-                       "seconds_per_step": {f"{m}/{s}": v for (m, s), v in seconds.items()}}, f, indent=2)
-    return seconds
+def train_compared(config, runs: list, initial, teacher, train, compute_metrics):
+    """Yields (name, trainer) for each compared run (name, steps, checkpoint to go on from), trained from the main
+    run's initial weights, or loaded where its checkpoint ends its plan."""
+    for name, steps, checkpoint in runs:
+        args = compared_args(config, name, steps)  # (new TrainingArguments reset accelerate's state: built here,
+        done = checkpoint is not None and ends_plan(  # just before the trainer that sets it up again)
+            checkpoint, [[only_stage(name), steps]], schedule_settings(args), data_settings(args))
+        run = DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train, args=args,
+                                  compute_metrics=compute_metrics)
+        if done:
+            load_trained(run, checkpoint)
+        else:
+            run.train(resume_from_checkpoint=checkpoint)
+        yield name, run
 
 
 if __name__ == "__main__":

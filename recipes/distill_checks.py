@@ -2,15 +2,13 @@
 (`recipes/distill.py`)."""
 
 import os
-import re
 
 from srm_hf import DistillationConfig
 from srm_hf.argparser import parse_kwargs
-from srm_hf.checkpoint import COMPLETE_NAME
 from srm_hf.loading import check_model_source, is_offline
 from srm_hf.methods import METHODS
 from srm_hf.metrics import make_compute_metrics
-from srm_hf.resume import changed, check_resume_plan, read_marker, resolve_resume
+from srm_hf.resume import resolve_resume
 
 
 def compared(script_args) -> list[str]:
@@ -77,43 +75,3 @@ def check_before_loading(script_args, model_args, config):
                          "(HF_HUB_OFFLINE, or the Hub was unreachable at start): run online, or push the saved "
                          "output_dir later with `hf upload`.")
     return make_compute_metrics(tuple(script_args.metrics)), resume
-
-
-def own_checkpoint(folder: str) -> str | None:
-    """The newest complete checkpoint in a compared run's folder (output_dir/<method>), or None where it holds none:
-    that run starts afresh."""
-    found = os.path.isdir(folder) and any(re.fullmatch(r"checkpoint-\d+", f) and
-                                          os.path.isfile(os.path.join(folder, f, COMPLETE_NAME))
-                                          for f in os.listdir(folder))
-    return resolve_resume(folder, True) if found else None
-
-
-def ends_plan(folder: str, plan: list, settings: dict, data: dict | None = None) -> bool:
-    """Whether the complete checkpoint `folder` ends this run's `plan` (`StagePlan.describe`): written under the same
-    plan, at its last step, with the same optimizer and schedule `settings` (`schedule_settings`). Its student is then
-    loaded, not trained again. Otherwise it must be one to resume from: refused here, before any training, where it
-    is not (`check_resume_plan`: another plan, past this one's end, other settings or batches: `data`)."""
-    marker = read_marker(folder)
-    if marker.get("plan") != plan or marker["global_step"] < sum(steps for _, steps in plan):
-        check_resume_plan(folder, plan, settings, data)
-        return False
-    written = marker.get("settings") or {}  # older checkpoints record none
-    if different := changed(written, settings):
-        raise ValueError(f"{folder} ends this run's plan, but was trained with other optimizer or schedule settings "
-                         f"({'; '.join(different)}): its student would be reported under this run's. Rerun with the "
-                         "settings it was written with, or start this run fresh in another output_dir.")
-    return True
-
-
-def compared_checkpoint(output_dir: str, name: str, steps: int) -> str | None:
-    """The checkpoint the compared run `name` (`steps` long) goes on from when resuming is asked: the newest complete
-    one in output_dir/<name>, or None where it holds none (the run starts afresh). One past the run's length is
-    refused here, before the main run trains."""
-    folder = os.path.join(output_dir, name)
-    checkpoint = own_checkpoint(folder)
-    if checkpoint is not None and (step := read_marker(checkpoint)["global_step"]) > steps:
-        raise ValueError(f"{checkpoint} is at step {step}, past the {steps} steps the compared run {name!r} has now "
-                         "(the main run's measured cost sets its length: the main run's plan or the step times "
-                         f"changed): resume with the settings it was written with, or move {folder} away to train that "
-                         "run afresh.")
-    return checkpoint

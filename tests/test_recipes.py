@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "recipes"))
 
 import distill  # noqa: E402
+import distill_resume  # noqa: E402
 import train_teacher  # noqa: E402
 
 from srm_hf import DistillationConfig  # noqa: E402
@@ -456,7 +457,7 @@ def test_a_recipe_killed_in_a_compared_run_resumes_it_and_retrains_nothing(tmp_p
         raise AssertionError("the step times measured at the start are reused")
 
     monkeypatch.setattr(distill.DistillationTrainer, "train", train)
-    monkeypatch.setattr(distill, "stage_step_seconds", no_timing)
+    monkeypatch.setattr(distill_resume, "stage_step_seconds", no_timing)
     again = distill.main(args + ["--resume_from_checkpoint", "true"])
     assert trained == [("alone", str(out / "alone" / f"checkpoint-{kept}"))]  # neither the main run nor kd again
     assert again == first
