@@ -3,6 +3,7 @@ is loaded) or the trainer is (its own arguments), each with its reason and the w
 are handled where they act; this file holds only the refusals that belong to no other part.
 """
 
+import inspect
 from dataclasses import fields
 
 from transformers import TrainingArguments
@@ -41,6 +42,28 @@ def check_trainer_options(args) -> None:
     if getattr(args, "use_liger_kernel", False):
         raise ValueError("use_liger_kernel patches language models' layers; no image model is patched: leave it "
                          "unset.")
+    if getattr(args, "liger_kernel_config", None) is not None:
+        raise ValueError("liger_kernel_config configures use_liger_kernel's patches of language models, which nothing "
+                         "applies to an image classifier (use_liger_kernel is refused): leave it unset.")
+    if args.optim_target_modules is not None:
+        raise ValueError(f"optim_target_modules={args.optim_target_modules!r} names the layers a GaLore / APOLLO "
+                         "optimizer projects; those optimizers are refused here and no other reads it, so it would "
+                         "not limit what trains (each stage trains its own modules). Leave it unset.")
+    if args.length_column_name != training_arguments_default("length_column_name"):
+        raise ValueError(f"length_column_name={args.length_column_name!r} names the column that "
+                         "train_sampling_strategy='group_by_length' sorts text by; that strategy is refused here "
+                         "(images have no length) and nothing else reads it. Leave it unset.")
+    if getattr(args, "parallelism_config", None) is not None:
+        raise ValueError("parallelism_config shards the trained model over processes (tensor, context, sequence or "
+                         "sharded data parallelism), which DistillationTrainer does not support: the teacher is placed "
+                         "whole on every process and the taps hook whole modules. Leave it unset; for data "
+                         "parallelism, launch with recipes/accelerate_configs/multi_gpu.yaml (DDP) or fsdp.yaml.")
+    if "schedule_free" in name_of(args.optim):
+        raise ValueError(f"optim={name_of(args.optim)}: a schedule-free optimizer averages its iterates over the whole "
+                         "run, keeping the average's weights per param group and its iterate per parameter; the "
+                         "stages reset the per-parameter state at each stage start (fresh moments) and set a group's "
+                         "learning rate to 0 outside its stages, which breaks that average. Choose another optim "
+                         "(e.g. adamw_torch_fused, with lr_scheduler_type for the schedule).")
     if any(name in name_of(args.optim) for name in PER_PARAMETER_OPTIMIZERS):
         raise ValueError(f"optim={name_of(args.optim)}: that optimizer is built from the model's layers, not from "
                          "parameter groups, and DistillationTrainer gives each stage's modules a group of their own. "
@@ -117,6 +140,13 @@ def check_trainer_arguments(args, method, optimizers: tuple, kwargs: dict) -> No
         raise ValueError("remove_unused_columns=True with a dataset transformed on the fly (with_transform / "
                          "set_transform): the Trainer would drop the columns the transform reads. Set "
                          "remove_unused_columns=False (srm_hf's default).")
+    compute_metrics = kwargs.get("compute_metrics")
+    if args.batch_eval_metrics and compute_metrics is not None and not takes_compute_result(compute_metrics):
+        raise ValueError("batch_eval_metrics=True calls compute_metrics after each evaluation batch with "
+                         "compute_result=False (True on the last), which this compute_metrics does not take: the "
+                         "first evaluation (in the last stage, after the others have trained) would fail. Give it a "
+                         "compute_result argument (srm_hf.metrics.make_compute_metrics() has one), or drop "
+                         "batch_eval_metrics.")
     optimizer, scheduler = optimizers
     if scheduler is not None:
         raise ValueError(f"optimizers=(optimizer, {type(scheduler).__name__}): the stages need their own schedule "
@@ -143,6 +173,15 @@ def check_trainer_arguments(args, method, optimizers: tuple, kwargs: dict) -> No
     if kwargs.get("optimizer_cls_and_kwargs") is not None and args.preset == "reference":
         raise ValueError("preset='reference' trains with the reference's Adam (coupled L2): pass no "
                          "optimizer_cls_and_kwargs, or use preset='trainer'.")
+
+
+def takes_compute_result(compute_metrics) -> bool:
+    """Whether `compute_metrics` accepts the `compute_result` keyword that `batch_eval_metrics` passes."""
+    try:
+        parameters = inspect.signature(compute_metrics).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a builtin): let the Trainer call it
+        return True
+    return any(p.name == "compute_result" or p.kind == p.VAR_KEYWORD for p in parameters)
 
 
 def on_the_fly(dataset) -> bool:

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from accelerate import ParallelismConfig
 from conftest import PatternDataset, changed, hf_resnet, make_config, make_trainer, snapshot, timm_resnet
 from safetensors.torch import load_file
 from transformers import EarlyStoppingCallback, TrainerCallback
 
 from srm_hf import DistillationTrainer, Features
 from srm_hf.methods import KD, Alone
+from srm_hf.metrics import make_compute_metrics
 from srm_hf.stages import StagePlan
 
 
@@ -253,6 +255,11 @@ def test_a_stage_spec_that_cannot_run_as_meant_is_refused_when_written(spec, mat
     (dict(stage_batch_sizes={"dictionary": 16}, accelerator_config={"split_batches": True}), "split_batches.*per dev"),
     (dict(bf16_full_eval=True), "bf16_full_eval.*bf16=True"),
     (dict(fp16_full_eval=True), "fp16_full_eval.*fp16=True"),
+    (dict(liger_kernel_config={"rope": False}), "liger_kernel_config.*leave it unset"),
+    (dict(optim_target_modules="all-linear"), "optim_target_modules='all-linear'.*Leave it unset"),
+    (dict(length_column_name="n_pixels"), "length_column_name='n_pixels'.*group_by_length.*Leave it unset"),
+    (dict(parallelism_config=ParallelismConfig()), "parallelism_config.*multi_gpu.yaml"),
+    (dict(optim="schedule_free_adamw"), "optim=schedule_free_adamw.*another optim"),
     (dict(preset="reference", eval_strategy="epoch", optim="sgd"), "reference.*not optim=sgd"),
     (dict(preset="reference", eval_strategy="epoch", optim_args="momentum=0.9"), "reference.*optim_args"),
     (dict(preset="reference", eval_strategy="epoch", max_grad_norm=5.0), "does not clip.*max_grad_norm=5.0"),
@@ -511,3 +518,18 @@ def test_a_schedule_that_cannot_follow_the_stages_is_refused_with_the_config(tmp
     with pytest.raises(ValueError, match=match):
         make_config(tmp_path, **options)
     make_config(tmp_path, lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs={"num_decay_steps": 2})
+
+
+def test_batch_eval_metrics_needs_a_compute_metrics_that_takes_compute_result(tmp_path):
+    """batch_eval_metrics calls compute_metrics per batch with compute_result: refused before the earlier stages
+    train when it cannot take it; srm_hf's own gives the accuracy of the whole set, as without the option."""
+    with pytest.raises(ValueError, match="batch_eval_metrics=True.*compute_result.*make_compute_metrics"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), train_dataset=PatternDataset(8),
+                            args=make_config(tmp_path, batch_eval_metrics=True), compute_metrics=lambda p: {})
+    results = []
+    for batched in (False, True):
+        trainer = make_trainer(tmp_path / str(batched), method="kd", max_steps=1, batch_eval_metrics=batched,
+                               per_device_eval_batch_size=3)  # 16 images: the last batch is smaller
+        trainer.compute_metrics = make_compute_metrics()
+        results.append(trainer.evaluate()["eval_accuracy"])
+    assert results[0] == results[1]
