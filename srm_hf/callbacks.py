@@ -62,7 +62,7 @@ class StageCallback(TrainerCallback):
             check_optimizer_holds(trainer.optimizer, trainer.distill_model, trainer.plan)  # also under an override
         trainer.nonfinite.start(read_marker(trainer.resuming).get("nonfinite") if isinstance(trainer.resuming, str)
                                 else None)
-        trainer.logged.start(enabled=args.logging_strategy != "no")
+        trainer.logged.start(enabled=args.logging_strategy != "no", nan_filter=args.logging_nan_inf_filter)
         if isinstance(trainer.resuming, str):  # the checkpoint's learning rates are its plan's: this plan's instead
             scheduler = trainer.lr_scheduler  # (a plan that goes on after the checkpoint's trains other groups)
             for group, base, fn in zip(trainer.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
@@ -78,7 +78,7 @@ class StageCallback(TrainerCallback):
         stage = self.trainer.plan.stage_at(state.global_step - 1)
         if stage.index not in self._finished and state.global_step > stage.start:  # stopped early (a callback)
             self.trainer.stages_trained[stage.name] = state.global_step - stage.start  # the steps it ran, for the card
-        self.trainer.logged.start(enabled=args.logging_strategy != "no")  # values after the last log: not kept
+        self.trainer.logged.start(args.logging_strategy != "no", args.logging_nan_inf_filter)  # later values: not kept
 
     def on_step_end(self, args, state, control, **kwargs):
         """The student is judged only in the method's final stage (before it, its classifier is frozen or untrained):

@@ -19,14 +19,16 @@ def kept_values(values: list[torch.Tensor], kept: bool | torch.Tensor) -> list[t
 class LoggedMetrics:
     """Values by name since the last training log. The values of an optimizer step, from its first forward (`hold`)
     to the NaN guard's decision on it (`end_step`), are held: a skipped step's are left out of the means, as is any
-    value that is not finite; a name with no finite value left logs NaN. Nothing is kept while the run logs nothing
-    (`logging_strategy="no"`)."""
+    value that is not finite; a name with no finite value left logs NaN. Without the Trainer's NaN-loss filter
+    (`logging_nan_inf_filter=False`) every value counts, as in the plain Trainer: a skipped step's, and NaN / inf ones,
+    which the mean then is. Nothing is kept while the run logs nothing (`logging_strategy="no"`)."""
 
     def __init__(self):
         self.values: dict[str, list[torch.Tensor]] = defaultdict(list)  # kept for the next log
         self.step: dict[str, list[torch.Tensor]] = defaultdict(list)  # held for the guard's decision
         self.holding = False
         self.enabled = True
+        self.nan_filter = True  # `logging_nan_inf_filter`: skipped steps and non-finite values left out
 
     def add(self, name: str, value: torch.Tensor | float) -> None:
         if self.enabled:
@@ -40,7 +42,7 @@ class LoggedMetrics:
         """The guard has decided: the held values join the window's if it `kept` the step (a bool, or a boolean
         tensor on the device); later values join it at once."""
         for name, values in self.step.items():
-            self.values[name].extend(kept_values(values, kept))
+            self.values[name].extend(kept_values(values, kept) if self.nan_filter else values)
         self.step.clear()
         self.holding = False
 
@@ -58,7 +60,7 @@ class LoggedMetrics:
         for name in names:
             values = self.values.get(name) or [torch.zeros(0)]  # a name only other processes logged: none here
             stacked = torch.cat([v.reshape(-1).to(accelerator.device) for v in values])
-            finite = stacked.isfinite()
+            finite = stacked.isfinite() if self.nan_filter else torch.ones_like(stacked, dtype=torch.bool)
             sums.append(torch.where(finite, stacked, 0.0).sum())
             counts.append(finite.sum().float())
         totals = torch.stack([torch.stack(sums), torch.stack(counts)])  # [2, names]
@@ -67,9 +69,10 @@ class LoggedMetrics:
         self.values.clear()
         return {name: total / count if count else float("nan") for name, total, count in zip(names, *totals.tolist())}
 
-    def start(self, enabled: bool) -> None:
+    def start(self, enabled: bool, nan_filter: bool = True) -> None:
         """At the start of training: values left by an earlier or interrupted run are not this run's."""
         self.values.clear()
         self.step.clear()
         self.holding = False
         self.enabled = enabled
+        self.nan_filter = nan_filter

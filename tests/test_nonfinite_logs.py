@@ -102,3 +102,20 @@ def test_a_compute_loss_override_that_records_no_step_losses_logs_the_trainers_l
 
     logs = training_logs(make_trainer(tmp_path, cls=OwnLoss, method="kd", logging_steps=1, max_steps=2))
     assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in logs.values())
+
+
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_without_the_nan_loss_filter_every_steps_loss_and_terms_count(tmp_path, where):
+    """logging_nan_inf_filter=False: as in the plain Trainer, each log is the plain mean of its window's steps, a
+    non-finite value included; the step is still skipped."""
+    each = training_logs(poisoned(tmp_path / "each", where, logging_steps=1, logging_nan_inf_filter=False))
+    pairs = training_logs(poisoned(tmp_path / "pairs", where, logging_steps=2, logging_nan_inf_filter=False))
+    assert [e["nonfinite_steps_skipped"] for e in each.values()] == [0, 0, 1, 1]
+    window = pairs[BAD_STEP + 1]  # steps 3-4
+    if where == "loss":  # NaN logits: the loss and both terms NaN, and so the window's means
+        assert terms(window) and all(math.isnan(v) for v in terms(window).values()) and math.isnan(window["loss"])
+    else:  # a finite loss whose step was skipped: it counts
+        assert math.isfinite(each[BAD_STEP]["loss"])
+        assert window["loss"] == pytest.approx((each[BAD_STEP]["loss"] + each[BAD_STEP + 1]["loss"]) / 2)
+        both = terms(each[BAD_STEP]), terms(each[BAD_STEP + 1])
+        assert terms(window) == pytest.approx({k: (v + both[1][k]) / 2 for k, v in both[0].items()})
