@@ -227,13 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
     plan = planned(trainer) if resume is not None or compared(script_args) else None
     main_done = resume is not None and ends_plan(resume, plan.describe(), schedule_settings(config),
                                               data_settings(config))
-    seconds = step_seconds(trainer, initial, teacher, config, compared(script_args), train, resume is not None)
+    seconds, series_ns = step_seconds(trainer, initial, teacher, config, compared(script_args), train,
+                                      resume is not None)
     runs, cost = [], 0.0  # the compared runs: each one's name, steps and checkpoint to go on from
     if compared(script_args):
         cost = run_cost(plan, seconds, config.method)
         for name in compared(script_args):
             steps = steps_for_cost(cost, seconds[(name, only_stage(name))])
-            checkpoint = compared_checkpoint(config.output_dir, name, steps) if resume is not None else None
+            checkpoint = compared_checkpoint(config.output_dir, name, steps, series_ns) if resume is not None else None
             runs.append((name, steps, checkpoint))
     if main_done:
         load_trained(trainer, resume)

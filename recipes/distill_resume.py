@@ -11,7 +11,9 @@ import copy
 import json
 import os
 import re
+import time
 
+from accelerate.utils import broadcast_object_list
 from compute import first_batch, stage_step_seconds
 from distill_checks import only_stage
 from transformers import TrainerState
@@ -49,12 +51,18 @@ def ends_plan(folder: str, plan: list, settings: dict, data: dict | None = None)
     return True
 
 
-def compared_checkpoint(output_dir: str, name: str, steps: int) -> str | None:
+def compared_checkpoint(output_dir: str, name: str, steps: int, series_ns: int) -> str | None:
     """The checkpoint the compared run `name` (`steps` long) goes on from when resuming is asked: the newest complete
-    one in output_dir/<name>, or None where it holds none (the run starts afresh). One past the run's length is
+    one in output_dir/<name> written since this series of runs measured its step times (`series_ns`, from
+    `step_seconds`), or None (the run starts afresh). One written before belongs to an earlier run in the same
+    output_dir, trained to other lengths or from other weights: it is passed over. One past the run's length is
     refused here, before the main run trains."""
     folder = os.path.join(output_dir, name)
     checkpoint = own_checkpoint(folder)
+    if checkpoint is not None and read_marker(checkpoint).get("written_ns", 0) < series_ns:
+        print(f"{checkpoint} was written before this run measured its step times ({STEP_SECONDS}), by an earlier "
+              f"run in {output_dir}: the compared run {name!r} starts afresh.")
+        return None
     if checkpoint is not None and (step := read_marker(checkpoint)["global_step"]) > steps:
         raise ValueError(f"{checkpoint} is at step {step}, past the {steps} steps the compared run {name!r} has now "
                          "(the main run's measured cost sets its length: the main run's plan or the step times "
@@ -89,13 +97,14 @@ def load_trained(trainer, folder: str) -> None:
         load_distillation_model(trainer.distill_model, best)
 
 
-def step_seconds(trainer, initial, teacher, config, baselines: list[str], train, resuming: bool) -> dict:
+def step_seconds(trainer, initial, teacher, config, baselines: list[str], train, resuming: bool) -> tuple[dict, int]:
     """Per-step cost of every stage of the main method and of the compared ones, measured before training on
-    throwaway copies of the initial student (timing takes optimizer steps) and kept in output_dir/STEP_SECONDS. A
-    resumed run reuses the times measured at its start, so its compared runs keep the lengths they were started
-    (and checkpointed) with."""
+    throwaway copies of the initial student (timing takes optimizer steps) and kept in output_dir/STEP_SECONDS, with
+    the time they were measured at (ns): the start of this series of runs. A resumed run reuses the times measured
+    at its start, so its compared runs keep the lengths they were started (and checkpointed) with. Every process
+    takes the main process's times, so that the compared runs have one length on all of them."""
     if not baselines:
-        return {}
+        return {}, 0
     path = os.path.join(config.output_dir, STEP_SECONDS)
     needed = [(config.method, s.name) for s in trainer.method.stages()] + [(m, only_stage(m)) for m in baselines]
     if resuming and os.path.isfile(path):
@@ -105,7 +114,7 @@ def step_seconds(trainer, initial, teacher, config, baselines: list[str], train,
         if kept.get("per_device_train_batch_size") == config.per_device_train_batch_size and \
                 all(key in seconds for key in needed):
             print(f"Step times as measured at this run's start ({path}): the compared runs keep their lengths.")
-            return {key: seconds[key] for key in needed}
+            return {key: seconds[key] for key in needed}, kept.get("measured_ns", 0)
         print(f"{path} was measured for other methods or another batch size: measuring the step times again (the "
               "compared runs' lengths follow them).")
     probe_dir = os.path.dirname(path)
@@ -115,10 +124,11 @@ def step_seconds(trainer, initial, teacher, config, baselines: list[str], train,
                                                                load_best_model_at_end=False,
                                                                metric_for_best_model=None, push_to_hub=False))
               for name in dict.fromkeys([config.method, *baselines])}
-    seconds = stage_step_seconds(probes, first_batch(trainer))
+    measured = [stage_step_seconds(probes, first_batch(trainer)), time.time_ns()]
+    seconds, measured_ns = broadcast_object_list(measured)  # each process timed its own steps: the main one's count
     if trainer.is_world_process_zero():
         os.makedirs(probe_dir, exist_ok=True)
         with open(path, "w") as f:
-            json.dump({"per_device_train_batch_size": config.per_device_train_batch_size,
+            json.dump({"per_device_train_batch_size": config.per_device_train_batch_size, "measured_ns": measured_ns,
                        "seconds_per_step": {f"{m}/{s}": v for (m, s), v in seconds.items()}}, f, indent=2)
-    return seconds
+    return seconds, measured_ns

@@ -4,6 +4,7 @@
 ACCELERATE_USE_CPU=1 starts two and wraps the student in DDP over gloo.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -61,3 +62,21 @@ def test_two_processes_match_one(tmp_path, mode):
     for name in checkpoints:
         folder = tmp_path / "two" / "out" / name
         assert read_marker(str(folder))["written_ns"] >= (folder / "rng_state_1.pth").stat().st_mtime_ns
+
+
+def test_the_recipe_gives_its_compared_runs_one_length_on_every_process(tmp_path):
+    """Each process times the steps on its own; the compared runs' lengths follow the main process's times on all
+    of them. Otherwise one process would stop its run early and the other wait for it forever."""
+    from test_recipes import TINY, tiny_fashion_idx
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "0", str(HERE / "distributed_recipe_run.py"), str(tmp_path),
+           "--dataset_dir", tiny_fashion_idx(tmp_path), *TINY, "--compare", "kd", "--report", "false",
+           "--eval_strategy", "no"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rank0, rank1 = (json.loads((tmp_path / f"lengths-rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0 == rank1 and [name for name, _ in rank0] == ["run", "kd"]
+    steps = json.loads((tmp_path / "run" / "results.json").read_text())["equal_compute"]["steps"]
+    assert steps == {"kd": rank0[1][1]} == {"kd": round(0.01 * 6 / 0.004)}  # 6 SRM steps at rank 0's times

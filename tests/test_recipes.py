@@ -475,3 +475,33 @@ def test_a_recipe_killed_in_a_compared_run_resumes_it_and_retrains_nothing(tmp_p
     with pytest.raises(ValueError, match="checkpoint-6 is at step 6, the end of this run's plan.*nothing is left"):
         distill.main(args + ["--resume_from_checkpoint", "true", "--max_steps", "1"])
     assert trained == [("alone", None)]
+
+
+def test_a_resumed_recipe_passes_over_compared_checkpoints_of_an_earlier_run_in_its_folder(tmp_path, monkeypatch):
+    """A second run in the same output_dir, killed once its main run ended: resumed, it loads its own main student,
+    and its compared run starts afresh rather than going on from (or loading) the first run's checkpoints, which
+    were trained to another length."""
+    out = tmp_path / "run"
+    args = ["--dataset_dir", tiny_fashion_idx(tmp_path), "--output_dir", str(out), *TINY, "--report", "false",
+            "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no", "--compare", "kd"]
+    distill.main(args)
+    earlier = sorted((out / "kd").glob("checkpoint-*"))
+    assert earlier
+
+    def killed(*a, **k):
+        raise RuntimeError("killed after the main run")
+
+    monkeypatch.setattr(distill, "train_compared", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        distill.main(args)  # a new series: the step times are measured again
+    monkeypatch.undo()
+    trained = []
+    real_train = distill.DistillationTrainer.train
+
+    def train(self, resume_from_checkpoint=None, *a, **k):
+        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
+        return real_train(self, resume_from_checkpoint, *a, **k)
+
+    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
+    distill.main(args + ["--resume_from_checkpoint", "true"])
+    assert trained == [("kd", None)]  # the main student loaded; kd afresh, not from the first run's checkpoints
