@@ -62,6 +62,7 @@ class DistillationModel(nn.Module):
         check_buildable(student, method)
         method.build(self.pairs)
         check_stage_lengths(method.stages(), method.name)
+        self.check_stages_train_modules()
         self.student_hooks = FeatureHooks(student, {p.key: p.student.path for p in self.pairs},
                                           armed=False) if pairs else None  # capturing in `forward` alone
 
@@ -143,15 +144,37 @@ class DistillationModel(nn.Module):
                             "stage_batch_sizes": args.stage_batch_sizes}
         return model, teacher
 
+    def stage_modules(self) -> dict[str, tuple[str, nn.Module]]:
+        """What a stage can train (`StageSpec.trains`), by name: 'student' and each child module of the method, with
+        the prefix of its parameters' names in this module ('student.', 'method.<name>.')."""
+        return {"student": ("student.", self.student),
+                **{name: (f"method.{name}.", child) for name, child in self.method.named_children()}}
+
     def stage_specs(self, skip: set[str] = frozenset()) -> list:
         """The method's stages minus `skip`, each checked to train only what exists."""
-        groups = {"student", *(name for name, _ in self.method.named_children())}
+        groups = self.stage_modules()
         specs = [s for s in self.method.stages() if s.name not in skip]
         for spec in specs:
-            if not set(spec.trains) <= groups:
+            if not set(spec.trains) <= set(groups):
                 raise ValueError(f"Stage '{spec.name}' trains {spec.trains}, but only {sorted(groups)} exist: name "
                                  "'student' or the method's child modules in StageSpec.trains.")
         return specs
+
+    def check_stages_train_modules(self) -> None:
+        """Every trainable parameter of the method's modules belongs to a module that one of its stages trains (all
+        of them, whatever `train_stages` runs later): else it keeps its initial value without a word. A module fixed
+        by design (SRM's loaded dictionary) is frozen by the method (`requires_grad_(False)`) when it decides so."""
+        specs = self.stage_specs()  # a name that is no module is refused first, with those that exist
+        trained = {name for spec in specs for name in spec.trains}
+        for name, (prefix, module) in self.stage_modules().items():
+            if name == "student" or name in trained:
+                continue
+            if idle := [prefix + n for n, p in module.named_parameters() if p.requires_grad]:
+                raise ValueError(
+                    f"Method {self.method.name!r}: its module '{name}' has {len(idle)} trainable parameters (e.g. "
+                    f"{idle[0]!r}) that none of its stages {[s.name for s in specs]} trains, so they would keep their "
+                    f"initial values. Add '{name}' to the `trains` of the stage that should train it (StageSpec), "
+                    f"or, if it is fixed by design, freeze it in the method (self.{name}.requires_grad_(False)).")
 
     @property
     def config(self):
@@ -234,9 +257,8 @@ class DistillationModel(nn.Module):
         the method's options for it (e.g. the dictionaries' own learning rate); each split into the parameters named
         in `decay_names` (names in this module, e.g. 'student.fc.weight') and the others, without weight decay."""
         groups = []
-        for tag, prefix, module, options in [("student", "student.", self.student, {})] + [
-                (name, f"method.{name}.", child, self.method.group_options(name))
-                for name, child in self.method.named_children()]:
+        for tag, (prefix, module) in self.stage_modules().items():
+            options = self.method.group_options(tag) if tag != "student" else {}
             named = [(prefix + n, p) for n, p in module.named_parameters() if p.requires_grad]
             decayed = {"params": [p for n, p in named if n in decay_names], "weight_decay": weight_decay, **options,
                        "stage_group": tag}

@@ -204,8 +204,7 @@ def check_optimizer_holds(optimizer, model, plan) -> None:
     """Every trainable parameter of what each stage trains is in the optimizer (one passed in, or built by an
     override, may hold the student alone: the method's modules are made by the trainer), else they never change."""
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    modules = {"student": ("student.", model.student),
-               **{name: (f"method.{name}.", child) for name, child in model.method.named_children()}}
+    modules = model.stage_modules()
     for stage in plan.stages:
         for name in stage.groups:
             prefix, module = modules[name]

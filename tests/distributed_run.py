@@ -2,6 +2,8 @@
 
     accelerate launch --multi_gpu --num_processes 2 tests/distributed_run.py OUT MODE PER_DEVICE_BATCH
 
+(MODE "paper+dictionary" loads the dictionary file named by the environment variable SRM_DICTIONARY.)
+
 Each rank writes OUT/rank{i}.pt: its final DistillationModel state, logged losses, which files it wrote, and how
 the teacher and the student were wrapped.
 """
@@ -23,7 +25,7 @@ from srm_hf import DistillationTrainer  # noqa: E402
 from srm_hf.forward import unwrap_model  # noqa: E402
 
 out, batch = sys.argv[1], int(sys.argv[3])
-mode, _, layout = sys.argv[2].partition("+")  # e.g. "joint+channels_last"
+mode, _, layout = sys.argv[2].partition("+")  # e.g. "joint+channels_last"; "paper+dictionary": a loaded one
 writes = []
 
 
@@ -49,7 +51,8 @@ DistillationTrainer._save_rng_state = late_rng_save
 
 args = make_config(__import__("pathlib").Path(out), srm_mode=mode, per_device_train_batch_size=batch, optim="sgd",
                    learning_rate=0.1, srm_dictionary_max_steps=2, srm_max_steps=2, max_steps=2, save_strategy="steps",
-                   save_steps=3, channels_last=layout == "channels_last")
+                   save_steps=3, channels_last=layout == "channels_last",
+                   srm_dictionary_path=os.environ["SRM_DICTIONARY"] if layout == "dictionary" else None)
 trainer = DistillationTrainer(model=NormFreeNet(8, 1), teacher_model=NormFreeNet(16, 0), args=args,
                               train_dataset=PatternDataset(64))
 

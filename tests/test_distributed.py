@@ -11,16 +11,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
-from conftest import HANG_GUARD_S
+from conftest import HANG_GUARD_S, make_trainer, pretrain_dictionary
+from test_accumulation import NormFreeNet
 
 from srm_hf.resume import read_marker
 
 HERE = Path(__file__).resolve().parent
 
 
-def launch(out: Path, mode: str, processes: int, batch: int) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+def launch(out: Path, mode: str, processes: int, batch: int, dictionary: str = "") -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "SRM_DICTIONARY": dictionary}
     if processes == 1:
         cmd = [sys.executable, str(HERE / "distributed_run.py")]
     else:
@@ -32,10 +35,18 @@ def launch(out: Path, mode: str, processes: int, batch: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
 
-@pytest.mark.parametrize("mode", ["paper", "joint", "joint+channels_last"])
+@pytest.mark.parametrize("mode", ["paper", "joint", "joint+channels_last", "paper+dictionary"])
 def test_two_processes_match_one(tmp_path, mode):
-    rank0, rank1 = launch(tmp_path / "two", mode, processes=2, batch=8)
-    (single,) = launch(tmp_path / "one", mode, processes=1, batch=16)
+    dictionary = ""
+    if mode.endswith("dictionary"):  # learnt here, loaded by every rank: its coders frozen, out of DDP's buckets
+        dictionary = pretrain_dictionary(make_trainer(tmp_path / "d", teacher=NormFreeNet(16, 0),
+                                                      student=NormFreeNet(8, 1), srm_dictionary_max_steps=2))
+    rank0, rank1 = launch(tmp_path / "two", mode, processes=2, batch=8, dictionary=dictionary)
+    (single,) = launch(tmp_path / "one", mode, processes=1, batch=16, dictionary=dictionary)
+    if dictionary:
+        assert len(rank0["losses"]) == 4  # stages srm and kd only
+        for k, v in safetensors.torch.load_file(dictionary).items():
+            assert torch.equal(rank0["state"][f"method.coders.{k}"], v), k
     assert rank0["world"] == 2 and single["world"] == 1
     assert rank0["nhwc"] and set(rank0["nhwc"] + single["nhwc"]) == {mode.endswith("channels_last")}
     # the student (with its dictionaries and heads) is wrapped in DDP; the teacher never is, and stays frozen

@@ -94,10 +94,53 @@ def test_a_stage_that_trains_a_missing_module_is_refused(tmp_path):
         def stages(self):
             return [StageSpec("mse", trains=("student", "projs"))]
 
-    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Typo(),
-                                  args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
-    with pytest.raises(ValueError, match=r"trains \('student', 'projs'\).*'proj'"):
-        trainer.train()
+    with pytest.raises(ValueError, match=r"trains \('student', 'projs'\).*'proj'"):  # when built: before any compute
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Typo(),
+                            args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+
+
+class Forgotten(FeatureMSE):
+    """FeatureMSE whose only stage forgets its projections: they would keep their initial weights."""
+
+    def stages(self):
+        return [StageSpec("mse", trains=("student",))]
+
+
+def test_a_trainable_method_module_that_no_stage_trains_is_refused_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"Method 'feature_mse': its module 'proj' has 8 trainable parameters "
+                                         r"\(e\.g\. 'method\.proj\.[\w.]+'\) that none of its stages \['mse'\] "
+                                         r"trains.*Add 'proj' to the `trains`.*self\.proj\.requires_grad_\(False\)"):
+        DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Forgotten(),
+                            args=make_config(tmp_path, method="kd"), train_dataset=PatternDataset(8))
+
+
+def test_a_module_fixed_by_design_is_frozen_by_the_method_and_kept(tmp_path):
+    class Fixed(Forgotten):
+        def build(self, pairs):
+            super().build(pairs)
+            self.proj.requires_grad_(False)  # fixed projections, decided by the method: no stage trains them
+
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Fixed(), train_dataset=
+                                  PatternDataset(16), args=make_config(tmp_path, method="kd", max_steps=2))
+    before = snapshot(trainer.distill_model)
+    trainer.train()
+    after = snapshot(trainer.distill_model)
+    assert changed(before, after, "student.") and not changed(before, after, "method.proj.")
+    assert {g["stage_group"] for g in trainer.optimizer.param_groups} == {"student"}  # nothing of 'proj' held
+    trainer.save_model()
+    state = safetensors.torch.load_file(tmp_path / "out" / "method_state.safetensors")
+    assert all(torch.equal(state[k], before[k]) for k in before if k.startswith("method.proj."))
+
+
+def test_a_module_only_earlier_stages_train_passes_whatever_train_stages_runs(tmp_path):
+    class Hinted(FeatureMSE):  # 'proj' trained by the first stage only, as FitNet's regressors
+        def stages(self):
+            return [StageSpec("hint", trains=("student", "proj"), max_steps=1), StageSpec("ce", trains=("student",))]
+
+    trainer = DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), method=Hinted(), train_dataset=
+                                  PatternDataset(8), args=make_config(tmp_path, method="kd", max_steps=1))
+    trainer.train_stages(["hint"])
+    trainer.train_stages(["ce"])  # a plan without 'hint': judged on the method's stages, not refused
 
 
 

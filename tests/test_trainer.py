@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from conftest import PatternDataset, changed, hf_resnet, make_trainer, pretrain_dictionary, snapshot, timm_resnet
 from transformers import TrainerCallback
@@ -139,6 +140,40 @@ def test_dictionary_is_skipped_when_loaded(tmp_path):
     second.train()
     assert [s.name for s in second.plan.stages] == ["srm", "kd"]
     assert not logged(second, "dictionary/mse")
+
+
+def test_a_loaded_dictionary_is_frozen_saved_and_changes_no_number(tmp_path):
+    """The coders of a loaded dictionary are frozen (no stage trains them): out of the optimizer, saved as loaded
+    in every checkpoint, and the run's numbers are those of coders left trainable (the earlier behaviour)."""
+    path = pretrain_dictionary(make_trainer(tmp_path / "a", srm_dictionary_max_steps=2))
+    config = dict(srm_dictionary_path=path, srm_max_steps=2, max_steps=2, save_strategy="steps", save_steps=1)
+    frozen, trainable = make_trainer(tmp_path / "frozen", **config), make_trainer(tmp_path / "trainable", **config)
+    coders = frozen.method.coders
+    before = snapshot(frozen.distill_model)
+    loaded = {k: v for k, v in before.items() if k.startswith("method.coders.")}
+    assert not any(p.requires_grad for p in coders.parameters())
+    trainable.method.coders.requires_grad_(True)  # in the optimizer, at learning rate 0 in every stage
+    frozen.train()
+    trainable.train()
+    assert [g["stage_group"] for g in frozen.optimizer.param_groups] == ["student", "student", "heads"]
+    assert not {id(p) for p in coders.parameters()} & {id(p) for g in frozen.optimizer.param_groups
+                                                         for p in g["params"]}
+    assert [e["loss"] for e in frozen.state.log_history if "loss" in e] == \
+        [e["loss"] for e in trainable.state.log_history if "loss" in e]
+    final = snapshot(frozen.distill_model)
+    for k, v in snapshot(trainable.distill_model).items():
+        assert torch.equal(final[k], v), k  # bit for bit
+    assert not changed(before, final, "method.coders.") and changed(before, final, "method.heads.")
+    for step in (1, 3):  # one step into each stage: the checkpoint holds the dictionary, resuming ends as uninterrupted
+        folder = tmp_path / "frozen" / "out" / f"checkpoint-{step}"
+        saved = safetensors.torch.load_file(folder / "method_state.safetensors")
+        assert all(torch.equal(saved[k], v) for k, v in loaded.items())
+        resumed = make_trainer(tmp_path / f"resumed{step}", student=hf_resnet(seed=7), **config)
+        resumed.train(resume_from_checkpoint=str(folder))
+        for k, v in snapshot(resumed.distill_model).items():
+            torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6, msg=f"step {step}: {k}")
+    again = frozen.method.save_dictionary(str(tmp_path / "again.safetensors"))  # still saved as loaded
+    assert all(torch.equal(v, loaded[f"method.coders.{k}"]) for k, v in safetensors.torch.load_file(again).items())
 
 
 def test_student_learns_with_kd(tmp_path):

@@ -23,6 +23,10 @@ knowing its name:
 `loss` runs inside the trained module's forward (so DDP sees every parameter it uses) and returns named terms: the
 trainer sums them into the loss and logs each as `<stage>/<term>`. `prepare_teacher`, called in the same forward
 before the student runs, may reduce the teacher's outputs first (SRM turns its maps into labels there).
+
+Every trainable parameter of the method's child modules is trained by one of its stages (`StageSpec.trains`): a
+module fixed by design is frozen by the method (`requires_grad_(False)`, as SRM freezes a loaded dictionary), and a
+trainable one that no stage trains is refused when the trainer is built.
 """
 
 from dataclasses import dataclass, field

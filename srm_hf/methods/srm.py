@@ -219,7 +219,7 @@ class SRM(Method):
 
     def load_dictionary(self, path: str) -> None:
         """Load dictionaries saved by `save_dictionary`, checking every tap and shape, the teacher and k; stage 1 is
-        then skipped."""
+        then skipped and the coders are frozen (`requires_grad=False`): no stage trains them."""
         path = os.path.join(path, DICTIONARY_NAME) if os.path.isdir(path) else path
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No SRM dictionary at {path}: pass a file written by save_dictionary().")
@@ -234,6 +234,7 @@ class SRM(Method):
                 "srm_sparsity_multiplier as when it was saved, or drop srm_dictionary_path to learn a new dictionary."
             )
         self.coders.load_state_dict(saved)
+        self.coders.requires_grad_(False)  # fixed by design: no stage trains a loaded dictionary
         self.dictionary_ready = True
 
     def describe(self) -> dict:
