@@ -107,28 +107,36 @@ def step_seconds(trainer, initial, teacher, config, baselines: list[str], train,
         return {}, 0
     path = os.path.join(config.output_dir, STEP_SECONDS)
     needed = [(config.method, s.name) for s in trainer.method.stages()] + [(m, only_stage(m)) for m in baselines]
-    if resuming and os.path.isfile(path):
-        with open(path) as f:
-            kept = json.load(f)
-        seconds = {tuple(k.split("/", 1)): v for k, v in kept["seconds_per_step"].items()}
-        if kept.get("per_device_train_batch_size") == config.per_device_train_batch_size and \
-                all(key in seconds for key in needed):
-            print(f"Step times as measured at this run's start ({path}): the compared runs keep their lengths.")
-            return {key: seconds[key] for key in needed}, kept.get("measured_ns", 0)
-        print(f"{path} was measured for other methods or another batch size: measuring the step times again (the "
-              "compared runs' lengths follow them).")
-    probe_dir = os.path.dirname(path)
-    probes = {name: DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
-                                        args=config.for_method(name, output_dir=probe_dir, report_to="none",
-                                                               eval_strategy="no", save_strategy="no",
-                                                               load_best_model_at_end=False,
-                                                               metric_for_best_model=None, push_to_hub=False))
-              for name in dict.fromkeys([config.method, *baselines])}
-    measured = [stage_step_seconds(probes, first_batch(trainer)), time.time_ns()]
+    kept = kept_step_seconds(path, config, needed) if resuming else None
+    if kept is None:
+        probes = {name: DistillationTrainer(model=copy.deepcopy(initial), teacher_model=teacher, train_dataset=train,
+                                            args=config.for_method(name, output_dir=os.path.dirname(path),
+                                                                   report_to="none", eval_strategy="no",
+                                                                   save_strategy="no", load_best_model_at_end=False,
+                                                                   metric_for_best_model=None, push_to_hub=False))
+                  for name in dict.fromkeys([config.method, *baselines])}
+    measured = kept or [stage_step_seconds(probes, first_batch(trainer)), time.time_ns()]
     seconds, measured_ns = broadcast_object_list(measured)  # each process timed its own steps: the main one's count
-    if trainer.is_world_process_zero():
-        os.makedirs(probe_dir, exist_ok=True)
+    if kept is None and trainer.is_world_process_zero():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"per_device_train_batch_size": config.per_device_train_batch_size, "measured_ns": measured_ns,
                        "seconds_per_step": {f"{m}/{s}": v for (m, s), v in seconds.items()}}, f, indent=2)
     return seconds, measured_ns
+
+
+def kept_step_seconds(path: str, config, needed: list[tuple[str, str]]) -> list | None:
+    """[step times, measured_ns] as this series of runs measured them at its start (`step_seconds`), or None where
+    `path` holds none, or times of other methods or of another batch size (they are measured again)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        kept = json.load(f)
+    seconds = {tuple(k.split("/", 1)): v for k, v in kept["seconds_per_step"].items()}
+    if kept.get("per_device_train_batch_size") != config.per_device_train_batch_size or \
+            not all(key in seconds for key in needed):
+        print(f"{path} was measured for other methods or another batch size: measuring the step times again (the "
+              "compared runs' lengths follow them).")
+        return None
+    print(f"Step times as measured at this run's start ({path}): the compared runs keep their lengths.")
+    return [{key: seconds[key] for key in needed}, kept.get("measured_ns", 0)]

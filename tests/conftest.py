@@ -60,6 +60,15 @@ def hf_resnet(seed: int = 0, num_labels: int = NUM_LABELS, hidden_sizes=(8, 16, 
     return ResNetForImageClassification(config)
 
 
+def parallelism_config():
+    """accelerate's `ParallelismConfig()`, or None before accelerate 1.10 (which has no such option to set)."""
+    try:
+        from accelerate import ParallelismConfig
+    except ImportError:
+        return None
+    return ParallelismConfig()
+
+
 def make_config(tmp_path, **kwargs) -> DistillationConfig:
     defaults = dict(
         output_dir=str(tmp_path / "out"),

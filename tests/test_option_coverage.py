@@ -5,18 +5,17 @@ ignored. Fields of other releases (the floor, 5.9, has `warmup_ratio` and `loggi
 
 import dataclasses
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import PatternDataset, hf_resnet, make_config, make_trainer, timm_resnet
+from conftest import PatternDataset, hf_resnet, make_config, make_trainer, parallelism_config, timm_resnet
 from transformers import TrainingArguments
 
 from srm_hf import DistillationTrainer
 
-try:
-    from accelerate import ParallelismConfig
-except ImportError:  # accelerate before 1.10: no parallelism_config to set
-    ParallelismConfig = None
+HERE = Path(__file__).resolve().parent
 
 
 def works(why: str) -> tuple:
@@ -123,7 +122,7 @@ OPTIONS = {
     "use_cpu": works("every CPU test; test_the_launch_configs_mixed_precision_fills_unset_flags"),
     "accelerator_config": refused({**STAGES, "accelerator_config": {"split_batches": True}},
                                   "check_stage_batch_options; else Accelerate's"),
-    "parallelism_config": refused({"parallelism_config": ParallelismConfig and ParallelismConfig()},
+    "parallelism_config": refused({"parallelism_config": parallelism_config()},
                                   "check_trainer_options"),
     "dataloader_drop_last": works("test_a_last_batch_of_one_is_refused_where_batchnorm_would_train_on_it"),
     "dataloader_num_workers": works("test_the_stage_loader_takes_the_trainers_loader_options"),
@@ -164,6 +163,14 @@ def test_every_training_argument_is_classified():
     assert all(entry[0] in ("works", "refused") and entry[1] for entry in OPTIONS.values())
 
 
+def test_the_tests_the_table_cites_exist():
+    files = list(HERE.glob("test_*.py"))  # a test's name, or a test file's
+    defined = {p.stem for p in files} | set(re.findall(r"^def (test_\w+)", "".join(p.read_text() for p in files), re.M))
+    cited = {name.rstrip("_") for entry in OPTIONS.values() for name in re.findall(r"test_\w+", entry[1])}
+    missing = [name for name in sorted(cited) if not any(d.startswith(name) for d in defined)]  # '_...': a prefix
+    assert not missing, f"OPTIONS cites tests that do not exist: {missing}"
+
+
 REFUSED = {name: entry for name, entry in OPTIONS.items() if entry[0] == "refused" and all(  # this release's
     option in TrainingArguments.__dataclass_fields__ and value is not None  # options (an import may have failed)
     for option, value in entry[2].items() if option != "stage_batch_sizes")}
@@ -172,12 +179,14 @@ REFUSED = {name: entry for name, entry in OPTIONS.items() if entry[0] == "refuse
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_each_refused_option_is_refused_naming_it(tmp_path, name):
     _, check, options, at = REFUSED[name]
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=name) as refusal:
         if at == "config":
             make_config(tmp_path, **options)
         else:
             DistillationTrainer(model=hf_resnet(), teacher_model=timm_resnet(), args=make_config(tmp_path, **options),
                                 train_dataset=PatternDataset(8), compute_metrics=lambda p: {"accuracy": 0.0})
+    raised_in = Path(str(refusal.traceback[-1].path))
+    assert "srm_hf" in raised_in.parts, f"{name} was refused by {raised_in}, not by srm_hf's own check ({check})"
 
 
 SEEN = []  # what compute_metrics was given
