@@ -8,7 +8,7 @@ from srm_hf.argparser import parse_kwargs
 from srm_hf.loading import check_model_source, is_offline
 from srm_hf.methods import METHODS
 from srm_hf.metrics import make_compute_metrics
-from srm_hf.resume import resolve_resume
+from srm_hf.resume import read_marker, refuse_model_only, resolve_resume
 
 
 def compared(script_args) -> list[str]:
@@ -69,7 +69,11 @@ def check_before_loading(script_args, model_args, config):
     check_model_source(model_args.student_model_name_or_path, "--student_model_name_or_path")
     if config.teacher_model_name_or_path is not None:
         check_model_source(config.teacher_model_name_or_path, "--teacher_model_name_or_path")
-    resume = resolve_resume(config.output_dir, resume_argument(config.resume_from_checkpoint))
+    # a save_only_model checkpoint serves where it ends the plan (its student is loaded): refused later otherwise
+    resume = resolve_resume(config.output_dir, resume_argument(config.resume_from_checkpoint), model_only=True)
+    if resume is not None and (marker := read_marker(resume)).get("model_only") and \
+            marker["global_step"] < sum(steps for _, steps in marker.get("plan") or []):
+        refuse_model_only(resume)  # in the middle of its plan: nothing to go on from
     if (config.push_to_hub or script_args.push_dictionary_to_hub) and is_offline():
         raise ValueError("--push_to_hub / --push_dictionary_to_hub need the Hub, but the Hub client is offline "
                          "(HF_HUB_OFFLINE, or the Hub was unreachable at start): run online, or push the saved "

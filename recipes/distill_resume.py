@@ -20,7 +20,7 @@ from transformers import TrainerState
 
 from srm_hf import DistillationTrainer
 from srm_hf.checkpoint import COMPLETE_NAME, load_distillation_model
-from srm_hf.resume import changed, check_resume_plan, read_marker, resolve_resume
+from srm_hf.resume import changed, check_resume_plan, read_marker, refuse_model_only, resolve_resume
 
 STEP_SECONDS = os.path.join("timing", "step_seconds.json")  # in output_dir: what a resumed run's compared runs reuse
 
@@ -31,16 +31,18 @@ def own_checkpoint(folder: str) -> str | None:
     found = os.path.isdir(folder) and any(re.fullmatch(r"checkpoint-\d+", f) and
                                           os.path.isfile(os.path.join(folder, f, COMPLETE_NAME))
                                           for f in os.listdir(folder))
-    return resolve_resume(folder, True) if found else None
+    return resolve_resume(folder, True, model_only=True) if found else None
 
 
 def ends_plan(folder: str, plan: list, settings: dict, data: dict | None = None) -> bool:
     """Whether the complete checkpoint `folder` ends this run's `plan` (`StagePlan.describe`): written under the same
     plan, at its last step, with the same optimizer and schedule `settings` (`schedule_settings`). Its student is then
     loaded, not trained again. Otherwise it must be one to resume from: refused here, before any training, where it
-    is not (`check_resume_plan`: another plan, past this one's end, other settings or batches: `data`)."""
+    is not (`check_resume_plan`: another plan, past this one's end, other settings or batches: `data`; or saved with
+    save_only_model)."""
     marker = read_marker(folder)
     if marker.get("plan") != plan or marker["global_step"] < sum(steps for _, steps in plan):
+        refuse_model_only(folder)
         check_resume_plan(folder, plan, settings, data)
         return False
     written = marker.get("settings") or {}  # older checkpoints record none
@@ -55,19 +57,25 @@ def compared_checkpoint(output_dir: str, name: str, steps: int, series_ns: int) 
     """The checkpoint the compared run `name` (`steps` long) goes on from when resuming is asked: the newest complete
     one in output_dir/<name> written since this series of runs measured its step times (`series_ns`, from
     `step_seconds`), or None (the run starts afresh). One written before belongs to an earlier run in the same
-    output_dir, trained to other lengths or from other weights: it is passed over. One past the run's length is
-    refused here, before the main run trains."""
+    output_dir, trained to other lengths or from other weights, and one saved with save_only_model before the run's
+    end holds nothing to resume from: both are passed over. One past the run's length is refused here, before the
+    main run trains."""
     folder = os.path.join(output_dir, name)
     checkpoint = own_checkpoint(folder)
-    if checkpoint is not None and read_marker(checkpoint).get("written_ns", 0) < series_ns:
+    marker = read_marker(checkpoint) if checkpoint is not None else {}
+    if checkpoint is not None and marker.get("written_ns", 0) < series_ns:
         print(f"{checkpoint} was written before this run measured its step times ({STEP_SECONDS}), by an earlier "
               f"run in {output_dir}: the compared run {name!r} starts afresh.")
         return None
-    if checkpoint is not None and (step := read_marker(checkpoint)["global_step"]) > steps:
-        raise ValueError(f"{checkpoint} is at step {step}, past the {steps} steps the compared run {name!r} has now "
-                         "(the main run's measured cost sets its length: the main run's plan or the step times "
-                         f"changed): resume with the settings it was written with, or move {folder} away to train that "
-                         "run afresh.")
+    if marker.get("model_only") and marker["global_step"] < steps:
+        print(f"{checkpoint} was saved with save_only_model=True before the end of its run, so it holds nothing to "
+              f"resume from: the compared run {name!r} starts afresh.")
+        return None
+    if checkpoint is not None and marker["global_step"] > steps:
+        raise ValueError(f"{checkpoint} is at step {marker['global_step']}, past the {steps} steps the compared run "
+                         f"{name!r} has now (the main run's measured cost sets its length: the main run's plan or the "
+                         f"step times changed): resume with the settings it was written with, or move {folder} away "
+                         "to train that run afresh.")
     return checkpoint
 
 

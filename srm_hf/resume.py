@@ -147,10 +147,11 @@ def check_optimizer_layout(folder: str, optimizer) -> None:
                          "with, or start a new run from its student (trainer.save_model() saved it there).")
 
 
-def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | None:
+def resolve_resume(output_dir: str, resume: str | bool | None, model_only: bool = False) -> str | bool | None:
     """`resume_from_checkpoint` for the Trainer: True becomes the newest complete checkpoint in `output_dir`, the
     one marked complete last (step numbers restart when `train()` follows `train_stages()` in the same folder;
-    interrupted ones are named and skipped); a given folder must be complete."""
+    interrupted ones are named and skipped); a given folder must be complete. One saved with save_only_model is
+    refused unless `model_only` (a caller that only loads its models where it ends the plan: `refuse_model_only`)."""
     if resume is None or resume is False:
         return resume
     if resume is True:
@@ -182,8 +183,14 @@ def resolve_resume(output_dir: str, resume: str | bool | None) -> str | bool | N
         raise ValueError(f"{resume} was marked complete, but its files changed since: {', '.join(damaged)}. "
                          "Resume from another checkpoint (a path, or remove this folder and pass "
                          "resume_from_checkpoint=True), or start a new run from a student saved elsewhere.")
-    if marker.get("model_only"):
-        raise ValueError(f"{resume} was saved with save_only_model=True: it holds the models, but no optimizer, "
+    if not model_only:
+        refuse_model_only(resume)
+    return resume
+
+
+def refuse_model_only(folder: str) -> None:
+    """A checkpoint saved with save_only_model holds nothing to resume training from."""
+    if read_marker(folder).get("model_only"):
+        raise ValueError(f"{folder} was saved with save_only_model=True: it holds the models, but no optimizer, "
                          "schedule or stage state to resume from. Load the student from it and start a new run, or "
                          "resume from a checkpoint saved with save_only_model=False.")
-    return resume

@@ -505,3 +505,37 @@ def test_a_resumed_recipe_passes_over_compared_checkpoints_of_an_earlier_run_in_
     monkeypatch.setattr(distill.DistillationTrainer, "train", train)
     distill.main(args + ["--resume_from_checkpoint", "true"])
     assert trained == [("kd", None)]  # the main student loaded; kd afresh, not from the first run's checkpoints
+
+
+def test_a_recipe_saving_only_models_resumes_by_loading_finished_students_and_retraining_the_rest(tmp_path,
+                                                                                                   monkeypatch):
+    """With save_only_model, a checkpoint at the end of a run's plan holds its student, which a resumed recipe
+    loads; a compared run's earlier checkpoint holds nothing to resume from: that run starts afresh. A main-run
+    checkpoint in the middle of its plan is refused before the data or the teacher is loaded."""
+    from srm_hf.checkpoint import COMPLETE_NAME
+
+    out = tmp_path / "run"
+    args = ["--dataset_dir", tiny_fashion_idx(tmp_path), "--output_dir", str(out), *TINY, "--report", "false",
+            "--save_strategy", "steps", "--save_steps", "2", "--save_only_model", "true", "--eval_strategy", "no",
+            "--compare", "kd"]
+    first = distill.main(args)
+    kd = sorted((out / "kd").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    assert len(kd) > 1
+    (kd[-1] / COMPLETE_NAME).unlink()  # killed in kd, after an earlier checkpoint
+    trained = []
+    real_train = distill.DistillationTrainer.train
+
+    def train(self, resume_from_checkpoint=None, *a, **k):
+        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
+        return real_train(self, resume_from_checkpoint, *a, **k)
+
+    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
+    assert distill.main(args + ["--resume_from_checkpoint", "true"]) == first
+    assert trained == [("kd", None)]  # the main student loaded; kd afresh, for the lengths measured at the start
+
+    def no_data(*a, **k):
+        raise AssertionError("refused before the data is read")
+
+    monkeypatch.setattr(distill, "load_image_splits", no_data)
+    with pytest.raises(ValueError, match="checkpoint-2 was saved with save_only_model=True.*start a new run"):
+        distill.main(args + ["--resume_from_checkpoint", str(out / "checkpoint-2")])
