@@ -446,17 +446,11 @@ def test_a_recipe_killed_in_a_compared_run_resumes_it_and_retrains_nothing(tmp_p
             (later / COMPLETE_NAME).unlink()
     (out / "results.json").unlink()
 
-    trained = []
-    real_train = distill.DistillationTrainer.train
-
-    def train(self, resume_from_checkpoint=None, *a, **k):
-        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
-        return real_train(self, resume_from_checkpoint, *a, **k)
+    trained = record_training(monkeypatch, out)
 
     def no_timing(*a, **k):
         raise AssertionError("the step times measured at the start are reused")
 
-    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
     monkeypatch.setattr(distill_resume, "stage_step_seconds", no_timing)
     again = distill.main(args + ["--resume_from_checkpoint", "true"])
     assert trained == [("alone", str(out / "alone" / f"checkpoint-{kept}"))]  # neither the main run nor kd again
@@ -495,14 +489,7 @@ def test_a_resumed_recipe_passes_over_compared_checkpoints_of_an_earlier_run_in_
     with pytest.raises(RuntimeError, match="killed"):
         distill.main(args)  # a new series: the step times are measured again
     monkeypatch.undo()
-    trained = []
-    real_train = distill.DistillationTrainer.train
-
-    def train(self, resume_from_checkpoint=None, *a, **k):
-        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
-        return real_train(self, resume_from_checkpoint, *a, **k)
-
-    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
+    trained = record_training(monkeypatch, out)
     distill.main(args + ["--resume_from_checkpoint", "true"])
     assert trained == [("kd", None)]  # the main student loaded; kd afresh, not from the first run's checkpoints
 
@@ -522,14 +509,7 @@ def test_a_recipe_saving_only_models_resumes_by_loading_finished_students_and_re
     kd = sorted((out / "kd").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
     assert len(kd) > 1
     (kd[-1] / COMPLETE_NAME).unlink()  # killed in kd, after an earlier checkpoint
-    trained = []
-    real_train = distill.DistillationTrainer.train
-
-    def train(self, resume_from_checkpoint=None, *a, **k):
-        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
-        return real_train(self, resume_from_checkpoint, *a, **k)
-
-    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
+    trained = record_training(monkeypatch, out)
     assert distill.main(args + ["--resume_from_checkpoint", "true"]) == first
     assert trained == [("kd", None)]  # the main student loaded; kd afresh, for the lengths measured at the start
 
@@ -539,3 +519,16 @@ def test_a_recipe_saving_only_models_resumes_by_loading_finished_students_and_re
     monkeypatch.setattr(distill, "load_image_splits", no_data)
     with pytest.raises(ValueError, match="checkpoint-2 was saved with save_only_model=True.*start a new run"):
         distill.main(args + ["--resume_from_checkpoint", str(out / "checkpoint-2")])
+
+
+def record_training(monkeypatch, out) -> list:
+    """The (output_dir relative to `out`, resume_from_checkpoint) of every `train()` from now on."""
+    trained = []
+    real_train = distill.DistillationTrainer.train
+
+    def train(self, resume_from_checkpoint=None, *a, **k):
+        trained.append((os.path.relpath(self.args.output_dir, out), resume_from_checkpoint))
+        return real_train(self, resume_from_checkpoint, *a, **k)
+
+    monkeypatch.setattr(distill.DistillationTrainer, "train", train)
+    return trained
